@@ -1,0 +1,47 @@
+use std::{error::Error as StdError, time::Duration};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why a call to Redis did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The Redis URL could not be parsed.
+    #[error("invalid Redis URL")]
+    InvalidUrl {
+        /// What the client library said about it.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend was built outside a Tokio runtime; its connection needs one.
+    #[error("the Redis backend must be built inside a Tokio runtime")]
+    NoRuntime,
+    /// The circuit breaker is open: Redis failed recently, so the call was not attempted.
+    #[error("Redis circuit breaker is open; the call was not attempted")]
+    CircuitOpen,
+    /// Redis did not answer within the deadline.
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis could not be reached, or the connection broke.
+    #[error("Redis is unreachable")]
+    Unreachable {
+        /// The underlying connection error.
+        #[source]
+        source: BoxError,
+    },
+    /// Redis answered with an error, or with a reply of an unexpected shape.
+    #[error("Redis answered with an error")]
+    Command {
+        /// The error Redis or the client library reported.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl BackendError {
+    /// Whether this error means Redis is not available (as opposed to a bad reply from a
+    /// Redis that is up). Outages count against the circuit breaker; bad replies do not.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Self::CircuitOpen | Self::Timeout(_) | Self::Unreachable { .. })
+    }
+}

@@ -1,0 +1,51 @@
+//! The shared Redis backend: one auto-reconnecting multiplexed connection, a deadline on every
+//! command, and a circuit breaker that every user of the handle shares.
+//!
+//! Build one [`RedisBackend`] per process and hand clones of it to the stores that need Redis
+//! (the session store today, the rate limiter next). They then share one socket, one breaker and
+//! one [`Health`] view: when Redis stops answering, the breaker opens once for all of them, and
+//! callers go straight to their fallback instead of each paying a timeout.
+//!
+//! # Examples
+//!
+//! The defaults: a lazy connection (the process starts even while Redis is down), a
+//! `250ms` deadline for session commands, and a breaker that opens after three failures in a row.
+//!
+//! ```no_run
+//! use tower_turnstile::backend::RedisBackend;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+//! redis.ping().await?;
+//! println!("{:?}", redis.health().snapshot().state);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Tuned for a service that would rather fall back quickly:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_turnstile::backend::{BreakerConfig, RedisBackend};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisBackend::builder("redis://127.0.0.1:6379")
+//!     .connect_timeout(Duration::from_millis(200))
+//!     .breaker(BreakerConfig::default().failure_threshold(2).open_for(Duration::from_secs(5)))
+//!     .build()?;
+//! # let _ = redis;
+//! # Ok(())
+//! # }
+//! ```
+
+mod breaker;
+mod error;
+mod health;
+mod redis;
+
+pub use breaker::{BreakerConfig, BreakerState};
+pub use error::BackendError;
+pub use health::{Health, HealthService, HealthSnapshot};
+pub use redis::{RedisBackend, RedisBackendBuilder};

@@ -1,0 +1,207 @@
+use std::{fmt, sync::Arc, time::Duration};
+
+use tower_layer::Layer;
+
+use super::{
+    cookie::{ConfigError, CookieConfig, SameSite, SigningKey, validate_attribute, validate_name},
+    service::SessionService,
+    store::{SessionInfo, SessionStore, StoreError, UserKey},
+};
+use crate::tenant::Tenant;
+
+/// Configuration shared by a [`SessionLayer`], its services and their sessions.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) cookie: CookieConfig,
+    pub(crate) inactivity_timeout: Duration,
+    pub(crate) absolute_lifetime: Duration,
+    pub(crate) fail_closed: bool,
+    pub(crate) save_on_server_error: bool,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("store", &self.store)
+            .field("cookie", &self.cookie)
+            .field("inactivity_timeout", &self.inactivity_timeout)
+            .field("absolute_lifetime", &self.absolute_lifetime)
+            .field("fail_closed", &self.fail_closed)
+            .field("save_on_server_error", &self.save_on_server_error)
+            .finish()
+    }
+}
+
+/// Adds a lazily loaded [`Session`](super::Session) to every request and writes back what
+/// changed after the response.
+///
+/// Defaults: cookie `turnstile.sid` with `HttpOnly`, `SameSite=Lax`, `Secure` and `Path=/`,
+/// persistent until the session's absolute end; sessions expire after 24 hours unused and 30
+/// days at the latest; a store failure degrades to an empty session (logged) rather than failing
+/// the request; nothing is saved after a `5xx` from the inner service.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_turnstile::session::{MemoryStore, SessionLayer, SigningKey};
+///
+/// let layer = SessionLayer::new(MemoryStore::new())
+///     .try_with_cookie_name("sid")?
+///     .with_secure(false) // local http only
+///     .with_inactivity_timeout(Duration::from_secs(30 * 60))
+///     .with_signing_key(SigningKey::from_secret("a secret every instance shares")?);
+/// # let _ = layer;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct SessionLayer {
+    shared: Arc<Shared>,
+}
+
+impl SessionLayer {
+    /// A layer keeping sessions in `store`, with the defaults above.
+    pub fn new(store: impl SessionStore) -> Self {
+        Self::from_shared_store(Arc::new(store))
+    }
+
+    /// A layer on a store already shared elsewhere (by another layer, say).
+    pub fn from_shared_store(store: Arc<dyn SessionStore>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                cookie: CookieConfig::default(),
+                inactivity_timeout: Duration::from_secs(24 * 3600),
+                absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
+                fail_closed: false,
+                save_on_server_error: false,
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
+        f(Arc::make_mut(&mut self.shared));
+        self
+    }
+
+    /// The cookie's name. Default: `turnstile.sid`.
+    pub fn try_with_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
+        let name = name.into();
+        validate_name(&name)?;
+        Ok(self.edit(|s| s.cookie.name = name))
+    }
+
+    /// The cookie's `Path`. Default: `/`.
+    pub fn try_with_cookie_path(self, path: impl Into<String>) -> Result<Self, ConfigError> {
+        let path = path.into();
+        validate_attribute("path", &path)?;
+        Ok(self.edit(|s| s.cookie.path = path))
+    }
+
+    /// The cookie's `Domain`. Default: none (the cookie goes back to the exact host only).
+    pub fn try_with_cookie_domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
+        let domain = domain.into();
+        validate_attribute("domain", &domain)?;
+        Ok(self.edit(|s| s.cookie.domain = Some(domain)))
+    }
+
+    /// Whether the cookie is `Secure` (sent over HTTPS only). Default: `true`; turn it off only
+    /// for local plain-http development.
+    pub fn with_secure(self, secure: bool) -> Self {
+        self.edit(|s| s.cookie.secure = secure)
+    }
+
+    /// Whether the cookie is `HttpOnly` (hidden from scripts). Default: `true`.
+    pub fn with_http_only(self, http_only: bool) -> Self {
+        self.edit(|s| s.cookie.http_only = http_only)
+    }
+
+    /// The cookie's `SameSite`. Default: [`SameSite::Lax`].
+    pub fn with_same_site(self, same_site: SameSite) -> Self {
+        self.edit(|s| s.cookie.same_site = same_site)
+    }
+
+    /// Whether the cookie outlives the browser session (it carries `Max-Age` up to the
+    /// session's absolute end). Default: `true`; `false` makes it a browser-session cookie.
+    pub fn with_persistent_cookie(self, persistent: bool) -> Self {
+        self.edit(|s| s.cookie.persistent = persistent)
+    }
+
+    /// Signs cookies with `key`; unsigned, forged or altered cookies are then refused without a
+    /// store round trip. Replaces the current key; see
+    /// [`with_previous_signing_key`](Self::with_previous_signing_key) to rotate.
+    pub fn with_signing_key(self, key: SigningKey) -> Self {
+        self.edit(|s| {
+            if s.cookie.signing.is_empty() {
+                s.cookie.signing.push(key);
+            } else {
+                s.cookie.signing[0] = key;
+            }
+        })
+    }
+
+    /// Still accepts cookies signed with an older `key` (new cookies are signed with the
+    /// current one). Call it once per retired key; it has no effect without a current key.
+    pub fn with_previous_signing_key(self, key: SigningKey) -> Self {
+        self.edit(|s| {
+            if !s.cookie.signing.is_empty() {
+                s.cookie.signing.push(key);
+            }
+        })
+    }
+
+    /// How long a session may stay unused; every request that reads or writes it restarts the
+    /// clock. Default: 24 hours.
+    pub fn with_inactivity_timeout(self, timeout: Duration) -> Self {
+        self.edit(|s| s.inactivity_timeout = timeout)
+    }
+
+    /// The longest a session may live, however active. Default: 30 days.
+    pub fn with_absolute_lifetime(self, lifetime: Duration) -> Self {
+        self.edit(|s| s.absolute_lifetime = lifetime)
+    }
+
+    /// Fail closed: when the store fails during a request, answer `503 Service Unavailable`
+    /// instead of the handler's response, and let session reads return the error. Default:
+    /// off (the request goes on with an empty session, and the failure is logged).
+    pub fn with_fail_closed(self, fail_closed: bool) -> Self {
+        self.edit(|s| s.fail_closed = fail_closed)
+    }
+
+    /// Save the session's changes even when the inner service answers `5xx`. Default: off.
+    pub fn with_save_on_server_error(self, save: bool) -> Self {
+        self.edit(|s| s.save_on_server_error = save)
+    }
+
+    /// A handle to list and end users' sessions outside any request (an admin page, a password
+    /// change job), on every instance that shares the store.
+    pub fn user_sessions(&self) -> UserSessions {
+        UserSessions { store: Arc::clone(&self.shared.store) }
+    }
+}
+
+impl<S> Layer<S> for SessionLayer {
+    type Service = SessionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SessionService::new(inner, Arc::clone(&self.shared))
+    }
+}
+
+/// Lists and ends a user's sessions from outside a request; see [`SessionLayer::user_sessions`].
+#[derive(Debug, Clone)]
+pub struct UserSessions {
+    store: Arc<dyn SessionStore>,
+}
+
+impl UserSessions {
+    /// The live sessions of `user` in `tenant`.
+    pub async fn list(&self, tenant: &Tenant, user: &str) -> Result<Vec<SessionInfo>, StoreError> {
+        self.store.list_user_sessions(&UserKey::new(tenant, user)).await
+    }
+
+    /// Ends every session of `user` in `tenant`; returns how many there were.
+    pub async fn destroy_all(&self, tenant: &Tenant, user: &str) -> Result<usize, StoreError> {
+        self.store.delete_user_sessions(&UserKey::new(tenant, user)).await
+    }
+}

@@ -1,0 +1,85 @@
+//! Sessions kept in a shared store, loaded lazily, saved field by field.
+//!
+//! [`SessionLayer`] reads the session cookie, puts a [`Session`] into the request's
+//! extensions and, after the inner service answers, writes back only what changed and sets or
+//! clears the cookie. Nothing is read from the store until the handler asks, so a route that
+//! never looks at the session costs no store round trip.
+//!
+//! # Guarantees
+//!
+//! - **Ids** are 128 bits from the OS CSPRNG. Stores see only their SHA-256 hash, so a copy of
+//!   Redis yields no usable cookie. Optional signing (with key rotation) refuses forged cookies
+//!   before any store round trip.
+//! - **Writes are field-level**: two concurrent requests that change different keys of one
+//!   session both keep their change, and a write to a session destroyed meanwhile (by "log out
+//!   everywhere", say) does not bring it back.
+//! - **Login** ([`Session::set_user`]) moves the session to a new id, writing the new record
+//!   before removing the old one, and indexes it under the user so that
+//!   [`Session::user_sessions`] and [`Session::destroy_user_sessions`] work from any instance.
+//! - **Expiry**: an inactivity timeout that each use restarts, and an absolute lifetime that
+//!   nothing extends; the store's TTL does the cleanup.
+//! - **Failures** never panic and never become an opaque `500`: by default a store failure
+//!   leaves the request with an empty session (and a log line); with
+//!   [`SessionLayer::with_fail_closed`] the layer answers `503`.
+//! - **Tenants**: a [`Tenant`](crate::tenant::Tenant) in the request extensions scopes the
+//!   session; a cookie replayed under another tenant finds nothing.
+//!
+//! # Examples
+//!
+//! In memory, with the defaults:
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_turnstile::session::{MemoryStore, Session, SessionLayer};
+//!
+//! async fn count(session: Session) -> String {
+//!     let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0) + 1;
+//!     let _ = session.insert("n", n).await;
+//!     n.to_string()
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/count", post(count))
+//!     .layer(SessionLayer::new(MemoryStore::new()));
+//! # let _ = app;
+//! ```
+//!
+//! In Redis, shared by every instance, with signed cookies and a short inactivity timeout:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{Router, routing::get};
+//! use tower_turnstile::{backend::RedisBackend, session::{RedisStore, SessionLayer, SigningKey}};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+//! let sessions = SessionLayer::new(RedisStore::new(redis))
+//!     .with_signing_key(SigningKey::from_secret(std::env::var("SESSION_SECRET")?)?)
+//!     .with_inactivity_timeout(Duration::from_secs(15 * 60));
+//! let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(sessions);
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+
+mod cookie;
+#[cfg(feature = "axum")]
+mod extract;
+mod handle;
+mod id;
+mod layer;
+mod service;
+pub mod store;
+
+pub use cookie::{ConfigError, SameSite, SigningKey};
+#[cfg(feature = "axum")]
+pub use extract::MissingSessionLayer;
+pub use handle::{Session, SessionError};
+pub use layer::{SessionLayer, UserSessions};
+pub use service::{ResponseFuture, SessionService};
+#[cfg(feature = "memory")]
+pub use store::MemoryStore;
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
+pub use store::{SessionInfo, SessionStore, StoreError};

@@ -1,0 +1,148 @@
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use http::{Request, Response, StatusCode, header};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::{
+    handle::{CookieChange, Session},
+    layer::Shared,
+};
+use crate::{
+    body::{ResponseBody, plain_response},
+    tenant::Tenant,
+};
+
+/// The service of a [`SessionLayer`](super::SessionLayer).
+#[derive(Clone)]
+pub struct SessionService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for SessionService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionService").field("inner", &self.inner).field("config", &self.shared).finish()
+    }
+}
+
+impl<S> SessionService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let tenant = request.extensions().get::<Tenant>().cloned().unwrap_or_default();
+        let incoming = self.shared.cookie.read(request.headers());
+        let session = Session::new(Arc::clone(&self.shared), tenant, incoming);
+        request.extensions_mut().insert(session.clone());
+        ResponseFuture {
+            state: State::Inner { future: self.inner.call(request), session: Some(session) },
+        }
+    }
+}
+
+type CommitFuture = Pin<Box<dyn Future<Output = CookieChange> + Send>>;
+
+pin_project! {
+    /// The response future of [`SessionService`].
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        state: State<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B> {
+        Inner { #[pin] future: F, session: Option<Session> },
+        Commit { commit: CommitFuture, session: Session, response: Option<Response<B>> },
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Inner { future, session } => {
+                    let response = ready!(future.poll(cx))?;
+                    let Some(session) = session.take() else {
+                        // Only reachable if polled again after completion.
+                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                    };
+                    if !session.was_touched() {
+                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                    }
+                    let server_error = response.status().is_server_error();
+                    let committing = session.clone();
+                    State::Commit {
+                        commit: Box::pin(async move { committing.commit(server_error).await }),
+                        session,
+                        response: Some(response),
+                    }
+                }
+                StateProj::Commit { commit, session, response } => {
+                    let change = ready!(commit.as_mut().poll(cx));
+                    let Some(response) = response.take() else {
+                        return Poll::Ready(Ok(unavailable()));
+                    };
+                    let shared = session.shared();
+                    if shared.fail_closed && session.store_failed_during_request() {
+                        return Poll::Ready(Ok(unavailable()));
+                    }
+                    return Poll::Ready(Ok(finish(response, change, shared)));
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
+    }
+}
+
+fn unavailable<B>() -> Response<ResponseBody<B>> {
+    plain_response(StatusCode::SERVICE_UNAVAILABLE, "session store unavailable\n")
+}
+
+fn finish<B>(response: Response<B>, change: CookieChange, shared: &Shared) -> Response<ResponseBody<B>> {
+    let mut response = response.map(ResponseBody::new);
+    let cookie = match change {
+        CookieChange::Keep => None,
+        CookieChange::Set(id, max_age) => shared.cookie.set(&id, max_age),
+        CookieChange::Remove => shared.cookie.removal(),
+    };
+    if let Some(cookie) = cookie {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+        // A response that sets a session cookie must never be stored by a shared cache.
+        response.headers_mut().append(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+    }
+    response
+}

@@ -1,0 +1,246 @@
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime},
+};
+
+use async_trait::async_trait;
+use moka::{Expiry, sync::Cache};
+
+use super::{
+    Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
+    from_unix_millis, unix_millis,
+};
+
+/// Sessions in process memory: bounded in size, expired by time.
+///
+/// For a single instance, for tests, and as the fallback next to Redis. The number of sessions
+/// is capped (least useful entries are evicted first), so a flood of new visitors cannot
+/// exhaust memory; every session expires on its own inactivity timeout and absolute lifetime.
+///
+/// Clones share the same sessions.
+///
+/// ```
+/// use tower_turnstile::session::{MemoryStore, SessionLayer};
+///
+/// let store = MemoryStore::builder().max_sessions(50_000).build();
+/// let layer = SessionLayer::new(store);
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    sessions: Cache<SessionKey, Arc<Entry>>,
+    users: Cache<UserKey, Arc<Mutex<HashMap<SessionKey, SessionInfo>>>>,
+}
+
+/// Builds a [`MemoryStore`] with a non-default capacity.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    max_sessions: u64,
+    max_users: u64,
+    user_index_idle: Duration,
+}
+
+impl MemoryStoreBuilder {
+    /// The most sessions kept at once. Default: 100 000.
+    pub fn max_sessions(mut self, max: u64) -> Self {
+        self.max_sessions = max;
+        self
+    }
+
+    /// The most user indexes kept at once. Default: 100 000.
+    pub fn max_users(mut self, max: u64) -> Self {
+        self.max_users = max;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            sessions: Cache::builder().max_capacity(self.max_sessions).expire_after(RecordExpiry).build(),
+            users: Cache::builder()
+                .max_capacity(self.max_users)
+                .time_to_idle(self.user_index_idle)
+                .build(),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store with the default capacity (100 000 sessions).
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder for a store with another capacity.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            max_sessions: 100_000,
+            max_users: 100_000,
+            // An index outlives no session it lists: sessions live 30 days at most by default,
+            // and an index that is used is kept.
+            user_index_idle: Duration::from_secs(31 * 24 * 3600),
+        }
+    }
+
+    /// How many sessions are held (an estimate: expiry and eviction run in the background).
+    pub fn len(&self) -> u64 {
+        self.sessions.run_pending_tasks();
+        self.sessions.entry_count()
+    }
+
+    /// Whether the store holds no session (see [`MemoryStore::len`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn index(&self, user: &UserKey, key: &SessionKey, record: &Record) {
+        let index = self.users.get_with(user.clone(), Default::default);
+        let info = SessionInfo {
+            key: key.clone(),
+            created_at: from_unix_millis(record.created_at),
+            expires_at: from_unix_millis(record.expires_at),
+        };
+        lock(&index).insert(key.clone(), info);
+    }
+
+    fn unindex(&self, user: &UserKey, key: &SessionKey) {
+        if let Some(index) = self.users.get(user) {
+            lock(&index).remove(key);
+        }
+    }
+}
+
+/// One session in memory. The record sits behind its own lock so that a field-level update
+/// changes it in place; a request that still holds an entry removed meanwhile writes into a
+/// detached copy, which is how a destroyed session stays destroyed.
+#[derive(Debug)]
+struct Entry {
+    record: Mutex<Record>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is a few plain assignments: a panic inside one cannot leave
+    // the data inconsistent, so a poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct RecordExpiry;
+
+impl RecordExpiry {
+    fn ttl(entry: &Entry) -> Option<Duration> {
+        Some(lock(&entry.record).ttl_at(unix_millis(SystemTime::now())))
+    }
+}
+
+impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
+    fn expire_after_create(&self, _: &SessionKey, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+        Self::ttl(entry)
+    }
+
+    fn expire_after_read(
+        &self,
+        _: &SessionKey,
+        entry: &Arc<Entry>,
+        _: Instant,
+        _: Option<Duration>,
+        _: Instant,
+    ) -> Option<Duration> {
+        Self::ttl(entry)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &SessionKey,
+        entry: &Arc<Entry>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::ttl(entry)
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        // `get` restarts the inactivity clock (see `RecordExpiry::expire_after_read`).
+        let Some(entry) = self.sessions.get(key) else { return Ok(None) };
+        let record = lock(&entry.record).clone();
+        if record.ttl_at(unix_millis(SystemTime::now())).is_zero() {
+            self.sessions.invalidate(key);
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+
+    async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        if let Some(user) = &record.user {
+            self.index(&UserKey::new(key.tenant(), user.as_str()), key, record);
+        }
+        self.sessions.insert(key.clone(), Arc::new(Entry { record: Mutex::new(record.clone()) }));
+        Ok(())
+    }
+
+    async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
+        let Some(entry) = self.sessions.get(key) else { return Ok(Written::Missing) };
+        lock(&entry.record).apply(patch);
+        if patch.inactivity_timeout.is_some() {
+            // Re-inserting the same entry makes the cache recompute its expiry.
+            self.sessions.insert(key.clone(), entry);
+        }
+        Ok(Written::Applied)
+    }
+
+    async fn cycle(
+        &self,
+        old: &SessionKey,
+        old_user: Option<&str>,
+        new: &SessionKey,
+        record: &Record,
+    ) -> Result<Written, StoreError> {
+        if !self.sessions.contains_key(old) {
+            return Ok(Written::Missing);
+        }
+        self.create(new, record).await?;
+        let removed = self.sessions.remove(old);
+        if let Some(user) = old_user {
+            self.unindex(&UserKey::new(old.tenant(), user), old);
+        }
+        if removed.is_none() {
+            // Destroyed between the check and the move: do not let the copy outlive it.
+            self.delete(new, record.user.as_deref()).await?;
+            return Ok(Written::Missing);
+        }
+        Ok(Written::Applied)
+    }
+
+    async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
+        self.sessions.invalidate(key);
+        if let Some(user) = user {
+            self.unindex(&UserKey::new(key.tenant(), user), key);
+        }
+        Ok(())
+    }
+
+    async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
+        let Some(index) = self.users.get(user) else { return Ok(Vec::new()) };
+        let mut index = lock(&index);
+        // `contains_key` does not count as use of the session, so listing a user's sessions
+        // does not keep the idle ones alive.
+        index.retain(|key, _| self.sessions.contains_key(key));
+        Ok(index.values().cloned().collect())
+    }
+
+    async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
+        let Some(index) = self.users.remove(user) else { return Ok(0) };
+        let keys: Vec<SessionKey> = lock(&index).drain().map(|(key, _)| key).collect();
+        Ok(keys.iter().filter(|key| self.sessions.remove(*key).is_some()).count())
+    }
+}

@@ -1,0 +1,202 @@
+//! Session storage: the [`SessionStore`] trait and its implementations.
+
+use std::{
+    collections::BTreeMap,
+    error::Error as StdError,
+    fmt,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+
+pub use super::id::{SessionKey, UserKey};
+
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "memory")]
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// One session as a store keeps it.
+///
+/// Values are JSON text: stores keep them as they are and never parse them, so a store needs
+/// no knowledge of the application's types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The session's data: key → JSON text.
+    pub data: BTreeMap<String, String>,
+    /// The user the session is bound to, if any.
+    pub user: Option<String>,
+    /// When the session was created, in Unix milliseconds.
+    pub created_at: u64,
+    /// The absolute end of the session's life, in Unix milliseconds; no activity extends it.
+    pub expires_at: u64,
+    /// How long the session lives without being used; each load or save restarts this clock.
+    pub inactivity_timeout: Duration,
+}
+
+impl Record {
+    /// An empty record created now, living at most `lifetime`, expiring after `inactivity`.
+    pub fn new(inactivity: Duration, lifetime: Duration) -> Self {
+        let now = unix_millis(SystemTime::now());
+        Self {
+            data: BTreeMap::new(),
+            user: None,
+            created_at: now,
+            expires_at: now.saturating_add(millis(lifetime)),
+            inactivity_timeout: inactivity,
+        }
+    }
+
+    /// How long the record should live from `now_ms`: the inactivity timeout, cut short by the
+    /// absolute end of life. Zero means the record is already dead.
+    pub fn ttl_at(&self, now_ms: u64) -> Duration {
+        let left = self.expires_at.saturating_sub(now_ms);
+        Duration::from_millis(left.min(millis(self.inactivity_timeout)))
+    }
+
+    /// Applies `patch` to the record in place.
+    pub fn apply(&mut self, patch: &Patch) {
+        for (key, value) in &patch.set {
+            self.data.insert(key.clone(), value.clone());
+        }
+        for key in &patch.remove {
+            self.data.remove(key);
+        }
+        if let Some(timeout) = patch.inactivity_timeout {
+            self.inactivity_timeout = timeout;
+        }
+    }
+}
+
+/// The changes one request made to a session, written field by field so that two requests
+/// changing different keys of one session both keep their change.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Patch {
+    /// Keys to set, with their new JSON text.
+    pub set: Vec<(String, String)>,
+    /// Keys to remove.
+    pub remove: Vec<String>,
+    /// A new inactivity timeout, if it changed.
+    pub inactivity_timeout: Option<Duration>,
+}
+
+impl Patch {
+    /// Whether the patch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty() && self.inactivity_timeout.is_none()
+    }
+}
+
+/// Whether a write found the session it was meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Written {
+    /// The write was applied.
+    Applied,
+    /// The session no longer exists (expired, or destroyed by another request): nothing was
+    /// written, and the session was not brought back.
+    Missing,
+}
+
+/// One live session of a user, as listed by [`SessionStore::list_user_sessions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SessionInfo {
+    /// The session's key (its hash; never the id itself).
+    pub key: SessionKey,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// When it ends at the latest.
+    pub expires_at: SystemTime,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store's backend is unavailable (down, timing out, or its breaker is open).
+    #[error("session store is unavailable")]
+    Unavailable {
+        /// What the backend reported.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend answered, but the operation failed.
+    #[error("session store operation failed")]
+    Failed {
+        /// What the backend reported.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// Whether the error is an outage (as opposed to a failed operation).
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// Where sessions live. Implemented by [`MemoryStore`] and [`RedisStore`]; implement it to keep
+/// sessions anywhere else.
+///
+/// Every method is one unit of work for the store (one round trip for a networked store), and
+/// each must keep these promises, which the conformance tests check for every store:
+/// - `load` slides the inactivity expiry, and never returns an expired record.
+/// - `update` and `cycle` never bring back a session that is gone: they answer
+///   [`Written::Missing`] instead.
+/// - `cycle` writes the new record before it removes the old one.
+/// - records are scoped by the key's tenant; one tenant's key never finds another's record.
+#[async_trait]
+pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
+    /// Loads a session and restarts its inactivity clock. `Ok(None)` when there is no such
+    /// live session (a corrupted record counts as none).
+    async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError>;
+
+    /// Stores a new session, and indexes it under its user if it has one.
+    async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError>;
+
+    /// Applies the changed fields of an existing session and restarts its inactivity clock.
+    async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError>;
+
+    /// Moves a session to a new key: writes `record` under `new` (indexing it under its user),
+    /// then removes `old` (and its entry in `old_user`'s index). If `old` is already gone, the
+    /// new record is removed again and the answer is [`Written::Missing`].
+    async fn cycle(
+        &self,
+        old: &SessionKey,
+        old_user: Option<&str>,
+        new: &SessionKey,
+        record: &Record,
+    ) -> Result<Written, StoreError>;
+
+    /// Removes a session, and its entry in `user`'s index when the user is known.
+    async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError>;
+
+    /// The live sessions of one user (dropping index entries of sessions that are gone).
+    async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError>;
+
+    /// Removes every session of one user; returns how many existed.
+    async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError>;
+}
+
+pub(crate) fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+pub(crate) fn from_unix_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}

@@ -1,0 +1,340 @@
+use std::{collections::BTreeMap, fmt, sync::LazyLock, time::Duration};
+
+use async_trait::async_trait;
+use redis::{Pipeline, Script, Value};
+
+use super::{
+    Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
+    from_unix_millis, millis,
+};
+use crate::backend::{BackendError, RedisBackend};
+
+static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/load.lua")));
+static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/update.lua")));
+/// Sent as `EVAL` because it runs inside pipelines, where a `NOSCRIPT` reply (after a Redis
+/// restart) could not be retried without repeating the pipeline's other commands.
+const CREATE: &str = include_str!("lua/create.lua");
+
+const DATA: &str = "d:";
+const USER: &str = "m:user";
+const CREATED: &str = "m:created";
+const ABSOLUTE: &str = "m:abs";
+const IDLE: &str = "m:idle";
+const TENANT: &str = "m:tenant";
+
+/// Sessions in Redis, shared by every instance that uses the same Redis.
+///
+/// Each session is one Redis hash (a field per session key, plus metadata fields) whose TTL
+/// does the cleanup; each user has a set indexing their sessions, so they can be listed and
+/// revoked from any instance. Keys are `{prefix}{tenant}:session:{hash of id}` and
+/// `{prefix}{tenant}:user:{hash of user id}`.
+///
+/// Round trips: a load is one (`EVALSHA` that also restarts the inactivity clock); a save is
+/// one (`EVALSHA` of the changed fields only), and none when nothing changed; a new session is
+/// one; a login (`set_user`, which moves the session to a new id) is one after the load.
+///
+/// Requires Redis 7.0 or newer.
+///
+/// ```no_run
+/// use tower_turnstile::{backend::RedisBackend, session::{RedisStore, SessionLayer}};
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+/// let layer = SessionLayer::new(RedisStore::new(redis).with_key_prefix("myapp:"));
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    backend: RedisBackend,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisStore {
+    /// A store on `backend`, with key prefix `turnstile:` and a 250 ms deadline per round trip.
+    pub fn new(backend: RedisBackend) -> Self {
+        Self { backend, prefix: "turnstile:".to_owned(), timeout: Duration::from_millis(250) }
+    }
+
+    /// The prefix of every key this store writes. Default: `turnstile:`.
+    #[must_use]
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The deadline of one round trip; past it the call fails as an outage. Default: 250 ms.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The backend this store uses.
+    pub fn backend(&self) -> &RedisBackend {
+        &self.backend
+    }
+
+    fn session_key(&self, key: &SessionKey) -> String {
+        format!("{}{}:session:{}", self.prefix, key.tenant(), key.hash())
+    }
+
+    fn user_key(&self, user: &UserKey) -> String {
+        format!("{}{}:user:{}", self.prefix, user.tenant(), user.hash())
+    }
+
+    /// Adds the commands that write `record` under `key` and index it under its user.
+    fn push_create(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
+        let mut create = redis::cmd("EVAL");
+        create
+            .arg(CREATE)
+            .arg(1)
+            .arg(self.session_key(key))
+            .arg(millis(record.inactivity_timeout))
+            .arg(record.expires_at)
+            .arg(TENANT)
+            .arg(key.tenant().as_str())
+            .arg(CREATED)
+            .arg(record.created_at)
+            .arg(ABSOLUTE)
+            .arg(record.expires_at)
+            .arg(IDLE)
+            .arg(millis(record.inactivity_timeout));
+        if let Some(user) = &record.user {
+            create.arg(USER).arg(user);
+        }
+        for (name, value) in &record.data {
+            create.arg(format!("{DATA}{name}")).arg(value);
+        }
+        pipe.add_command(create).ignore();
+        if let Some(user) = &record.user {
+            let index = self.user_key(&UserKey::new(key.tenant(), user.as_str()));
+            pipe.cmd("SADD").arg(&index).arg(key.hash()).ignore();
+            // The index lives as long as its longest-lived session: NX gives a new index a
+            // TTL, GT only ever extends it.
+            pipe.cmd("PEXPIREAT").arg(&index).arg(record.expires_at).arg("NX").ignore();
+            pipe.cmd("PEXPIREAT").arg(&index).arg(record.expires_at).arg("GT").ignore();
+        }
+    }
+
+    fn push_delete(&self, pipe: &mut Pipeline, key: &SessionKey, user: Option<&str>) {
+        pipe.cmd("DEL").arg(self.session_key(key));
+        if let Some(user) = user {
+            pipe.cmd("SREM").arg(self.user_key(&UserKey::new(key.tenant(), user))).arg(key.hash()).ignore();
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue + Send + 'static>(&self, pipe: Pipeline) -> Result<T, StoreError> {
+        self.backend
+            .run(self.timeout, |mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
+            .map_err(store_error)
+    }
+
+    async fn members(&self, index: &str) -> Result<Vec<String>, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SMEMBERS").arg(index);
+        let (members,): (Vec<String>,) = self.query(pipe).await?;
+        Ok(members)
+    }
+}
+
+fn store_error(error: BackendError) -> StoreError {
+    if error.is_outage() {
+        StoreError::Unavailable { source: Box::new(error) }
+    } else {
+        StoreError::Failed { source: Box::new(error) }
+    }
+}
+
+/// Why a stored hash is not a session.
+enum Corrupt {
+    Shape,
+    Metadata,
+    Value(String),
+}
+
+impl fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Shape => f.write_str("not a session hash"),
+            Self::Metadata => f.write_str("metadata fields missing or malformed"),
+            Self::Value(key) => write!(f, "value of key {key:?} is not JSON"),
+        }
+    }
+}
+
+fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
+    let mut data = BTreeMap::new();
+    let (mut user, mut created, mut absolute, mut idle) = (None, None, None, None);
+    let mut fields = fields.into_iter();
+    while let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) = (fields.next(), fields.next()) {
+        let (Ok(name), Ok(value)) = (String::from_utf8(name), String::from_utf8(value)) else {
+            return Err(Corrupt::Shape);
+        };
+        if let Some(key) = name.strip_prefix(DATA) {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
+                return Err(Corrupt::Value(key.to_owned()));
+            }
+            data.insert(key.to_owned(), value);
+            continue;
+        }
+        match name.as_str() {
+            USER => user = Some(value),
+            CREATED => created = value.parse::<u64>().ok(),
+            ABSOLUTE => absolute = value.parse::<u64>().ok(),
+            IDLE => idle = value.parse::<u64>().ok(),
+            _ => {}
+        }
+    }
+    let (Some(created_at), Some(expires_at), Some(idle)) = (created, absolute, idle) else {
+        return Err(Corrupt::Metadata);
+    };
+    Ok(Record { data, user, created_at, expires_at, inactivity_timeout: Duration::from_millis(idle) })
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        let redis_key = self.session_key(key);
+        let tenant = key.tenant().as_str().to_owned();
+        let reply: Vec<Value> = self
+            .backend
+            .run(self.timeout, |mut conn| async move {
+                LOAD.key(&redis_key).arg(tenant).invoke_async(&mut conn).await
+            })
+            .await
+            .map_err(store_error)?;
+        let mut reply = reply.into_iter();
+        let problem = match reply.next() {
+            Some(Value::Int(0)) => return Ok(None),
+            Some(Value::Int(1)) => match parse_record(reply.collect()) {
+                Ok(record) => return Ok(Some(record)),
+                Err(problem) => problem,
+            },
+            _ => Corrupt::Shape,
+        };
+        tracing::warn!(
+            target: "tower_turnstile::session",
+            session = %key.hash(),
+            %problem,
+            "corrupted session record in Redis; treated as no session and removed"
+        );
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.session_key(key)).ignore();
+        // Best effort: the record is unusable whether or not the delete lands.
+        let _ = self.query::<()>(pipe).await;
+        Ok(None)
+    }
+
+    async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        self.push_create(&mut pipe, key, record);
+        self.query::<()>(pipe).await
+    }
+
+    async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
+        let redis_key = self.session_key(key);
+        let mut invocation = UPDATE.key(redis_key);
+        invocation
+            .arg(patch.set.len())
+            .arg(patch.remove.len())
+            .arg(patch.inactivity_timeout.map(|t| millis(t).to_string()).unwrap_or_default());
+        for (name, value) in &patch.set {
+            invocation.arg(format!("{DATA}{name}")).arg(value);
+        }
+        for name in &patch.remove {
+            invocation.arg(format!("{DATA}{name}"));
+        }
+        let applied: i64 = self
+            .backend
+            .run(self.timeout, |mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+            .map_err(store_error)?;
+        Ok(if applied == 1 { Written::Applied } else { Written::Missing })
+    }
+
+    async fn cycle(
+        &self,
+        old: &SessionKey,
+        old_user: Option<&str>,
+        new: &SessionKey,
+        record: &Record,
+    ) -> Result<Written, StoreError> {
+        // One round trip, in order: the new record exists before the old one goes.
+        let mut pipe = redis::pipe();
+        self.push_create(&mut pipe, new, record);
+        self.push_delete(&mut pipe, old, old_user);
+        let (removed,): (i64,) = self.query(pipe).await?;
+        if removed == 1 {
+            return Ok(Written::Applied);
+        }
+        // The old session was destroyed meanwhile (say, by "log out everywhere"): the copy
+        // must not outlive it.
+        let mut pipe = redis::pipe();
+        self.push_delete(&mut pipe, new, record.user.as_deref());
+        self.query::<(i64,)>(pipe).await?;
+        Ok(Written::Missing)
+    }
+
+    async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        self.push_delete(&mut pipe, key, user);
+        self.query::<(i64,)>(pipe).await.map(drop)
+    }
+
+    async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
+        let index = self.user_key(user);
+        let members = self.members(&index).await?;
+        let keys: Vec<SessionKey> =
+            members.iter().filter_map(|hash| SessionKey::from_hash(user.tenant(), hash)).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("HMGET").arg(self.session_key(key)).arg(CREATED).arg(ABSOLUTE).arg(USER);
+        }
+        let rows: Vec<(Option<u64>, Option<u64>, Option<String>)> = self.query(pipe).await?;
+        let mut live = Vec::new();
+        let mut gone = Vec::new();
+        for (key, row) in keys.into_iter().zip(rows) {
+            match row {
+                (Some(created), Some(expires), Some(owner)) if owner == user.user() => live.push(SessionInfo {
+                    key,
+                    created_at: from_unix_millis(created),
+                    expires_at: from_unix_millis(expires),
+                }),
+                _ => gone.push(key.hash()),
+            }
+        }
+        if !gone.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SREM").arg(&index).arg(gone).ignore();
+            // Pruning is housekeeping: the listing is right whether or not it lands.
+            let _ = self.query::<()>(pipe).await;
+        }
+        Ok(live)
+    }
+
+    async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
+        let index = self.user_key(user);
+        let members = self.members(&index).await?;
+        let keys: Vec<SessionKey> =
+            members.iter().filter_map(|hash| SessionKey::from_hash(user.tenant(), hash)).collect();
+        if members.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("DEL").arg(self.session_key(key));
+        }
+        // Only the members seen are removed: a session indexed meanwhile keeps its entry.
+        pipe.cmd("SREM").arg(&index).arg(&members).ignore();
+        let removed: Vec<i64> = self.query(pipe).await?;
+        Ok(removed.into_iter().filter(|&n| n == 1).count())
+    }
+}
