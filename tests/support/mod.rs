@@ -1,0 +1,244 @@
+//! The real-Redis harness shared by the integration tests.
+//!
+//! Each test that needs Redis spawns its own `redis-server` on an ephemeral loopback port
+//! (it starts in milliseconds) and the server dies with the [`RedisServer`] value, so tests can
+//! kill, stall and restart their server without disturbing each other. Without `redis-server`
+//! on the machine the Redis tests print a loud SKIPPED line, unless `REQUIRE_REDIS=1`, which
+//! makes a missing server a failure (CI sets it).
+#![allow(dead_code, unreachable_pub)]
+
+pub mod http;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// A `redis-server` process owned by one test.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+/// Whether Redis tests must run (CI) rather than skip.
+fn required() -> bool {
+    std::env::var("REQUIRE_REDIS").is_ok_and(|v| v == "1")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
+}
+
+impl RedisServer {
+    /// Starts a server, or returns `None` (after saying so loudly) when `redis-server` is not
+    /// installed and `REQUIRE_REDIS` is not `1`.
+    pub fn start() -> Option<Self> {
+        for _ in 0..5 {
+            let mut server = Self { port: free_port(), child: None };
+            match server.launch() {
+                Ok(()) => return Some(server),
+                Err(LaunchError::Missing) if !required() => {
+                    eprintln!("SKIPPED: redis-server is not installed; this Redis test did not run");
+                    return None;
+                }
+                Err(LaunchError::Missing) => panic!("REQUIRE_REDIS=1 but redis-server is not installed"),
+                // Another process took the port between our probe and the launch: try another.
+                Err(LaunchError::NoPing) => continue,
+            }
+        }
+        panic!("redis-server did not start on any of 5 ports");
+    }
+
+    fn launch(&mut self) -> Result<(), LaunchError> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "yes", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|_| LaunchError::Missing)?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+        Err(LaunchError::NoPing)
+    }
+
+    fn ping(&self) -> bool {
+        self.raw("PING").is_some_and(|reply| reply.starts_with("+PONG"))
+    }
+
+    /// Sends one inline command and returns the first reply line.
+    pub fn raw(&self, command: &str) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(format!("{command}\r\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        Some(line)
+    }
+
+    /// Runs `redis-cli` against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts the server again on the same port (empty: it keeps nothing on disk).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.launch() {
+                Ok(()) => return,
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                Err(_) => panic!("redis-server did not restart on port {}", self.port),
+            }
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Starts recording every command clients send (script-internal commands excluded).
+    pub fn monitor(&self) -> Monitor {
+        Monitor::start(self)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // A paused server would ignore SIGKILL's cleanup of its sockets no differently, but
+        // make sure it is not left stopped for the next run's port probe.
+        if self.child.is_some() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.child.as_ref().map(|c| c.id().to_string()).unwrap_or_default()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+#[derive(Debug)]
+enum LaunchError {
+    Missing,
+    NoPing,
+}
+
+/// Records the commands clients send to a server, through `MONITOR`.
+#[derive(Debug)]
+pub struct Monitor {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    port: u16,
+    marks: AtomicU64,
+}
+
+impl Monitor {
+    fn start(server: &RedisServer) -> Self {
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &server.port.to_string(), "monitor"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-cli runs");
+        let stdout = child.stdout.take().expect("piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let monitor = Self { child, lines, port: server.port, marks: AtomicU64::new(0) };
+        // Wait until MONITOR is live: it echoes our own marker command.
+        monitor.take();
+        monitor
+    }
+
+    /// The client commands seen since the last call, in order, as upper-case names with their
+    /// arguments (`EVALSHA <sha> 1 key ...`). Script-internal commands are left out.
+    pub fn take(&self) -> Vec<String> {
+        let mark = format!("turnstile-mark-{}", self.marks.fetch_add(1, Ordering::Relaxed));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // Keep sending the mark until it shows up: the first ones may precede MONITOR.
+            let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+            stream.write_all(format!("ECHO {mark}\r\n").as_bytes()).unwrap();
+            let mut reply = String::new();
+            let _ = BufReader::new(stream).read_line(&mut reply);
+            thread::sleep(Duration::from_millis(20));
+            let mut lines = self.lines.lock().unwrap();
+            if let Some(at) = lines.iter().position(|l| l.contains(&mark)) {
+                let seen: Vec<String> = lines.drain(..=at).collect();
+                return seen
+                    .into_iter()
+                    .filter(|l| !l.contains("[0 lua]") && !l.contains("turnstile-mark-") && l.contains('"'))
+                    .filter_map(|l| l.split_once("] ").map(|(_, cmd)| cmd.replace('"', "")))
+                    .collect();
+            }
+            assert!(Instant::now() < deadline, "MONITOR did not echo the mark");
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
