@@ -46,6 +46,11 @@ impl Client {
         Self { app, cookie: None, host: None }
     }
 
+    /// The router this client talks to.
+    pub fn app(&self) -> Router {
+        self.app.clone()
+    }
+
     /// The same jar, talking to another router (another instance of the service).
     pub fn on(&self, app: Router) -> Self {
         Self { app, cookie: self.cookie.clone(), host: self.host.clone() }

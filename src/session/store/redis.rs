@@ -11,9 +11,13 @@ use crate::backend::{BackendError, RedisBackend};
 
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/load.lua")));
 static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/update.lua")));
-/// Sent as `EVAL` because it runs inside pipelines, where a `NOSCRIPT` reply (after a Redis
-/// restart) could not be retried without repeating the pipeline's other commands.
-const CREATE: &str = include_str!("lua/create.lua");
+static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
+/// The create script without its comments, sent as `EVAL` inside pipelines: there a `NOSCRIPT`
+/// reply (after a Redis restart) could not be retried without repeating the pipeline's other
+/// commands, such as the removal of the old record in a cycle.
+static CREATE_INLINE: LazyLock<String> = LazyLock::new(|| {
+    include_str!("lua/create.lua").lines().filter(|line| !line.starts_with("--")).collect::<Vec<_>>().join("\n")
+});
 
 const DATA: &str = "d:";
 const USER: &str = "m:user";
@@ -86,30 +90,40 @@ impl RedisStore {
         format!("{}{}:user:{}", self.prefix, user.tenant(), user.hash())
     }
 
+    /// The arguments of the create script for `record`: inactivity, absolute end, then fields.
+    fn create_args(key: &SessionKey, record: &Record) -> Vec<String> {
+        let idle = millis(record.inactivity_timeout).to_string();
+        let mut args = vec![
+            idle.clone(),
+            record.expires_at.to_string(),
+            TENANT.to_owned(),
+            key.tenant().as_str().to_owned(),
+            CREATED.to_owned(),
+            record.created_at.to_string(),
+            ABSOLUTE.to_owned(),
+            record.expires_at.to_string(),
+            IDLE.to_owned(),
+            idle,
+        ];
+        if let Some(user) = &record.user {
+            args.extend([USER.to_owned(), user.clone()]);
+        }
+        for (name, value) in &record.data {
+            args.extend([format!("{DATA}{name}"), value.clone()]);
+        }
+        args
+    }
+
     /// Adds the commands that write `record` under `key` and index it under its user.
     fn push_create(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
         let mut create = redis::cmd("EVAL");
-        create
-            .arg(CREATE)
-            .arg(1)
-            .arg(self.session_key(key))
-            .arg(millis(record.inactivity_timeout))
-            .arg(record.expires_at)
-            .arg(TENANT)
-            .arg(key.tenant().as_str())
-            .arg(CREATED)
-            .arg(record.created_at)
-            .arg(ABSOLUTE)
-            .arg(record.expires_at)
-            .arg(IDLE)
-            .arg(millis(record.inactivity_timeout));
-        if let Some(user) = &record.user {
-            create.arg(USER).arg(user);
-        }
-        for (name, value) in &record.data {
-            create.arg(format!("{DATA}{name}")).arg(value);
-        }
+        create.arg(CREATE_INLINE.as_str()).arg(1).arg(self.session_key(key)).arg(Self::create_args(key, record));
         pipe.add_command(create).ignore();
+        self.push_index(pipe, key, record);
+    }
+
+    /// Adds the commands that index `key` under the record's user, if it has one.
+    fn push_index(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
         if let Some(user) = &record.user {
             let index = self.user_key(&UserKey::new(key.tenant(), user.as_str()));
             pipe.cmd("SADD").arg(&index).arg(key.hash()).ignore();
@@ -231,9 +245,19 @@ impl SessionStore for RedisStore {
     }
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        self.push_create(&mut pipe, key, record);
-        self.query::<()>(pipe).await
+        if record.user.is_some() {
+            let mut pipe = redis::pipe();
+            self.push_create(&mut pipe, key, record);
+            return self.query::<()>(pipe).await;
+        }
+        // The common case, a new anonymous session, is one cached-script call.
+        let mut invocation = CREATE.key(self.session_key(key));
+        invocation.arg(Self::create_args(key, record));
+        self.backend
+            .run(self.timeout, |mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(drop)
+            .map_err(store_error)
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {

@@ -1,0 +1,585 @@
+//! The session layer end to end: an axum router, real stores, requests with cookies.
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{Path, Request},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http::{HeaderValue, header};
+use support::{
+    RedisServer,
+    http::{Client, send},
+};
+use tower_turnstile::{
+    backend::RedisBackend,
+    session::{MemoryStore, RedisStore, Session, SessionLayer, SessionStore, SigningKey},
+    tenant::Tenant,
+};
+
+/// Routes that exercise every session operation.
+fn routes() -> Router {
+    async fn read(Path(key): Path<String>, s: Session) -> String {
+        match s.get::<serde_json::Value>(&key).await {
+            Ok(Some(value)) => value.to_string(),
+            Ok(None) => "none".into(),
+            Err(error) => format!("error: {error}"),
+        }
+    }
+    async fn write(Path((key, value)): Path<(String, String)>, s: Session) -> &'static str {
+        s.insert(&key, value).await.unwrap();
+        "ok"
+    }
+    async fn bump(Path(key): Path<String>, s: Session) -> String {
+        let n = s.get::<u64>(&key).await.unwrap().unwrap_or(0) + 1;
+        s.insert(&key, n).await.unwrap();
+        n.to_string()
+    }
+    async fn fail(Path((key, value)): Path<(String, String)>, s: Session) -> StatusCode {
+        s.insert(&key, value).await.unwrap();
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+    Router::new()
+        .route("/untouched", get(|| async { "ok" }))
+        .route("/get/{key}", get(read))
+        .route("/set/{key}/{value}", post(write))
+        .route("/bump/{key}", post(bump))
+        .route("/remove/{key}", post(|Path(key): Path<String>, s: Session| async move { s.remove(&key).await.unwrap() }))
+        .route("/login/{user}", post(|Path(user): Path<String>, s: Session| async move { s.set_user(user).await.unwrap() }))
+        .route("/user", get(|s: Session| async move { s.user_id().await.unwrap().unwrap_or_else(|| "anonymous".into()) }))
+        .route("/cycle", post(|s: Session| async move { s.cycle_id().await }))
+        .route("/destroy", post(|s: Session| async move { s.destroy().await }))
+        .route("/sessions", get(|s: Session| async move { s.user_sessions().await.unwrap().len().to_string() }))
+        .route("/logout-all", post(|s: Session| async move { s.destroy_user_sessions().await.unwrap().to_string() }))
+        .route("/fail/{key}/{value}", post(fail))
+}
+
+/// Sets the tenant from a test header, as a tenant layer would.
+async fn tenant_from_header(mut request: Request, next: Next) -> Response {
+    if let Some(name) = request.headers().get("x-tenant").and_then(|v| v.to_str().ok()) {
+        match Tenant::new(name) {
+            Ok(tenant) => {
+                request.extensions_mut().insert(tenant);
+            }
+            Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+        }
+    }
+    next.run(request).await
+}
+
+fn app(layer: SessionLayer) -> Router {
+    routes().layer(layer).layer(middleware::from_fn(tenant_from_header))
+}
+
+fn memory_layer() -> SessionLayer {
+    SessionLayer::new(MemoryStore::new())
+}
+
+fn redis_store(server: &RedisServer) -> RedisStore {
+    RedisStore::new(RedisBackend::new(&server.url()).unwrap())
+}
+
+/// The value of our cookie in a `Set-Cookie` header.
+#[allow(dead_code)]
+fn cookie_value(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().split_once('=').unwrap().1.to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Behaviour that must hold on every store.
+
+async fn cookie_attributes_and_no_cookie_for_empty_sessions(layer: SessionLayer) {
+    let mut c = Client::new(app(layer));
+    let reply = c.get("/get/a").await;
+    assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"));
+    assert!(reply.set_cookie().is_none(), "reading an empty session sets no cookie");
+
+    let reply = c.post("/remove/a").await;
+    assert!(reply.set_cookie().is_none(), "a session left empty sets no cookie");
+
+    let reply = c.post("/set/a/1").await;
+    let cookie = reply.set_cookie().expect("the first write sets the cookie");
+    for attribute in ["turnstile.sid=", "HttpOnly", "SameSite=Lax", "Secure", "Path=/", "Max-Age="] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    assert_eq!(reply.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+
+    let reply = c.get("/get/a").await;
+    assert_eq!(reply.body, "\"1\"");
+    assert!(reply.set_cookie().is_none(), "a known session is not re-sent");
+    let reply = c.post("/set/b/2").await;
+    assert!(reply.set_cookie().is_none(), "an update keeps the cookie");
+}
+
+async fn destroy_sends_a_removal_cookie(layer: SessionLayer) {
+    let mut c = Client::new(app(layer));
+    c.post("/set/a/1").await;
+    let old = c.cookie.clone().unwrap();
+    let reply = c.post("/destroy").await;
+    let removal = reply.set_cookie().expect("removal cookie");
+    assert!(removal.contains("Max-Age=0"), "{removal}");
+    assert!(c.cookie.is_none());
+    c.cookie = Some(old);
+    assert_eq!(c.get("/get/a").await.body, "none", "the old cookie is dead");
+}
+
+async fn login_cycles_the_id_and_keeps_the_data(layer: SessionLayer) {
+    let mut c = Client::new(app(layer));
+    c.post("/bump/n").await;
+    let before = c.cookie.clone().unwrap();
+    let reply = c.post("/login/alice").await;
+    let after = c.cookie.clone().unwrap();
+    assert!(reply.set_cookie().is_some());
+    assert_ne!(before, after, "login gives the session a new id");
+    assert_eq!(c.get("/user").await.body, "alice");
+    assert_eq!(c.post("/bump/n").await.body, "2", "the data moved with the session");
+
+    let mut old = Client::new(c.app());
+    old.cookie = Some(before);
+    assert_eq!(old.get("/user").await.body, "anonymous", "the old id is dead");
+    assert_eq!(old.get("/get/n").await.body, "none");
+
+    // cycle_id alone: new id, same data, same user.
+    let reply = c.post("/cycle").await;
+    assert!(reply.set_cookie().is_some());
+    assert_ne!(c.cookie.clone().unwrap(), after);
+    assert_eq!(c.get("/user").await.body, "alice");
+    assert_eq!(c.get("/get/n").await.body, "2");
+}
+
+async fn concurrent_requests_changing_different_keys(layer: SessionLayer) {
+    let mut c = Client::new(app(layer));
+    c.post("/set/base/0").await;
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let reply = c.post(&format!("/set/k{i}/{i}")).await;
+                assert_eq!(reply.status, StatusCode::OK);
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for i in 0..64 {
+        assert_eq!(c.get(&format!("/get/k{i}")).await.body, format!("\"{i}\""), "write k{i} was lost");
+    }
+}
+
+async fn user_sessions_are_listed_and_revoked(layer: SessionLayer) {
+    let app = app(layer);
+    let mut jars: Vec<Client> = (0..3).map(|_| Client::new(app.clone())).collect();
+    for jar in &mut jars {
+        jar.post("/set/x/1").await;
+        jar.post("/login/alice").await;
+    }
+    let mut carol = Client::new(app.clone());
+    carol.post("/login/carol").await;
+    assert_eq!(jars[0].get("/sessions").await.body, "3");
+    assert_eq!(jars[1].post("/logout-all").await.body, "3");
+    for jar in &mut jars {
+        assert_eq!(jar.get("/user").await.body, "anonymous");
+    }
+    assert_eq!(carol.get("/user").await.body, "carol");
+    assert_eq!(carol.get("/sessions").await.body, "1");
+}
+
+async fn no_save_after_a_server_error_unless_asked(layer: SessionLayer) {
+    let mut c = Client::new(app(layer.clone()));
+    let reply = c.post("/fail/a/1").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(reply.set_cookie().is_none(), "nothing is saved after a 5xx");
+
+    let mut c = Client::new(app(layer.with_save_on_server_error(true)));
+    let reply = c.post("/fail/a/1").await;
+    assert!(reply.set_cookie().is_some());
+    assert_eq!(c.get("/get/a").await.body, "\"1\"");
+}
+
+async fn a_cookie_replayed_on_another_tenant_finds_nothing(layer: SessionLayer) {
+    let app = app(layer);
+    let tenant_request = |path: &str, tenant: &str, cookie: Option<&String>| {
+        let mut request = http::Request::builder().method("GET").uri(path).header("x-tenant", tenant);
+        if let Some(cookie) = cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        request.body(axum::body::Body::empty()).unwrap()
+    };
+    let post = |path: &str, tenant: &str, cookie: Option<&String>| {
+        let mut request = http::Request::builder().method("POST").uri(path).header("x-tenant", tenant);
+        if let Some(cookie) = cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        request.body(axum::body::Body::empty()).unwrap()
+    };
+    let reply = send(&app, post("/set/secret/42", "acme", None)).await;
+    let cookie = reply.set_cookie().unwrap().split(';').next().unwrap().to_owned();
+    let reply = send(&app, post("/login/alice", "acme", Some(&cookie))).await;
+    let cookie = reply.set_cookie().unwrap().split(';').next().unwrap().to_owned();
+    assert_eq!(send(&app, tenant_request("/user", "acme", Some(&cookie))).await.body, "alice");
+
+    assert_eq!(send(&app, tenant_request("/get/secret", "globex", Some(&cookie))).await.body, "none");
+    assert_eq!(send(&app, tenant_request("/user", "globex", Some(&cookie))).await.body, "anonymous");
+    assert_eq!(send(&app, tenant_request("/sessions", "globex", Some(&cookie))).await.body, "0");
+    // A write there starts a separate globex session and leaves acme's alone.
+    let reply = send(&app, post("/set/secret/evil", "globex", Some(&cookie))).await;
+    assert!(reply.set_cookie().is_some());
+    assert_eq!(send(&app, tenant_request("/get/secret", "acme", Some(&cookie))).await.body, "\"42\"");
+}
+
+async fn malformed_cookies_are_no_session_and_never_5xx(layer: SessionLayer) {
+    let app = app(layer);
+    let mut good = Client::new(app.clone());
+    good.post("/set/a/1").await;
+    let valid = good.cookie.clone().unwrap();
+    let long = format!("turnstile.sid={}", "A".repeat(8000));
+    let cases: Vec<HeaderValue> = vec![
+        HeaderValue::from_static("turnstile.sid="),
+        HeaderValue::from_static("turnstile.sid=not-a-session-id"),
+        HeaderValue::from_static("turnstile.sid=AAAAAAAAAAAAAAAAAAAAAA"),
+        HeaderValue::from_static(";;;=;=;turnstile.sid;;"),
+        HeaderValue::from_str(&long).unwrap(),
+        HeaderValue::from_bytes(b"turnstile.sid=\xff\xfe\x80abc").unwrap(),
+        HeaderValue::from_static("turnstile.sid=\"quoted\""),
+    ];
+    for cookie in cases {
+        for (method, path) in [("GET", "/get/a"), ("POST", "/bump/n"), ("POST", "/login/x"), ("POST", "/destroy")] {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::COOKIE, cookie.clone())
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let reply = send(&app, request).await;
+            assert_eq!(reply.status, StatusCode::OK, "{cookie:?} {method} {path}");
+            if path == "/get/a" {
+                assert_eq!(reply.body, "none");
+            }
+        }
+    }
+    // Duplicated cookies: the first valid one wins, invalid ones before it are skipped.
+    let dup = format!("turnstile.sid=garbage; {valid}; turnstile.sid=AAAAAAAAAAAAAAAAAAAAAA");
+    let request = http::Request::get("/get/a").header(header::COOKIE, dup).body(axum::body::Body::empty()).unwrap();
+    assert_eq!(send(&app, request).await.body, "\"1\"");
+}
+
+macro_rules! on_every_store {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::memory_layer().with_secure(true)).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(server) = super::RedisServer::start() else { return };
+                    super::$test(super::SessionLayer::new(super::redis_store(&server))).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    cookie_attributes_and_no_cookie_for_empty_sessions,
+    destroy_sends_a_removal_cookie,
+    login_cycles_the_id_and_keeps_the_data,
+    concurrent_requests_changing_different_keys,
+    user_sessions_are_listed_and_revoked,
+    no_save_after_a_server_error_unless_asked,
+    a_cookie_replayed_on_another_tenant_finds_nothing,
+    malformed_cookies_are_no_session_and_never_5xx,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Redis specifics: round trips, instances, signing, corruption, outages.
+
+/// A Redis-backed app plus its backend, for counting round trips.
+fn redis_app(server: &RedisServer) -> (Router, RedisBackend) {
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    (app(SessionLayer::new(RedisStore::new(backend.clone()))), backend)
+}
+
+/// Runs one request and returns (client commands seen by MONITOR, round trips counted).
+async fn measure(
+    c: &mut Client,
+    method: &str,
+    path: &str,
+    monitor: &support::Monitor,
+    backend: &RedisBackend,
+) -> (Vec<String>, u64) {
+    monitor.take();
+    let before = backend.health().snapshot().round_trips;
+    let reply = c.send(method, path).await;
+    assert_eq!(reply.status, StatusCode::OK, "{method} {path}: {}", reply.body);
+    let after = backend.health().snapshot().round_trips;
+    (monitor.take(), after - before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_round_trips_per_request() {
+    let Some(server) = RedisServer::start() else { return };
+    let (app, backend) = redis_app(&server);
+    // Warm up: connect and load the scripts, so only steady-state traffic is counted.
+    let mut warm = Client::new(app.clone());
+    warm.post("/bump/n").await;
+    warm.post("/bump/n").await;
+    let monitor = server.monitor();
+
+    let mut c = Client::new(app);
+    let cases = [
+        ("untouched, no cookie", "GET", "/untouched", 0),
+        ("new session", "POST", "/set/a/1", 1),
+        ("untouched, with cookie", "GET", "/untouched", 0),
+        ("read only", "GET", "/get/a", 1),
+        ("write without read", "POST", "/set/b/2", 1),
+        ("read then write", "POST", "/bump/n", 2),
+        ("login", "POST", "/login/alice", 2),
+        ("read after login", "GET", "/user", 1),
+    ];
+    for (name, method, path, expected) in cases {
+        let (commands, round_trips) = measure(&mut c, method, path, &monitor, &backend).await;
+        eprintln!("round trips: {name:<24} {round_trips} ({} commands: {commands:?})", commands.len());
+        assert_eq!(round_trips, expected, "{name}: {commands:?}");
+        let pipelined = commands.len() as u64;
+        assert!(pipelined >= round_trips, "{name}: MONITOR saw fewer commands than round trips");
+        if expected == 0 {
+            assert!(commands.is_empty(), "{name}: {commands:?}");
+        }
+        if expected == 1 && path != "/login/alice" {
+            assert_eq!(pipelined, 1, "{name}: one command: {commands:?}");
+        }
+    }
+
+    // The login wrote the new record before it removed the old one, in one pipeline.
+    c.post("/set/c/3").await;
+    monitor.take();
+    c.post("/cycle").await;
+    let commands = monitor.take();
+    let create = commands.iter().position(|cmd| cmd.starts_with("EVAL ")).expect("create");
+    let delete = commands.iter().position(|cmd| cmd.starts_with("DEL ")).expect("delete");
+    assert!(create < delete, "new record first: {commands:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_instances_share_sessions_and_revocation() {
+    let Some(server) = RedisServer::start() else { return };
+    // Two instances: separate backends (connections, breakers), one Redis.
+    let (a, _) = redis_app(&server);
+    let (b, _) = redis_app(&server);
+    let mut jars = vec![Client::new(a.clone()), Client::new(a.clone()), Client::new(b.clone())];
+    for jar in &mut jars {
+        jar.post("/bump/n").await;
+        jar.post("/login/alice").await;
+    }
+    // A cookie from one instance works on the other.
+    let mut moved = jars[0].on(b.clone());
+    assert_eq!(moved.get("/user").await.body, "alice");
+    assert_eq!(moved.post("/bump/n").await.body, "2");
+    assert_eq!(jars[0].get("/get/n").await.body, "2");
+
+    assert_eq!(moved.get("/sessions").await.body, "3");
+    assert_eq!(jars[2].post("/logout-all").await.body, "3");
+    for jar in &mut jars {
+        assert_eq!(jar.get("/user").await.body, "anonymous");
+        assert_eq!(jar.on(b.clone()).get("/user").await.body, "anonymous");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_signed_cookies_refuse_forgeries_without_a_round_trip() {
+    let Some(server) = RedisServer::start() else { return };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let key = SigningKey::from_secret("shared secret of every instance").unwrap();
+    let app = app(SessionLayer::new(RedisStore::new(backend.clone())).with_signing_key(key));
+    let mut c = Client::new(app.clone());
+    c.post("/set/a/1").await;
+    assert_eq!(c.get("/get/a").await.body, "\"1\"");
+    let monitor = server.monitor();
+
+    let genuine = c.cookie.clone().unwrap();
+    let (name, value) = genuine.split_once('=').unwrap();
+    let unsigned_tail = &value[value.len() - 22..];
+    let mut flipped = value.as_bytes().to_vec();
+    flipped[3] = if flipped[3] == b'A' { b'B' } else { b'A' };
+    let forgeries = [
+        format!("{name}={}", String::from_utf8(flipped).unwrap()),
+        format!("{name}={unsigned_tail}"),
+        format!("{name}={}x", value),
+    ];
+    for forged in forgeries {
+        let mut f = Client::new(app.clone());
+        f.cookie = Some(forged.clone());
+        let (commands, round_trips) = measure(&mut f, "GET", "/get/a", &monitor, &backend).await;
+        assert_eq!((commands.len(), round_trips), (0, 0), "{forged}: {commands:?}");
+        assert_eq!(f.get("/get/a").await.body, "none");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_signing_keys_rotate() {
+    let Some(server) = RedisServer::start() else { return };
+    let store: Arc<dyn SessionStore> = Arc::new(redis_store(&server));
+    let old = SigningKey::from_secret("old secret").unwrap();
+    let new = SigningKey::from_secret("new secret").unwrap();
+    let before = app(SessionLayer::from_shared_store(Arc::clone(&store)).with_signing_key(old.clone()));
+    let rotated = app(
+        SessionLayer::from_shared_store(Arc::clone(&store)).with_signing_key(new.clone()).with_previous_signing_key(old),
+    );
+    let after = app(SessionLayer::from_shared_store(store).with_signing_key(new));
+
+    let mut c = Client::new(before);
+    c.post("/set/a/1").await;
+    let old_cookie = c.cookie.clone().unwrap();
+    let mut c = c.on(rotated);
+    assert_eq!(c.get("/get/a").await.body, "\"1\"", "cookies signed with the previous key still work");
+    c.post("/cycle").await;
+    let new_cookie = c.cookie.clone().unwrap();
+    let mut c = c.on(after);
+    assert_eq!(c.get("/get/a").await.body, "\"1\"", "a cycled cookie is signed with the current key");
+    c.cookie = Some(old_cookie);
+    assert_eq!(c.get("/get/a").await.body, "none", "once retired, the old key is refused");
+    assert_ne!(new_cookie, c.cookie.clone().unwrap_or_default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_corrupted_records_are_no_session() {
+    let Some(server) = RedisServer::start() else { return };
+    let (app, _) = redis_app(&server);
+    let corruptions: [&[&str]; 5] = [
+        &["SET", "{key}", "not a hash"],
+        &["HSET", "{key}", "d:n", "{not json"],
+        &["HDEL", "{key}", "m:abs"],
+        &["HSET", "{key}", "m:idle", "soon"],
+        &["HSET", "{key}", "d:n", "\u{ff}"],
+    ];
+    for corruption in corruptions {
+        let mut c = Client::new(app.clone());
+        c.post("/bump/n").await;
+        let keys = server.cli(&["--scan", "--pattern", "turnstile:default:session:*"]);
+        let key = keys.lines().next().expect("one session key").to_owned();
+        if corruption[0] == "SET" {
+            server.cli(&["DEL", &key]);
+        }
+        let args: Vec<&str> = corruption.iter().map(|a| if *a == "{key}" { key.as_str() } else { a }).collect();
+        server.cli(&args);
+
+        let reply = c.get("/get/n").await;
+        assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"), "{corruption:?}");
+        assert_eq!(server.cli(&["EXISTS", &key]).trim(), "0", "{corruption:?}: the corrupted record is removed");
+        let reply = c.post("/bump/n").await;
+        assert_eq!(reply.body, "1");
+        assert!(reply.set_cookie().is_some(), "{corruption:?}: a fresh session replaces it");
+        server.cli(&["FLUSHALL"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_never_holds_a_usable_session_id() {
+    let Some(server) = RedisServer::start() else { return };
+    let (app, _) = redis_app(&server);
+    let mut c = Client::new(app);
+    c.post("/set/a/1").await;
+    c.post("/login/alice").await;
+    let id = c.cookie.clone().unwrap().split_once('=').unwrap().1.to_owned();
+    let dump = server.cli(&["--scan"]);
+    assert!(!dump.contains(&id), "keys hold the id: {dump}");
+    for key in dump.lines() {
+        let content = server.cli(&["DUMP", key]);
+        assert!(!content.contains(&id), "{key} holds the id");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_degrades_then_recovers() {
+    let Some(mut server) = RedisServer::start() else { return };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let layer = SessionLayer::new(RedisStore::new(backend.clone()));
+    let open = app(layer.clone());
+    let closed = app(layer.with_fail_closed(true));
+    let mut c = Client::new(open.clone());
+    c.post("/set/a/1").await;
+    let cookie = c.cookie.clone();
+
+    server.stop();
+    // Fail-open (the default): every request still answers, with an empty session.
+    let reply = c.get("/get/a").await;
+    assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"));
+    let reply = c.post("/bump/n").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.set_cookie().is_none(), "a failed save neither sets nor clears the cookie");
+    assert_eq!(c.cookie, cookie);
+    let mut fresh = Client::new(open.clone());
+    let reply = fresh.post("/set/a/1").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.set_cookie().is_none(), "no cookie for a session that could not be stored");
+    assert!(!backend.health().snapshot().healthy, "the breaker opened");
+
+    // Fail-closed: 503 with a plain reason, never the handler's answer.
+    let mut strict = c.on(closed.clone());
+    let reply = strict.get("/get/a").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(reply.body.contains("session store unavailable"));
+    // Untouched sessions need no store, so fail-closed routes that ignore them still answer.
+    assert_eq!(strict.get("/untouched").await.status, StatusCode::OK);
+
+    server.restart();
+    // The breaker probes again after it has been open for a while; wait for it to close.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !backend.health().check().await.healthy {
+        assert!(tokio::time::Instant::now() < deadline, "the backend did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The restarted Redis is empty (it keeps nothing on disk): the old cookie finds nothing,
+    // and new sessions work again without any restart of the app.
+    let mut c = Client::new(open);
+    let reply = c.post("/bump/n").await;
+    assert_eq!(reply.body, "1");
+    assert!(reply.set_cookie().is_some());
+    assert_eq!(c.post("/bump/n").await.body, "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stall_is_cut_by_the_deadline() {
+    let Some(server) = RedisServer::start() else { return };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let store = RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(100));
+    let app = app(SessionLayer::new(store));
+    let mut c = Client::new(app);
+    c.post("/set/a/1").await;
+    server.pause();
+    // A frozen Redis accepts nothing and answers nothing; each request must still finish
+    // (the guard below only catches a hang, it is not a performance assertion).
+    for _ in 0..5 {
+        let reply = tokio::time::timeout(Duration::from_secs(10), c.get("/get/a")).await.expect("request hung");
+        assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"));
+    }
+    let snapshot = backend.health().snapshot();
+    assert!(!snapshot.healthy);
+    assert!(snapshot.rejected > 0, "once open, the breaker answers without waiting: {snapshot:?}");
+    server.resume();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_is_bounded_under_a_flood() {
+    let store = MemoryStore::builder().max_sessions(100).build();
+    let app = app(SessionLayer::new(store.clone()));
+    for i in 0..3000 {
+        let mut c = Client::new(app.clone());
+        c.post(&format!("/set/k/{i}")).await;
+    }
+    assert!(store.len() <= 100, "{} sessions held", store.len());
+    assert!(store.len() > 0);
+}
