@@ -1,1 +1,156 @@
-fn main(){}
+//! One request through an axum router with a session layer (in-memory store), ours side by
+//! side with tower-sessions 0.15 and its `MemoryStore`, in the same run.
+//!
+//! - `read`: the request carries the cookie of an existing session; the handler reads a
+//!   counter.
+//! - `write`: the same, and the handler also writes the counter back (read then write).
+//! - `bare`: the same router with no session layer, for scale.
+//!
+//! Run with `cargo bench --bench session`; the last lines print the ratios
+//! (tower-turnstile time / tower-sessions time; below 1.0 means we are faster).
+
+use std::{hint::black_box, path::PathBuf};
+
+use axum::{Router, body::Body, routing::get};
+use criterion::Criterion;
+use http::{Request, header};
+use http_body_util::BodyExt;
+use tokio::runtime::Runtime;
+use tower::ServiceExt;
+
+async fn ours_read(session: tower_turnstile::session::Session) -> String {
+    let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0);
+    n.to_string()
+}
+
+async fn ours_write(session: tower_turnstile::session::Session) -> String {
+    let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0) + 1;
+    let _ = session.insert("n", n).await;
+    n.to_string()
+}
+
+async fn theirs_read(session: tower_sessions::Session) -> String {
+    let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0);
+    n.to_string()
+}
+
+async fn theirs_write(session: tower_sessions::Session) -> String {
+    let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0) + 1;
+    let _ = session.insert("n", n).await;
+    n.to_string()
+}
+
+fn ours() -> Router {
+    let layer =
+        tower_turnstile::session::SessionLayer::new(tower_turnstile::session::MemoryStore::new())
+            .with_secure(false);
+    Router::new()
+        .route("/read", get(ours_read))
+        .route("/write", get(ours_write))
+        .layer(layer)
+}
+
+fn theirs() -> Router {
+    let layer = tower_sessions::SessionManagerLayer::new(tower_sessions::MemoryStore::default())
+        .with_secure(false);
+    Router::new()
+        .route("/read", get(theirs_read))
+        .route("/write", get(theirs_write))
+        .layer(layer)
+}
+
+fn bare() -> Router {
+    Router::new()
+        .route("/read", get(|| async { "0" }))
+        .route("/write", get(|| async { "1" }))
+}
+
+async fn call(app: &Router, path: &str, cookie: Option<&str>) -> (Option<String>, String) {
+    let mut request = Request::get(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let cookie = response
+        .headers()
+        .get(header::SET_COOKIE)
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (cookie, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// A session holding a counter, and its cookie.
+fn session_cookie(runtime: &Runtime, app: &Router) -> String {
+    runtime.block_on(async {
+        let (cookie, body) = call(app, "/write", None).await;
+        assert_eq!(body, "1");
+        let cookie = cookie.expect("the first write sets a cookie");
+        // Both layers must see the session again through the cookie.
+        assert_eq!(call(app, "/read", Some(&cookie)).await.1, "1");
+        cookie
+    })
+}
+
+fn bench(c: &mut Criterion, runtime: &Runtime) {
+    let contenders: [(&str, Router); 3] = [
+        ("tower-turnstile", ours()),
+        ("tower-sessions", theirs()),
+        ("bare", bare()),
+    ];
+    for path in ["read", "write"] {
+        let mut group = c.benchmark_group(format!("session/{path}"));
+        for (name, app) in &contenders {
+            let cookie = if *name == "bare" {
+                String::new()
+            } else {
+                session_cookie(runtime, app)
+            };
+            let uri = format!("/{path}");
+            group.bench_function(*name, |b| {
+                b.to_async(runtime).iter(|| async {
+                    let reply = call(app, &uri, Some(&cookie)).await;
+                    black_box(reply)
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
+fn estimate(group: &str, name: &str) -> Option<f64> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let path = target
+        .join("criterion")
+        .join(group.replace('/', "_"))
+        .join(name)
+        .join("new/estimates.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut criterion = Criterion::default().configure_from_args();
+    bench(&mut criterion, &runtime);
+    criterion.final_summary();
+    for path in ["read", "write"] {
+        let group = format!("session/{path}");
+        let ours = estimate(&group, "tower-turnstile");
+        let theirs = estimate(&group, "tower-sessions");
+        let bare = estimate(&group, "bare");
+        if let (Some(ours), Some(theirs), Some(bare)) = (ours, theirs, bare) {
+            println!(
+                "ratio {path:<5}: tower-turnstile / tower-sessions = {:.2}  ({ours:.0} ns vs {theirs:.0} ns; bare router {bare:.0} ns)",
+                ours / theirs
+            );
+        }
+    }
+}

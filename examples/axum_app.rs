@@ -1,1 +1,700 @@
-fn main(){}
+//! The reference app: an axum service whose sessions live in Redis (or in memory), scoped per
+//! tenant. Its routes and behaviour are a contract: outside tests drive it over plain HTTP.
+//!
+//! Run it with `cargo run --release --example axum_app`, then for instance:
+//!
+//! ```text
+//! curl -i -c jar -b jar -X POST http://localhost:3000/counter
+//! curl -i -c jar -b jar -d user=alice http://acme.localhost:3000/login
+//! ```
+//!
+//! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
+//! `SESSION_SECRET` and `COOKIE_SECURE`. `REDIS_CLUSTER_URLS` and `REDIS_SENTINEL_URLS` are
+//! refused at startup until the crate supports them; `RATE_LIMIT` and `TRUSTED_PROXIES` are
+//! ignored (with a warning) until rate limiting lands.
+//!
+//! The file doubles as a module of `tests/reference_app.rs`, which drives [`app`] directly.
+
+use std::{
+    collections::HashMap,
+    env::VarError,
+    error::Error as StdError,
+    fmt, io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::ExitCode,
+};
+
+use axum::{
+    Json, Router,
+    extract::{Form, Request, State, rejection::FormRejection},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use tower_turnstile::{
+    backend::{BackendError, BreakerState, Health, RedisBackend},
+    session::{self, MemoryStore, RedisStore, Session, SessionError, SessionLayer, SigningKey},
+    tenant::{InvalidTenant, Tenant},
+};
+use tracing::{error, info, warn};
+
+/// The session key of the visit counter.
+const COUNTER: &str = "counter";
+
+/// Every environment variable the app reads, or refuses.
+const VARIABLES: [&str; 9] = [
+    "BIND",
+    "REDIS_URL",
+    "REDIS_CLUSTER_URLS",
+    "REDIS_SENTINEL_URLS",
+    "REDIS_SENTINEL_MASTER",
+    "SESSION_SECRET",
+    "COOKIE_SECURE",
+    "RATE_LIMIT",
+    "TRUSTED_PROXIES",
+];
+
+/// Settings read from the environment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `BIND`: the address to listen on.
+    pub bind: String,
+    /// `REDIS_URL`: where sessions live; `None` keeps them in process memory.
+    pub redis_url: Option<String>,
+    /// `SESSION_SECRET`: when set, cookies are signed with a key derived from it.
+    pub session_secret: Option<String>,
+    /// `COOKIE_SECURE`: whether the cookie carries `Secure`.
+    pub cookie_secure: bool,
+}
+
+impl Default for Config {
+    /// In memory, on `127.0.0.1:3000`, unsigned cookies without `Secure`.
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:3000".to_owned(),
+            redis_url: None,
+            session_secret: None,
+            cookie_secure: false,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    // Hand-written so that neither the secret nor Redis credentials reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("redis", &self.redis_url.as_ref().map(|_| ".."))
+            .field(
+                "session_secret",
+                &self.session_secret.as_ref().map(|_| ".."),
+            )
+            .field("cookie_secure", &self.cookie_secure)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads the settings from `(name, value)` pairs, as [`config_from_env`] does from the
+    /// environment. A variable set to the empty string counts as unset, except
+    /// `SESSION_SECRET`: an empty secret is refused rather than quietly leaving cookies
+    /// unsigned.
+    ///
+    /// Variables for features this app does not have yet (Redis Cluster and Sentinel) are
+    /// refused, so a deployment never runs on a topology it did not ask for.
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, StartupError>
+    where
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let vars: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.into()))
+            .collect();
+        let set = |name: &str| vars.get(name).filter(|value| !value.is_empty()).cloned();
+
+        for variable in [
+            "REDIS_CLUSTER_URLS",
+            "REDIS_SENTINEL_URLS",
+            "REDIS_SENTINEL_MASTER",
+        ] {
+            if set(variable).is_some() {
+                return Err(StartupError::Unsupported { variable });
+            }
+        }
+        // Rate limiting is not built yet; say so rather than let an operator believe it runs.
+        for variable in ["RATE_LIMIT", "TRUSTED_PROXIES"] {
+            if set(variable).is_some() {
+                warn!(
+                    variable,
+                    "rate limiting is not implemented yet; the variable is ignored"
+                );
+            }
+        }
+
+        let cookie_secure = match set("COOKIE_SECURE").as_deref() {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => {
+                return Err(StartupError::Invalid {
+                    variable: "COOKIE_SECURE",
+                    value: other.to_owned(),
+                    expected: "1 or 0",
+                });
+            }
+        };
+        let session_secret = match vars.get("SESSION_SECRET") {
+            Some(secret) if secret.is_empty() => {
+                return Err(StartupError::SigningKey(session::ConfigError::EmptySecret));
+            }
+            secret => secret.cloned(),
+        };
+
+        Ok(Self {
+            bind: set("BIND").unwrap_or_else(|| Config::default().bind),
+            redis_url: set("REDIS_URL"),
+            session_secret,
+            cookie_secure,
+        })
+    }
+}
+
+/// The settings in the process environment; see [`Config::from_vars`].
+#[allow(dead_code)] // only `main` calls it; the tests use `Config::from_vars`
+pub fn config_from_env() -> Result<Config, StartupError> {
+    let mut vars = Vec::new();
+    for name in VARIABLES {
+        match std::env::var(name) {
+            Ok(value) => vars.push((name, value)),
+            Err(VarError::NotPresent) => {}
+            Err(VarError::NotUnicode(_)) => {
+                return Err(StartupError::NotUnicode { variable: name });
+            }
+        }
+    }
+    Config::from_vars(vars)
+}
+
+/// Why the app could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StartupError {
+    /// A variable holds bytes that are not UTF-8.
+    NotUnicode {
+        /// The variable.
+        variable: &'static str,
+    },
+    /// A variable holds a value the app does not understand.
+    Invalid {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
+    },
+    /// A variable asks for something this app cannot do yet.
+    Unsupported {
+        /// The variable.
+        variable: &'static str,
+    },
+    /// `SESSION_SECRET` does not make a signing key.
+    SigningKey(session::ConfigError),
+    /// `REDIS_URL` does not make a Redis backend.
+    Redis(BackendError),
+    /// The listening socket could not be opened.
+    Bind {
+        /// The address from `BIND`.
+        address: String,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The server stopped with an error.
+    Serve(io::Error),
+}
+
+impl fmt::Display for StartupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotUnicode { variable } => write!(f, "{variable} is not valid UTF-8"),
+            Self::Invalid { variable, value, expected } => {
+                write!(f, "{variable}={value:?} is invalid: expected {expected}")
+            }
+            Self::Unsupported { variable } => write!(
+                f,
+                "{variable} is set, but this version of the reference app supports a single Redis \
+                 server only (REDIS_URL); Redis Cluster and Sentinel are not supported yet. Unset \
+                 {variable} and set REDIS_URL instead"
+            ),
+            Self::SigningKey(_) => f.write_str(
+                "SESSION_SECRET is set but unusable (empty?); unset it to run with unsigned cookies",
+            ),
+            Self::Redis(_) => f.write_str("REDIS_URL is unusable"),
+            Self::Bind { address, .. } => write!(f, "cannot listen on {address} (BIND)"),
+            Self::Serve(_) => f.write_str("the server failed"),
+        }
+    }
+}
+
+impl StdError for StartupError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::SigningKey(e) => Some(e),
+            Self::Redis(e) => Some(e),
+            Self::Bind { source, .. } | Self::Serve(source) => Some(source),
+            Self::NotUnicode { .. } | Self::Invalid { .. } | Self::Unsupported { .. } => None,
+        }
+    }
+}
+
+/// What `/health` reports on.
+#[derive(Debug, Clone)]
+pub enum HealthSource {
+    /// No Redis: sessions are in memory.
+    Disabled,
+    /// The Redis backend the sessions use.
+    Redis(Health),
+}
+
+/// Builds the app `config` describes: picks and logs the session storage, then wires [`app`].
+///
+/// Must run inside a Tokio runtime (the Redis connection needs one). It never waits for Redis
+/// to be up: an unreachable Redis is logged, and the app serves in degraded mode until it
+/// answers.
+pub async fn build(config: &Config) -> Result<Router, StartupError> {
+    let (sessions, health) = match &config.redis_url {
+        None => {
+            info!("sessions are kept in memory (REDIS_URL is unset): one instance only");
+            (
+                SessionLayer::new(MemoryStore::new()),
+                HealthSource::Disabled,
+            )
+        }
+        Some(url) => {
+            let backend = RedisBackend::new(url).map_err(StartupError::Redis)?;
+            let target = backend.health().snapshot().target;
+            match backend.ping().await {
+                Ok(()) => info!(%target, "sessions are kept in Redis"),
+                Err(error) => warn!(
+                    %target,
+                    error = %error_chain(&error),
+                    "sessions are kept in Redis, which does not answer yet; requests degrade to \
+                     empty sessions until it does"
+                ),
+            }
+            let health = HealthSource::Redis(backend.health());
+            (SessionLayer::new(RedisStore::new(backend)), health)
+        }
+    };
+    let mut sessions = sessions.with_secure(config.cookie_secure);
+    match &config.session_secret {
+        Some(secret) => {
+            let key = SigningKey::from_secret(secret).map_err(StartupError::SigningKey)?;
+            sessions = sessions.with_signing_key(key);
+            info!("session cookies are signed (SESSION_SECRET)");
+        }
+        None => info!("session cookies are unsigned (SESSION_SECRET is unset)"),
+    }
+    if !config.cookie_secure {
+        info!("session cookies lack `Secure` (COOKIE_SECURE=0): plain-http development only");
+    }
+    Ok(app(sessions, health))
+}
+
+/// The routes, behind the tenant and session layers.
+///
+/// Layers, outermost first: tenant (from `Host`), then the session layer, which scopes every
+/// session to the tenant it finds in the request. `/health` sits outside both, so a probe with
+/// an odd `Host` still gets its answer.
+pub fn app(sessions: SessionLayer, health: HealthSource) -> Router {
+    let session_routes = Router::new()
+        .route("/", get(index))
+        .route("/counter", get(show_counter).post(increment_counter))
+        .route("/login", post(login))
+        .route("/me", get(me))
+        .route("/sessions", get(list_sessions))
+        .route("/logout", post(logout))
+        .route("/logout-all", post(logout_all))
+        .layer(sessions)
+        // Rate limiting (per tenant, per client IP) goes here, between the tenant and session
+        // layers, once the crate has it; `/health` stays outside it.
+        .layer(middleware::from_fn(resolve_tenant));
+
+    Router::new()
+        .route("/health", get(health_report))
+        .with_state(health)
+        .merge(session_routes)
+}
+
+/// Why a `Host` header names no valid tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InvalidHost {
+    /// The header is not visible ASCII.
+    NotText,
+    /// The host is syntactically broken (bad port, unclosed IPv6 bracket, empty label).
+    Malformed,
+    /// The first label is not a valid tenant name.
+    Tenant(InvalidTenant),
+}
+
+impl fmt::Display for InvalidHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotText => f.write_str("the Host header is not plain text"),
+            Self::Malformed => f.write_str("the Host header is malformed"),
+            Self::Tenant(reason) => write!(f, "the Host header names no valid tenant: {reason}"),
+        }
+    }
+}
+
+impl StdError for InvalidHost {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::Tenant(reason) => Some(reason),
+            Self::NotText | Self::Malformed => None,
+        }
+    }
+}
+
+/// The tenant a `Host` header value names: the first label when the host has a subdomain
+/// (`acme.localhost:3000` → `acme`), [`Tenant::default_tenant`] for a bare host (`localhost`,
+/// an IPv4 or IPv6 address) or an empty one.
+pub fn tenant_from_host(host: &str) -> Result<Tenant, InvalidHost> {
+    if host.is_empty() {
+        return Ok(Tenant::default_tenant());
+    }
+    if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`: always a bare address.
+        let (address, port) = rest.split_once(']').ok_or(InvalidHost::Malformed)?;
+        address
+            .parse::<Ipv6Addr>()
+            .map_err(|_| InvalidHost::Malformed)?;
+        return match port.strip_prefix(':') {
+            Some(port) if is_port(port) => Ok(Tenant::default_tenant()),
+            None if port.is_empty() => Ok(Tenant::default_tenant()),
+            _ => Err(InvalidHost::Malformed),
+        };
+    }
+    let name = match host.split_once(':') {
+        None => host,
+        Some((name, port)) if is_port(port) => name,
+        // More than one colon and no brackets: an IPv6 address, if anything.
+        Some(_) if host.parse::<Ipv6Addr>().is_ok() => return Ok(Tenant::default_tenant()),
+        Some(_) => return Err(InvalidHost::Malformed),
+    };
+    // A fully qualified name may end in a dot.
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.parse::<Ipv4Addr>().is_ok() {
+        return Ok(Tenant::default_tenant());
+    }
+    let mut labels = name.split('.');
+    let first = labels.next().unwrap_or_default();
+    let rest: Vec<&str> = labels.collect();
+    if rest.is_empty() {
+        // A bare host: `localhost`, or an empty name (`:3000`).
+        return match first {
+            "" => Err(InvalidHost::Malformed),
+            _ => Ok(Tenant::default_tenant()),
+        };
+    }
+    if rest.iter().any(|label| label.is_empty()) {
+        return Err(InvalidHost::Malformed);
+    }
+    Tenant::new(first).map_err(InvalidHost::Tenant)
+}
+
+/// A port as `Host` may carry it: digits, possibly none.
+fn is_port(port: &str) -> bool {
+    port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Puts the request's [`Tenant`] into its extensions, where the session layer finds it, or
+/// answers `400` when the host names no valid tenant.
+async fn resolve_tenant(mut request: Request, next: Next) -> Response {
+    // HTTP/2 requests carry the host in the URI (`:authority`) rather than in `Host`.
+    let host = match request.headers().get(header::HOST) {
+        Some(value) => value.to_str().map_err(|_| InvalidHost::NotText),
+        None => Ok(request.uri().authority().map_or("", |a| a.as_str())),
+    };
+    match host.and_then(tenant_from_host) {
+        Ok(tenant) => {
+            request.extensions_mut().insert(tenant);
+            next.run(request).await
+        }
+        Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
+    }
+}
+
+/// A plain-text response.
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
+}
+
+fn not_logged_in() -> Response {
+    text(StatusCode::UNAUTHORIZED, "not logged in\n")
+}
+
+/// The answer to a session operation that failed. The layer degrades by default, so reads and
+/// writes of the session do not get here; listing or ending a user's sessions needs the store,
+/// and says so with a `503`.
+/// `503` for a store that cannot answer, with a hint to retry soon.
+fn store_unavailable() -> Response {
+    let mut response = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "session store unavailable; try again later\n",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn session_failure(error: SessionError) -> Response {
+    match error {
+        SessionError::Store(source) => {
+            warn!(error = %error_chain(&source), "session store unavailable");
+            store_unavailable()
+        }
+        SessionError::InvalidUser => text(
+            StatusCode::BAD_REQUEST,
+            "user name must be 1 to 1024 bytes long\n",
+        ),
+        other => {
+            // The app writes only well-formed keys and values, so this is a bug, not bad input.
+            error!(error = %error_chain(&other), "session operation failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "session error\n")
+        }
+    }
+}
+
+async fn index() -> Response {
+    text(
+        StatusCode::OK,
+        "tower-turnstile reference app\n\
+         \n\
+         GET  /            this text\n\
+         GET  /counter     the session's counter (0 without a session)\n\
+         POST /counter     increments the counter; the first call starts a session\n\
+         POST /login       form body user=<name>: binds the session to that user\n\
+         GET  /me          the user of this session, or 401\n\
+         GET  /sessions    how many live sessions this user has, or 401\n\
+         POST /logout      ends this session\n\
+         POST /logout-all  ends every session of this user, or 401\n\
+         GET  /health      JSON: Redis health and whether the fallback is in use\n\
+         \n\
+         The tenant is the first label of the host: acme.localhost:3000 is tenant acme.\n",
+    )
+}
+
+/// The counter, or 0. A value that does not read as a number is logged and counted as 0 rather
+/// than failing the request.
+async fn counter(session: &Session) -> u64 {
+    match session.get::<u64>(COUNTER).await {
+        Ok(value) => value.unwrap_or(0),
+        Err(error) => {
+            warn!(error = %error_chain(&error), "session counter unreadable; counting from 0");
+            0
+        }
+    }
+}
+
+async fn show_counter(session: Session) -> Response {
+    text(StatusCode::OK, counter(&session).await.to_string())
+}
+
+async fn increment_counter(session: Session) -> Response {
+    let next = counter(&session).await.saturating_add(1);
+    match session.insert(COUNTER, next).await {
+        Ok(()) => text(StatusCode::OK, next.to_string()),
+        Err(error) => session_failure(error),
+    }
+}
+
+/// The `/login` form.
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    user: Option<String>,
+}
+
+async fn login(session: Session, form: Result<Form<LoginForm>, FormRejection>) -> Response {
+    let user = match form {
+        Ok(Form(LoginForm { user: Some(user) })) if !user.trim().is_empty() => user,
+        Ok(_) => return text(StatusCode::BAD_REQUEST, "missing form field: user=<name>\n"),
+        // Every unreadable form is the client's to fix: wrong content type, bad encoding,
+        // duplicated fields. Only an oversized body keeps its more precise `413`.
+        Err(rejection) => {
+            let status = match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            return text(
+                status,
+                format!(
+                    "{}; expected form body user=<name>\n",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    match session.set_user(user.as_str()).await {
+        Ok(()) => text(StatusCode::OK, user),
+        Err(error) => session_failure(error),
+    }
+}
+
+async fn me(session: Session) -> Response {
+    match session.user_id().await {
+        Ok(Some(user)) => text(StatusCode::OK, user),
+        Ok(None) => not_logged_in(),
+        Err(error) => session_failure(error),
+    }
+}
+
+async fn list_sessions(session: Session) -> Response {
+    match session.user_id().await {
+        Ok(Some(_)) => {}
+        Ok(None) if session.is_degraded() => return store_unavailable(),
+        Ok(None) => return not_logged_in(),
+        Err(error) => return session_failure(error),
+    }
+    match session.user_sessions().await {
+        Ok(sessions) => text(StatusCode::OK, sessions.len().to_string()),
+        Err(error) => session_failure(error),
+    }
+}
+
+async fn logout(session: Session) -> Response {
+    session.destroy().await;
+    text(StatusCode::OK, "logged out\n")
+}
+
+async fn logout_all(session: Session) -> Response {
+    match session.user_id().await {
+        Ok(Some(_)) => {}
+        Ok(None) if session.is_degraded() => return store_unavailable(),
+        Ok(None) => return not_logged_in(),
+        Err(error) => return session_failure(error),
+    }
+    match session.destroy_user_sessions().await {
+        Ok(ended) => text(StatusCode::OK, ended.to_string()),
+        Err(error) => session_failure(error),
+    }
+}
+
+async fn health_report(State(health): State<HealthSource>) -> Response {
+    let report = match health {
+        HealthSource::Disabled => serde_json::json!({
+            "redis": "disabled",
+            "fallback_active": false,
+            "storage": "memory",
+        }),
+        HealthSource::Redis(health) => {
+            let snapshot = health.check().await;
+            let healthy = snapshot.healthy;
+            serde_json::json!({
+                "redis": if healthy { "healthy" } else { "unhealthy" },
+                "fallback_active": snapshot.state != BreakerState::Closed,
+                "storage": "redis",
+                "breaker": snapshot.state.as_str(),
+                "consecutive_failures": snapshot.consecutive_failures,
+                "last_error": snapshot.last_error,
+                "target": snapshot.target,
+            })
+        }
+    };
+    (StatusCode::OK, Json(report)).into_response()
+}
+
+/// `error` and its sources, joined with `: `, for one log line.
+fn error_chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+#[allow(dead_code)] // only `main` uses it
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    info!("shutting down: finishing in-flight requests");
+}
+
+/// Reads the environment, builds the app and serves it until Ctrl-C or SIGTERM.
+#[allow(dead_code)] // unused when the tests include this file as a module
+async fn run() -> Result<(), StartupError> {
+    let config = config_from_env()?;
+    let app = build(&config).await?;
+    let listener = tokio::net::TcpListener::bind(&config.bind)
+        .await
+        .map_err(|source| StartupError::Bind {
+            address: config.bind.clone(),
+            source,
+        })?;
+    let address = listener.local_addr().map_err(StartupError::Serve)?;
+    info!(%address, "listening");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .map_err(StartupError::Serve)?;
+    info!("stopped");
+    Ok(())
+}
+
+#[allow(dead_code)] // unused when the tests include this file as a module
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(io::stderr)
+        .init();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            error!(error = %error_chain(&error), "cannot run");
+            ExitCode::FAILURE
+        }
+    }
+}

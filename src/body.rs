@@ -34,13 +34,19 @@ pin_project! {
 impl<B> ResponseBody<B> {
     /// Wraps the inner service's body.
     pub fn new(body: B) -> Self {
-        Self { kind: Kind::Inner { body } }
+        Self {
+            kind: Kind::Inner { body },
+        }
     }
 
     /// A body the layer wrote itself.
     pub(crate) fn local(data: impl Into<Bytes>) -> Self {
         let data = data.into();
-        Self { kind: Kind::Local { data: (!data.is_empty()).then_some(data) } }
+        Self {
+            kind: Kind::Local {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
     }
 }
 
@@ -79,8 +85,12 @@ where
 }
 
 /// A plain-text response written by a layer.
-pub(crate) fn plain_response<B>(status: http::StatusCode, text: &'static str) -> http::Response<ResponseBody<B>> {
-    let mut response = http::Response::new(ResponseBody::local(Bytes::from_static(text.as_bytes())));
+pub(crate) fn plain_response<B>(
+    status: http::StatusCode,
+    text: &'static str,
+) -> http::Response<ResponseBody<B>> {
+    let mut response =
+        http::Response::new(ResponseBody::local(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -27,7 +27,11 @@ impl Fixture {
     fn memory() -> Option<Self> {
         let store = MemoryStore::new();
         let shared = store.clone();
-        Some(Self { store: Arc::new(store), twin: Box::new(move || Arc::new(shared.clone())), _redis: None })
+        Some(Self {
+            store: Arc::new(store),
+            twin: Box::new(move || Arc::new(shared.clone())),
+            _redis: None,
+        })
     }
 
     fn redis() -> Option<Self> {
@@ -35,9 +39,15 @@ impl Fixture {
         let url = server.url();
         let make = move || -> Arc<dyn SessionStore> {
             // A separate backend (its own connection and breaker), as another instance has.
-            Arc::new(RedisStore::new(RedisBackend::new(&url).expect("backend")).with_key_prefix("conf:"))
+            Arc::new(
+                RedisStore::new(RedisBackend::new(&url).expect("backend")).with_key_prefix("conf:"),
+            )
         };
-        Some(Self { store: make(), twin: Box::new(make), _redis: Some(server) })
+        Some(Self {
+            store: make(),
+            twin: Box::new(make),
+            _redis: Some(server),
+        })
     }
 
     /// The same storage seen through another store instance (another process, for Redis).
@@ -67,7 +77,10 @@ fn record(pairs: &[(&str, &str)], user: Option<&str>) -> Record {
 
 fn patch(set: &[(&str, &str)], remove: &[&str]) -> Patch {
     let mut patch = Patch::default();
-    patch.set = set.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    patch.set = set
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     patch.remove = remove.iter().map(|k| (*k).to_owned()).collect();
     patch
 }
@@ -81,9 +94,18 @@ async fn create_load_patch_delete(f: Fixture) {
     s.create(&key, &created).await.unwrap();
     assert_eq!(s.load(&key).await.unwrap().unwrap().data, created.data);
 
-    assert_eq!(s.update(&key, &patch(&[("c", "[3]"), ("a", "10")], &["b"])).await.unwrap(), Written::Applied);
+    assert_eq!(
+        s.update(&key, &patch(&[("c", "[3]"), ("a", "10")], &["b"]))
+            .await
+            .unwrap(),
+        Written::Applied
+    );
     let loaded = f.twin().load(&key).await.unwrap().unwrap();
-    let data: Vec<(&str, &str)> = loaded.data.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let data: Vec<(&str, &str)> = loaded
+        .data
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     assert_eq!(data, [("a", "10"), ("c", "[3]")]);
     assert_eq!(loaded.created_at, created.created_at);
     assert_eq!(loaded.expires_at, created.expires_at);
@@ -102,10 +124,17 @@ async fn inactivity_expiry_slides_on_load(f: Fixture) {
     // Used every 900 ms, it outlives its 1.5 s timeout: each load restarts the clock.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(900)).await;
-        assert!(s.load(&key).await.unwrap().is_some(), "a used session stays alive");
+        assert!(
+            s.load(&key).await.unwrap().is_some(),
+            "a used session stays alive"
+        );
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(s.load(&key).await.unwrap(), None, "an unused session expires");
+    assert_eq!(
+        s.load(&key).await.unwrap(),
+        None,
+        "an unused session expires"
+    );
 }
 
 async fn inactivity_expiry_slides_on_update(f: Fixture) {
@@ -116,7 +145,10 @@ async fn inactivity_expiry_slides_on_update(f: Fixture) {
     s.create(&key, &rec).await.unwrap();
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(900)).await;
-        let written = s.update(&key, &patch(&[("a", &i.to_string())], &[])).await.unwrap();
+        let written = s
+            .update(&key, &patch(&[("a", &i.to_string())], &[]))
+            .await
+            .unwrap();
         assert_eq!(written, Written::Applied);
     }
     assert!(s.load(&key).await.unwrap().is_some());
@@ -131,55 +163,97 @@ async fn absolute_lifetime_is_a_hard_cap(f: Fixture) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(s.load(&key).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(s.load(&key).await.unwrap(), None, "however active, the session ends at its absolute end");
+    assert_eq!(
+        s.load(&key).await.unwrap(),
+        None,
+        "however active, the session ends at its absolute end"
+    );
 }
 
 async fn cycle_keeps_data_and_kills_the_old_key(f: Fixture) {
     let s = &f.store;
     let t = Tenant::default();
     let (old, new) = (random_key(&t), random_key(&t));
-    s.create(&old, &record(&[("cart", "[1,2]")], None)).await.unwrap();
+    s.create(&old, &record(&[("cart", "[1,2]")], None))
+        .await
+        .unwrap();
     let mut moved = s.load(&old).await.unwrap().unwrap();
     moved.user = Some("alice".into());
-    assert_eq!(s.cycle(&old, None, &new, &moved).await.unwrap(), Written::Applied);
+    assert_eq!(
+        s.cycle(&old, None, &new, &moved).await.unwrap(),
+        Written::Applied
+    );
     assert_eq!(s.load(&old).await.unwrap(), None);
     let loaded = f.twin().load(&new).await.unwrap().unwrap();
     assert_eq!(loaded.data.get("cart").map(String::as_str), Some("[1,2]"));
     assert_eq!(loaded.user.as_deref(), Some("alice"));
-    let listed = s.list_user_sessions(&UserKey::new(&t, "alice")).await.unwrap();
-    assert_eq!(listed.iter().map(|i| i.key.clone()).collect::<Vec<_>>(), [new]);
+    let listed = s
+        .list_user_sessions(&UserKey::new(&t, "alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.iter().map(|i| i.key.clone()).collect::<Vec<_>>(),
+        [new]
+    );
 }
 
 async fn destroyed_sessions_stay_destroyed(f: Fixture) {
     let s = &f.store;
     let t = Tenant::default();
     let key = random_key(&t);
-    s.create(&key, &record(&[("a", "1")], Some("bob"))).await.unwrap();
+    s.create(&key, &record(&[("a", "1")], Some("bob")))
+        .await
+        .unwrap();
     let loaded = s.load(&key).await.unwrap().unwrap();
     // Another instance ends it while this one still holds what it loaded.
     f.twin().delete(&key, Some("bob")).await.unwrap();
 
-    assert_eq!(s.update(&key, &patch(&[("b", "2")], &[])).await.unwrap(), Written::Missing);
+    assert_eq!(
+        s.update(&key, &patch(&[("b", "2")], &[])).await.unwrap(),
+        Written::Missing
+    );
     assert_eq!(s.load(&key).await.unwrap(), None);
 
     let new = random_key(&t);
-    assert_eq!(s.cycle(&key, Some("bob"), &new, &loaded).await.unwrap(), Written::Missing);
-    assert_eq!(s.load(&new).await.unwrap(), None, "a cycle of a destroyed session leaves no copy");
-    assert!(s.list_user_sessions(&UserKey::new(&t, "bob")).await.unwrap().is_empty());
+    assert_eq!(
+        s.cycle(&key, Some("bob"), &new, &loaded).await.unwrap(),
+        Written::Missing
+    );
+    assert_eq!(
+        s.load(&new).await.unwrap(),
+        None,
+        "a cycle of a destroyed session leaves no copy"
+    );
+    assert!(
+        s.list_user_sessions(&UserKey::new(&t, "bob"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn concurrent_patches_of_different_keys_all_survive(f: Fixture) {
     let key = random_key(&Tenant::default());
-    f.store.create(&key, &record(&[("base", "0")], None)).await.unwrap();
+    f.store
+        .create(&key, &record(&[("base", "0")], None))
+        .await
+        .unwrap();
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             // Half the writers go through another instance.
-            let store = if i % 2 == 0 { Arc::clone(&f.store) } else { f.twin() };
+            let store = if i % 2 == 0 {
+                Arc::clone(&f.store)
+            } else {
+                f.twin()
+            };
             let key = key.clone();
             tokio::spawn(async move {
                 // Each request reads, then writes its own key.
                 store.load(&key).await.unwrap().unwrap();
-                let written = store.update(&key, &patch(&[(&format!("k{i}"), &i.to_string())], &[])).await.unwrap();
+                let written = store
+                    .update(&key, &patch(&[(&format!("k{i}"), &i.to_string())], &[]))
+                    .await
+                    .unwrap();
                 assert_eq!(written, Written::Applied);
             })
         })
@@ -198,14 +272,26 @@ async fn user_index_lists_and_revokes_across_instances(f: Fixture) {
     let (a, b) = (Arc::clone(&f.store), f.twin());
     let acme = tenant("acme");
     let keys: Vec<SessionKey> = (0..3).map(|_| random_key(&acme)).collect();
-    a.create(&keys[0], &record(&[], Some("alice"))).await.unwrap();
-    a.create(&keys[1], &record(&[], Some("alice"))).await.unwrap();
-    b.create(&keys[2], &record(&[], Some("alice"))).await.unwrap();
+    a.create(&keys[0], &record(&[], Some("alice")))
+        .await
+        .unwrap();
+    a.create(&keys[1], &record(&[], Some("alice")))
+        .await
+        .unwrap();
+    b.create(&keys[2], &record(&[], Some("alice")))
+        .await
+        .unwrap();
     let other = random_key(&acme);
     b.create(&other, &record(&[], Some("carol"))).await.unwrap();
 
     let alice = UserKey::new(&acme, "alice");
-    let mut listed: Vec<String> = b.list_user_sessions(&alice).await.unwrap().into_iter().map(|i| i.key.hash()).collect();
+    let mut listed: Vec<String> = b
+        .list_user_sessions(&alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.key.hash())
+        .collect();
     listed.sort();
     let mut expected: Vec<String> = keys.iter().map(SessionKey::hash).collect();
     expected.sort();
@@ -220,7 +306,10 @@ async fn user_index_lists_and_revokes_across_instances(f: Fixture) {
         assert_eq!(b.load(key).await.unwrap(), None);
     }
     assert!(b.list_user_sessions(&alice).await.unwrap().is_empty());
-    assert!(b.load(&other).await.unwrap().is_some(), "another user's session is untouched");
+    assert!(
+        b.load(&other).await.unwrap().is_some(),
+        "another user's session is untouched"
+    );
     assert_eq!(a.delete_user_sessions(&alice).await.unwrap(), 0);
 }
 
@@ -229,20 +318,47 @@ async fn tenants_never_share_records(f: Fixture) {
     let hash = random_key(&acme).hash();
     let in_acme = SessionKey::from_hash(&acme, &hash).unwrap();
     let in_globex = SessionKey::from_hash(&globex, &hash).unwrap();
-    f.store.create(&in_acme, &record(&[("secret", "1")], Some("alice"))).await.unwrap();
+    f.store
+        .create(&in_acme, &record(&[("secret", "1")], Some("alice")))
+        .await
+        .unwrap();
     assert_eq!(f.store.load(&in_globex).await.unwrap(), None);
-    assert_eq!(f.store.update(&in_globex, &patch(&[("x", "1")], &[])).await.unwrap(), Written::Missing);
-    assert!(f.store.list_user_sessions(&UserKey::new(&globex, "alice")).await.unwrap().is_empty());
-    assert_eq!(f.store.delete_user_sessions(&UserKey::new(&globex, "alice")).await.unwrap(), 0);
+    assert_eq!(
+        f.store
+            .update(&in_globex, &patch(&[("x", "1")], &[]))
+            .await
+            .unwrap(),
+        Written::Missing
+    );
+    assert!(
+        f.store
+            .list_user_sessions(&UserKey::new(&globex, "alice"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        f.store
+            .delete_user_sessions(&UserKey::new(&globex, "alice"))
+            .await
+            .unwrap(),
+        0
+    );
     assert!(f.store.load(&in_acme).await.unwrap().is_some());
 }
 
 async fn inactivity_timeout_change_is_kept(f: Fixture) {
     let key = random_key(&Tenant::default());
-    f.store.create(&key, &record(&[("a", "1")], None)).await.unwrap();
+    f.store
+        .create(&key, &record(&[("a", "1")], None))
+        .await
+        .unwrap();
     let mut change = Patch::default();
     change.inactivity_timeout = Some(Duration::from_secs(42));
-    assert_eq!(f.store.update(&key, &change).await.unwrap(), Written::Applied);
+    assert_eq!(
+        f.store.update(&key, &change).await.unwrap(),
+        Written::Applied
+    );
     let loaded = f.twin().load(&key).await.unwrap().unwrap();
     assert_eq!(loaded.inactivity_timeout, Duration::from_secs(42));
 }

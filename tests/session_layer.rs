@@ -62,7 +62,11 @@ fn routes() -> Router {
 
 /// Sets the tenant from a test header, as a tenant layer would.
 async fn tenant_from_header(mut request: Request, next: Next) -> Response {
-    if let Some(name) = request.headers().get("x-tenant").and_then(|v| v.to_str().ok()) {
+    if let Some(name) = request
+        .headers()
+        .get("x-tenant")
+        .and_then(|v| v.to_str().ok())
+    {
         match Tenant::new(name) {
             Ok(tenant) => {
                 request.extensions_mut().insert(tenant);
@@ -74,7 +78,9 @@ async fn tenant_from_header(mut request: Request, next: Next) -> Response {
 }
 
 fn app(layer: SessionLayer) -> Router {
-    routes().layer(layer).layer(middleware::from_fn(tenant_from_header))
+    routes()
+        .layer(layer)
+        .layer(middleware::from_fn(tenant_from_header))
 }
 
 fn memory_layer() -> SessionLayer {
@@ -85,34 +91,50 @@ fn redis_store(server: &RedisServer) -> RedisStore {
     RedisStore::new(RedisBackend::new(&server.url()).unwrap())
 }
 
-/// The value of our cookie in a `Set-Cookie` header.
-#[allow(dead_code)]
-fn cookie_value(set_cookie: &str) -> String {
-    set_cookie.split(';').next().unwrap().split_once('=').unwrap().1.to_owned()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Behaviour that must hold on every store.
 
 async fn cookie_attributes_and_no_cookie_for_empty_sessions(layer: SessionLayer) {
     let mut c = Client::new(app(layer));
     let reply = c.get("/get/a").await;
-    assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"));
-    assert!(reply.set_cookie().is_none(), "reading an empty session sets no cookie");
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "none")
+    );
+    assert!(
+        reply.set_cookie().is_none(),
+        "reading an empty session sets no cookie"
+    );
 
     let reply = c.post("/remove/a").await;
-    assert!(reply.set_cookie().is_none(), "a session left empty sets no cookie");
+    assert!(
+        reply.set_cookie().is_none(),
+        "a session left empty sets no cookie"
+    );
 
     let reply = c.post("/set/a/1").await;
     let cookie = reply.set_cookie().expect("the first write sets the cookie");
-    for attribute in ["turnstile.sid=", "HttpOnly", "SameSite=Lax", "Secure", "Path=/", "Max-Age="] {
+    for attribute in [
+        "turnstile.sid=",
+        "HttpOnly",
+        "SameSite=Lax",
+        "Secure",
+        "Path=/",
+        "Max-Age=",
+    ] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
-    assert_eq!(reply.headers.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    assert_eq!(
+        reply.headers.get(header::CACHE_CONTROL).unwrap(),
+        "no-store"
+    );
 
     let reply = c.get("/get/a").await;
     assert_eq!(reply.body, "\"1\"");
-    assert!(reply.set_cookie().is_none(), "a known session is not re-sent");
+    assert!(
+        reply.set_cookie().is_none(),
+        "a known session is not re-sent"
+    );
     let reply = c.post("/set/b/2").await;
     assert!(reply.set_cookie().is_none(), "an update keeps the cookie");
 }
@@ -138,11 +160,19 @@ async fn login_cycles_the_id_and_keeps_the_data(layer: SessionLayer) {
     assert!(reply.set_cookie().is_some());
     assert_ne!(before, after, "login gives the session a new id");
     assert_eq!(c.get("/user").await.body, "alice");
-    assert_eq!(c.post("/bump/n").await.body, "2", "the data moved with the session");
+    assert_eq!(
+        c.post("/bump/n").await.body,
+        "2",
+        "the data moved with the session"
+    );
 
     let mut old = Client::new(c.app());
     old.cookie = Some(before);
-    assert_eq!(old.get("/user").await.body, "anonymous", "the old id is dead");
+    assert_eq!(
+        old.get("/user").await.body,
+        "anonymous",
+        "the old id is dead"
+    );
     assert_eq!(old.get("/get/n").await.body, "none");
 
     // cycle_id alone: new id, same data, same user.
@@ -169,7 +199,11 @@ async fn concurrent_requests_changing_different_keys(layer: SessionLayer) {
         task.await.unwrap();
     }
     for i in 0..64 {
-        assert_eq!(c.get(&format!("/get/k{i}")).await.body, format!("\"{i}\""), "write k{i} was lost");
+        assert_eq!(
+            c.get(&format!("/get/k{i}")).await.body,
+            format!("\"{i}\""),
+            "write k{i} was lost"
+        );
     }
 }
 
@@ -206,32 +240,75 @@ async fn no_save_after_a_server_error_unless_asked(layer: SessionLayer) {
 async fn a_cookie_replayed_on_another_tenant_finds_nothing(layer: SessionLayer) {
     let app = app(layer);
     let tenant_request = |path: &str, tenant: &str, cookie: Option<&String>| {
-        let mut request = http::Request::builder().method("GET").uri(path).header("x-tenant", tenant);
+        let mut request = http::Request::builder()
+            .method("GET")
+            .uri(path)
+            .header("x-tenant", tenant);
         if let Some(cookie) = cookie {
             request = request.header(header::COOKIE, cookie);
         }
         request.body(axum::body::Body::empty()).unwrap()
     };
     let post = |path: &str, tenant: &str, cookie: Option<&String>| {
-        let mut request = http::Request::builder().method("POST").uri(path).header("x-tenant", tenant);
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("x-tenant", tenant);
         if let Some(cookie) = cookie {
             request = request.header(header::COOKIE, cookie);
         }
         request.body(axum::body::Body::empty()).unwrap()
     };
     let reply = send(&app, post("/set/secret/42", "acme", None)).await;
-    let cookie = reply.set_cookie().unwrap().split(';').next().unwrap().to_owned();
+    let cookie = reply
+        .set_cookie()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
     let reply = send(&app, post("/login/alice", "acme", Some(&cookie))).await;
-    let cookie = reply.set_cookie().unwrap().split(';').next().unwrap().to_owned();
-    assert_eq!(send(&app, tenant_request("/user", "acme", Some(&cookie))).await.body, "alice");
+    let cookie = reply
+        .set_cookie()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        send(&app, tenant_request("/user", "acme", Some(&cookie)))
+            .await
+            .body,
+        "alice"
+    );
 
-    assert_eq!(send(&app, tenant_request("/get/secret", "globex", Some(&cookie))).await.body, "none");
-    assert_eq!(send(&app, tenant_request("/user", "globex", Some(&cookie))).await.body, "anonymous");
-    assert_eq!(send(&app, tenant_request("/sessions", "globex", Some(&cookie))).await.body, "0");
+    assert_eq!(
+        send(&app, tenant_request("/get/secret", "globex", Some(&cookie)))
+            .await
+            .body,
+        "none"
+    );
+    assert_eq!(
+        send(&app, tenant_request("/user", "globex", Some(&cookie)))
+            .await
+            .body,
+        "anonymous"
+    );
+    assert_eq!(
+        send(&app, tenant_request("/sessions", "globex", Some(&cookie)))
+            .await
+            .body,
+        "0"
+    );
     // A write there starts a separate globex session and leaves acme's alone.
     let reply = send(&app, post("/set/secret/evil", "globex", Some(&cookie))).await;
     assert!(reply.set_cookie().is_some());
-    assert_eq!(send(&app, tenant_request("/get/secret", "acme", Some(&cookie))).await.body, "\"42\"");
+    assert_eq!(
+        send(&app, tenant_request("/get/secret", "acme", Some(&cookie)))
+            .await
+            .body,
+        "\"42\""
+    );
 }
 
 async fn malformed_cookies_are_no_session_and_never_5xx(layer: SessionLayer) {
@@ -250,7 +327,12 @@ async fn malformed_cookies_are_no_session_and_never_5xx(layer: SessionLayer) {
         HeaderValue::from_static("turnstile.sid=\"quoted\""),
     ];
     for cookie in cases {
-        for (method, path) in [("GET", "/get/a"), ("POST", "/bump/n"), ("POST", "/login/x"), ("POST", "/destroy")] {
+        for (method, path) in [
+            ("GET", "/get/a"),
+            ("POST", "/bump/n"),
+            ("POST", "/login/x"),
+            ("POST", "/destroy"),
+        ] {
             let request = http::Request::builder()
                 .method(method)
                 .uri(path)
@@ -266,7 +348,10 @@ async fn malformed_cookies_are_no_session_and_never_5xx(layer: SessionLayer) {
     }
     // Duplicated cookies: the first valid one wins, invalid ones before it are skipped.
     let dup = format!("turnstile.sid=garbage; {valid}; turnstile.sid=AAAAAAAAAAAAAAAAAAAAAA");
-    let request = http::Request::get("/get/a").header(header::COOKIE, dup).body(axum::body::Body::empty()).unwrap();
+    let request = http::Request::get("/get/a")
+        .header(header::COOKIE, dup)
+        .body(axum::body::Body::empty())
+        .unwrap();
     assert_eq!(send(&app, request).await.body, "\"1\"");
 }
 
@@ -309,7 +394,10 @@ on_every_store!(
 /// A Redis-backed app plus its backend, for counting round trips.
 fn redis_app(server: &RedisServer) -> (Router, RedisBackend) {
     let backend = RedisBackend::new(&server.url()).unwrap();
-    (app(SessionLayer::new(RedisStore::new(backend.clone()))), backend)
+    (
+        app(SessionLayer::new(RedisStore::new(backend.clone()))),
+        backend,
+    )
 }
 
 /// Runs one request and returns (client commands seen by MONITOR, round trips counted).
@@ -323,14 +411,21 @@ async fn measure(
     monitor.take();
     let before = backend.health().snapshot().round_trips;
     let reply = c.send(method, path).await;
-    assert_eq!(reply.status, StatusCode::OK, "{method} {path}: {}", reply.body);
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{method} {path}: {}",
+        reply.body
+    );
     let after = backend.health().snapshot().round_trips;
     (monitor.take(), after - before)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_round_trips_per_request() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let (app, backend) = redis_app(&server);
     // Warm up: connect and load the scripts, so only steady-state traffic is counted.
     let mut warm = Client::new(app.clone());
@@ -351,10 +446,16 @@ async fn redis_round_trips_per_request() {
     ];
     for (name, method, path, expected) in cases {
         let (commands, round_trips) = measure(&mut c, method, path, &monitor, &backend).await;
-        eprintln!("round trips: {name:<24} {round_trips} ({} commands: {commands:?})", commands.len());
+        eprintln!(
+            "round trips: {name:<24} {round_trips} ({} commands: {commands:?})",
+            commands.len()
+        );
         assert_eq!(round_trips, expected, "{name}: {commands:?}");
         let pipelined = commands.len() as u64;
-        assert!(pipelined >= round_trips, "{name}: MONITOR saw fewer commands than round trips");
+        assert!(
+            pipelined >= round_trips,
+            "{name}: MONITOR saw fewer commands than round trips"
+        );
         if expected == 0 {
             assert!(commands.is_empty(), "{name}: {commands:?}");
         }
@@ -368,18 +469,30 @@ async fn redis_round_trips_per_request() {
     monitor.take();
     c.post("/cycle").await;
     let commands = monitor.take();
-    let create = commands.iter().position(|cmd| cmd.starts_with("EVAL ")).expect("create");
-    let delete = commands.iter().position(|cmd| cmd.starts_with("DEL ")).expect("delete");
+    let create = commands
+        .iter()
+        .position(|cmd| cmd.starts_with("EVAL "))
+        .expect("create");
+    let delete = commands
+        .iter()
+        .position(|cmd| cmd.starts_with("DEL "))
+        .expect("delete");
     assert!(create < delete, "new record first: {commands:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_two_instances_share_sessions_and_revocation() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     // Two instances: separate backends (connections, breakers), one Redis.
     let (a, _) = redis_app(&server);
     let (b, _) = redis_app(&server);
-    let mut jars = vec![Client::new(a.clone()), Client::new(a.clone()), Client::new(b.clone())];
+    let mut jars = vec![
+        Client::new(a.clone()),
+        Client::new(a.clone()),
+        Client::new(b.clone()),
+    ];
     for jar in &mut jars {
         jar.post("/bump/n").await;
         jar.post("/login/alice").await;
@@ -400,7 +513,9 @@ async fn redis_two_instances_share_sessions_and_revocation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_signed_cookies_refuse_forgeries_without_a_round_trip() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let backend = RedisBackend::new(&server.url()).unwrap();
     let key = SigningKey::from_secret("shared secret of every instance").unwrap();
     let app = app(SessionLayer::new(RedisStore::new(backend.clone())).with_signing_key(key));
@@ -423,40 +538,61 @@ async fn redis_signed_cookies_refuse_forgeries_without_a_round_trip() {
         let mut f = Client::new(app.clone());
         f.cookie = Some(forged.clone());
         let (commands, round_trips) = measure(&mut f, "GET", "/get/a", &monitor, &backend).await;
-        assert_eq!((commands.len(), round_trips), (0, 0), "{forged}: {commands:?}");
+        assert_eq!(
+            (commands.len(), round_trips),
+            (0, 0),
+            "{forged}: {commands:?}"
+        );
         assert_eq!(f.get("/get/a").await.body, "none");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_signing_keys_rotate() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let store: Arc<dyn SessionStore> = Arc::new(redis_store(&server));
     let old = SigningKey::from_secret("old secret").unwrap();
     let new = SigningKey::from_secret("new secret").unwrap();
-    let before = app(SessionLayer::from_shared_store(Arc::clone(&store)).with_signing_key(old.clone()));
-    let rotated = app(
-        SessionLayer::from_shared_store(Arc::clone(&store)).with_signing_key(new.clone()).with_previous_signing_key(old),
-    );
+    let before =
+        app(SessionLayer::from_shared_store(Arc::clone(&store)).with_signing_key(old.clone()));
+    let rotated = app(SessionLayer::from_shared_store(Arc::clone(&store))
+        .with_signing_key(new.clone())
+        .with_previous_signing_key(old));
     let after = app(SessionLayer::from_shared_store(store).with_signing_key(new));
 
     let mut c = Client::new(before);
     c.post("/set/a/1").await;
     let old_cookie = c.cookie.clone().unwrap();
     let mut c = c.on(rotated);
-    assert_eq!(c.get("/get/a").await.body, "\"1\"", "cookies signed with the previous key still work");
+    assert_eq!(
+        c.get("/get/a").await.body,
+        "\"1\"",
+        "cookies signed with the previous key still work"
+    );
     c.post("/cycle").await;
     let new_cookie = c.cookie.clone().unwrap();
     let mut c = c.on(after);
-    assert_eq!(c.get("/get/a").await.body, "\"1\"", "a cycled cookie is signed with the current key");
+    assert_eq!(
+        c.get("/get/a").await.body,
+        "\"1\"",
+        "a cycled cookie is signed with the current key"
+    );
     c.cookie = Some(old_cookie);
-    assert_eq!(c.get("/get/a").await.body, "none", "once retired, the old key is refused");
+    assert_eq!(
+        c.get("/get/a").await.body,
+        "none",
+        "once retired, the old key is refused"
+    );
     assert_ne!(new_cookie, c.cookie.clone().unwrap_or_default());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_corrupted_records_are_no_session() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let (app, _) = redis_app(&server);
     let corruptions: [&[&str]; 5] = [
         &["SET", "{key}", "not a hash"],
@@ -473,27 +609,50 @@ async fn redis_corrupted_records_are_no_session() {
         if corruption[0] == "SET" {
             server.cli(&["DEL", &key]);
         }
-        let args: Vec<&str> = corruption.iter().map(|a| if *a == "{key}" { key.as_str() } else { a }).collect();
+        let args: Vec<&str> = corruption
+            .iter()
+            .map(|a| if *a == "{key}" { key.as_str() } else { a })
+            .collect();
         server.cli(&args);
 
         let reply = c.get("/get/n").await;
-        assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"), "{corruption:?}");
-        assert_eq!(server.cli(&["EXISTS", &key]).trim(), "0", "{corruption:?}: the corrupted record is removed");
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::OK, "none"),
+            "{corruption:?}"
+        );
+        assert_eq!(
+            server.cli(&["EXISTS", &key]).trim(),
+            "0",
+            "{corruption:?}: the corrupted record is removed"
+        );
         let reply = c.post("/bump/n").await;
         assert_eq!(reply.body, "1");
-        assert!(reply.set_cookie().is_some(), "{corruption:?}: a fresh session replaces it");
+        assert!(
+            reply.set_cookie().is_some(),
+            "{corruption:?}: a fresh session replaces it"
+        );
         server.cli(&["FLUSHALL"]);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_never_holds_a_usable_session_id() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let (app, _) = redis_app(&server);
     let mut c = Client::new(app);
     c.post("/set/a/1").await;
     c.post("/login/alice").await;
-    let id = c.cookie.clone().unwrap().split_once('=').unwrap().1.to_owned();
+    let id = c
+        .cookie
+        .clone()
+        .unwrap()
+        .split_once('=')
+        .unwrap()
+        .1
+        .to_owned();
     let dump = server.cli(&["--scan"]);
     assert!(!dump.contains(&id), "keys hold the id: {dump}");
     for key in dump.lines() {
@@ -504,7 +663,9 @@ async fn redis_never_holds_a_usable_session_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_degrades_then_recovers() {
-    let Some(mut server) = RedisServer::start() else { return };
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
     let backend = RedisBackend::new(&server.url()).unwrap();
     let layer = SessionLayer::new(RedisStore::new(backend.clone()));
     let open = app(layer.clone());
@@ -516,15 +677,24 @@ async fn redis_outage_degrades_then_recovers() {
     server.stop();
     // Fail-open (the default): every request still answers, with an empty session.
     let reply = c.get("/get/a").await;
-    assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"));
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::OK, "none")
+    );
     let reply = c.post("/bump/n").await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(reply.set_cookie().is_none(), "a failed save neither sets nor clears the cookie");
+    assert!(
+        reply.set_cookie().is_none(),
+        "a failed save neither sets nor clears the cookie"
+    );
     assert_eq!(c.cookie, cookie);
     let mut fresh = Client::new(open.clone());
     let reply = fresh.post("/set/a/1").await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(reply.set_cookie().is_none(), "no cookie for a session that could not be stored");
+    assert!(
+        reply.set_cookie().is_none(),
+        "no cookie for a session that could not be stored"
+    );
     assert!(!backend.health().snapshot().healthy, "the breaker opened");
 
     // Fail-closed: 503 with a plain reason, never the handler's answer.
@@ -539,7 +709,10 @@ async fn redis_outage_degrades_then_recovers() {
     // The breaker probes again after it has been open for a while; wait for it to close.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !backend.health().check().await.healthy {
-        assert!(tokio::time::Instant::now() < deadline, "the backend did not recover");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backend did not recover"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The restarted Redis is empty (it keeps nothing on disk): the old cookie finds nothing,
@@ -553,7 +726,9 @@ async fn redis_outage_degrades_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stall_is_cut_by_the_deadline() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
     let backend = RedisBackend::new(&server.url()).unwrap();
     let store = RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(100));
     let app = app(SessionLayer::new(store));
@@ -563,12 +738,20 @@ async fn redis_stall_is_cut_by_the_deadline() {
     // A frozen Redis accepts nothing and answers nothing; each request must still finish
     // (the guard below only catches a hang, it is not a performance assertion).
     for _ in 0..5 {
-        let reply = tokio::time::timeout(Duration::from_secs(10), c.get("/get/a")).await.expect("request hung");
-        assert_eq!((reply.status, reply.body.as_str()), (StatusCode::OK, "none"));
+        let reply = tokio::time::timeout(Duration::from_secs(10), c.get("/get/a"))
+            .await
+            .expect("request hung");
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::OK, "none")
+        );
     }
     let snapshot = backend.health().snapshot();
     assert!(!snapshot.healthy);
-    assert!(snapshot.rejected > 0, "once open, the breaker answers without waiting: {snapshot:?}");
+    assert!(
+        snapshot.rejected > 0,
+        "once open, the breaker answers without waiting: {snapshot:?}"
+    );
     server.resume();
 }
 
@@ -581,5 +764,5 @@ async fn memory_store_is_bounded_under_a_flood() {
         c.post(&format!("/set/k/{i}")).await;
     }
     assert!(store.len() <= 100, "{} sessions held", store.len());
-    assert!(store.len() > 0);
+    assert!(!store.is_empty());
 }

@@ -23,7 +23,10 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     /// Three outages in a row open the breaker for one second.
     fn default() -> Self {
-        Self { failure_threshold: 3, open_for: Duration::from_secs(1) }
+        Self {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(1),
+        }
     }
 }
 
@@ -123,7 +126,9 @@ impl Breaker {
     fn status(&self) -> MutexGuard<'_, Status> {
         // A panic while holding this lock cannot leave the status half-written (every update
         // is a plain assignment), so a poisoned lock is still safe to use.
-        self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Asks to make a call. `None` means the breaker is open and the call must not be tried.
@@ -140,7 +145,11 @@ impl Breaker {
                 return None;
             }
         };
-        Some(Permit { breaker: Arc::clone(self), probe, settled: false })
+        Some(Permit {
+            breaker: Arc::clone(self),
+            probe,
+            settled: false,
+        })
     }
 
     fn on_success(&self, probe: bool) {
@@ -175,7 +184,9 @@ impl Breaker {
         };
         if open {
             let was_closed = matches!(status.phase, Phase::Closed { .. });
-            status.phase = Phase::Open { until: Instant::now() + self.config.open_for };
+            status.phase = Phase::Open {
+                until: Instant::now() + self.config.open_for,
+            };
             if was_closed {
                 status.since = now;
                 tracing::warn!(
@@ -227,7 +238,8 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.settled && self.probe {
-            self.breaker.on_failure(true, "probe cancelled before Redis answered");
+            self.breaker
+                .on_failure(true, "probe cancelled before Redis answered");
         }
     }
 }
@@ -237,7 +249,11 @@ mod tests {
     use super::*;
 
     fn breaker(threshold: u32, open_for: Duration) -> Arc<Breaker> {
-        Arc::new(Breaker::new(BreakerConfig::default().failure_threshold(threshold).open_for(open_for)))
+        Arc::new(Breaker::new(
+            BreakerConfig::default()
+                .failure_threshold(threshold)
+                .open_for(open_for),
+        ))
     }
 
     #[test]

@@ -42,6 +42,9 @@ impl BackendError {
     /// Whether this error means Redis is not available (as opposed to a bad reply from a
     /// Redis that is up). Outages count against the circuit breaker; bad replies do not.
     pub fn is_outage(&self) -> bool {
-        matches!(self, Self::CircuitOpen | Self::Timeout(_) | Self::Unreachable { .. })
+        matches!(
+            self,
+            Self::CircuitOpen | Self::Timeout(_) | Self::Unreachable { .. }
+        )
     }
 }

@@ -25,7 +25,7 @@ pub struct Health {
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct HealthSnapshot {
-    /// `true` while the breaker is closed: calls go to Redis.
+    /// `true` while the breaker is closed and the last call succeeded.
     pub healthy: bool,
     /// The breaker's state.
     #[serde(serialize_with = "serialize_state")]
@@ -57,14 +57,18 @@ fn serialize_state<S: serde::Serializer>(state: &BreakerState, s: S) -> Result<S
 }
 
 fn unix_millis(time: &SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn serialize_time<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(unix_millis(time))
 }
 
-fn serialize_opt_time<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_opt_time<S: serde::Serializer>(
+    time: &Option<SystemTime>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match time {
         Some(t) => s.serialize_some(&unix_millis(t)),
         None => s.serialize_none(),
@@ -86,7 +90,9 @@ impl Health {
             None => (None, None),
         };
         HealthSnapshot {
-            healthy: view.state == BreakerState::Closed,
+            // A failed call makes Redis unhealthy at once, even before enough of them in a row
+            // open the breaker.
+            healthy: view.state == BreakerState::Closed && view.consecutive_failures == 0,
             state: view.state,
             since: view.since,
             consecutive_failures: view.consecutive_failures,
@@ -112,7 +118,9 @@ impl Health {
     /// A Tower service that answers every request with [`Health::check`] as JSON:
     /// `200` while healthy, `503` otherwise.
     pub fn service(&self) -> HealthService {
-        HealthService { health: self.clone() }
+        HealthService {
+            health: self.clone(),
+        }
     }
 }
 
@@ -136,9 +144,11 @@ pub struct HealthService {
     health: Health,
 }
 
+type HealthResult = Result<Response<Full<Bytes>>, Infallible>;
+
 /// The future of [`HealthService`].
 pub struct HealthFuture {
-    inner: Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = HealthResult> + Send>>,
 }
 
 impl fmt::Debug for HealthFuture {
@@ -169,8 +179,11 @@ impl<B> tower_service::Service<Request<B>> for HealthService {
         HealthFuture {
             inner: Box::pin(async move {
                 let snapshot = health.check().await;
-                let status =
-                    if snapshot.healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if snapshot.healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 Ok(json_response(status, &snapshot))
             }),
         }
@@ -182,8 +195,9 @@ pub(crate) fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Resp
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

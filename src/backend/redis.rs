@@ -74,8 +74,9 @@ impl RedisBackendBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BackendError::NoRuntime);
         }
-        let client = Client::open(self.url.as_str())
-            .map_err(|e| BackendError::InvalidUrl { source: Box::new(e) })?;
+        let client = Client::open(self.url.as_str()).map_err(|e| BackendError::InvalidUrl {
+            source: Box::new(e),
+        })?;
         let target = describe(&client);
         // The deadline of each call is ours (see `RedisBackend::run`); the manager only needs to
         // give up on a connection attempt quickly and to try again on the next command.
@@ -84,8 +85,11 @@ impl RedisBackendBuilder {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| BackendError::InvalidUrl { source: Box::new(e) })?;
+        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
+            BackendError::InvalidUrl {
+                source: Box::new(e),
+            }
+        })?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 connection,
@@ -154,12 +158,16 @@ impl RedisBackend {
             }
             Ok(Err(error)) if is_outage(&error) => {
                 permit.failure(&error.to_string());
-                Err(BackendError::Unreachable { source: Box::new(error) })
+                Err(BackendError::Unreachable {
+                    source: Box::new(error),
+                })
             }
             Ok(Err(error)) => {
                 // Redis answered, so it is up: a bad reply says nothing about availability.
                 permit.success();
-                Err(BackendError::Command { source: Box::new(error) })
+                Err(BackendError::Command {
+                    source: Box::new(error),
+                })
             }
             Err(_elapsed) => {
                 permit.failure(&format!("no answer within {deadline:?}"));

@@ -70,7 +70,9 @@ impl SigningKey {
             return Err(ConfigError::EmptySecret);
         }
         // Domain-separated so the same secret used elsewhere in an app yields another key.
-        let master = Sha512::new_with_prefix(b"tower-turnstile session cookie v1\0").chain_update(secret).finalize();
+        let master = Sha512::new_with_prefix(b"tower-turnstile session cookie v1\0")
+            .chain_update(secret)
+            .finalize();
         Ok(Self(Key::from(&master)))
     }
 
@@ -117,8 +119,15 @@ pub(crate) fn validate_name(name: &str) -> Result<(), ConfigError> {
 }
 
 pub(crate) fn validate_attribute(attribute: &'static str, value: &str) -> Result<(), ConfigError> {
-    if value.is_empty() || value.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b';' || b == b',') {
-        return Err(ConfigError::CookieAttribute { attribute, value: value.to_owned() });
+    if value.is_empty()
+        || value
+            .bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b';' || b == b',')
+    {
+        return Err(ConfigError::CookieAttribute {
+            attribute,
+            value: value.to_owned(),
+        });
     }
     Ok(())
 }
@@ -154,10 +163,15 @@ impl CookieConfig {
     }
 
     fn encode(&self, id: &SessionId) -> String {
-        let Some(SigningKey(key)) = self.signing.first() else { return id.encode() };
+        let Some(SigningKey(key)) = self.signing.first() else {
+            return id.encode();
+        };
         let mut jar = CookieJar::new();
-        jar.signed_mut(key).add(Cookie::new(self.name.clone(), id.encode()));
-        jar.get(&self.name).map(|c| c.value().to_owned()).unwrap_or_default()
+        jar.signed_mut(key)
+            .add(Cookie::new(self.name.clone(), id.encode()));
+        jar.get(&self.name)
+            .map(|c| c.value().to_owned())
+            .unwrap_or_default()
     }
 
     fn base(&self, value: String) -> Cookie<'static> {
@@ -210,7 +224,10 @@ mod tests {
     fn reads_the_first_valid_candidate() {
         let config = CookieConfig::default();
         let id = SessionId::random().unwrap();
-        let header = format!("other=1; turnstile.sid=garbage; turnstile.sid={}", id.encode());
+        let header = format!(
+            "other=1; turnstile.sid=garbage; turnstile.sid={}",
+            id.encode()
+        );
         assert_eq!(config.read(&headers(&[&header])), Some(id));
     }
 
@@ -218,7 +235,13 @@ mod tests {
     fn ignores_malformed_and_oversized_cookies() {
         let config = CookieConfig::default();
         let long = format!("turnstile.sid={}", "A".repeat(5000));
-        for bad in ["turnstile.sid=", "turnstile.sid", "=;;=", "turnstile.sid=%00%01", long.as_str()] {
+        for bad in [
+            "turnstile.sid=",
+            "turnstile.sid",
+            "=;;=",
+            "turnstile.sid=%00%01",
+            long.as_str(),
+        ] {
             assert_eq!(config.read(&headers(&[bad])), None, "{bad}");
         }
     }
@@ -228,16 +251,39 @@ mod tests {
         let old = SigningKey::from_secret("old secret").unwrap();
         let new = SigningKey::from_secret("new secret").unwrap();
         let id = SessionId::random().unwrap();
-        let signed_old = CookieConfig { signing: vec![old.clone()], ..Default::default() }.encode(&id);
+        let signed_old = CookieConfig {
+            signing: vec![old.clone()],
+            ..Default::default()
+        }
+        .encode(&id);
 
-        let rotated = CookieConfig { signing: vec![new.clone(), old], ..Default::default() };
-        assert_eq!(rotated.read(&headers(&[&format!("turnstile.sid={signed_old}")])), Some(id));
-        assert_ne!(rotated.encode(&id), signed_old, "new cookies are signed with the current key");
+        let rotated = CookieConfig {
+            signing: vec![new.clone(), old],
+            ..Default::default()
+        };
+        assert_eq!(
+            rotated.read(&headers(&[&format!("turnstile.sid={signed_old}")])),
+            Some(id)
+        );
+        assert_ne!(
+            rotated.encode(&id),
+            signed_old,
+            "new cookies are signed with the current key"
+        );
 
-        let only_new = CookieConfig { signing: vec![new], ..Default::default() };
-        assert_eq!(only_new.read(&headers(&[&format!("turnstile.sid={signed_old}")])), None);
+        let only_new = CookieConfig {
+            signing: vec![new],
+            ..Default::default()
+        };
+        assert_eq!(
+            only_new.read(&headers(&[&format!("turnstile.sid={signed_old}")])),
+            None
+        );
         // An unsigned id is refused once signing is on.
-        assert_eq!(only_new.read(&headers(&[&format!("turnstile.sid={}", id.encode())])), None);
+        assert_eq!(
+            only_new.read(&headers(&[&format!("turnstile.sid={}", id.encode())])),
+            None
+        );
     }
 
     #[test]

@@ -156,11 +156,16 @@ impl Session {
         }
         let text = match state.changes.get(key) {
             Some(change) => change.clone(),
-            None => self.loaded(&mut state).await?.and_then(|r| r.data.get(key).cloned()),
+            None => self
+                .loaded(&mut state)
+                .await?
+                .and_then(|r| r.data.get(key).cloned()),
         };
         text.map(|text| {
-            serde_json::from_str(&text)
-                .map_err(|e| SessionError::Deserialize { key: key.to_owned(), source: Box::new(e) })
+            serde_json::from_str(&text).map_err(|e| SessionError::Deserialize {
+                key: key.to_owned(),
+                source: Box::new(e),
+            })
         })
         .transpose()
     }
@@ -169,9 +174,14 @@ impl Session {
     /// one round trip in all.
     pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<(), SessionError> {
         check_key(key)?;
-        let text = serde_json::to_string(&value)
-            .map_err(|e| SessionError::Serialize { key: key.to_owned(), source: Box::new(e) })?;
-        self.state().await.changes.insert(key.to_owned(), Some(text));
+        let text = serde_json::to_string(&value).map_err(|e| SessionError::Serialize {
+            key: key.to_owned(),
+            source: Box::new(e),
+        })?;
+        self.state()
+            .await
+            .changes
+            .insert(key.to_owned(), Some(text));
         Ok(())
     }
 
@@ -227,7 +237,9 @@ impl Session {
 
     /// The live sessions of this session's user, on every instance; empty when no user is set.
     pub async fn user_sessions(&self) -> Result<Vec<SessionInfo>, SessionError> {
-        let Some(user) = self.user_id().await? else { return Ok(Vec::new()) };
+        let Some(user) = self.user_id().await? else {
+            return Ok(Vec::new());
+        };
         let key = UserKey::new(&self.inner.tenant, user);
         Ok(self.inner.shared.store.list_user_sessions(&key).await?)
     }
@@ -235,7 +247,9 @@ impl Session {
     /// Ends every session of this session's user, on every instance, this one included ("log
     /// out everywhere"). Returns how many sessions were ended; 0 when no user is set.
     pub async fn destroy_user_sessions(&self) -> Result<usize, SessionError> {
-        let Some(user) = self.user_id().await? else { return Ok(0) };
+        let Some(user) = self.user_id().await? else {
+            return Ok(0);
+        };
         let key = UserKey::new(&self.inner.tenant, user);
         let ended = self.inner.shared.store.delete_user_sessions(&key).await?;
         self.destroy().await;
@@ -253,7 +267,13 @@ impl Session {
         if let Loaded::NotYet = state.loaded {
             state.loaded = match self.inner.incoming {
                 None => Loaded::Missing,
-                Some(id) => match self.inner.shared.store.load(&id.key(&self.inner.tenant)).await {
+                Some(id) => match self
+                    .inner
+                    .shared
+                    .store
+                    .load(&id.key(&self.inner.tenant))
+                    .await
+                {
                     Ok(Some(record)) => Loaded::Found(record),
                     Ok(None) => Loaded::Missing,
                     Err(error) => {
@@ -269,7 +289,9 @@ impl Session {
         match &state.loaded {
             Loaded::Found(record) => Ok(Some(record)),
             Loaded::Failed if self.inner.shared.fail_closed => {
-                Err(SessionError::Store(StoreError::Unavailable { source: "an earlier load failed".into() }))
+                Err(SessionError::Store(StoreError::Unavailable {
+                    source: "an earlier load failed".into(),
+                }))
             }
             _ => Ok(None),
         }
@@ -290,12 +312,28 @@ impl Session {
         &self.inner.shared
     }
 
-    pub(crate) fn was_touched(&self) -> bool {
-        self.inner.touched.load(Ordering::Relaxed)
+    /// Whether the store failed during this request, so that the session reads as empty and
+    /// its changes may not be saved (fail-open mode). Lets a handler tell "no session" from
+    /// "session unavailable", for example to answer `503` where an empty session would mislead.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.failed.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn store_failed_during_request(&self) -> bool {
-        self.inner.failed.load(Ordering::Relaxed)
+    /// Whether the request may have changed the session, so that a commit is needed. A
+    /// session that was only read needs none, and its response can go out at once.
+    pub(crate) fn needs_commit(&self) -> bool {
+        if !self.inner.touched.load(Ordering::Relaxed) {
+            return false;
+        }
+        // Nobody else holds the lock once the inner service has answered, unless the handler
+        // leaked a clone into a task that is still running: then commit to be safe.
+        self.inner.state.try_lock().map_or(true, |state| {
+            state.destroyed
+                || state.cycle
+                || state.user.is_some()
+                || state.inactivity_timeout.is_some()
+                || !state.changes.is_empty()
+        })
     }
 
     /// Writes what the request changed, in as few round trips as the change allows, and says
@@ -306,7 +344,9 @@ impl Session {
         let mut state = self.inner.state.lock().await;
 
         if state.destroyed {
-            let Some(id) = self.inner.incoming else { return CookieChange::Keep };
+            let Some(id) = self.inner.incoming else {
+                return CookieChange::Keep;
+            };
             let user = match &state.loaded {
                 Loaded::Found(record) => record.user.clone(),
                 _ => None,
@@ -320,15 +360,26 @@ impl Session {
             return CookieChange::Keep;
         }
         let patch = Patch {
-            set: state.changes.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
-            remove: state.changes.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.clone()).collect(),
+            set: state
+                .changes
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect(),
+            remove: state
+                .changes
+                .iter()
+                .filter(|(_, v)| v.is_none())
+                .map(|(k, _)| k.clone())
+                .collect(),
             inactivity_timeout: state.inactivity_timeout,
         };
         let moves = state.cycle || state.user.is_some();
         if patch.is_empty() && !moves {
             return CookieChange::Keep;
         }
-        let Some(id) = self.inner.incoming else { return self.create(&state, &patch).await };
+        let Some(id) = self.inner.incoming else {
+            return self.create(&state, &patch).await;
+        };
         if moves && matches!(state.loaded, Loaded::NotYet) {
             // Moving a session copies it whole, so it must be read first.
             if self.loaded(&mut state).await.is_err() {
@@ -353,8 +404,14 @@ impl Session {
                 if state.user.is_some() {
                     moved.user.clone_from(&state.user);
                 }
-                let Some(new_id) = SessionId::random() else { return CookieChange::Keep };
-                match shared.store.cycle(&old, record.user.as_deref(), &new_id.key(tenant), &moved).await {
+                let Some(new_id) = SessionId::random() else {
+                    return CookieChange::Keep;
+                };
+                match shared
+                    .store
+                    .cycle(&old, record.user.as_deref(), &new_id.key(tenant), &moved)
+                    .await
+                {
                     Ok(Written::Applied) => CookieChange::Set(new_id, time_left(&moved)),
                     Ok(Written::Missing) => CookieChange::Remove,
                     Err(error) => {
@@ -384,20 +441,30 @@ impl Session {
     async fn create(&self, state: &State, patch: &Patch) -> CookieChange {
         let shared = &self.inner.shared;
         let mut record = Record::new(
-            state.inactivity_timeout.unwrap_or(shared.inactivity_timeout),
+            state
+                .inactivity_timeout
+                .unwrap_or(shared.inactivity_timeout),
             shared.absolute_lifetime,
         );
         record.apply(patch);
         record.user.clone_from(&state.user);
         if record.data.is_empty() && record.user.is_none() {
             // An empty session is never stored and gets no cookie; a dead one is cleared.
-            return if self.inner.incoming.is_some() { CookieChange::Remove } else { CookieChange::Keep };
+            return if self.inner.incoming.is_some() {
+                CookieChange::Remove
+            } else {
+                CookieChange::Keep
+            };
         }
         let Some(id) = SessionId::random() else {
             tracing::error!(target: "tower_turnstile::session", "the OS random generator failed; no session created");
             return CookieChange::Keep;
         };
-        match shared.store.create(&id.key(&self.inner.tenant), &record).await {
+        match shared
+            .store
+            .create(&id.key(&self.inner.tenant), &record)
+            .await
+        {
             Ok(()) => CookieChange::Set(id, time_left(&record)),
             Err(error) => {
                 self.store_failed(&error, "create");
@@ -408,7 +475,11 @@ impl Session {
 }
 
 fn time_left(record: &Record) -> Duration {
-    Duration::from_millis(record.expires_at.saturating_sub(unix_millis(SystemTime::now())))
+    Duration::from_millis(
+        record
+            .expires_at
+            .saturating_sub(unix_millis(SystemTime::now())),
+    )
 }
 
 fn check_key(key: &str) -> Result<(), SessionError> {

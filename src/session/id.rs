@@ -43,7 +43,10 @@ impl SessionId {
     }
 
     pub(crate) fn key(&self, tenant: &Tenant) -> SessionKey {
-        SessionKey { tenant: tenant.clone(), hash: Sha256::digest(self.0).into() }
+        SessionKey {
+            tenant: tenant.clone(),
+            hash: Sha256::digest(self.0).into(),
+        }
     }
 }
 
@@ -76,7 +79,10 @@ impl SessionKey {
     pub fn from_hash(tenant: &Tenant, hash: &str) -> Option<Self> {
         let mut bytes = [0u8; 32];
         match URL_SAFE_NO_PAD.decode_slice(hash, &mut bytes) {
-            Ok(32) if hash.len() == 43 => Some(Self { tenant: tenant.clone(), hash: bytes }),
+            Ok(32) if hash.len() == 43 => Some(Self {
+                tenant: tenant.clone(),
+                hash: bytes,
+            }),
             _ => None,
         }
     }
@@ -98,7 +104,10 @@ pub struct UserKey {
 impl UserKey {
     /// The key of `user`'s sessions in `tenant`.
     pub fn new(tenant: &Tenant, user: impl Into<String>) -> Self {
-        Self { tenant: tenant.clone(), user: user.into() }
+        Self {
+            tenant: tenant.clone(),
+            user: user.into(),
+        }
     }
 
     /// The tenant.
@@ -135,7 +144,14 @@ mod tests {
     #[test]
     fn malformed_ids_are_refused() {
         let good = SessionId::random().unwrap().encode();
-        for bad in ["", "short", &good[..21], &format!("{good}A"), "!!!!!!!!!!!!!!!!!!!!!!", &"é".repeat(11)] {
+        for bad in [
+            "",
+            "short",
+            &good[..21],
+            &format!("{good}A"),
+            "!!!!!!!!!!!!!!!!!!!!!!",
+            &"é".repeat(11),
+        ] {
             assert_eq!(SessionId::decode(bad), None, "{bad:?}");
         }
     }

@@ -176,7 +176,9 @@ impl SessionLayer {
     /// A handle to list and end users' sessions outside any request (an admin page, a password
     /// change job), on every instance that shares the store.
     pub fn user_sessions(&self) -> UserSessions {
-        UserSessions { store: Arc::clone(&self.shared.store) }
+        UserSessions {
+            store: Arc::clone(&self.shared.store),
+        }
     }
 }
 
@@ -197,11 +199,15 @@ pub struct UserSessions {
 impl UserSessions {
     /// The live sessions of `user` in `tenant`.
     pub async fn list(&self, tenant: &Tenant, user: &str) -> Result<Vec<SessionInfo>, StoreError> {
-        self.store.list_user_sessions(&UserKey::new(tenant, user)).await
+        self.store
+            .list_user_sessions(&UserKey::new(tenant, user))
+            .await
     }
 
     /// Ends every session of `user` in `tenant`; returns how many there were.
     pub async fn destroy_all(&self, tenant: &Tenant, user: &str) -> Result<usize, StoreError> {
-        self.store.delete_user_sessions(&UserKey::new(tenant, user)).await
+        self.store
+            .delete_user_sessions(&UserKey::new(tenant, user))
+            .await
     }
 }

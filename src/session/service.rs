@@ -28,7 +28,10 @@ pub struct SessionService<S> {
 
 impl<S: fmt::Debug> fmt::Debug for SessionService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SessionService").field("inner", &self.inner).field("config", &self.shared).finish()
+        f.debug_struct("SessionService")
+            .field("inner", &self.inner)
+            .field("config", &self.shared)
+            .finish()
     }
 }
 
@@ -51,12 +54,19 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let tenant = request.extensions().get::<Tenant>().cloned().unwrap_or_default();
+        let tenant = request
+            .extensions()
+            .get::<Tenant>()
+            .cloned()
+            .unwrap_or_default();
         let incoming = self.shared.cookie.read(request.headers());
         let session = Session::new(Arc::clone(&self.shared), tenant, incoming);
         request.extensions_mut().insert(session.clone());
         ResponseFuture {
-            state: State::Inner { future: self.inner.call(request), session: Some(session) },
+            state: State::Inner {
+                future: self.inner.call(request),
+                session: Some(session),
+            },
         }
     }
 }
@@ -100,7 +110,10 @@ where
                         // Only reachable if polled again after completion.
                         return Poll::Ready(Ok(response.map(ResponseBody::new)));
                     };
-                    if !session.was_touched() {
+                    if session.shared().fail_closed && session.is_degraded() {
+                        return Poll::Ready(Ok(unavailable()));
+                    }
+                    if !session.needs_commit() {
                         return Poll::Ready(Ok(response.map(ResponseBody::new)));
                     }
                     let server_error = response.status().is_server_error();
@@ -111,13 +124,17 @@ where
                         response: Some(response),
                     }
                 }
-                StateProj::Commit { commit, session, response } => {
+                StateProj::Commit {
+                    commit,
+                    session,
+                    response,
+                } => {
                     let change = ready!(commit.as_mut().poll(cx));
                     let Some(response) = response.take() else {
                         return Poll::Ready(Ok(unavailable()));
                     };
                     let shared = session.shared();
-                    if shared.fail_closed && session.store_failed_during_request() {
+                    if shared.fail_closed && session.is_degraded() {
                         return Poll::Ready(Ok(unavailable()));
                     }
                     return Poll::Ready(Ok(finish(response, change, shared)));
@@ -129,10 +146,17 @@ where
 }
 
 fn unavailable<B>() -> Response<ResponseBody<B>> {
-    plain_response(StatusCode::SERVICE_UNAVAILABLE, "session store unavailable\n")
+    plain_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "session store unavailable\n",
+    )
 }
 
-fn finish<B>(response: Response<B>, change: CookieChange, shared: &Shared) -> Response<ResponseBody<B>> {
+fn finish<B>(
+    response: Response<B>,
+    change: CookieChange,
+    shared: &Shared,
+) -> Response<ResponseBody<B>> {
     let mut response = response.map(ResponseBody::new);
     let cookie = match change {
         CookieChange::Keep => None,
@@ -142,7 +166,10 @@ fn finish<B>(response: Response<B>, change: CookieChange, shared: &Shared) -> Re
     if let Some(cookie) = cookie {
         response.headers_mut().append(header::SET_COOKIE, cookie);
         // A response that sets a session cookie must never be stored by a shared cache.
-        response.headers_mut().append(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        response.headers_mut().append(
+            header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
     }
     response
 }

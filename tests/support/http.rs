@@ -43,7 +43,11 @@ pub struct Client {
 
 impl Client {
     pub fn new(app: Router) -> Self {
-        Self { app, cookie: None, host: None }
+        Self {
+            app,
+            cookie: None,
+            host: None,
+        }
     }
 
     /// The router this client talks to.
@@ -53,7 +57,11 @@ impl Client {
 
     /// The same jar, talking to another router (another instance of the service).
     pub fn on(&self, app: Router) -> Self {
-        Self { app, cookie: self.cookie.clone(), host: self.host.clone() }
+        Self {
+            app,
+            cookie: self.cookie.clone(),
+            host: self.host.clone(),
+        }
     }
 
     pub async fn get(&mut self, uri: &str) -> Reply {
@@ -84,9 +92,22 @@ impl Client {
 
 /// Sends one request to the router and reads the whole response.
 pub async fn send(app: &Router, request: Request<Body>) -> Reply {
-    let response = app.clone().oneshot(request).await.unwrap_or_else(|e: Infallible| match e {});
+    let response = app
+        .clone()
+        .oneshot(request)
+        .await
+        .unwrap_or_else(|e: Infallible| match e {});
     let status = response.status();
     let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.expect("body").to_bytes();
-    Reply { status, headers, body: String::from_utf8_lossy(&bytes).into_owned() }
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
 }

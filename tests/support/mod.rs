@@ -34,7 +34,10 @@ fn required() -> bool {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free loopback port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
 }
 
 impl RedisServer {
@@ -42,14 +45,21 @@ impl RedisServer {
     /// installed and `REQUIRE_REDIS` is not `1`.
     pub fn start() -> Option<Self> {
         for _ in 0..5 {
-            let mut server = Self { port: free_port(), child: None };
+            let mut server = Self {
+                port: free_port(),
+                child: None,
+            };
             match server.launch() {
                 Ok(()) => return Some(server),
                 Err(LaunchError::Missing) if !required() => {
-                    eprintln!("SKIPPED: redis-server is not installed; this Redis test did not run");
+                    eprintln!(
+                        "SKIPPED: redis-server is not installed; this Redis test did not run"
+                    );
                     return None;
                 }
-                Err(LaunchError::Missing) => panic!("REQUIRE_REDIS=1 but redis-server is not installed"),
+                Err(LaunchError::Missing) => {
+                    panic!("REQUIRE_REDIS=1 but redis-server is not installed")
+                }
                 // Another process took the port between our probe and the launch: try another.
                 Err(LaunchError::NoPing) => continue,
             }
@@ -59,7 +69,16 @@ impl RedisServer {
 
     fn launch(&mut self) -> Result<(), LaunchError> {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--protected-mode", "yes", "--loglevel", "warning"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -81,7 +100,8 @@ impl RedisServer {
     }
 
     fn ping(&self) -> bool {
-        self.raw("PING").is_some_and(|reply| reply.starts_with("+PONG"))
+        self.raw("PING")
+            .is_some_and(|reply| reply.starts_with("+PONG"))
     }
 
     /// Sends one inline command and returns the first reply line.
@@ -148,8 +168,16 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("server running").id().to_string();
-        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        let pid = self
+            .child
+            .as_ref()
+            .expect("server running")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill runs");
         assert!(status.success());
     }
 
@@ -165,7 +193,14 @@ impl Drop for RedisServer {
         // make sure it is not left stopped for the next run's port probe.
         if self.child.is_some() {
             let _ = Command::new("kill")
-                .args(["-CONT", &self.child.as_ref().map(|c| c.id().to_string()).unwrap_or_default()])
+                .args([
+                    "-CONT",
+                    &self
+                        .child
+                        .as_ref()
+                        .map(|c| c.id().to_string())
+                        .unwrap_or_default(),
+                ])
                 .status();
         }
         self.kill();
@@ -204,7 +239,12 @@ impl Monitor {
                 sink.lock().unwrap().push(line);
             }
         });
-        let monitor = Self { child, lines, port: server.port, marks: AtomicU64::new(0) };
+        let monitor = Self {
+            child,
+            lines,
+            port: server.port,
+            marks: AtomicU64::new(0),
+        };
         // Wait until MONITOR is live: it echoes our own marker command.
         monitor.take();
         monitor
@@ -213,12 +253,17 @@ impl Monitor {
     /// The client commands seen since the last call, in order, as upper-case names with their
     /// arguments (`EVALSHA <sha> 1 key ...`). Script-internal commands are left out.
     pub fn take(&self) -> Vec<String> {
-        let mark = format!("turnstile-mark-{}", self.marks.fetch_add(1, Ordering::Relaxed));
+        let mark = format!(
+            "turnstile-mark-{}",
+            self.marks.fetch_add(1, Ordering::Relaxed)
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             // Keep sending the mark until it shows up: the first ones may precede MONITOR.
             let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-            stream.write_all(format!("ECHO {mark}\r\n").as_bytes()).unwrap();
+            stream
+                .write_all(format!("ECHO {mark}\r\n").as_bytes())
+                .unwrap();
             let mut reply = String::new();
             let _ = BufReader::new(stream).read_line(&mut reply);
             thread::sleep(Duration::from_millis(20));
@@ -227,7 +272,9 @@ impl Monitor {
                 let seen: Vec<String> = lines.drain(..=at).collect();
                 return seen
                     .into_iter()
-                    .filter(|l| !l.contains("[0 lua]") && !l.contains("turnstile-mark-") && l.contains('"'))
+                    .filter(|l| {
+                        !l.contains("[0 lua]") && !l.contains("turnstile-mark-") && l.contains('"')
+                    })
                     .filter_map(|l| l.split_once("] ").map(|(_, cmd)| cmd.replace('"', "")))
                     .collect();
             }

@@ -58,7 +58,10 @@ impl MemoryStoreBuilder {
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         MemoryStore {
-            sessions: Cache::builder().max_capacity(self.max_sessions).expire_after(RecordExpiry).build(),
+            sessions: Cache::builder()
+                .max_capacity(self.max_sessions)
+                .expire_after(RecordExpiry)
+                .build(),
             users: Cache::builder()
                 .max_capacity(self.max_users)
                 .time_to_idle(self.user_index_idle)
@@ -129,7 +132,9 @@ struct Entry {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section here is a few plain assignments: a panic inside one cannot leave
     // the data inconsistent, so a poisoned lock is still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct RecordExpiry;
@@ -141,7 +146,12 @@ impl RecordExpiry {
 }
 
 impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
-    fn expire_after_create(&self, _: &SessionKey, entry: &Arc<Entry>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &SessionKey,
+        entry: &Arc<Entry>,
+        _: Instant,
+    ) -> Option<Duration> {
         Self::ttl(entry)
     }
 
@@ -171,7 +181,9 @@ impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
 impl SessionStore for MemoryStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
         // `get` restarts the inactivity clock (see `RecordExpiry::expire_after_read`).
-        let Some(entry) = self.sessions.get(key) else { return Ok(None) };
+        let Some(entry) = self.sessions.get(key) else {
+            return Ok(None);
+        };
         let record = lock(&entry.record).clone();
         if record.ttl_at(unix_millis(SystemTime::now())).is_zero() {
             self.sessions.invalidate(key);
@@ -184,12 +196,19 @@ impl SessionStore for MemoryStore {
         if let Some(user) = &record.user {
             self.index(&UserKey::new(key.tenant(), user.as_str()), key, record);
         }
-        self.sessions.insert(key.clone(), Arc::new(Entry { record: Mutex::new(record.clone()) }));
+        self.sessions.insert(
+            key.clone(),
+            Arc::new(Entry {
+                record: Mutex::new(record.clone()),
+            }),
+        );
         Ok(())
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
-        let Some(entry) = self.sessions.get(key) else { return Ok(Written::Missing) };
+        let Some(entry) = self.sessions.get(key) else {
+            return Ok(Written::Missing);
+        };
         lock(&entry.record).apply(patch);
         if patch.inactivity_timeout.is_some() {
             // Re-inserting the same entry makes the cache recompute its expiry.
@@ -230,7 +249,9 @@ impl SessionStore for MemoryStore {
     }
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
-        let Some(index) = self.users.get(user) else { return Ok(Vec::new()) };
+        let Some(index) = self.users.get(user) else {
+            return Ok(Vec::new());
+        };
         let mut index = lock(&index);
         // `contains_key` does not count as use of the session, so listing a user's sessions
         // does not keep the idle ones alive.
@@ -239,8 +260,13 @@ impl SessionStore for MemoryStore {
     }
 
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
-        let Some(index) = self.users.remove(user) else { return Ok(0) };
+        let Some(index) = self.users.remove(user) else {
+            return Ok(0);
+        };
         let keys: Vec<SessionKey> = lock(&index).drain().map(|(key, _)| key).collect();
-        Ok(keys.iter().filter(|key| self.sessions.remove(*key).is_some()).count())
+        Ok(keys
+            .iter()
+            .filter(|key| self.sessions.remove(*key).is_some())
+            .count())
     }
 }

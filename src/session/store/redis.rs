@@ -16,7 +16,11 @@ static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua
 /// reply (after a Redis restart) could not be retried without repeating the pipeline's other
 /// commands, such as the removal of the old record in a cycle.
 static CREATE_INLINE: LazyLock<String> = LazyLock::new(|| {
-    include_str!("lua/create.lua").lines().filter(|line| !line.starts_with("--")).collect::<Vec<_>>().join("\n")
+    include_str!("lua/create.lua")
+        .lines()
+        .filter(|line| !line.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
 });
 
 const DATA: &str = "d:";
@@ -60,7 +64,11 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store on `backend`, with key prefix `turnstile:` and a 250 ms deadline per round trip.
     pub fn new(backend: RedisBackend) -> Self {
-        Self { backend, prefix: "turnstile:".to_owned(), timeout: Duration::from_millis(250) }
+        Self {
+            backend,
+            prefix: "turnstile:".to_owned(),
+            timeout: Duration::from_millis(250),
+        }
     }
 
     /// The prefix of every key this store writes. Default: `turnstile:`.
@@ -117,7 +125,11 @@ impl RedisStore {
     /// Adds the commands that write `record` under `key` and index it under its user.
     fn push_create(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
         let mut create = redis::cmd("EVAL");
-        create.arg(CREATE_INLINE.as_str()).arg(1).arg(self.session_key(key)).arg(Self::create_args(key, record));
+        create
+            .arg(CREATE_INLINE.as_str())
+            .arg(1)
+            .arg(self.session_key(key))
+            .arg(Self::create_args(key, record));
         pipe.add_command(create).ignore();
         self.push_index(pipe, key, record);
     }
@@ -129,21 +141,37 @@ impl RedisStore {
             pipe.cmd("SADD").arg(&index).arg(key.hash()).ignore();
             // The index lives as long as its longest-lived session: NX gives a new index a
             // TTL, GT only ever extends it.
-            pipe.cmd("PEXPIREAT").arg(&index).arg(record.expires_at).arg("NX").ignore();
-            pipe.cmd("PEXPIREAT").arg(&index).arg(record.expires_at).arg("GT").ignore();
+            pipe.cmd("PEXPIREAT")
+                .arg(&index)
+                .arg(record.expires_at)
+                .arg("NX")
+                .ignore();
+            pipe.cmd("PEXPIREAT")
+                .arg(&index)
+                .arg(record.expires_at)
+                .arg("GT")
+                .ignore();
         }
     }
 
     fn push_delete(&self, pipe: &mut Pipeline, key: &SessionKey, user: Option<&str>) {
         pipe.cmd("DEL").arg(self.session_key(key));
         if let Some(user) = user {
-            pipe.cmd("SREM").arg(self.user_key(&UserKey::new(key.tenant(), user))).arg(key.hash()).ignore();
+            pipe.cmd("SREM")
+                .arg(self.user_key(&UserKey::new(key.tenant(), user)))
+                .arg(key.hash())
+                .ignore();
         }
     }
 
-    async fn query<T: redis::FromRedisValue + Send + 'static>(&self, pipe: Pipeline) -> Result<T, StoreError> {
+    async fn query<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        pipe: Pipeline,
+    ) -> Result<T, StoreError> {
         self.backend
-            .run(self.timeout, |mut conn| async move { pipe.query_async(&mut conn).await })
+            .run(self.timeout, |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
             .await
             .map_err(store_error)
     }
@@ -158,9 +186,13 @@ impl RedisStore {
 
 fn store_error(error: BackendError) -> StoreError {
     if error.is_outage() {
-        StoreError::Unavailable { source: Box::new(error) }
+        StoreError::Unavailable {
+            source: Box::new(error),
+        }
     } else {
-        StoreError::Failed { source: Box::new(error) }
+        StoreError::Failed {
+            source: Box::new(error),
+        }
     }
 }
 
@@ -185,7 +217,9 @@ fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
     let mut data = BTreeMap::new();
     let (mut user, mut created, mut absolute, mut idle) = (None, None, None, None);
     let mut fields = fields.into_iter();
-    while let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) = (fields.next(), fields.next()) {
+    while let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) =
+        (fields.next(), fields.next())
+    {
         let (Ok(name), Ok(value)) = (String::from_utf8(name), String::from_utf8(value)) else {
             return Err(Corrupt::Shape);
         };
@@ -207,7 +241,13 @@ fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
     let (Some(created_at), Some(expires_at), Some(idle)) = (created, absolute, idle) else {
         return Err(Corrupt::Metadata);
     };
-    Ok(Record { data, user, created_at, expires_at, inactivity_timeout: Duration::from_millis(idle) })
+    Ok(Record {
+        data,
+        user,
+        created_at,
+        expires_at,
+        inactivity_timeout: Duration::from_millis(idle),
+    })
 }
 
 #[async_trait]
@@ -218,7 +258,10 @@ impl SessionStore for RedisStore {
         let reply: Vec<Value> = self
             .backend
             .run(self.timeout, |mut conn| async move {
-                LOAD.key(&redis_key).arg(tenant).invoke_async(&mut conn).await
+                LOAD.key(&redis_key)
+                    .arg(tenant)
+                    .invoke_async(&mut conn)
+                    .await
             })
             .await
             .map_err(store_error)?;
@@ -254,7 +297,9 @@ impl SessionStore for RedisStore {
         let mut invocation = CREATE.key(self.session_key(key));
         invocation.arg(Self::create_args(key, record));
         self.backend
-            .run(self.timeout, |mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .run(self.timeout, |mut conn| async move {
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
             .await
             .map(drop)
             .map_err(store_error)
@@ -263,10 +308,12 @@ impl SessionStore for RedisStore {
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
         let redis_key = self.session_key(key);
         let mut invocation = UPDATE.key(redis_key);
-        invocation
-            .arg(patch.set.len())
-            .arg(patch.remove.len())
-            .arg(patch.inactivity_timeout.map(|t| millis(t).to_string()).unwrap_or_default());
+        invocation.arg(patch.set.len()).arg(patch.remove.len()).arg(
+            patch
+                .inactivity_timeout
+                .map(|t| millis(t).to_string())
+                .unwrap_or_default(),
+        );
         for (name, value) in &patch.set {
             invocation.arg(format!("{DATA}{name}")).arg(value);
         }
@@ -275,10 +322,16 @@ impl SessionStore for RedisStore {
         }
         let applied: i64 = self
             .backend
-            .run(self.timeout, |mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .run(self.timeout, |mut conn| async move {
+                invocation.invoke_async(&mut conn).await
+            })
             .await
             .map_err(store_error)?;
-        Ok(if applied == 1 { Written::Applied } else { Written::Missing })
+        Ok(if applied == 1 {
+            Written::Applied
+        } else {
+            Written::Missing
+        })
     }
 
     async fn cycle(
@@ -313,25 +366,33 @@ impl SessionStore for RedisStore {
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
         let index = self.user_key(user);
         let members = self.members(&index).await?;
-        let keys: Vec<SessionKey> =
-            members.iter().filter_map(|hash| SessionKey::from_hash(user.tenant(), hash)).collect();
+        let keys: Vec<SessionKey> = members
+            .iter()
+            .filter_map(|hash| SessionKey::from_hash(user.tenant(), hash))
+            .collect();
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for key in &keys {
-            pipe.cmd("HMGET").arg(self.session_key(key)).arg(CREATED).arg(ABSOLUTE).arg(USER);
+            pipe.cmd("HMGET")
+                .arg(self.session_key(key))
+                .arg(CREATED)
+                .arg(ABSOLUTE)
+                .arg(USER);
         }
         let rows: Vec<(Option<u64>, Option<u64>, Option<String>)> = self.query(pipe).await?;
         let mut live = Vec::new();
         let mut gone = Vec::new();
         for (key, row) in keys.into_iter().zip(rows) {
             match row {
-                (Some(created), Some(expires), Some(owner)) if owner == user.user() => live.push(SessionInfo {
-                    key,
-                    created_at: from_unix_millis(created),
-                    expires_at: from_unix_millis(expires),
-                }),
+                (Some(created), Some(expires), Some(owner)) if owner == user.user() => {
+                    live.push(SessionInfo {
+                        key,
+                        created_at: from_unix_millis(created),
+                        expires_at: from_unix_millis(expires),
+                    })
+                }
                 _ => gone.push(key.hash()),
             }
         }
@@ -347,8 +408,10 @@ impl SessionStore for RedisStore {
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
         let index = self.user_key(user);
         let members = self.members(&index).await?;
-        let keys: Vec<SessionKey> =
-            members.iter().filter_map(|hash| SessionKey::from_hash(user.tenant(), hash)).collect();
+        let keys: Vec<SessionKey> = members
+            .iter()
+            .filter_map(|hash| SessionKey::from_hash(user.tenant(), hash))
+            .collect();
         if members.is_empty() {
             return Ok(0);
         }

@@ -1,0 +1,138 @@
+//! The shared Redis backend: connection, breaker and health against a real Redis.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::{Router, body::Body};
+use http::{Request, StatusCode};
+use support::{RedisServer, http::send};
+use tower_turnstile::backend::{BackendError, BreakerConfig, BreakerState, RedisBackend};
+
+#[test]
+fn building_outside_a_runtime_is_an_error_not_a_panic() {
+    assert!(matches!(
+        RedisBackend::new("redis://127.0.0.1:1"),
+        Err(BackendError::NoRuntime)
+    ));
+}
+
+#[tokio::test]
+async fn an_invalid_url_is_a_typed_error() {
+    for url in ["", "http://example", "redis://:::::"] {
+        let error = RedisBackend::new(url).expect_err(url);
+        assert!(
+            matches!(error, BackendError::InvalidUrl { .. }),
+            "{url}: {error:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn it_starts_while_redis_is_down_and_connects_when_it_is_up() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    server.stop();
+    let backend = RedisBackend::builder(server.url())
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(1)
+                .open_for(Duration::from_millis(50)),
+        )
+        .build()
+        .expect("building needs no Redis");
+    let error = backend.ping().await.expect_err("Redis is down");
+    assert!(error.is_outage(), "{error:?}");
+    assert_eq!(backend.health().snapshot().state, BreakerState::Open);
+    assert!(
+        matches!(backend.ping().await, Err(BackendError::CircuitOpen)),
+        "open: fail fast"
+    );
+
+    server.restart();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let mut healthy = false;
+    for _ in 0..50 {
+        if backend.health().check().await.healthy {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert!(
+        healthy,
+        "the probe closed the breaker: {:?}",
+        backend.health().snapshot()
+    );
+    backend.ping().await.unwrap();
+    let snapshot = backend.health().snapshot();
+    assert_eq!(snapshot.state, BreakerState::Closed);
+    assert!(
+        snapshot.last_error.is_some(),
+        "the last outage stays on record"
+    );
+    assert!(snapshot.failures >= 1 && snapshot.successes >= 1 && snapshot.rejected >= 1);
+}
+
+#[tokio::test]
+async fn clones_share_one_breaker() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let a = RedisBackend::builder(server.url())
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(2)
+                .open_for(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    let b = a.clone();
+    a.ping().await.unwrap();
+    server.stop();
+    assert!(a.ping().await.is_err());
+    assert!(b.ping().await.is_err());
+    assert!(matches!(b.ping().await, Err(BackendError::CircuitOpen)));
+    assert!(matches!(a.ping().await, Err(BackendError::CircuitOpen)));
+    assert_eq!(a.health().snapshot().rejected, 2);
+}
+
+#[tokio::test]
+async fn health_service_answers_json() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::builder(server.url())
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(1)
+                .open_for(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    let app = Router::new().route_service("/health", backend.health().service());
+    let reply = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["healthy"], true);
+    assert_eq!(json["state"], "closed");
+    assert_eq!(json["target"], format!("127.0.0.1:{}/0", server.port()));
+    assert!(json["round_trips"].as_u64().unwrap() >= 1);
+
+    server.stop();
+    let reply = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["healthy"], false);
+    assert_eq!(json["state"], "open");
+    assert!(json["last_error"].is_string());
+}
+
+#[tokio::test]
+async fn credentials_never_show_in_health() {
+    let backend = RedisBackend::new("redis://user:hunter2@127.0.0.1:1/3").unwrap();
+    let snapshot = backend.health().snapshot();
+    assert_eq!(snapshot.target, "127.0.0.1:1/3");
+    assert!(!format!("{backend:?}").contains("hunter2"));
+}

@@ -1,0 +1,1113 @@
+//! The reference app (`examples/axum_app.rs`) against its contract, driven in process.
+
+#[path = "../examples/axum_app.rs"]
+pub mod axum_app;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use async_trait::async_trait;
+use axum::{
+    Router,
+    body::{Body, to_bytes},
+    http::{HeaderValue, Method, Request, StatusCode, header},
+};
+use tower::ServiceExt;
+use tower_turnstile::{
+    session::{
+        MemoryStore, SessionInfo, SessionLayer, SessionStore, SigningKey, StoreError,
+        store::{Patch, Record, SessionKey, UserKey, Written},
+    },
+    tenant::Tenant,
+};
+
+use axum_app::{Config, HealthSource, InvalidHost, StartupError, app, build, tenant_from_host};
+
+const COOKIE_NAME: &str = "turnstile.sid";
+
+/// What the app answered.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    body: String,
+    content_type: Option<String>,
+    set_cookie: Vec<String>,
+    cache_control: Option<String>,
+}
+
+impl Reply {
+    /// The one `Set-Cookie` of the session cookie, if any.
+    fn session_cookie(&self) -> Option<&str> {
+        let mut cookies = self
+            .set_cookie
+            .iter()
+            .filter(|c| c.starts_with(&format!("{COOKIE_NAME}=")));
+        let cookie = cookies.next().map(String::as_str);
+        assert!(
+            cookies.next().is_none(),
+            "two session cookies set: {:?}",
+            self.set_cookie
+        );
+        cookie
+    }
+
+    fn assert(&self, status: StatusCode, body: &str) -> &Self {
+        assert_eq!(
+            (self.status, self.body.as_str()),
+            (status, body),
+            "{self:?}"
+        );
+        self
+    }
+}
+
+/// Sends one request to `app` with the given host, cookie header and form body.
+async fn send(
+    app: &Router,
+    method: Method,
+    path: &str,
+    host: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> Reply {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, host);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    if form.is_some() {
+        request = request.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    }
+    let request = request
+        .body(Body::from(form.unwrap_or_default().to_owned()))
+        .unwrap();
+    send_request(app, request).await
+}
+
+async fn send_request(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let header_text = |name| {
+        response
+            .headers()
+            .get(name)
+            .map(|v: &HeaderValue| v.to_str().unwrap().to_owned())
+    };
+    let content_type = header_text(header::CONTENT_TYPE);
+    let cache_control = header_text(header::CACHE_CONTROL);
+    let set_cookie = response
+        .headers()
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let status = response.status();
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    Reply {
+        status,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+        content_type,
+        set_cookie,
+        cache_control,
+    }
+}
+
+/// One browser: a host and a cookie jar holding the session cookie.
+struct Client {
+    app: Router,
+    host: String,
+    cookie: Option<String>,
+}
+
+impl Client {
+    fn new(app: &Router, host: &str) -> Self {
+        Self {
+            app: app.clone(),
+            host: host.to_owned(),
+            cookie: None,
+        }
+    }
+
+    /// The same jar, sent to another host (a cookie replayed elsewhere).
+    fn on_host(&self, host: &str) -> Self {
+        Self {
+            app: self.app.clone(),
+            host: host.to_owned(),
+            cookie: self.cookie.clone(),
+        }
+    }
+
+    /// The `name=value` pair the jar sends.
+    fn cookie(&self) -> &str {
+        self.cookie
+            .as_deref()
+            .expect("the jar holds a session cookie")
+    }
+
+    async fn request(&mut self, method: Method, path: &str, form: Option<&str>) -> Reply {
+        let reply = send(
+            &self.app,
+            method,
+            path,
+            &self.host,
+            self.cookie.as_deref(),
+            form,
+        )
+        .await;
+        if let Some(set) = reply.session_cookie() {
+            let pair = set.split(';').next().unwrap().trim();
+            let removed = set.contains("Max-Age=0") || pair == format!("{COOKIE_NAME}=");
+            self.cookie = (!removed).then(|| pair.to_owned());
+        }
+        reply
+    }
+
+    async fn get(&mut self, path: &str) -> Reply {
+        self.request(Method::GET, path, None).await
+    }
+
+    async fn post(&mut self, path: &str) -> Reply {
+        self.request(Method::POST, path, None).await
+    }
+
+    async fn login(&mut self, user: &str) -> Reply {
+        self.request(Method::POST, "/login", Some(&format!("user={user}")))
+            .await
+    }
+}
+
+/// The app as `main` builds it without any environment: in memory, cookies without `Secure`.
+async fn memory_app() -> Router {
+    build(&Config::default()).await.unwrap()
+}
+
+#[tokio::test]
+async fn index_lists_the_routes() {
+    let app = memory_app().await;
+    let reply = send(&app, Method::GET, "/", "localhost", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.content_type.as_deref(),
+        Some("text/plain; charset=utf-8")
+    );
+    for route in [
+        "/counter",
+        "/login",
+        "/me",
+        "/sessions",
+        "/logout",
+        "/logout-all",
+        "/health",
+    ] {
+        assert!(
+            reply.body.contains(route),
+            "{route} missing from {:?}",
+            reply.body
+        );
+    }
+    assert!(reply.set_cookie.is_empty());
+}
+
+#[tokio::test]
+async fn counter_counts_across_requests_with_the_cookie() {
+    let app = memory_app().await;
+    let mut client = Client::new(&app, "localhost:3000");
+
+    let first = client.post("/counter").await;
+    first.assert(StatusCode::OK, "1");
+    let set = first
+        .session_cookie()
+        .expect("the first increment sets the cookie");
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/"] {
+        assert!(set.contains(attribute), "{set} lacks {attribute}");
+    }
+    assert!(
+        !set.contains("Secure"),
+        "COOKIE_SECURE defaults to off: {set}"
+    );
+    let max_age: u64 = set
+        .split("Max-Age=")
+        .nth(1)
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(max_age > 0, "{set}");
+    assert_eq!(first.cache_control.as_deref(), Some("no-store"));
+
+    let cookie = client.cookie().to_owned();
+    let second = client.post("/counter").await;
+    second.assert(StatusCode::OK, "2");
+    assert!(
+        second.set_cookie.is_empty(),
+        "an existing session keeps its cookie"
+    );
+    assert_eq!(client.cookie(), cookie);
+    client.post("/counter").await.assert(StatusCode::OK, "3");
+    client.get("/counter").await.assert(StatusCode::OK, "3");
+
+    // Another browser has its own counter.
+    let mut other = Client::new(&app, "localhost:3000");
+    other.post("/counter").await.assert(StatusCode::OK, "1");
+    client.get("/counter").await.assert(StatusCode::OK, "3");
+}
+
+#[tokio::test]
+async fn get_counter_creates_no_session() {
+    let app = memory_app().await;
+
+    let reply = send(&app, Method::GET, "/counter", "localhost", None, None).await;
+    reply.assert(StatusCode::OK, "0");
+    assert!(reply.set_cookie.is_empty(), "{reply:?}");
+    assert_eq!(reply.cache_control, None);
+
+    // A well-formed cookie naming no session: still 0, still no cookie set or cleared.
+    let stale = format!("{COOKIE_NAME}=AAAAAAAAAAAAAAAAAAAAAA");
+    let reply = send(
+        &app,
+        Method::GET,
+        "/counter",
+        "localhost",
+        Some(&stale),
+        None,
+    )
+    .await;
+    reply.assert(StatusCode::OK, "0");
+    assert!(reply.set_cookie.is_empty(), "{reply:?}");
+
+    // Reading does not write: a later increment starts from 1.
+    let mut client = Client::new(&app, "localhost");
+    client.get("/counter").await.assert(StatusCode::OK, "0");
+    assert!(client.cookie.is_none());
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+}
+
+#[tokio::test]
+async fn login_cycles_the_cookie_and_keeps_the_data() {
+    let app = memory_app().await;
+    let mut client = Client::new(&app, "localhost");
+    client.post("/counter").await;
+    client.post("/counter").await.assert(StatusCode::OK, "2");
+    let before = client.cookie().to_owned();
+
+    let reply = client.login("alice").await;
+    reply.assert(StatusCode::OK, "alice");
+    let set = reply.session_cookie().expect("login sets a new cookie");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Path=/"),
+        "{set}"
+    );
+    assert_ne!(client.cookie(), before, "login must cycle the session id");
+
+    client.get("/counter").await.assert(StatusCode::OK, "2");
+    client.get("/me").await.assert(StatusCode::OK, "alice");
+    client.post("/counter").await.assert(StatusCode::OK, "3");
+
+    // The pre-login id stopped working.
+    let old = send(
+        &app,
+        Method::GET,
+        "/counter",
+        "localhost",
+        Some(&before),
+        None,
+    )
+    .await;
+    old.assert(StatusCode::OK, "0");
+    let old = send(&app, Method::GET, "/me", "localhost", Some(&before), None).await;
+    assert_eq!(old.status, StatusCode::UNAUTHORIZED);
+
+    // Logging in without any session creates one.
+    let mut fresh = Client::new(&app, "localhost");
+    let reply = fresh.login("bob%20smith").await;
+    reply.assert(StatusCode::OK, "bob smith");
+    assert!(reply.session_cookie().is_some());
+    fresh.get("/me").await.assert(StatusCode::OK, "bob smith");
+    fresh.get("/counter").await.assert(StatusCode::OK, "0");
+}
+
+#[tokio::test]
+async fn me_answers_401_until_login() {
+    let app = memory_app().await;
+    let mut client = Client::new(&app, "localhost");
+
+    let reply = client.get("/me").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert!(reply.set_cookie.is_empty());
+    client.post("/counter").await;
+    assert_eq!(
+        client.get("/me").await.status,
+        StatusCode::UNAUTHORIZED,
+        "a session alone is no login"
+    );
+
+    client.login("carol").await.assert(StatusCode::OK, "carol");
+    client.get("/me").await.assert(StatusCode::OK, "carol");
+    // A second login rebinds the session.
+    client.login("dave").await.assert(StatusCode::OK, "dave");
+    client.get("/me").await.assert(StatusCode::OK, "dave");
+}
+
+#[tokio::test]
+async fn login_refuses_missing_empty_and_malformed_forms() {
+    let app = memory_app().await;
+    let form = |body: &[u8], content_type: Option<&'static str>| {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri("/login")
+            .header(header::HOST, "localhost");
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        request.body(Body::from(body.to_vec())).unwrap()
+    };
+    let urlencoded = Some("application/x-www-form-urlencoded");
+    let long_user = format!("user={}", "u".repeat(2000));
+    let cases: Vec<(&str, Request<Body>)> = vec![
+        ("no body, no content type", form(b"", None)),
+        ("empty body", form(b"", urlencoded)),
+        ("empty user", form(b"user=", urlencoded)),
+        ("blank user", form(b"user=%20%20", urlencoded)),
+        ("other field", form(b"name=alice", urlencoded)),
+        ("duplicated field", form(b"user=alice&user=bob", urlencoded)),
+        (
+            "json body",
+            form(br#"{"user":"alice"}"#, Some("application/json")),
+        ),
+        ("json as form", form(br#"{"user":"alice"}"#, urlencoded)),
+        ("binary", form(b"\xff\xfe\x00user", urlencoded)),
+        ("user too long", form(long_user.as_bytes(), urlencoded)),
+    ];
+    for (case, request) in cases {
+        let reply = send_request(&app, request).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{case}: {reply:?}");
+        assert!(!reply.body.is_empty(), "{case}: a refusal says why");
+        assert!(reply.set_cookie.is_empty(), "{case}: {reply:?}");
+    }
+
+    // A refused login leaves an existing session as it was.
+    let mut client = Client::new(&app, "localhost");
+    client.post("/counter").await;
+    let cookie = client.cookie().to_owned();
+    assert_eq!(client.login("").await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(client.cookie(), cookie);
+    client.get("/counter").await.assert(StatusCode::OK, "1");
+    assert_eq!(client.get("/me").await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn sessions_are_counted_and_logout_all_ends_them() {
+    let app = memory_app().await;
+    let mut laptop = Client::new(&app, "localhost");
+    let mut phone = Client::new(&app, "localhost");
+    let mut other_user = Client::new(&app, "localhost");
+
+    assert_eq!(
+        laptop.get("/sessions").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        laptop.post("/logout-all").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    laptop.login("alice").await.assert(StatusCode::OK, "alice");
+    laptop.get("/sessions").await.assert(StatusCode::OK, "1");
+    phone.post("/counter").await;
+    phone.login("alice").await.assert(StatusCode::OK, "alice");
+    other_user.login("bob").await.assert(StatusCode::OK, "bob");
+    assert_ne!(laptop.cookie(), phone.cookie());
+
+    laptop.get("/sessions").await.assert(StatusCode::OK, "2");
+    phone.get("/sessions").await.assert(StatusCode::OK, "2");
+    other_user
+        .get("/sessions")
+        .await
+        .assert(StatusCode::OK, "1");
+
+    let reply = laptop.post("/logout-all").await;
+    reply.assert(StatusCode::OK, "2");
+    assert!(
+        reply
+            .session_cookie()
+            .is_some_and(|c| c.contains("Max-Age=0")),
+        "{reply:?}"
+    );
+    assert!(laptop.cookie.is_none());
+
+    // The phone still sends its cookie, which no longer names a session.
+    assert_eq!(phone.get("/me").await.status, StatusCode::UNAUTHORIZED);
+    phone.get("/counter").await.assert(StatusCode::OK, "0");
+    assert_eq!(
+        phone.get("/sessions").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        phone.post("/logout-all").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(laptop.get("/me").await.status, StatusCode::UNAUTHORIZED);
+
+    // Another user is untouched.
+    other_user.get("/me").await.assert(StatusCode::OK, "bob");
+    other_user
+        .get("/sessions")
+        .await
+        .assert(StatusCode::OK, "1");
+}
+
+#[tokio::test]
+async fn logout_removes_the_session_and_the_cookie() {
+    let app = memory_app().await;
+    let mut client = Client::new(&app, "localhost");
+    client.post("/counter").await;
+    client.login("erin").await;
+    let cookie = client.cookie().to_owned();
+
+    let reply = client.post("/logout").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let removal = reply.session_cookie().expect("logout clears the cookie");
+    assert!(
+        removal.contains("Max-Age=0") && removal.contains("Path=/"),
+        "{removal}"
+    );
+    assert!(client.cookie.is_none());
+
+    let replay = send(&app, Method::GET, "/me", "localhost", Some(&cookie), None).await;
+    assert_eq!(replay.status, StatusCode::UNAUTHORIZED);
+    let replay = send(
+        &app,
+        Method::GET,
+        "/counter",
+        "localhost",
+        Some(&cookie),
+        None,
+    )
+    .await;
+    replay.assert(StatusCode::OK, "0");
+
+    // Logging out with no session answers 200 and has no cookie to clear.
+    let reply = send(&app, Method::POST, "/logout", "localhost", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.set_cookie.is_empty(), "{reply:?}");
+}
+
+#[test]
+fn tenants_come_from_the_first_label() {
+    let tenant = |host| tenant_from_host(host).map(|t| t.as_str().to_owned());
+    let ok = |name: &str| Ok(name.to_owned());
+    assert_eq!(tenant("acme.localhost:3000"), ok("acme"));
+    assert_eq!(tenant("ACME.localhost"), ok("acme"));
+    assert_eq!(tenant("acme.example.com."), ok("acme"));
+    assert_eq!(tenant("a-1.localhost:"), ok("a-1"));
+    for bare in [
+        "",
+        "localhost",
+        "localhost:3000",
+        "localhost.",
+        "127.0.0.1",
+        "127.0.0.1:3000",
+        "[::1]",
+        "[::1]:3000",
+        "::1",
+        "[2001:db8::1]:8080",
+    ] {
+        assert_eq!(tenant(bare), ok("default"), "{bare:?}");
+    }
+    for malformed in [
+        "localhost:abc",
+        "localhost:123456",
+        "[::1",
+        "[::1]x",
+        "[::1]:x",
+        "[zz]:3000",
+        ":3000",
+        "acme..localhost",
+        "acme.localhost:3000:1",
+    ] {
+        assert_eq!(
+            tenant(malformed),
+            Err(InvalidHost::Malformed),
+            "{malformed:?}"
+        );
+    }
+    let long = format!("{}.localhost", "a".repeat(64));
+    for invalid in [
+        "bad_label.localhost",
+        "-acme.localhost",
+        "acme-.localhost",
+        ".localhost",
+        "a*b.localhost",
+        "é.localhost",
+        long.as_str(),
+    ] {
+        assert!(
+            matches!(tenant(invalid), Err(InvalidHost::Tenant(_))),
+            "{invalid:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalid_tenant_hosts_get_400() {
+    let app = memory_app().await;
+    for host in [
+        "bad_label.localhost",
+        "-acme.localhost:3000",
+        "acme..localhost",
+        "localhost:abc",
+        "[::1",
+        "x*y.localhost",
+    ] {
+        for (method, path) in [
+            (Method::GET, "/counter"),
+            (Method::POST, "/counter"),
+            (Method::GET, "/"),
+        ] {
+            let reply = send(&app, method, path, host, None, None).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::BAD_REQUEST,
+                "{host:?} {path}: {reply:?}"
+            );
+            assert!(reply.body.contains("Host header"), "{reply:?}");
+            assert_eq!(
+                reply.content_type.as_deref(),
+                Some("text/plain; charset=utf-8")
+            );
+            assert!(reply.set_cookie.is_empty());
+        }
+    }
+    // A Host header that is not text.
+    let request = Request::builder()
+        .uri("/counter")
+        .header(
+            header::HOST,
+            HeaderValue::from_bytes(b"acme\xff.localhost").unwrap(),
+        )
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        send_request(&app, request).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    // No Host at all (and no authority): the default tenant.
+    let request = Request::builder()
+        .uri("/counter")
+        .body(Body::empty())
+        .unwrap();
+    send_request(&app, request)
+        .await
+        .assert(StatusCode::OK, "0");
+}
+
+#[tokio::test]
+async fn a_cookie_replayed_on_another_tenant_finds_nothing() {
+    let app = memory_app().await;
+    let mut acme = Client::new(&app, "acme.localhost:3000");
+    acme.post("/counter").await;
+    acme.post("/counter").await.assert(StatusCode::OK, "2");
+    acme.login("alice").await;
+
+    let mut globex = acme.on_host("globex.localhost:3000");
+    let reply = globex.get("/counter").await;
+    reply.assert(StatusCode::OK, "0");
+    assert!(reply.set_cookie.is_empty());
+    assert_eq!(globex.get("/me").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        globex.get("/sessions").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        globex.post("/logout-all").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut bare = acme.on_host("localhost:3000");
+    bare.get("/counter").await.assert(StatusCode::OK, "0");
+
+    // Upper case names the same tenant; the session is intact on its own tenant.
+    let mut upper = acme.on_host("ACME.localhost:3000");
+    upper.get("/counter").await.assert(StatusCode::OK, "2");
+    acme.get("/me").await.assert(StatusCode::OK, "alice");
+
+    // Same user name, another tenant: a separate user.
+    let mut globex_alice = Client::new(&app, "globex.localhost");
+    globex_alice.login("alice").await;
+    globex_alice
+        .get("/sessions")
+        .await
+        .assert(StatusCode::OK, "1");
+    acme.get("/sessions").await.assert(StatusCode::OK, "1");
+    globex_alice
+        .post("/logout-all")
+        .await
+        .assert(StatusCode::OK, "1");
+    acme.get("/me").await.assert(StatusCode::OK, "alice");
+}
+
+#[tokio::test]
+async fn bare_hosts_share_the_default_tenant() {
+    let app = memory_app().await;
+    let mut client = Client::new(&app, "localhost:3000");
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+    for host in ["localhost", "127.0.0.1:3000", "[::1]:3000", "[::1]"] {
+        client
+            .on_host(host)
+            .get("/counter")
+            .await
+            .assert(StatusCode::OK, "1");
+    }
+}
+
+#[tokio::test]
+async fn duplicated_cookies_use_the_first_valid_one() {
+    let app = memory_app().await;
+    let mut client = Client::new(&app, "localhost");
+    client.post("/counter").await;
+    client.post("/counter").await;
+    let valid = client.cookie().to_owned();
+
+    let headers = [
+        format!("{COOKIE_NAME}=garbage; {valid}"),
+        format!("{valid}; {COOKIE_NAME}=AAAAAAAAAAAAAAAAAAAAAA"),
+        format!("other=1; {COOKIE_NAME}=; {valid}"),
+    ];
+    for header in &headers {
+        let reply = send(
+            &app,
+            Method::GET,
+            "/counter",
+            "localhost",
+            Some(header),
+            None,
+        )
+        .await;
+        reply.assert(StatusCode::OK, "2");
+    }
+    // The same cookie in two `Cookie` headers.
+    let request = Request::builder()
+        .uri("/counter")
+        .header(header::HOST, "localhost")
+        .header(header::COOKIE, format!("{COOKIE_NAME}=bogus"))
+        .header(header::COOKIE, &valid)
+        .body(Body::empty())
+        .unwrap();
+    send_request(&app, request)
+        .await
+        .assert(StatusCode::OK, "2");
+}
+
+#[tokio::test]
+async fn no_input_gets_a_5xx() {
+    let app = memory_app().await;
+    let mut logged_in = Client::new(&app, "localhost");
+    logged_in.login("mallory").await;
+    let valid = logged_in.cookie().to_owned();
+
+    let long_value = format!("{COOKIE_NAME}={}", "A".repeat(5000));
+    let many = vec![format!("{COOKIE_NAME}=x"); 200].join("; ");
+    let cookies: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"turnstile.sid".to_vec(),
+        b"turnstile.sid=".to_vec(),
+        b"=;;=;".to_vec(),
+        b"turnstile.sid=\"\"".to_vec(),
+        b"turnstile.sid=%00%01%02".to_vec(),
+        b"turnstile.sid=AAAAAAAAAAAAAAAAAAAAA!".to_vec(),
+        b"turnstile.sid=\xff\xfe".to_vec(),
+        long_value.into_bytes(),
+        many.into_bytes(),
+        format!("{valid}x").into_bytes(),
+        format!("{valid}; {valid}; {valid}").into_bytes(),
+    ];
+    let hosts: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b".".to_vec(),
+        b"..".to_vec(),
+        b":".to_vec(),
+        b"[".to_vec(),
+        b"[]".to_vec(),
+        b"[]:80".to_vec(),
+        b"localhost:99999999999999999999".to_vec(),
+        b"a.b.c.d.e.f.localhost".to_vec(),
+        b"xn--bcher-kva.localhost".to_vec(),
+        b"user@acme.localhost".to_vec(),
+        b"acme.localhost/evil".to_vec(),
+        b"\xffacme.localhost".to_vec(),
+        "a".repeat(10_000).into_bytes(),
+        format!("{}.localhost", "a".repeat(10_000)).into_bytes(),
+    ];
+    let routes = [
+        (Method::GET, "/"),
+        (Method::GET, "/counter"),
+        (Method::POST, "/counter"),
+        (Method::POST, "/login"),
+        (Method::GET, "/me"),
+        (Method::GET, "/sessions"),
+        (Method::POST, "/logout"),
+        (Method::POST, "/logout-all"),
+        (Method::GET, "/health"),
+        (Method::GET, "/nowhere"),
+    ];
+    for (method, path) in &routes {
+        for cookie in &cookies {
+            for host in [b"localhost".as_slice(), b"acme.localhost"] {
+                let request = Request::builder()
+                    .method(method.clone())
+                    .uri(*path)
+                    .header(header::HOST, HeaderValue::from_bytes(host).unwrap())
+                    .header(header::COOKIE, HeaderValue::from_bytes(cookie).unwrap())
+                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(Body::from("user=%ff%fe&user"))
+                    .unwrap();
+                let reply = send_request(&app, request).await;
+                assert!(
+                    reply.status.as_u16() < 500,
+                    "{method} {path} cookie {cookie:?}: {reply:?}"
+                );
+            }
+        }
+        for host in &hosts {
+            let request = Request::builder()
+                .method(method.clone())
+                .uri(*path)
+                .header(header::HOST, HeaderValue::from_bytes(host).unwrap())
+                .header(header::COOKIE, &valid)
+                .body(Body::empty())
+                .unwrap();
+            let reply = send_request(&app, request).await;
+            assert!(
+                reply.status.as_u16() < 500,
+                "{method} {path} host {host:?}: {reply:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn health_without_redis_reports_disabled() {
+    let app = memory_app().await;
+    let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.content_type.as_deref(), Some("application/json"));
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["redis"], "disabled");
+    assert_eq!(json["fallback_active"], false);
+    // `/health` answers whatever the host.
+    let reply = send(
+        &app,
+        Method::GET,
+        "/health",
+        "bad_label.localhost",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unreachable_redis_degrades_and_health_says_so() {
+    // Port 1 refuses connections at once.
+    let config = Config {
+        redis_url: Some("redis://127.0.0.1:1".to_owned()),
+        ..Config::default()
+    };
+    let app = build(&config).await.unwrap();
+
+    let health = |reply: Reply| -> serde_json::Value {
+        assert_eq!(reply.status, StatusCode::OK);
+        serde_json::from_str(&reply.body).unwrap()
+    };
+    let json = health(send(&app, Method::GET, "/health", "localhost", None, None).await);
+    assert_eq!(json["redis"], "unhealthy", "{json}");
+    assert!(json["fallback_active"].is_boolean(), "{json}");
+    // The breaker opens after a few failures in a row; then the fallback is reported active.
+    for _ in 0..3 {
+        send(&app, Method::GET, "/health", "localhost", None, None).await;
+    }
+    let json = health(send(&app, Method::GET, "/health", "localhost", None, None).await);
+    assert_eq!(json["redis"], "unhealthy", "{json}");
+    assert_eq!(json["fallback_active"], true, "{json}");
+
+    // Every route still answers, without a 5xx.
+    let mut client = Client::new(&app, "localhost");
+    client.get("/counter").await.assert(StatusCode::OK, "0");
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+    assert_eq!(client.login("alice").await.status, StatusCode::OK);
+    assert_eq!(client.get("/me").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        client.get("/sessions").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(client.post("/logout").await.status, StatusCode::OK);
+}
+
+/// A memory store whose user indexes can be made to fail.
+#[derive(Debug, Default)]
+struct FlakyUserIndex {
+    sessions: MemoryStore,
+    failing: Arc<AtomicBool>,
+}
+
+impl FlakyUserIndex {
+    fn check(&self) -> Result<(), StoreError> {
+        match self.failing.load(Ordering::Relaxed) {
+            true => Err(StoreError::Unavailable {
+                source: "user index down (test)".into(),
+            }),
+            false => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl SessionStore for FlakyUserIndex {
+    async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        self.sessions.load(key).await
+    }
+
+    async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        self.sessions.create(key, record).await
+    }
+
+    async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
+        self.sessions.update(key, patch).await
+    }
+
+    async fn cycle(
+        &self,
+        old: &SessionKey,
+        old_user: Option<&str>,
+        new: &SessionKey,
+        record: &Record,
+    ) -> Result<Written, StoreError> {
+        self.sessions.cycle(old, old_user, new, record).await
+    }
+
+    async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
+        self.sessions.delete(key, user).await
+    }
+
+    async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
+        self.check()?;
+        self.sessions.list_user_sessions(user).await
+    }
+
+    async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
+        self.check()?;
+        self.sessions.delete_user_sessions(user).await
+    }
+}
+
+#[tokio::test]
+async fn user_index_failures_answer_503() {
+    let store = FlakyUserIndex::default();
+    let failing = Arc::clone(&store.failing);
+    let layer = SessionLayer::new(store).with_secure(false);
+    let admin = layer.user_sessions();
+    let app = app(layer, HealthSource::Disabled);
+    let mut client = Client::new(&app, "localhost");
+    client.login("frank").await;
+
+    failing.store(true, Ordering::Relaxed);
+    for reply in [
+        client.get("/sessions").await,
+        client.post("/logout-all").await,
+    ] {
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+        assert_eq!(reply.body, "session store unavailable; try again later\n");
+        assert!(
+            reply.set_cookie.is_empty(),
+            "a failed logout-all keeps the session: {reply:?}"
+        );
+    }
+    client.get("/me").await.assert(StatusCode::OK, "frank");
+
+    failing.store(false, Ordering::Relaxed);
+    client.get("/sessions").await.assert(StatusCode::OK, "1");
+    let listed = admin
+        .list(&Tenant::default_tenant(), "frank")
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    client.post("/logout-all").await.assert(StatusCode::OK, "1");
+}
+
+#[tokio::test]
+async fn cookie_settings_follow_the_config() {
+    let config = Config {
+        session_secret: Some("a secret every instance shares".to_owned()),
+        cookie_secure: true,
+        ..Config::default()
+    };
+    let app = build(&config).await.unwrap();
+    let mut client = Client::new(&app, "localhost");
+    let reply = client.post("/counter").await;
+    assert!(
+        reply.session_cookie().unwrap().contains("Secure"),
+        "{reply:?}"
+    );
+    client.post("/counter").await.assert(StatusCode::OK, "2");
+
+    // A signed cookie with one character changed is refused.
+    let cookie = client.cookie().to_owned();
+    let (name, value) = cookie.split_once('=').unwrap();
+    let last = value.chars().last().unwrap();
+    let forged = format!(
+        "{name}={}{}",
+        &value[..value.len() - 1],
+        if last == 'A' { 'B' } else { 'A' }
+    );
+    let reply = send(
+        &app,
+        Method::GET,
+        "/counter",
+        "localhost",
+        Some(&forged),
+        None,
+    )
+    .await;
+    reply.assert(StatusCode::OK, "0");
+}
+
+#[tokio::test]
+async fn instances_sharing_a_store_and_secret_share_sessions() {
+    let store: Arc<dyn SessionStore> = Arc::new(MemoryStore::new());
+    let instance = |secret: &str| {
+        let key = SigningKey::from_secret(secret).unwrap();
+        let layer = SessionLayer::from_shared_store(Arc::clone(&store))
+            .with_secure(false)
+            .with_signing_key(key);
+        app(layer, HealthSource::Disabled)
+    };
+    let (one, two, stranger) = (
+        instance("shared secret"),
+        instance("shared secret"),
+        instance("other secret"),
+    );
+
+    let mut client = Client::new(&one, "acme.localhost");
+    client.post("/counter").await;
+    client.login("grace").await;
+    let cookie = client.cookie().to_owned();
+    send(
+        &two,
+        Method::POST,
+        "/counter",
+        "acme.localhost",
+        Some(&cookie),
+        None,
+    )
+    .await
+    .assert(StatusCode::OK, "2");
+    send(
+        &two,
+        Method::GET,
+        "/me",
+        "acme.localhost",
+        Some(&cookie),
+        None,
+    )
+    .await
+    .assert(StatusCode::OK, "grace");
+    client.get("/counter").await.assert(StatusCode::OK, "2");
+    // A key derived from another secret refuses the cookie, so the same store yields nothing.
+    send(
+        &stranger,
+        Method::GET,
+        "/counter",
+        "acme.localhost",
+        Some(&cookie),
+        None,
+    )
+    .await
+    .assert(StatusCode::OK, "0");
+}
+
+#[test]
+fn config_reads_the_environment_contract() {
+    let none: [(&str, &str); 0] = [];
+    let config = Config::from_vars(none).unwrap();
+    assert_eq!(config, Config::default());
+    assert_eq!(config.bind, "127.0.0.1:3000");
+    assert_eq!(config.redis_url, None);
+    assert!(!config.cookie_secure);
+
+    let config = Config::from_vars([
+        ("BIND", "0.0.0.0:8080"),
+        ("REDIS_URL", "redis://:hunter2@127.0.0.1:6379/2"),
+        ("SESSION_SECRET", "s3cret"),
+        ("COOKIE_SECURE", "1"),
+    ])
+    .unwrap();
+    assert_eq!(config.bind, "0.0.0.0:8080");
+    assert_eq!(
+        config.redis_url.as_deref(),
+        Some("redis://:hunter2@127.0.0.1:6379/2")
+    );
+    assert_eq!(config.session_secret.as_deref(), Some("s3cret"));
+    assert!(config.cookie_secure);
+    let debug = format!("{config:?}");
+    assert!(
+        !debug.contains("hunter2") && !debug.contains("s3cret"),
+        "{debug}"
+    );
+
+    // Empty counts as unset, except for the secret.
+    let config =
+        Config::from_vars([("REDIS_URL", ""), ("BIND", ""), ("COOKIE_SECURE", "0")]).unwrap();
+    assert_eq!(config, Config::default());
+    assert!(matches!(
+        Config::from_vars([("SESSION_SECRET", "")]),
+        Err(StartupError::SigningKey(_))
+    ));
+
+    let error = Config::from_vars([("COOKIE_SECURE", "yes")]).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StartupError::Invalid {
+                variable: "COOKIE_SECURE",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    for variable in ["REDIS_CLUSTER_URLS", "REDIS_SENTINEL_URLS"] {
+        let error = Config::from_vars([
+            (variable, "redis://10.0.0.1:6379"),
+            ("REDIS_URL", "redis://127.0.0.1"),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(error, StartupError::Unsupported { variable: v } if v == variable),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(variable) && message.contains("not supported"),
+            "{message}"
+        );
+    }
+
+    // Not built yet: accepted and ignored (with a warning).
+    let config =
+        Config::from_vars([("RATE_LIMIT", "10/1s"), ("TRUSTED_PROXIES", "10.0.0.0/8")]).unwrap();
+    assert_eq!(config, Config::default());
+}
+
+#[tokio::test]
+async fn an_invalid_redis_url_is_refused_at_build() {
+    let config = Config {
+        redis_url: Some("not a url".to_owned()),
+        ..Config::default()
+    };
+    assert!(matches!(build(&config).await, Err(StartupError::Redis(_))));
+}
