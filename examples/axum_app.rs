@@ -9,9 +9,8 @@
 //! ```
 //!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
-//! `SESSION_SECRET` and `COOKIE_SECURE`. `REDIS_CLUSTER_URLS` and `REDIS_SENTINEL_URLS` are
-//! refused at startup until the crate supports them; `RATE_LIMIT` and `TRUSTED_PROXIES` are
-//! ignored (with a warning) until rate limiting lands.
+//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`. `REDIS_CLUSTER_URLS`
+//! and `REDIS_SENTINEL_URLS` are refused at startup until the crate supports them.
 //!
 //! The file doubles as a module of `tests/reference_app.rs`, which drives [`app`] directly.
 
@@ -35,6 +34,7 @@ use axum::{
 use serde::Deserialize;
 use tower_turnstile::{
     backend::{BackendError, BreakerState, Health, RedisBackend},
+    ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{self, MemoryStore, RedisStore, Session, SessionError, SessionLayer, SigningKey},
     tenant::{InvalidTenant, Tenant},
 };
@@ -67,6 +67,10 @@ pub struct Config {
     pub session_secret: Option<String>,
     /// `COOKIE_SECURE`: whether the cookie carries `Secure`.
     pub cookie_secure: bool,
+    /// `RATE_LIMIT`: the quota per client IP (per tenant).
+    pub rate_limit: Quota,
+    /// `TRUSTED_PROXIES`: the proxies whose `X-Forwarded-For` / `Forwarded` are believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Config {
@@ -77,6 +81,8 @@ impl Default for Config {
             redis_url: None,
             session_secret: None,
             cookie_secure: false,
+            rate_limit: Quota::per_minute(100),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -124,14 +130,29 @@ impl Config {
                 return Err(StartupError::Unsupported { variable });
             }
         }
-        // Rate limiting is not built yet; say so rather than let an operator believe it runs.
-        for variable in ["RATE_LIMIT", "TRUSTED_PROXIES"] {
-            if set(variable).is_some() {
-                warn!(
-                    variable,
-                    "rate limiting is not implemented yet; the variable is ignored"
-                );
-            }
+        let rate_limit = match set("RATE_LIMIT") {
+            None => Config::default().rate_limit,
+            Some(text) => text.parse::<Quota>().map_err(|_| StartupError::Invalid {
+                variable: "RATE_LIMIT",
+                value: text.clone(),
+                expected: "N/<duration> with ms, s, m or h, such as 100/60s",
+            })?,
+        };
+        let trusted_proxies: Vec<String> = set("TRUSTED_PROXIES")
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Err(error) = ClientIp::trusting(&trusted_proxies) {
+            return Err(StartupError::Invalid {
+                variable: "TRUSTED_PROXIES",
+                value: error.to_string(),
+                expected: "comma-separated IP addresses or CIDR blocks",
+            });
         }
 
         let cookie_secure = match set("COOKIE_SECURE").as_deref() {
@@ -157,6 +178,8 @@ impl Config {
             redis_url: set("REDIS_URL"),
             session_secret,
             cookie_secure,
+            rate_limit,
+            trusted_proxies,
         })
     }
 }
@@ -288,6 +311,7 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
             (SessionLayer::new(RedisStore::new(backend)), health)
         }
     };
+    let rate_limit = rate_limit_layer(config, &health);
     let mut sessions = sessions.with_secure(config.cookie_secure);
     match &config.session_secret {
         Some(secret) => {
@@ -300,7 +324,23 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
     if !config.cookie_secure {
         info!("session cookies lack `Secure` (COOKIE_SECURE=0): plain-http development only");
     }
-    Ok(app(sessions, health))
+    Ok(app(sessions, rate_limit, health))
+}
+
+/// The per-client-IP limit of every route but `/health`, counted in Redis when the sessions
+/// are (one limit for all instances), with a local limiter while Redis is unreachable.
+fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
+    // Validated in `Config::from_vars`; a config built by hand with bad proxies trusts none.
+    let key = ClientIp::trusting(&config.trusted_proxies).unwrap_or_else(|_| ClientIp::peer());
+    let policy = Policy::new("per-ip", config.rate_limit)
+        .expect("a constant, valid policy name")
+        .with_key(key);
+    let layer = RateLimitLayer::new(policy);
+    info!(quota = %config.rate_limit, trusted_proxies = ?config.trusted_proxies, "rate limit per client IP");
+    match health {
+        HealthSource::Redis(health) => layer.with_redis(health.backend().clone()),
+        HealthSource::Disabled => layer,
+    }
 }
 
 /// The routes, behind the tenant and session layers.
@@ -308,7 +348,7 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
 /// Layers, outermost first: tenant (from `Host`), then the session layer, which scopes every
 /// session to the tenant it finds in the request. `/health` sits outside both, so a probe with
 /// an odd `Host` still gets its answer.
-pub fn app(sessions: SessionLayer, health: HealthSource) -> Router {
+pub fn app(sessions: SessionLayer, rate_limit: RateLimitLayer, health: HealthSource) -> Router {
     let session_routes = Router::new()
         .route("/", get(index))
         .route("/counter", get(show_counter).post(increment_counter))
@@ -318,13 +358,16 @@ pub fn app(sessions: SessionLayer, health: HealthSource) -> Router {
         .route("/logout", post(logout))
         .route("/logout-all", post(logout_all))
         .layer(sessions)
-        // Rate limiting (per tenant, per client IP) goes here, between the tenant and session
-        // layers, once the crate has it; `/health` stays outside it.
+        // Per client IP within the tenant: after the tenant is known, before any session I/O.
+        .layer(rate_limit.clone())
         .layer(middleware::from_fn(resolve_tenant));
 
     Router::new()
         .route("/health", get(health_report))
-        .with_state(health)
+        .with_state(HealthState {
+            redis: health,
+            rate_limit,
+        })
         .merge(session_routes)
 }
 
@@ -589,8 +632,16 @@ async fn logout_all(session: Session) -> Response {
     }
 }
 
-async fn health_report(State(health): State<HealthSource>) -> Response {
-    let report = match health {
+/// What `/health` looks at.
+#[derive(Debug, Clone)]
+struct HealthState {
+    redis: HealthSource,
+    rate_limit: RateLimitLayer,
+}
+
+async fn health_report(State(state): State<HealthState>) -> Response {
+    let limiter_fallback = state.rate_limit.is_falling_back();
+    let report = match state.redis {
         HealthSource::Disabled => serde_json::json!({
             "redis": "disabled",
             "fallback_active": false,
@@ -601,7 +652,7 @@ async fn health_report(State(health): State<HealthSource>) -> Response {
             let healthy = snapshot.healthy;
             serde_json::json!({
                 "redis": if healthy { "healthy" } else { "unhealthy" },
-                "fallback_active": snapshot.state != BreakerState::Closed,
+                "fallback_active": snapshot.state != BreakerState::Closed || limiter_fallback,
                 "storage": "redis",
                 "breaker": snapshot.state.as_str(),
                 "consecutive_failures": snapshot.consecutive_failures,

@@ -46,7 +46,10 @@
 #[cfg(feature = "redis")]
 pub mod backend;
 mod body;
+mod error;
+pub mod ratelimit;
 pub mod session;
 pub mod tenant;
 
 pub use body::ResponseBody;
+pub use error::StoreError;

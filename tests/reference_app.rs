@@ -24,6 +24,7 @@ use tower_turnstile::{
 };
 
 use axum_app::{Config, HealthSource, InvalidHost, StartupError, app, build, tenant_from_host};
+use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
 
 const COOKIE_NAME: &str = "turnstile.sid";
 
@@ -177,6 +178,11 @@ impl Client {
         self.request(Method::POST, "/login", Some(&format!("user={user}")))
             .await
     }
+}
+
+/// A rate limit no test reaches.
+fn unlimited() -> RateLimitLayer {
+    RateLimitLayer::new(Policy::new("per-ip", Quota::per_second(1_000_000)).unwrap())
 }
 
 /// The app as `main` builds it without any environment: in memory, cookies without `Secure`.
@@ -911,7 +917,7 @@ async fn user_index_failures_answer_503() {
     let failing = Arc::clone(&store.failing);
     let layer = SessionLayer::new(store).with_secure(false);
     let admin = layer.user_sessions();
-    let app = app(layer, HealthSource::Disabled);
+    let app = app(layer, unlimited(), HealthSource::Disabled);
     let mut client = Client::new(&app, "localhost");
     client.login("frank").await;
 
@@ -984,7 +990,7 @@ async fn instances_sharing_a_store_and_secret_share_sessions() {
         let layer = SessionLayer::from_shared_store(Arc::clone(&store))
             .with_secure(false)
             .with_signing_key(key);
-        app(layer, HealthSource::Disabled)
+        app(layer, unlimited(), HealthSource::Disabled)
     };
     let (one, two, stranger) = (
         instance("shared secret"),
@@ -1097,10 +1103,28 @@ fn config_reads_the_environment_contract() {
         );
     }
 
-    // Not built yet: accepted and ignored (with a warning).
-    let config =
-        Config::from_vars([("RATE_LIMIT", "10/1s"), ("TRUSTED_PROXIES", "10.0.0.0/8")]).unwrap();
-    assert_eq!(config, Config::default());
+    let config = Config::from_vars([
+        ("RATE_LIMIT", "10/1s"),
+        ("TRUSTED_PROXIES", "10.0.0.0/8, 192.0.2.1"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.rate_limit,
+        Quota::new(10, std::time::Duration::from_secs(1)).unwrap()
+    );
+    assert_eq!(config.trusted_proxies, ["10.0.0.0/8", "192.0.2.1"]);
+    for (variable, value) in [
+        ("RATE_LIMIT", "lots"),
+        ("RATE_LIMIT", "10/1d"),
+        ("TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("TRUSTED_PROXIES", "proxy.example"),
+    ] {
+        let error = Config::from_vars([(variable, value)]).unwrap_err();
+        assert!(
+            matches!(error, StartupError::Invalid { variable: v, .. } if v == variable),
+            "{variable}={value}: {error:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1110,4 +1134,97 @@ async fn an_invalid_redis_url_is_refused_at_build() {
         ..Config::default()
     };
     assert!(matches!(build(&config).await, Err(StartupError::Redis(_))));
+}
+
+/// A GET from a client address, on a host, read whole: (status, headers, body).
+async fn get_from(
+    app: &Router,
+    ip: &str,
+    host: &str,
+    path: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut request = Request::get(path)
+        .header(header::HOST, host)
+        .body(Body::empty())
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("{ip}:50000").parse().unwrap();
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(addr));
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn every_route_but_health_is_rate_limited_per_client_ip_and_tenant() {
+    let config = Config::from_vars([("RATE_LIMIT", "3/60s")]).unwrap();
+    let app = build(&config).await.unwrap();
+    for path in ["/", "/counter", "/me"] {
+        let (status, headers, _) = get_from(&app, "198.51.100.1", "localhost", path).await;
+        assert_ne!(status, StatusCode::TOO_MANY_REQUESTS, "{path}");
+        let state = headers
+            .get("ratelimit")
+            .expect("allowed responses carry RateLimit");
+        assert!(state.to_str().unwrap().starts_with("\"per-ip\";r="));
+    }
+    let (status, headers, body) = get_from(&app, "198.51.100.1", "localhost", "/counter").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "whole seconds, at least 1");
+    assert_eq!(headers["ratelimit-policy"], "\"per-ip\";q=3;w=60");
+    assert!(
+        headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"per-ip\";r=0;t=")
+    );
+
+    // /health is never limited.
+    for _ in 0..10 {
+        let (status, _, body) = get_from(&app, "198.51.100.1", "localhost", "/health").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // Another client, and the same client on another tenant, have their own counters.
+    let (status, _, _) = get_from(&app, "198.51.100.2", "localhost", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = get_from(&app, "198.51.100.1", "acme.localhost", "/").await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
+    let config =
+        Config::from_vars([("RATE_LIMIT", "1/60s"), ("TRUSTED_PROXIES", "10.0.0.0/8")]).unwrap();
+    let app = build(&config).await.unwrap();
+    let via = |peer: &'static str, xff: &'static str| {
+        let app = app.clone();
+        async move {
+            let mut request = Request::get("/")
+                .header(header::HOST, "localhost")
+                .header("x-forwarded-for", xff)
+                .body(Body::empty())
+                .unwrap();
+            let addr: std::net::SocketAddr = format!("{peer}:50000").parse().unwrap();
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(addr));
+            app.oneshot(request).await.unwrap().status()
+        }
+    };
+    assert_eq!(via("10.0.0.1", "198.51.100.7").await, StatusCode::OK);
+    assert_eq!(
+        via("10.0.0.1", "1.1.1.1, 198.51.100.7").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a forged left-most hop changes nothing"
+    );
+    assert_eq!(via("10.0.0.1", "198.51.100.8").await, StatusCode::OK);
+    // An untrusted peer's header is ignored: its own address is the key.
+    assert_eq!(via("203.0.113.1", "198.51.100.9").await, StatusCode::OK);
+    assert_eq!(
+        via("203.0.113.1", "198.51.100.10").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
 }

@@ -80,6 +80,11 @@ impl Health {
         Self { backend }
     }
 
+    /// The backend this view reports on.
+    pub fn backend(&self) -> &RedisBackend {
+        &self.backend
+    }
+
     /// The current state, without any I/O.
     pub fn snapshot(&self) -> HealthSnapshot {
         let inner = &self.backend.inner;

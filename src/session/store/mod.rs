@@ -2,7 +2,6 @@
 
 use std::{
     collections::BTreeMap,
-    error::Error as StdError,
     fmt,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -10,6 +9,7 @@ use std::{
 use async_trait::async_trait;
 
 pub use super::id::{SessionKey, UserKey};
+pub use crate::error::StoreError;
 
 #[cfg(feature = "memory")]
 mod memory;
@@ -20,8 +20,6 @@ mod redis;
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
-
-type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// One session as a store keeps it.
 ///
@@ -117,33 +115,6 @@ pub struct SessionInfo {
     pub created_at: SystemTime,
     /// When it ends at the latest.
     pub expires_at: SystemTime,
-}
-
-/// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The store's backend is unavailable (down, timing out, or its breaker is open).
-    #[error("session store is unavailable")]
-    Unavailable {
-        /// What the backend reported.
-        #[source]
-        source: BoxError,
-    },
-    /// The backend answered, but the operation failed.
-    #[error("session store operation failed")]
-    Failed {
-        /// What the backend reported.
-        #[source]
-        source: BoxError,
-    },
-}
-
-impl StoreError {
-    /// Whether the error is an outage (as opposed to a failed operation).
-    pub fn is_outage(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
-    }
 }
 
 /// Where sessions live. Implemented by [`MemoryStore`] and [`RedisStore`]; implement it to keep

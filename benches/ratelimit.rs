@@ -1,0 +1,241 @@
+//! Rate-limit benchmarks, each with its anchor measured in the same run.
+//!
+//! - `ratelimit/memory`: one allowed request through an axum router with the layer and the
+//!   in-memory store, next to tower_governor 0.8 on the same router (and the bare router).
+//! - `ratelimit/redis`: decisions per second with 32 concurrent tasks on one multiplexed
+//!   connection, next to the ceiling of the same Redis: the raw `redis` crate calling the same
+//!   script with `EVALSHA` on the same kind of connection.
+//! - the over-limit flood: Redis commands per denied request (printed).
+//!
+//! Run with `cargo bench --bench ratelimit`; the last lines print the ratios. The Redis part
+//! starts its own `redis-server` on a loopback port and is skipped when none is installed.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    hint::black_box,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+use criterion::Criterion;
+use http::{Request, StatusCode};
+use tokio::runtime::Runtime;
+use tower::ServiceExt;
+use tower_turnstile::{
+    backend::RedisBackend,
+    ratelimit::{Algorithm, Check, Policy, Quota, RateLimitLayer, RateLimitStore, RedisRateStore},
+};
+
+fn routes() -> Router {
+    Router::new().route("/", get(|| async { "ok" }))
+}
+
+fn ours(headers: bool) -> Router {
+    // A quota no benchmark reaches: every request takes the allowed path.
+    let policy = Policy::new(
+        "bench",
+        Quota::new(1_000_000_000, Duration::from_secs(1)).unwrap(),
+    )
+    .unwrap();
+    routes().layer(RateLimitLayer::new(policy).with_headers(headers))
+}
+
+fn governor() -> Router {
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_millisecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .unwrap();
+    routes().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
+}
+
+fn request() -> Request<Body> {
+    let mut request = Request::get("/").body(Body::empty()).unwrap();
+    request
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([198, 51, 100, 1], 40000))));
+    request
+}
+
+async fn call(app: &Router) -> StatusCode {
+    app.clone().oneshot(request()).await.unwrap().status()
+}
+
+fn bench_memory(c: &mut Criterion, runtime: &Runtime) {
+    let contenders = [
+        ("tower-turnstile", ours(true)),
+        ("tower-turnstile-no-headers", ours(false)),
+        ("tower_governor", governor()),
+        ("bare", routes()),
+    ];
+    let mut group = c.benchmark_group("ratelimit/memory");
+    for (name, app) in &contenders {
+        assert_eq!(runtime.block_on(call(app)), StatusCode::OK, "{name}");
+        group.bench_function(*name, |b| {
+            b.to_async(runtime)
+                .iter(|| async { black_box(call(app).await) })
+        });
+    }
+    group.finish();
+}
+
+const TASKS: u64 = 32;
+
+/// Runs `iterations` decisions spread over 32 concurrent tasks; returns the elapsed time.
+async fn concurrent<F, Fut>(iterations: u64, decide: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let per_task = iterations.div_ceil(TASKS);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let decide = decide.clone();
+            tokio::spawn(async move {
+                for i in 0..per_task {
+                    decide(task * per_task + i).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisServer> {
+    let server = support::RedisServer::start()?;
+    let url = server.url();
+    let quota = Quota::new(1_000_000_000, Duration::from_secs(60)).unwrap();
+    let store = runtime.block_on(async {
+        let store = Arc::new(
+            RedisRateStore::new(RedisBackend::new(&url).unwrap())
+                .with_timeout(Duration::from_secs(1)),
+        );
+        store
+            .check(&Check::new("warm", quota, Algorithm::SlidingWindow, 1))
+            .await
+            .unwrap();
+        store
+    });
+    // The ceiling: the same script, called with the raw client on one multiplexed connection.
+    let (raw, script) = runtime.block_on(async {
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let connection = client.get_multiplexed_async_connection().await.unwrap();
+        let script = Arc::new(redis::Script::new(SLIDING_WINDOW));
+        (connection, script)
+    });
+
+    let mut group = c.benchmark_group("ratelimit/redis");
+    group.sample_size(20);
+    let keys = 1024;
+    group.bench_function("tower-turnstile", |b| {
+        b.to_async(runtime).iter_custom(|iterations| {
+            let store = Arc::clone(&store);
+            concurrent(iterations, move |i| {
+                let store = Arc::clone(&store);
+                async move {
+                    let key = format!("bench:{}", i % keys);
+                    let decision = store
+                        .check(&Check::new(&key, quota, Algorithm::SlidingWindow, 1))
+                        .await
+                        .unwrap();
+                    black_box(decision);
+                }
+            })
+        });
+    });
+    group.bench_function("raw-evalsha", |b| {
+        b.to_async(runtime).iter_custom(|iterations| {
+            let (raw, script) = (raw.clone(), Arc::clone(&script));
+            concurrent(iterations, move |i| {
+                let (mut raw, script) = (raw.clone(), Arc::clone(&script));
+                async move {
+                    let key = format!("turnstile:raw:{}", i % keys);
+                    let reply: Vec<i64> = raw_invocation(&script, &key, quota)
+                        .invoke_async(&mut raw)
+                        .await
+                        .unwrap();
+                    black_box(reply);
+                }
+            })
+        });
+    });
+    group.finish();
+    Some(server)
+}
+
+/// The store's own sliding-window script, so the ceiling runs exactly the same Lua.
+const SLIDING_WINDOW: &str = include_str!("../src/ratelimit/store/lua/sliding_window.lua");
+
+/// `EVALSHA` of the script with the store's argument layout: time ('' = Redis `TIME`), window
+/// in microseconds, limit, cost.
+fn raw_invocation<'a>(
+    script: &'a redis::Script,
+    key: &str,
+    quota: Quota,
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.key(key);
+    invocation
+        .arg("")
+        .arg(quota.window().as_micros() as u64)
+        .arg(quota.limit())
+        .arg(1);
+    invocation
+}
+
+fn estimate(group: &str, name: &str) -> Option<f64> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let path = target
+        .join("criterion")
+        .join(group.replace('/', "_"))
+        .join(name)
+        .join("new/estimates.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    json["mean"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut criterion = Criterion::default().configure_from_args();
+    bench_memory(&mut criterion, &runtime);
+    let server = bench_redis(&mut criterion, &runtime);
+    criterion.final_summary();
+    drop(server);
+
+    let memory = |name| estimate("ratelimit/memory", name);
+    if let (Some(ours), Some(plain), Some(theirs), Some(bare)) = (
+        memory("tower-turnstile"),
+        memory("tower-turnstile-no-headers"),
+        memory("tower_governor"),
+        memory("bare"),
+    ) {
+        println!(
+            "ratio memory: tower-turnstile / tower_governor = {:.2} with headers, {:.2} without  ({ours:.0} ns, {plain:.0} ns vs {theirs:.0} ns; bare router {bare:.0} ns)",
+            ours / theirs,
+            plain / theirs
+        );
+    }
+    if let (Some(ours), Some(raw)) = (
+        estimate("ratelimit/redis", "tower-turnstile"),
+        estimate("ratelimit/redis", "raw-evalsha"),
+    ) {
+        println!(
+            "ratio redis: tower-turnstile throughput / raw EVALSHA ceiling = {:.2}  ({:.0} vs {:.0} decisions/s, 32 tasks, one connection)",
+            raw / ours,
+            1e9 / ours,
+            1e9 / raw
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The answers of the rate-limit layer: `RateLimit` / `RateLimit-Policy` fields
+//! (draft-ietf-httpapi-ratelimit-headers), `429` with `Retry-After`, and gRPC's
+//! `RESOURCE_EXHAUSTED`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
+
+use super::store::Decision;
+use crate::body::ResponseBody;
+
+/// `RateLimit-Policy`.
+pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`.
+pub(crate) static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Whole seconds, rounded up.
+fn ceil_secs(duration: Duration) -> u64 {
+    duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
+}
+
+/// `Retry-After` in whole seconds, rounded up and at least 1: a client that waits that long
+/// is never refused again for the same reason, and `0` would invite an immediate retry.
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
+    ceil_secs(wait).max(1)
+}
+
+/// The two header values for a policy and a decision, built once per policy and request.
+pub(crate) fn policy_value(name: &str, limit: u64, window: Duration) -> HeaderValue {
+    // Policy names are validated to token characters, so quoting needs no escapes.
+    let text = format!("\"{name}\";q={limit};w={}", ceil_secs(window).max(1));
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
+}
+
+pub(crate) fn ratelimit_value(name: &str, decision: &Decision) -> HeaderValue {
+    let text = format!(
+        "\"{name}\";r={};t={}",
+        decision.remaining,
+        ceil_secs(decision.reset)
+    );
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
+}
+
+/// Whether the request is gRPC (`content-type: application/grpc` or `application/grpc+...`).
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct == "application/grpc"
+                || ct.starts_with("application/grpc+")
+                || ct.starts_with("application/grpc;")
+        })
+}
+
+/// A gRPC trailers-only response: status and message in the headers, no body.
+pub(crate) fn grpc_status<B>(code: u8, message: &'static str) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::local(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    headers.insert("grpc-message", HeaderValue::from_static(message));
+    response
+}
+
+/// `RESOURCE_EXHAUSTED`.
+pub(crate) const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
+/// `UNAVAILABLE`.
+pub(crate) const GRPC_UNAVAILABLE: u8 = 14;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(30)), 30);
+    }
+
+    #[test]
+    fn field_syntax() {
+        assert_eq!(
+            policy_value("per-ip", 100, Duration::from_secs(60)),
+            "\"per-ip\";q=100;w=60"
+        );
+        assert_eq!(
+            policy_value("fast", 10, Duration::from_millis(500)),
+            "\"fast\";q=10;w=1"
+        );
+        let decision = Decision::allowed(100, 57, Duration::from_millis(11_200));
+        assert_eq!(ratelimit_value("per-ip", &decision), "\"per-ip\";r=57;t=12");
+    }
+
+    #[test]
+    fn grpc_detection() {
+        let mut headers = HeaderMap::new();
+        assert!(!is_grpc(&headers));
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc; charset=utf-8",
+        ] {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert!(is_grpc(&headers), "{ct}");
+        }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc-web"),
+        );
+        assert!(!is_grpc(&headers), "grpc-web answers in HTTP terms");
+    }
+}

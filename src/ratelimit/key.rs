@@ -1,0 +1,467 @@
+use std::{
+    fmt,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+};
+
+use http::{Extensions, HeaderMap, HeaderName, Method, Request, Uri, header};
+use ipnet::IpNet;
+
+use crate::tenant::Tenant;
+
+/// What a key extractor sees of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The URI.
+    pub uri: &'a Uri,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+    /// The extensions (peer address, `Tenant`, `Session`, ...).
+    pub extensions: &'a Extensions,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view of `request`.
+    pub fn new<B>(request: &'a Request<B>) -> Self {
+        Self {
+            method: request.method(),
+            uri: request.uri(),
+            headers: request.headers(),
+            extensions: request.extensions(),
+        }
+    }
+}
+
+/// A key that needs I/O to find (the session's user, say).
+pub type PendingKey = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
+/// The key of a request, found at once or later.
+#[non_exhaustive]
+pub enum Extracted {
+    /// The key (`None`: the request has no key; see `Policy::on_missing_key`).
+    Ready(Option<String>),
+    /// The key, once a future resolves.
+    Pending(PendingKey),
+}
+
+impl fmt::Debug for Extracted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ready(key) => f.debug_tuple("Ready").field(key).finish(),
+            Self::Pending(_) => f.write_str("Pending(..)"),
+        }
+    }
+}
+
+/// Decides which counter a request spends from.
+///
+/// Implemented by [`ClientIp`], [`HeaderKey`], [`PerTenant`], [`RouteKey`], [`SessionUser`],
+/// pairs of extractors (both keys joined), and closures `Fn(&RequestView) -> Option<String>`.
+/// Keys are always scoped to the request's tenant by the layer.
+pub trait KeyExtractor: Send + Sync + 'static {
+    /// The key of `request`.
+    fn extract(&self, request: &RequestView<'_>) -> Extracted;
+}
+
+impl<F> KeyExtractor for F
+where
+    F: Fn(&RequestView<'_>) -> Option<String> + Send + Sync + 'static,
+{
+    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+        Extracted::Ready(self(request))
+    }
+}
+
+impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
+    /// Both keys joined with `|`; no key when either has none.
+    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+        match (self.0.extract(request), self.1.extract(request)) {
+            (Extracted::Ready(a), Extracted::Ready(b)) => Extracted::Ready(join(a, b)),
+            (a, b) => {
+                Extracted::Pending(Box::pin(
+                    async move { join(resolve(a).await, resolve(b).await) },
+                ))
+            }
+        }
+    }
+}
+
+fn join(a: Option<String>, b: Option<String>) -> Option<String> {
+    Some(format!("{}|{}", a?, b?))
+}
+
+async fn resolve(extracted: Extracted) -> Option<String> {
+    match extracted {
+        Extracted::Ready(key) => key,
+        Extracted::Pending(future) => future.await,
+    }
+}
+
+/// Why a key extractor setting was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyConfigError {
+    /// A trusted proxy is not an IP address or CIDR block.
+    #[error(
+        "invalid trusted proxy {0:?}: expected an IP address or a CIDR block such as 10.0.0.0/8"
+    )]
+    Proxy(String),
+    /// The IPv6 prefix length is over 128.
+    #[error("IPv6 prefix length must be at most 128")]
+    Ipv6Prefix,
+}
+
+/// The client's IP address, as the key.
+///
+/// The address is the TCP peer, from axum's `ConnectInfo<SocketAddr>` or a `SocketAddr`
+/// extension (put there by your server). `Forwarded` and `X-Forwarded-For` are believed only
+/// when the peer is a configured trusted proxy: walking the chain from the right, the first
+/// address that is not a trusted proxy is the client. A client therefore cannot choose its own
+/// key by sending these headers, and garbage in them falls back to the last good hop.
+///
+/// IPv6 clients are grouped by prefix (default /64, what one subscriber usually gets), so one
+/// client cannot spread over 2^64 keys.
+///
+/// ```
+/// use tower_turnstile::ratelimit::ClientIp;
+///
+/// let direct = ClientIp::peer();
+/// let behind_lb = ClientIp::trusting(["10.0.0.0/8", "fd00::/8"])?;
+/// # let _ = (direct, behind_lb);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    trusted: Arc<[IpNet]>,
+    ipv6_prefix: u8,
+}
+
+impl Default for ClientIp {
+    fn default() -> Self {
+        Self::peer()
+    }
+}
+
+impl ClientIp {
+    /// The TCP peer, trusting no forwarding header.
+    pub fn peer() -> Self {
+        Self {
+            trusted: Arc::from([]),
+            ipv6_prefix: 64,
+        }
+    }
+
+    /// The client behind the given trusted proxies (IP addresses or CIDR blocks).
+    pub fn trusting<I, S>(proxies: I) -> Result<Self, KeyConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let trusted = proxies
+            .into_iter()
+            .map(|p| {
+                parse_net(p.as_ref()).ok_or_else(|| KeyConfigError::Proxy(p.as_ref().to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            trusted: trusted.into(),
+            ipv6_prefix: 64,
+        })
+    }
+
+    /// How many leading bits of an IPv6 address make the key (default 64; 128 keys each
+    /// address on its own).
+    pub fn with_ipv6_prefix(mut self, bits: u8) -> Result<Self, KeyConfigError> {
+        if bits > 128 {
+            return Err(KeyConfigError::Ipv6Prefix);
+        }
+        self.ipv6_prefix = bits;
+        Ok(self)
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client address of the request, or `None` when the server recorded no peer.
+    pub fn client(&self, request: &RequestView<'_>) -> Option<IpAddr> {
+        let peer = peer_addr(request.extensions)?;
+        if !self.is_trusted(peer) {
+            return Some(peer);
+        }
+        let mut client = peer;
+        // Right to left: each hop was added by the one after it; stop at the first hop that
+        // is not one of ours, or at anything unparseable (it may be forged).
+        for hop in forwarded_chain(request.headers).iter().rev() {
+            match hop {
+                Some(ip) => {
+                    client = *ip;
+                    if !self.is_trusted(*ip) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        Some(client)
+    }
+
+    fn key_of(&self, ip: IpAddr) -> String {
+        match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None if self.ipv6_prefix >= 128 => v6.to_string(),
+                None => {
+                    let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).map(|n| n.trunc());
+                    net.map_or_else(|_| v6.to_string(), |n| n.to_string())
+                }
+            },
+        }
+    }
+}
+
+impl KeyExtractor for ClientIp {
+    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+        Extracted::Ready(self.client(request).map(|ip| self.key_of(ip)))
+    }
+}
+
+fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// The peer address the server recorded.
+fn peer_addr(extensions: &Extensions) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
+        return Some(info.0.ip());
+    }
+    extensions
+        .get::<SocketAddr>()
+        .map(SocketAddr::ip)
+        .or_else(|| extensions.get::<IpAddr>().copied())
+}
+
+/// The forwarding chain, left to right: `Forwarded` if present, else `X-Forwarded-For`. An
+/// entry that is not an address is `None` (obfuscated identifiers, `unknown`, garbage).
+fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let forwarded: Vec<&str> = headers
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if !forwarded.is_empty() {
+        return forwarded
+            .iter()
+            .flat_map(|line| line.split(','))
+            .map(|element| {
+                element
+                    .split(';')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(name, _)| name.trim().eq_ignore_ascii_case("for"))
+                    .and_then(|(_, value)| parse_node(value.trim().trim_matches('"')))
+            })
+            .collect();
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().ok())
+        .flat_map(|line| match line {
+            Some(line) => line
+                .split(',')
+                .map(|hop| parse_node(hop.trim()))
+                .collect::<Vec<_>>(),
+            None => vec![None],
+        })
+        .collect()
+}
+
+/// An address as forwarding headers write it: `1.2.3.4`, `1.2.3.4:80`, `[2001:db8::1]:80`,
+/// `2001:db8::1`.
+fn parse_node(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    // `[v6]` or `[v6]:port`; an unclosed bracket or trailing junk is not an address.
+    let (inner, rest) = text.strip_prefix('[')?.split_once(']')?;
+    let port_ok = rest.is_empty()
+        || rest
+            .strip_prefix(':')
+            .is_some_and(|p| p.parse::<u16>().is_ok());
+    port_ok.then(|| inner.parse().ok()).flatten()
+}
+
+/// The value of a header, as the key (an API key, say). Requests without it have no key.
+#[derive(Debug, Clone)]
+pub struct HeaderKey {
+    name: HeaderName,
+}
+
+impl HeaderKey {
+    /// The value of header `name`.
+    pub fn new(name: HeaderName) -> Self {
+        Self { name }
+    }
+}
+
+impl KeyExtractor for HeaderKey {
+    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+        let value = request
+            .headers
+            .get(&self.name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty());
+        Extracted::Ready(value.map(str::to_owned))
+    }
+}
+
+/// One counter for the whole tenant: every request of a tenant spends from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerTenant;
+
+impl KeyExtractor for PerTenant {
+    fn extract(&self, _: &RequestView<'_>) -> Extracted {
+        // The layer scopes every key to the tenant already; a constant key is the tenant.
+        Extracted::Ready(Some("*".to_owned()))
+    }
+}
+
+/// The route (method and path) as the key: a counter per endpoint. Combine it with another
+/// extractor, `(ClientIp::peer(), RouteKey)`, for a counter per client and endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteKey;
+
+impl KeyExtractor for RouteKey {
+    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+        Extracted::Ready(Some(format!("{} {}", request.method, request.uri.path())))
+    }
+}
+
+/// The user the request's session is bound to (needs the session layer outside this one).
+/// Loading the session here costs nothing extra: the handler shares the loaded session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionUser;
+
+impl KeyExtractor for SessionUser {
+    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+        let Some(session) = request.extensions.get::<crate::session::Session>().cloned() else {
+            return Extracted::Ready(None);
+        };
+        Extracted::Pending(Box::pin(
+            async move { session.user_id().await.ok().flatten() },
+        ))
+    }
+}
+
+/// The tenant of a request, as the layers see it.
+pub(crate) fn tenant_of(extensions: &Extensions) -> Tenant {
+    extensions.get::<Tenant>().cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(peer: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut request = Request::new(());
+        request
+            .extensions_mut()
+            .insert(peer.parse::<SocketAddr>().unwrap());
+        for (name, value) in headers {
+            request.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        request
+    }
+
+    fn key(extractor: &ClientIp, request: &Request<()>) -> Option<String> {
+        match extractor.extract(&RequestView::new(request)) {
+            Extracted::Ready(key) => key,
+            Extracted::Pending(_) => panic!("client ip is immediate"),
+        }
+    }
+
+    #[test]
+    fn without_trusted_proxies_headers_change_nothing() {
+        let ip = ClientIp::peer();
+        let r = request(
+            "203.0.113.7:5000",
+            &[("x-forwarded-for", "1.1.1.1"), ("forwarded", "for=2.2.2.2")],
+        );
+        assert_eq!(key(&ip, &r).as_deref(), Some("203.0.113.7"));
+    }
+
+    #[test]
+    fn trusted_proxy_yields_the_rightmost_untrusted_hop() {
+        let ip = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        // The client forged the left-most entry; the proxy appended the real client.
+        let r = request(
+            "10.0.0.2:80",
+            &[("x-forwarded-for", "6.6.6.6, 198.51.100.9, 10.0.0.5")],
+        );
+        assert_eq!(key(&ip, &r).as_deref(), Some("198.51.100.9"));
+        let r = request(
+            "10.0.0.2:80",
+            &[(
+                "forwarded",
+                "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https",
+            )],
+        );
+        assert_eq!(key(&ip, &r).as_deref(), Some("2001:db8::/64"));
+        // Headers from an untrusted peer are ignored.
+        let r = request("192.0.2.1:80", &[("x-forwarded-for", "6.6.6.6")]);
+        assert_eq!(key(&ip, &r).as_deref(), Some("192.0.2.1"));
+    }
+
+    #[test]
+    fn garbage_forwarding_headers_fall_back_to_the_last_good_hop() {
+        let ip = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        for garbage in ["not-an-ip", "", "1.2.3.4.5", "unknown", "[::1", "999.1.1.1"] {
+            let r = request("10.0.0.2:80", &[("x-forwarded-for", garbage)]);
+            assert_eq!(key(&ip, &r).as_deref(), Some("10.0.0.2"), "{garbage:?}");
+        }
+        let r = request(
+            "10.0.0.2:80",
+            &[("x-forwarded-for", "198.51.100.9, garbage")],
+        );
+        assert_eq!(key(&ip, &r).as_deref(), Some("10.0.0.2"));
+    }
+
+    #[test]
+    fn ipv6_is_grouped_by_prefix() {
+        let r = request("[2001:db8:1:2:3:4:5:6]:80", &[]);
+        assert_eq!(
+            key(&ClientIp::peer(), &r).as_deref(),
+            Some("2001:db8:1:2::/64")
+        );
+        let exact = ClientIp::peer().with_ipv6_prefix(128).unwrap();
+        assert_eq!(key(&exact, &r).as_deref(), Some("2001:db8:1:2:3:4:5:6"));
+        let mapped = request("[::ffff:192.0.2.1]:80", &[]);
+        assert_eq!(
+            key(&ClientIp::peer(), &mapped).as_deref(),
+            Some("192.0.2.1")
+        );
+        assert!(ClientIp::peer().with_ipv6_prefix(129).is_err());
+    }
+
+    #[test]
+    fn no_peer_means_no_key() {
+        let r = Request::new(());
+        assert_eq!(key(&ClientIp::peer(), &r), None);
+        assert!(ClientIp::trusting(["nonsense"]).is_err());
+    }
+}

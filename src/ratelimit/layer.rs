@@ -1,0 +1,215 @@
+use std::{
+    fmt,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response};
+use tower_layer::Layer;
+
+use super::{
+    headers::policy_value,
+    limiter::{Fallback, Limiter},
+    policy::Policy,
+    service::RateLimit,
+    store::{Decision, MemoryRateStore, RateLimitStore},
+};
+
+type RejectionFn = dyn Fn(&Rejection<'_>) -> Response<Bytes> + Send + Sync;
+
+/// What a custom rejection sees: why the request was refused.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct Rejection<'a> {
+    /// The name of the policy that refused it.
+    pub policy: &'a str,
+    /// The decision.
+    pub decision: &'a Decision,
+    /// Whether the request is gRPC.
+    pub grpc: bool,
+}
+
+/// Put into the extensions of every response the layer refuses, so outer layers (logging,
+/// metrics) can tell why.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RateLimited {
+    /// The name of the policy that refused the request.
+    pub policy: Arc<str>,
+    /// The decision; `None` when the limiter was unavailable and fails closed.
+    pub decision: Option<Decision>,
+}
+
+/// Configuration shared by a layer and every service it makes.
+pub(crate) struct Shared {
+    pub(crate) policy: Policy,
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) fallback: Fallback,
+    pub(crate) headers: bool,
+    pub(crate) rejection: Option<Arc<RejectionFn>>,
+    pub(crate) policy_header: HeaderValue,
+    pub(crate) warned_missing_key: Arc<AtomicBool>,
+}
+
+impl Clone for Shared {
+    fn clone(&self) -> Self {
+        Self {
+            policy: self.policy.clone(),
+            limiter: Arc::clone(&self.limiter),
+            fallback: self.fallback,
+            headers: self.headers,
+            rejection: self.rejection.clone(),
+            policy_header: self.policy_header.clone(),
+            warned_missing_key: Arc::clone(&self.warned_missing_key),
+        }
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitConfig")
+            .field("policy", &self.policy)
+            .field("limiter", &self.limiter)
+            .field("headers", &self.headers)
+            .field("custom_rejection", &self.rejection.is_some())
+            .finish()
+    }
+}
+
+/// Enforces a [`Policy`] on every request: over the quota, the request is answered `429 Too
+/// Many Requests` (gRPC: `RESOURCE_EXHAUSTED`) without reaching the inner service.
+///
+/// Counts live in a store shared by every clone of the service (axum clones services freely),
+/// in memory by default or in Redis for all instances at once. With Redis, each decision is
+/// one round trip; a key denied until time T is answered locally until T; and when Redis
+/// fails, a local limiter takes over (see [`Fallback`]) until it answers again.
+///
+/// Allowed and refused responses carry `RateLimit-Policy` and `RateLimit`
+/// (draft-ietf-httpapi-ratelimit-headers); refusals also carry `Retry-After` in whole seconds
+/// (at least 1).
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
+///
+/// let app: Router = Router::new()
+///     .route("/", get(|| async { "hello" }))
+///     .layer(RateLimitLayer::new(Policy::new("per-ip", Quota::per_minute(100))?));
+/// # let _ = app;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// Shared by every instance through Redis, behind a load balancer, with a quarter of the quota
+/// per instance (four instances) while Redis is down:
+///
+/// ```no_run
+/// use tower_turnstile::{
+///     backend::RedisBackend,
+///     ratelimit::{ClientIp, Fallback, Policy, Quota, RateLimitLayer},
+/// };
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+/// let policy = Policy::new("per-ip", Quota::per_minute(100))?
+///     .with_key(ClientIp::trusting(["10.0.0.0/8"])?);
+/// let layer = RateLimitLayer::new(policy)
+///     .with_redis(redis)
+///     .with_fallback(Fallback::local_share_of(4));
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RateLimitLayer {
+    shared: Arc<Shared>,
+}
+
+impl RateLimitLayer {
+    /// A layer enforcing `policy`, counting in this process's memory.
+    pub fn new(policy: Policy) -> Self {
+        let policy_header = policy_value(
+            policy.name(),
+            policy.quota().limit(),
+            policy.quota().window(),
+        );
+        Self {
+            shared: Arc::new(Shared {
+                policy,
+                limiter: Arc::new(Limiter::new(
+                    Arc::new(MemoryRateStore::new()),
+                    Fallback::Default,
+                )),
+                fallback: Fallback::Default,
+                headers: true,
+                rejection: None,
+                policy_header,
+                warned_missing_key: Arc::new(AtomicBool::new(false)),
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Shared)) -> Self {
+        f(Arc::make_mut(&mut self.shared));
+        self
+    }
+
+    /// Counts in `store` (shared by every instance when it is Redis).
+    pub fn with_store(self, store: impl RateLimitStore) -> Self {
+        self.with_shared_store(Arc::new(store))
+    }
+
+    /// Counts in a store that other layers use too.
+    pub fn with_shared_store(self, store: Arc<dyn RateLimitStore>) -> Self {
+        self.edit(|s| s.limiter = Arc::new(Limiter::new(store, s.fallback)))
+    }
+
+    /// Counts in Redis through `backend` (a [`RedisRateStore`](super::RedisRateStore) with
+    /// default settings).
+    #[cfg(feature = "redis")]
+    pub fn with_redis(self, backend: crate::backend::RedisBackend) -> Self {
+        self.with_store(super::RedisRateStore::new(backend))
+    }
+
+    /// What to do while a shared store is unreachable. Default: [`Fallback::Local`] with the
+    /// whole quota.
+    pub fn with_fallback(self, fallback: Fallback) -> Self {
+        self.edit(|s| {
+            s.fallback = fallback;
+            s.limiter = Arc::new(Limiter::new(s.limiter.store(), fallback));
+        })
+    }
+
+    /// Whether responses carry the `RateLimit` and `RateLimit-Policy` fields. Default: `true`.
+    pub fn with_headers(self, headers: bool) -> Self {
+        self.edit(|s| s.headers = headers)
+    }
+
+    /// Builds the refusal response yourself (status, body, headers). The layer still adds
+    /// `Retry-After` and the `RateLimit` fields when the response lacks them.
+    pub fn with_rejection(
+        self,
+        rejection: impl Fn(&Rejection<'_>) -> Response<Bytes> + Send + Sync + 'static,
+    ) -> Self {
+        self.edit(|s| s.rejection = Some(Arc::new(rejection)))
+    }
+
+    /// The policy this layer enforces.
+    pub fn policy(&self) -> &Policy {
+        &self.shared.policy
+    }
+
+    /// Whether the last decision came from the fallback (the shared store was unreachable).
+    pub fn is_falling_back(&self) -> bool {
+        self.shared.limiter.is_falling_back()
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(inner, Arc::clone(&self.shared))
+    }
+}

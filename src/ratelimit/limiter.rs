@@ -1,0 +1,205 @@
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use moka::sync::Cache;
+
+use super::{
+    Quota,
+    store::{Check, Decision, MemoryRateStore, RateLimitStore, StoreError},
+};
+
+/// What the rate limiter does while its shared store (Redis) is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[non_exhaustive]
+pub enum Fallback {
+    /// Limit locally, in this instance's memory, with `share` (0.0–1.0) of the quota: with N
+    /// instances behind a load balancer, `1.0 / N` keeps the total near the quota. The default,
+    /// with a share of 1.0.
+    Local {
+        /// The fraction of the quota each instance grants alone.
+        share: f64,
+    },
+    /// Let every request through (availability over enforcement).
+    Open,
+    /// Refuse every request with `503 Service Unavailable` (enforcement over availability).
+    Closed,
+    /// Keep the default: [`Fallback::Local`] with the whole quota.
+    #[default]
+    Default,
+}
+
+impl Fallback {
+    /// Local limiting with `1 / instances` of the quota per instance.
+    pub fn local_share_of(instances: u32) -> Self {
+        Self::Local {
+            share: 1.0 / f64::from(instances.max(1)),
+        }
+    }
+}
+
+/// The outcome of asking the limiter.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Verdict {
+    Decided(Decision),
+    /// The shared store failed and the fallback is [`Fallback::Closed`].
+    Unavailable,
+}
+
+/// A denial remembered locally until its retry time, so a flood from an over-limit key is
+/// answered without a store round trip.
+#[derive(Debug, Clone, Copy)]
+struct Denial {
+    at: Instant,
+    until: Instant,
+    cost: u64,
+    decision: Decision,
+}
+
+/// The store, its fallback and the local cache of denied keys, shared by every clone of a
+/// rate-limit service.
+pub(crate) struct Limiter {
+    store: Arc<dyn RateLimitStore>,
+    shared: bool,
+    fallback: Fallback,
+    local: MemoryRateStore,
+    denied: Cache<String, Denial>,
+    falling_back: AtomicBool,
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limiter")
+            .field("store", &self.store)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    pub(crate) fn new(store: Arc<dyn RateLimitStore>, fallback: Fallback) -> Self {
+        let shared = store.is_shared();
+        Self {
+            store,
+            shared,
+            fallback,
+            local: MemoryRateStore::new(),
+            denied: Cache::builder().max_capacity(100_000).build(),
+            falling_back: AtomicBool::new(false),
+        }
+    }
+
+    /// Answers from this process alone, if it can: a remembered denial, or a local store.
+    pub(crate) fn decide_now(&self, check: &Check<'_>) -> Option<Verdict> {
+        if let Some(denial) = self.remembered(check) {
+            return Some(Verdict::Decided(denial));
+        }
+        match self.store.check_now(check)? {
+            Ok(decision) => Some(Verdict::Decided(decision)),
+            Err(error) => Some(self.fall_back(check, &error)),
+        }
+    }
+
+    /// Asks the store (one round trip for Redis), falling back when it fails.
+    pub(crate) async fn decide(&self, check: &Check<'_>) -> Verdict {
+        if let Some(denial) = self.remembered(check) {
+            return Verdict::Decided(denial);
+        }
+        match self.store.check(check).await {
+            Ok(decision) => {
+                if self.falling_back.load(Ordering::Relaxed)
+                    && self.falling_back.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(target: "tower_turnstile::ratelimit", "shared rate-limit store answers again; fallback ended");
+                }
+                if self.shared && !decision.allowed {
+                    self.remember(check, decision);
+                }
+                Verdict::Decided(decision)
+            }
+            Err(error) => self.fall_back(check, &error),
+        }
+    }
+
+    fn remembered(&self, check: &Check<'_>) -> Option<Decision> {
+        if !self.shared {
+            return None;
+        }
+        let denial = self.denied.get(check.key)?;
+        let now = Instant::now();
+        // A cheaper request than the one denied might fit: only as costly ones are answered.
+        if now >= denial.until || check.cost < denial.cost {
+            return None;
+        }
+        let mut decision = denial.decision;
+        decision.retry_after = Some(denial.until - now);
+        decision.reset = decision.reset.saturating_sub(now - denial.at);
+        Some(decision)
+    }
+
+    fn remember(&self, check: &Check<'_>, decision: Decision) {
+        // Denied for good (cost over the limit) needs no cache: it is answered without I/O.
+        let Some(retry_after) = decision.retry_after else {
+            return;
+        };
+        if retry_after < Duration::from_millis(1) {
+            return;
+        }
+        let now = Instant::now();
+        let denial = Denial {
+            at: now,
+            until: now + retry_after,
+            cost: check.cost,
+            decision,
+        };
+        self.denied.insert(check.key.to_owned(), denial);
+    }
+
+    fn fall_back(&self, check: &Check<'_>, error: &StoreError) -> Verdict {
+        if !self.falling_back.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "tower_turnstile::ratelimit",
+                error = %error,
+                fallback = ?self.fallback,
+                "shared rate-limit store failed; falling back"
+            );
+        }
+        match self.fallback {
+            Fallback::Closed => Verdict::Unavailable,
+            Fallback::Open => {
+                let limit = check.quota.limit();
+                Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO))
+            }
+            Fallback::Local { share } => self.local_decision(check, check.quota.share(share)),
+            Fallback::Default => self.local_decision(check, check.quota),
+        }
+    }
+
+    fn local_decision(&self, check: &Check<'_>, quota: Quota) -> Verdict {
+        let mut local = *check;
+        local.quota = quota;
+        match self.local.check_now(&local) {
+            Some(Ok(decision)) => Verdict::Decided(decision),
+            // The in-memory store always decides at once and cannot fail; should that ever
+            // change, letting the request through is the fallback's fallback.
+            _ => {
+                let limit = quota.limit();
+                Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO))
+            }
+        }
+    }
+
+    pub(crate) fn store(&self) -> Arc<dyn RateLimitStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// Whether the last decision came from the fallback.
+    pub(crate) fn is_falling_back(&self) -> bool {
+        self.falling_back.load(Ordering::Relaxed)
+    }
+}

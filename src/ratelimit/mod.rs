@@ -1,0 +1,80 @@
+//! Rate limiting: quotas enforced across instances through a shared store.
+//!
+//! A [`RateLimitLayer`] enforces one [`Policy`]: a name, a [`Quota`] (`limit` per `window`), an
+//! [`Algorithm`], a [`KeyExtractor`] that picks whose counter a request spends from, and a cost
+//! per request. Stack several layers for several policies (per IP outside, per user inside).
+//!
+//! - **Shared and exact**: with Redis every decision is one atomic script on one key, using
+//!   Redis's clock, so N instances together grant exactly the quota, whatever their clocks say.
+//! - **Cheap floods**: a key denied until time T is answered from memory until T, with no Redis
+//!   round trip.
+//! - **Degrades, never breaks**: when Redis is unreachable (or its breaker is open), a local
+//!   limiter takes over, with a share of the quota you choose, or requests pass, or are refused
+//!   with `503` — see [`Fallback`]. Back to Redis by itself when it answers.
+//! - **Unspoofable client keys**: [`ClientIp`] believes `Forwarded`/`X-Forwarded-For` only from
+//!   trusted proxies, taking the right-most untrusted hop; IPv6 is grouped by /64.
+//! - **Standard answers**: `429` with `Retry-After` (whole seconds, at least 1) and the IETF
+//!   `RateLimit` / `RateLimit-Policy` fields, also on allowed responses; gRPC requests get a
+//!   trailers-only `RESOURCE_EXHAUSTED`.
+//! - **Tenants**: every counter is scoped to the request's [`Tenant`](crate::tenant::Tenant).
+//!
+//! # Examples
+//!
+//! 100 requests a minute per client IP, in memory:
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
+//!
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(RateLimitLayer::new(Policy::new("per-ip", Quota::per_minute(100))?));
+//! # let _ = app;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Across instances through Redis, an exact sliding log for logins keyed by client and route
+//! behind a load balancer, refusing with `503` while Redis is down:
+//!
+//! ```no_run
+//! use tower_turnstile::{
+//!     backend::RedisBackend,
+//!     ratelimit::{Algorithm, ClientIp, Fallback, Policy, Quota, RateLimitLayer, RouteKey},
+//! };
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+//! let logins = Policy::new("login", Quota::per_hour(10))?
+//!     .with_algorithm(Algorithm::SlidingLog)
+//!     .with_key((ClientIp::trusting(["10.0.0.0/8"])?, RouteKey));
+//! let layer = RateLimitLayer::new(logins).with_redis(redis).with_fallback(Fallback::Closed);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+
+mod algorithm;
+mod headers;
+mod key;
+mod layer;
+mod limiter;
+mod policy;
+mod quota;
+mod service;
+pub mod store;
+
+pub use algorithm::Algorithm;
+pub use key::{
+    ClientIp, Extracted, HeaderKey, KeyConfigError, KeyExtractor, PendingKey, PerTenant,
+    RequestView, RouteKey, SessionUser,
+};
+pub use layer::{RateLimitLayer, RateLimited, Rejection};
+pub use limiter::Fallback;
+pub use policy::{MissingKey, Policy, PolicyError};
+pub use quota::{Quota, QuotaError};
+pub use service::{RateLimit, ResponseFuture};
+pub use store::MemoryRateStore;
+#[cfg(feature = "redis")]
+pub use store::RedisRateStore;
+pub use store::{Check, Decision, RateLimitStore};

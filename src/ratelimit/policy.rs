@@ -1,0 +1,193 @@
+use std::{fmt, sync::Arc};
+
+use super::{
+    Algorithm, Quota,
+    key::{ClientIp, KeyExtractor, PerTenant, RequestView},
+};
+use crate::tenant::Tenant;
+
+/// What to do with a request whose key cannot be extracted (no peer address recorded, no API
+/// key header, no session user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingKey {
+    /// Count all such requests against one shared counter (the default): a misconfigured
+    /// key degrades to a global limit, never to no limit.
+    #[default]
+    SharedCounter,
+    /// Let them through unlimited (for a policy that only applies to identified clients).
+    Allow,
+    /// Refuse them as over the limit.
+    Deny,
+}
+
+/// Why a policy setting was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The policy name is empty, longer than 64 bytes, or has characters other than ASCII
+    /// letters, digits, `-`, `_` and `.` (it goes into headers and Redis keys).
+    #[error("invalid policy name {0:?}: use 1 to 64 ASCII letters, digits, '-', '_' or '.'")]
+    Name(String),
+}
+
+type CostFn = dyn Fn(&RequestView<'_>) -> u64 + Send + Sync;
+type QuotaFn = dyn Fn(&Tenant) -> Option<Quota> + Send + Sync;
+
+/// A rate-limit policy: a name, a quota, an algorithm, whose counter a request spends from
+/// (the key), and how much it spends (the cost).
+///
+/// ```
+/// use tower_turnstile::ratelimit::{Algorithm, ClientIp, Policy, Quota};
+///
+/// let per_ip = Policy::new("per-ip", Quota::per_minute(100))?;
+/// let logins = Policy::new("login", Quota::per_hour(10))?
+///     .with_algorithm(Algorithm::SlidingLog)
+///     .with_key(ClientIp::trusting(["10.0.0.0/8"])?);
+/// # let _ = (per_ip, logins);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct Policy {
+    pub(crate) name: Arc<str>,
+    pub(crate) quota: Quota,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) key: Arc<dyn KeyExtractor>,
+    pub(crate) cost: Option<Arc<CostFn>>,
+    pub(crate) fixed_cost: u64,
+    pub(crate) missing_key: MissingKey,
+    pub(crate) tenant_quota: Option<Arc<QuotaFn>>,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("quota", &self.quota)
+            .field("algorithm", &self.algorithm)
+            .field(
+                "cost",
+                &if self.cost.is_some() {
+                    "per request".to_owned()
+                } else {
+                    self.fixed_cost.to_string()
+                },
+            )
+            .field("missing_key", &self.missing_key)
+            .field("quota_per_tenant", &self.tenant_quota.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Policy {
+    /// A policy named `name` enforcing `quota` per client IP (the TCP peer), with the
+    /// sliding-window algorithm and a cost of 1 per request.
+    pub fn new(name: &str, quota: Quota) -> Result<Self, PolicyError> {
+        let valid = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        if name.is_empty() || name.len() > 64 || !name.bytes().all(valid) {
+            return Err(PolicyError::Name(name.to_owned()));
+        }
+        Ok(Self {
+            name: Arc::from(name),
+            quota,
+            algorithm: Algorithm::default(),
+            key: Arc::new(ClientIp::peer()),
+            cost: None,
+            fixed_cost: 1,
+            missing_key: MissingKey::default(),
+            tenant_quota: None,
+        })
+    }
+
+    /// How requests are counted. Default: [`Algorithm::SlidingWindow`].
+    pub fn with_algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Whose counter a request spends from. Default: [`ClientIp::peer`].
+    pub fn with_key(mut self, key: impl KeyExtractor) -> Self {
+        self.key = Arc::new(key);
+        self
+    }
+
+    /// What every request costs. Default: 1.
+    pub fn with_cost(mut self, cost: u64) -> Self {
+        self.fixed_cost = cost;
+        self.cost = None;
+        self
+    }
+
+    /// What a request costs, decided per request (an expensive endpoint may cost more).
+    pub fn with_cost_fn(
+        mut self,
+        cost: impl Fn(&RequestView<'_>) -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.cost = Some(Arc::new(cost));
+        self
+    }
+
+    /// What to do when a request has no key. Default: [`MissingKey::SharedCounter`].
+    pub fn on_missing_key(mut self, missing: MissingKey) -> Self {
+        self.missing_key = missing;
+        self
+    }
+
+    /// A tenant-wide policy: one counter per tenant that every request of the tenant spends
+    /// from. Stacked next to a per-client policy, it keeps one noisy tenant from using up a
+    /// capacity that all tenants share.
+    pub fn tenant_wide(name: &str, quota: Quota) -> Result<Self, PolicyError> {
+        Ok(Self::new(name, quota)?.with_key(PerTenant))
+    }
+
+    /// Chooses the quota per tenant (a plan table, say); tenants the lookup does not know get
+    /// the policy's own quota.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use tower_turnstile::ratelimit::{Policy, Quota};
+    ///
+    /// let plans = HashMap::from([("acme", Quota::per_minute(1000)), ("trial", Quota::per_minute(10))]);
+    /// let policy = Policy::new("per-ip", Quota::per_minute(100))?
+    ///     .with_quota_for(move |tenant| plans.get(tenant.as_str()).copied());
+    /// # let _ = policy;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_quota_for(
+        mut self,
+        lookup: impl Fn(&Tenant) -> Option<Quota> + Send + Sync + 'static,
+    ) -> Self {
+        self.tenant_quota = Some(Arc::new(lookup));
+        self
+    }
+
+    /// The quota that applies to `tenant`.
+    pub fn quota_for(&self, tenant: &Tenant) -> Quota {
+        self.tenant_quota
+            .as_ref()
+            .and_then(|lookup| lookup(tenant))
+            .unwrap_or(self.quota)
+    }
+
+    /// The policy's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The policy's quota.
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    /// The policy's algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    pub(crate) fn cost_of(&self, request: &RequestView<'_>) -> u64 {
+        self.cost
+            .as_ref()
+            .map_or(self.fixed_cost, |cost| cost(request))
+    }
+}

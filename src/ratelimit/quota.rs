@@ -1,0 +1,190 @@
+use std::{fmt, str::FromStr, time::Duration};
+
+/// How much may be spent per window: `limit` units of cost every `window`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_turnstile::ratelimit::Quota;
+///
+/// assert_eq!(Quota::per_minute(100), Quota::new(100, Duration::from_secs(60))?);
+/// assert_eq!("100/60s".parse::<Quota>()?, Quota::per_minute(100));
+/// assert_eq!("5/m".parse::<Quota>()?, Quota::per_minute(5));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    limit: u64,
+    window_ms: u64,
+}
+
+/// Why a quota was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuotaError {
+    /// The window is shorter than a millisecond or longer than a year.
+    #[error("a quota window must be between 1 ms and 365 days")]
+    Window,
+    /// The limit is larger than 1 000 000 000.
+    #[error("a quota limit must be at most 1000000000")]
+    Limit,
+    /// The text is not `N/<duration>`.
+    #[error("invalid quota {0:?}: expected N/<duration>, such as 100/60s, 5/m or 10/500ms")]
+    Syntax(String),
+}
+
+const MAX_WINDOW_MS: u64 = 365 * 24 * 3600 * 1000;
+const MAX_LIMIT: u64 = 1_000_000_000;
+
+impl Quota {
+    /// `limit` per `window`. A limit of 0 denies everything (a blocked plan, say).
+    pub fn new(limit: u64, window: Duration) -> Result<Self, QuotaError> {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        if window_ms == 0 || window_ms > MAX_WINDOW_MS {
+            return Err(QuotaError::Window);
+        }
+        if limit > MAX_LIMIT {
+            return Err(QuotaError::Limit);
+        }
+        Ok(Self { limit, window_ms })
+    }
+
+    /// `limit` per second.
+    pub const fn per_second(limit: u32) -> Self {
+        Self {
+            limit: limit as u64,
+            window_ms: 1000,
+        }
+    }
+
+    /// `limit` per minute.
+    pub const fn per_minute(limit: u32) -> Self {
+        Self {
+            limit: limit as u64,
+            window_ms: 60_000,
+        }
+    }
+
+    /// `limit` per hour.
+    pub const fn per_hour(limit: u32) -> Self {
+        Self {
+            limit: limit as u64,
+            window_ms: 3_600_000,
+        }
+    }
+
+    /// How much may be spent per window.
+    pub const fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window.
+    pub const fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+
+    pub(crate) const fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    /// The same window with `share` of the limit (rounded down, at least 1 when the limit is
+    /// not 0): what one instance may grant alone when the shared store is unreachable.
+    pub fn share(&self, share: f64) -> Self {
+        if self.limit == 0 {
+            return *self;
+        }
+        let scaled = (self.limit as f64 * share.clamp(0.0, 1.0)).floor() as u64;
+        Self {
+            limit: scaled.max(1),
+            window_ms: self.window_ms,
+        }
+    }
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.window_ms.is_multiple_of(1000) {
+            write!(f, "{}/{}s", self.limit, self.window_ms / 1000)
+        } else {
+            write!(f, "{}/{}ms", self.limit, self.window_ms)
+        }
+    }
+}
+
+impl FromStr for Quota {
+    type Err = QuotaError;
+
+    /// `N/<duration>`: the duration is a number with a unit (`ms`, `s`, `m`, `h`), or a bare
+    /// unit meaning one of it (`100/m`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let syntax = || QuotaError::Syntax(text.to_owned());
+        let (limit, window) = text.trim().split_once('/').ok_or_else(syntax)?;
+        let limit: u64 = limit.trim().parse().map_err(|_| syntax())?;
+        let window = window.trim();
+        let digits = window
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(syntax)?;
+        let (amount, unit) = window.split_at(digits);
+        let amount: u64 = if amount.is_empty() {
+            1
+        } else {
+            amount.parse().map_err(|_| syntax())?
+        };
+        let unit_ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            _ => return Err(syntax()),
+        };
+        let window_ms = amount.checked_mul(unit_ms).ok_or(QuotaError::Window)?;
+        Self::new(limit, Duration::from_millis(window_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit() {
+        assert_eq!("100/60s".parse(), Ok(Quota::per_minute(100)));
+        assert_eq!("100/1m".parse(), Ok(Quota::per_minute(100)));
+        assert_eq!("7/h".parse(), Ok(Quota::per_hour(7)));
+        assert_eq!(
+            "10/500ms".parse::<Quota>().unwrap().window(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            " 3 / 2s ".parse::<Quota>().unwrap(),
+            Quota::new(3, Duration::from_secs(2)).unwrap()
+        );
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        for bad in [
+            "",
+            "100",
+            "/60s",
+            "x/60s",
+            "100/60",
+            "100/60d",
+            "100/0s",
+            "-1/s",
+            "100/99999999999999h",
+        ] {
+            assert!(bad.parse::<Quota>().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            Quota::new(MAX_LIMIT + 1, Duration::from_secs(1)),
+            Err(QuotaError::Limit)
+        );
+    }
+
+    #[test]
+    fn share_rounds_down_but_never_to_zero() {
+        assert_eq!(Quota::per_minute(100).share(0.25).limit(), 25);
+        assert_eq!(Quota::per_minute(3).share(0.1).limit(), 1);
+        assert_eq!(Quota::per_minute(0).share(0.5).limit(), 0);
+    }
+}

@@ -1,0 +1,389 @@
+use std::{
+    fmt,
+    future::Future,
+    mem,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll, ready},
+};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use pin_project_lite::pin_project;
+use sha2::{Digest, Sha256};
+use tower_service::Service;
+
+use super::{
+    headers::{
+        GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, RATELIMIT, RATELIMIT_POLICY, grpc_status,
+        is_grpc, policy_value, ratelimit_value, retry_after_secs,
+    },
+    key::{Extracted, RequestView, tenant_of},
+    layer::{RateLimited, Rejection, Shared},
+    limiter::Verdict,
+    policy::MissingKey,
+    quota::Quota,
+    store::{Check, Decision},
+};
+use crate::body::{ResponseBody, plain_response};
+
+/// The service of a [`RateLimitLayer`](super::RateLimitLayer).
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("config", &self.shared)
+            .finish()
+    }
+}
+
+impl<S> RateLimit<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+/// The longest client key kept as it is; longer ones (and odd ones) are hashed, so a client
+/// cannot make keys of any size or shape.
+const MAX_RAW_KEY: usize = 128;
+
+/// The counter's full key: tenant, policy and algorithm fold in, so that tenants never share a
+/// counter and a policy that changes algorithm never reads a counter of another shape.
+fn counter_key(shared: &Shared, request: &RequestView<'_>, key: &str) -> String {
+    let tenant = tenant_of(request.extensions);
+    let policy = &shared.policy;
+    let plain = key.len() <= MAX_RAW_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+    if plain {
+        format!(
+            "{tenant}:rl:{}:{}:{key}",
+            policy.name(),
+            policy.algorithm().as_str()
+        )
+    } else {
+        let hash = URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes()));
+        format!(
+            "{tenant}:rl:{}:{}:#{hash}",
+            policy.name(),
+            policy.algorithm().as_str()
+        )
+    }
+}
+
+/// What the service does with a request once the key is known.
+enum Plan {
+    /// No limit applies (no key, and the policy lets such requests through).
+    Pass,
+    /// Refused outright (no key, and the policy refuses such requests).
+    Refuse,
+    /// Check this counter against this quota.
+    Check(String, Quota),
+}
+
+fn plan(shared: &Shared, request: &RequestView<'_>, key: Option<String>) -> Plan {
+    let quota = shared.policy.quota_for(&tenant_of(request.extensions));
+    match key {
+        Some(key) => Plan::Check(counter_key(shared, request, &key), quota),
+        None => {
+            if !shared.warned_missing_key.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "tower_turnstile::ratelimit",
+                    policy = shared.policy.name(),
+                    missing_key = ?shared.policy.missing_key,
+                    "a request had no rate-limit key (is the peer address recorded? see ClientIp)"
+                );
+            }
+            match shared.policy.missing_key {
+                MissingKey::Allow => Plan::Pass,
+                MissingKey::Deny => Plan::Refuse,
+                _ => Plan::Check(counter_key(shared, request, "(no key)"), quota),
+            }
+        }
+    }
+}
+
+type BoxedResponse<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let shared = Arc::clone(&self.shared);
+        let view = RequestView::new(&request);
+        let grpc = is_grpc(request.headers());
+        let cost = shared.policy.cost_of(&view);
+        let key = match shared.policy.key.extract(&view) {
+            Extracted::Ready(key) => key,
+            Extracted::Pending(pending) => {
+                // The key needs I/O: decide inside a future, and call the inner service from
+                // there (the clone-and-replace idiom keeps the service that was made ready).
+                let clone = self.inner.clone();
+                let inner = mem::replace(&mut self.inner, clone);
+                return ResponseFuture::boxed(Box::pin(async move {
+                    let key = pending.await;
+                    let plan = plan(&shared, &RequestView::new(&request), key);
+                    decide_then_call(shared, inner, request, plan, cost, grpc).await
+                }));
+            }
+        };
+        let plan = plan(&shared, &view, key);
+        let (counter, quota) = match plan {
+            Plan::Pass => return ResponseFuture::inner(self.inner.call(request), None),
+            Plan::Refuse => return ResponseFuture::ready(refuse(&shared, None, grpc)),
+            Plan::Check(counter, quota) => (counter, quota),
+        };
+        let check = Check::new(&counter, quota, shared.policy.algorithm(), cost);
+        match shared.limiter.decide_now(&check) {
+            Some(Verdict::Decided(decision)) if decision.allowed => {
+                let headers = shared
+                    .headers
+                    .then(|| allowed_headers(&shared, quota, &decision));
+                ResponseFuture::inner(self.inner.call(request), headers)
+            }
+            Some(Verdict::Decided(decision)) => {
+                ResponseFuture::ready(refuse(&shared, Some((&decision, quota)), grpc))
+            }
+            Some(Verdict::Unavailable) => ResponseFuture::ready(unavailable(&shared, grpc)),
+            None => {
+                let clone = self.inner.clone();
+                let inner = mem::replace(&mut self.inner, clone);
+                ResponseFuture::boxed(Box::pin(async move {
+                    decide_then_call(
+                        shared,
+                        inner,
+                        request,
+                        Plan::Check(counter, quota),
+                        cost,
+                        grpc,
+                    )
+                    .await
+                }))
+            }
+        }
+    }
+}
+
+async fn decide_then_call<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    request: Request<ReqBody>,
+    plan: Plan,
+    cost: u64,
+    grpc: bool,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    let (counter, quota) = match plan {
+        Plan::Pass => return inner.call(request).await.map(|r| r.map(ResponseBody::new)),
+        Plan::Refuse => return Ok(refuse(&shared, None, grpc)),
+        Plan::Check(counter, quota) => (counter, quota),
+    };
+    let check = Check::new(&counter, quota, shared.policy.algorithm(), cost);
+    let verdict = match shared.limiter.decide_now(&check) {
+        Some(verdict) => verdict,
+        None => shared.limiter.decide(&check).await,
+    };
+    match verdict {
+        Verdict::Decided(decision) if decision.allowed => {
+            let response = inner.call(request).await?;
+            let headers = shared
+                .headers
+                .then(|| allowed_headers(&shared, quota, &decision));
+            Ok(with_headers(response.map(ResponseBody::new), headers))
+        }
+        Verdict::Decided(decision) => Ok(refuse(&shared, Some((&decision, quota)), grpc)),
+        Verdict::Unavailable => Ok(unavailable(&shared, grpc)),
+    }
+}
+
+type HeaderPair = (HeaderValue, HeaderValue);
+
+fn allowed_headers(shared: &Shared, quota: Quota, decision: &Decision) -> HeaderPair {
+    (
+        policy_header(shared, quota),
+        ratelimit_value(shared.policy.name(), decision),
+    )
+}
+
+/// `RateLimit-Policy` for the quota the decision was made under (a tenant's plan may differ
+/// from the policy's default).
+fn policy_header(shared: &Shared, quota: Quota) -> HeaderValue {
+    if quota == shared.policy.quota() {
+        shared.policy_header.clone()
+    } else {
+        policy_value(shared.policy.name(), quota.limit(), quota.window())
+    }
+}
+
+fn with_headers<B>(mut response: Response<B>, headers: Option<HeaderPair>) -> Response<B> {
+    if let Some((policy, state)) = headers {
+        // Appended, not inserted: stacked layers each report their own policy.
+        response.headers_mut().append(&RATELIMIT_POLICY, policy);
+        response.headers_mut().append(&RATELIMIT, state);
+    }
+    response
+}
+
+fn refuse<B>(
+    shared: &Shared,
+    decided: Option<(&Decision, Quota)>,
+    grpc: bool,
+) -> Response<ResponseBody<B>> {
+    let policy = shared.policy.name();
+    let fallback;
+    let (decision, quota) = match decided {
+        Some(decided) => decided,
+        None => {
+            // Refused for lack of a key: report the quota as spent, with no retry time.
+            let quota = shared.policy.quota();
+            fallback = Decision::denied(quota.limit(), 0, quota.window(), None);
+            (&fallback, quota)
+        }
+    };
+    let mut response = match &shared.rejection {
+        Some(custom) => custom(&Rejection {
+            policy,
+            decision,
+            grpc,
+        })
+        .map(ResponseBody::local),
+        None if grpc => grpc_status(GRPC_RESOURCE_EXHAUSTED, "rate limit exceeded"),
+        None if decision.retry_after.is_none() && decision.limit > 0 => plain_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "request cost exceeds the rate limit\n",
+        ),
+        None => plain_response(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded\n"),
+    };
+    let headers = response.headers_mut();
+    if let Some(wait) = decision.retry_after
+        && !headers.contains_key(header::RETRY_AFTER)
+    {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(retry_after_secs(wait)),
+        );
+    }
+    if shared.headers && !headers.contains_key(&RATELIMIT) {
+        headers.append(&RATELIMIT_POLICY, policy_header(shared, quota));
+        headers.append(&RATELIMIT, ratelimit_value(policy, decision));
+    }
+    response.extensions_mut().insert(RateLimited {
+        policy: Arc::clone(&shared.policy.name),
+        decision: Some(*decision),
+    });
+    response
+}
+
+fn unavailable<B>(shared: &Shared, grpc: bool) -> Response<ResponseBody<B>> {
+    let mut response = if grpc {
+        grpc_status(GRPC_UNAVAILABLE, "rate limiter unavailable")
+    } else {
+        plain_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rate limiter unavailable\n",
+        )
+    };
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response.extensions_mut().insert(RateLimited {
+        policy: Arc::clone(&shared.policy.name),
+        decision: None,
+    });
+    response
+}
+
+pin_project! {
+    /// The response future of [`RateLimit`].
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Inner { #[pin] future: F, headers: Option<HeaderPair> },
+        Ready { response: Option<Response<ResponseBody<B>>> },
+        Boxed { future: BoxedResponse<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    fn inner(future: F, headers: Option<HeaderPair>) -> Self {
+        Self {
+            kind: Kind::Inner { future, headers },
+        }
+    }
+
+    fn ready(response: Response<ResponseBody<B>>) -> Self {
+        Self {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    fn boxed(future: BoxedResponse<B, E>) -> Self {
+        Self {
+            kind: Kind::Boxed { future },
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future, headers } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(with_headers(
+                    response.map(ResponseBody::new),
+                    headers.take(),
+                )))
+            }
+            KindProj::Ready { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Ready(Ok(plain_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "polled after completion\n",
+                ))),
+            },
+            KindProj::Boxed { future } => future.as_mut().poll(cx),
+        }
+    }
+}

@@ -1,0 +1,64 @@
+-- GCRA (generic cell rate algorithm): one number per key, the theoretical arrival time (TAT),
+-- the time at which the key is back to a full burst. Each unit of cost pushes it one emission
+-- interval (window / limit) later; a check is allowed while the TAT stays within one full burst
+-- (limit intervals) of now. Smooth spacing with bursts up to the limit, O(1) state.
+--
+-- KEYS[1]  string: the TAT, in microseconds since the Unix epoch
+-- ARGV[1]  decision time in microseconds since the Unix epoch, or '' for Redis TIME
+-- ARGV[2]  window (microseconds)
+-- ARGV[3]  limit (the burst)
+-- ARGV[4]  cost (0 only reads)
+--
+-- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never)}.
+--
+-- Times are whole microseconds and the emission interval is window / limit rounded down to a
+-- whole microsecond (at least 1), so every number is an integer below 2^53, exact in Lua's
+-- doubles. MemoryRateStore (memory.rs) feeds the same integers to governor's GCRA, and both
+-- stores make the same decisions.
+
+-- Lua turns numbers into strings with 14 significant digits, which would round timestamps.
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+local now
+if ARGV[1] == '' then
+  -- Redis's clock, not the caller's: instances with skewed clocks still agree.
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+else
+  now = tonumber(ARGV[1])
+end
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+if limit == 0 then
+  return {0, 0, 0, -1}
+end
+
+local interval = math.max(1, math.floor(window / limit))
+local burst = limit * interval
+-- A TAT in the past means a full burst is available: it counts as now.
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then
+  tat = now
+end
+
+local allowed = cost <= limit and tat - now + cost * interval <= burst
+if allowed and cost > 0 then
+  tat = tat + cost * interval
+  -- Once the TAT has passed, the key holds nothing a missing key would not.
+  redis.call('SET', KEYS[1], int(tat), 'PX', int(math.ceil((tat - now) / 1000)))
+end
+
+local remaining = math.floor((burst - (tat - now)) / interval)
+if remaining < 0 then
+  remaining = 0
+end
+if allowed then
+  return {1, remaining, tat - now, -1}
+end
+if cost > limit then
+  return {0, remaining, tat - now, -1}
+end
+return {0, remaining, tat - now, tat - now + cost * interval - burst}

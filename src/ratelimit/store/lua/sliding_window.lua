@@ -1,0 +1,112 @@
+-- Sliding-window counter: the count of the current fixed window plus the previous window's
+-- count, weighted by the share of the previous window that the sliding window still covers.
+-- O(1) state, and it smooths the burst a fixed window allows at its edge.
+--
+-- KEYS[1]  hash: w = index of the window counted in c (floor(time / window)), c = its count,
+--          p = the count of the window before it
+-- ARGV[1]  decision time in microseconds since the Unix epoch, or '' for Redis TIME
+-- ARGV[2]  window (microseconds)
+-- ARGV[3]  limit
+-- ARGV[4]  cost (0 only reads)
+--
+-- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never)}.
+--
+-- Every number stays an integer below 2^51, so Lua's doubles compute it exactly, and
+-- MemoryRateStore (memory.rs) repeats the same integer arithmetic in Rust: one trace of checks
+-- gets the same decisions from both stores. Change one only together with the other.
+
+-- Lua turns numbers into strings with 14 significant digits, which would round timestamps.
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+local now
+if ARGV[1] == '' then
+  -- Redis's clock, not the caller's: instances with skewed clocks still agree.
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+else
+  now = tonumber(ARGV[1])
+end
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+if limit == 0 then
+  return {0, 0, 0, -1}
+end
+
+local stored = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local index = math.floor(now / window)
+local current, previous = 0, 0
+local counted = tonumber(stored[1])
+if counted and counted >= index then
+  -- Only an explicit time can be earlier than the stored window; it counts as that window's
+  -- start, so that time never runs backwards for one key.
+  if counted > index then
+    index = counted
+    now = index * window
+  end
+  current, previous = tonumber(stored[2]), tonumber(stored[3])
+elseif counted and counted == index - 1 then
+  previous = tonumber(stored[2])
+end
+local start = index * window
+
+-- The previous window's weight is measured in ticks: 1 µs, unless limit * window is so large
+-- that products would pass 2^51; then ticks coarsen just enough to keep every product below it.
+local max_ticks = math.floor(2 ^ 51 / (3 * (limit + 1)))
+local tick = math.floor((window + max_ticks - 1) / max_ticks)
+local ticks = math.floor((window + tick - 1) / tick)
+local overlap = ticks - math.floor((now - start) / tick)
+
+-- estimate = previous * overlap / ticks + current; compared multiplied out, with no division.
+local allowed = cost <= limit and previous * overlap + (current + cost) * ticks <= limit * ticks
+if allowed and cost > 0 then
+  current = current + cost
+  redis.call('HSET', KEYS[1], 'w', int(index), 'c', int(current), 'p', int(previous))
+  -- Past the end of the next window, neither count matters any more.
+  redis.call('PEXPIRE', KEYS[1], int(math.ceil((start + 2 * window - now) / 1000)))
+end
+
+local remaining = limit - current - math.floor((previous * overlap + ticks - 1) / ticks)
+if remaining < 0 then
+  remaining = 0
+end
+-- The full limit is back once the weighted previous count is gone and nothing is counted.
+local reset = 0
+if current > 0 then
+  reset = start + 2 * window - now
+elseif previous > 0 then
+  reset = start + window - now
+end
+if allowed then
+  return {1, remaining, reset, -1}
+end
+if cost > limit then
+  return {0, remaining, reset, -1}
+end
+
+-- The earliest time the same cost fits, if nothing else is spent meanwhile. Later in this
+-- window, the previous count's weight shrinks until it leaves room...
+local retry
+local spare = limit - current - cost
+if spare >= 0 and previous > 0 then
+  local need = ticks - math.floor(spare * ticks / previous)
+  if need < ticks then
+    retry = start + need * tick - now
+  end
+end
+-- ...otherwise in the next window, where this window's count becomes the previous one, or at
+-- the start of the window after it, when nothing counts any more.
+if not retry then
+  local need = 0
+  if current > 0 then
+    need = math.max(0, ticks - math.floor((limit - cost) * ticks / current))
+  end
+  if need < ticks then
+    retry = start + window + need * tick - now
+  else
+    retry = start + 2 * window - now
+  end
+end
+return {0, remaining, reset, retry}

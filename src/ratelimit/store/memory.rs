@@ -1,0 +1,827 @@
+use std::{
+    cell::Cell,
+    collections::BTreeMap,
+    fmt,
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use governor::{
+    RateLimiter,
+    clock::Clock,
+    middleware::NoOpMiddleware,
+    nanos::Nanos,
+    state::{NotKeyed, StateStore},
+};
+use moka::{Expiry, sync::Cache};
+
+use super::{Check, Decision, RateLimitStore, StoreError};
+use crate::ratelimit::Algorithm;
+
+/// Rate-limit counts in process memory: bounded in size, idle keys swept by themselves.
+///
+/// For a single instance, for tests, and as the local fallback next to [`RedisRateStore`]. It
+/// makes the same decisions as the Redis store for the same trace of checks: the sliding-window
+/// algorithms repeat the Lua scripts' integer arithmetic, and GCRA feeds the same
+/// whole-microsecond integers to [`governor`]'s GCRA. Each check honours [`Check::at`], so a
+/// trace can be replayed; without it the decision time is [`SystemTime::now`].
+///
+/// The number of keys is capped (the least useful are evicted first), and a key left alone for
+/// two windows of its quota expires, so a flood of distinct keys cannot grow memory without
+/// bound. An evicted key starts again from nothing, as it would after its state expired.
+///
+/// Clones share the same counts.
+///
+/// ```
+/// use tower_turnstile::ratelimit::{Algorithm, Check, MemoryRateStore, Quota, RateLimitStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryRateStore::builder().max_keys(10_000).build();
+/// let login = Check::new("login:203.0.113.7", Quota::per_minute(5), Algorithm::SlidingLog, 1);
+///
+/// let decision = store.check(&login).await?;
+/// assert!(decision.allowed);
+/// assert_eq!(decision.remaining, 4);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// [`RedisRateStore`]: super::RedisRateStore
+#[derive(Clone)]
+pub struct MemoryRateStore {
+    counters: Cache<String, Arc<Counter>>,
+}
+
+/// Builds a [`MemoryRateStore`] with a non-default capacity.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryRateStoreBuilder {
+    max_keys: u64,
+}
+
+impl MemoryRateStoreBuilder {
+    /// The most keys counted at once. Default: 100 000.
+    pub fn max_keys(mut self, max: u64) -> Self {
+        self.max_keys = max;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryRateStore {
+        MemoryRateStore {
+            counters: Cache::builder()
+                .max_capacity(self.max_keys)
+                .expire_after(IdleExpiry)
+                .build(),
+        }
+    }
+}
+
+impl Default for MemoryRateStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryRateStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the entries: there may be a hundred thousand of them.
+        f.debug_struct("MemoryRateStore")
+            .field("keys", &self.counters.entry_count())
+            .field("max_keys", &self.counters.policy().max_capacity())
+            .finish()
+    }
+}
+
+impl MemoryRateStore {
+    /// A store with the default capacity (100 000 keys).
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder for a store with another capacity.
+    pub fn builder() -> MemoryRateStoreBuilder {
+        MemoryRateStoreBuilder { max_keys: 100_000 }
+    }
+
+    /// How many keys are counted (an estimate: expiry and eviction run in the background; this
+    /// runs what is pending first).
+    pub fn len(&self) -> u64 {
+        self.counters.run_pending_tasks();
+        self.counters.entry_count()
+    }
+
+    /// Whether the store counts no key (see [`MemoryRateStore::len`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl RateLimitStore for MemoryRateStore {
+    async fn check(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
+        self.decide(check)
+    }
+
+    /// Always decides at once: the counts are in this process.
+    fn check_now(&self, check: &Check<'_>) -> Option<Result<Decision, StoreError>> {
+        Some(self.decide(check))
+    }
+}
+
+impl MemoryRateStore {
+    fn decide(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
+        let limit = check.quota.limit();
+        if limit == 0 {
+            return Ok(Decision::denied(0, 0, Duration::ZERO, None));
+        }
+        let now = unix_micros(check.at.unwrap_or_else(SystemTime::now));
+        let window = check.quota.window_ms() * 1000;
+        let counter = match self.counters.get(check.key) {
+            Some(counter) => counter,
+            None => self
+                .counters
+                .get_with(check.key.to_owned(), || Arc::new(Counter::new(window))),
+        };
+        counter.keep_for(window);
+        let verdict = decide(
+            &mut lock(&counter.state),
+            check.algorithm,
+            now,
+            window,
+            limit,
+            check.cost,
+        )
+        .map_err(|source| StoreError::Failed {
+            source: Box::new(source),
+        })?;
+        Ok(verdict.into_decision(limit))
+    }
+}
+
+/// Microseconds since the Unix epoch (0 before it): the time unit of every algorithm, on both
+/// stores.
+fn unix_micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section is one decision over plain integers: a panic inside one cannot
+    // leave the counts inconsistent, so a poisoned lock is still usable.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One key's counts, behind a lock so that a decision and its spending are atomic.
+#[derive(Debug)]
+struct Counter {
+    state: Mutex<State>,
+    /// How long (µs) the counts may still matter after the key was last used: two windows of
+    /// the last quota checked, the longest any algorithm needs.
+    idle: AtomicU64,
+}
+
+impl Counter {
+    fn new(window: u64) -> Self {
+        Self {
+            state: Mutex::new(State::Fresh),
+            idle: AtomicU64::new(2 * window),
+        }
+    }
+
+    fn keep_for(&self, window: u64) {
+        self.idle.store(2 * window, Ordering::Relaxed);
+    }
+}
+
+struct IdleExpiry;
+
+impl IdleExpiry {
+    fn ttl(counter: &Counter) -> Option<Duration> {
+        Some(Duration::from_micros(counter.idle.load(Ordering::Relaxed)))
+    }
+}
+
+impl Expiry<String, Arc<Counter>> for IdleExpiry {
+    fn expire_after_create(
+        &self,
+        _: &String,
+        counter: &Arc<Counter>,
+        _: Instant,
+    ) -> Option<Duration> {
+        Self::ttl(counter)
+    }
+
+    fn expire_after_read(
+        &self,
+        _: &String,
+        counter: &Arc<Counter>,
+        _: Instant,
+        _: Option<Duration>,
+        _: Instant,
+    ) -> Option<Duration> {
+        // Every check reads its key before deciding, so a key in use is never swept, and one
+        // left alone goes two windows after its last check.
+        Self::ttl(counter)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        counter: &Arc<Counter>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Self::ttl(counter)
+    }
+}
+
+/// What one key holds: nothing yet, or the state of the algorithm that counts it.
+#[derive(Debug)]
+enum State {
+    Fresh,
+    Window(Window),
+    Log(Log),
+    Gcra(Gcra),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Fresh => "no",
+            Self::Window(_) => Algorithm::SlidingWindow.as_str(),
+            Self::Log(_) => Algorithm::SlidingLog.as_str(),
+            Self::Gcra(_) => Algorithm::Gcra.as_str(),
+        }
+    }
+}
+
+/// A key counted by one algorithm was checked with another (Redis answers `WRONGTYPE`).
+#[derive(Debug, thiserror::Error)]
+#[error("the key holds {held} state, not {wanted} state")]
+struct WrongAlgorithm {
+    held: &'static str,
+    wanted: &'static str,
+}
+
+/// A decision, with durations in microseconds, as the Lua scripts return it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Verdict {
+    allowed: bool,
+    remaining: u64,
+    reset: u64,
+    retry: Option<u64>,
+}
+
+impl Verdict {
+    fn into_decision(self, limit: u64) -> Decision {
+        let reset = Duration::from_micros(self.reset);
+        if self.allowed {
+            Decision::allowed(limit, self.remaining, reset)
+        } else {
+            Decision::denied(
+                limit,
+                self.remaining,
+                reset,
+                self.retry.map(Duration::from_micros),
+            )
+        }
+    }
+}
+
+/// Decides one check of `cost` against `limit` per `window` (µs) at `now` (µs since the epoch),
+/// spending the cost if allowed. `limit` is at least 1 (a limit of 0 needs no state).
+fn decide(
+    state: &mut State,
+    algorithm: Algorithm,
+    now: u64,
+    window: u64,
+    limit: u64,
+    cost: u64,
+) -> Result<Verdict, WrongAlgorithm> {
+    if let State::Fresh = state {
+        *state = match algorithm {
+            Algorithm::SlidingWindow => State::Window(Window::default()),
+            Algorithm::SlidingLog => State::Log(Log::default()),
+            Algorithm::Gcra => State::Gcra(Gcra::default()),
+        };
+    }
+    match (algorithm, state) {
+        (Algorithm::SlidingWindow, State::Window(counts)) => {
+            Ok(counts.decide(now, window, limit, cost))
+        }
+        (Algorithm::SlidingLog, State::Log(log)) => Ok(log.decide(now, window, limit, cost)),
+        (Algorithm::Gcra, State::Gcra(gcra)) => Ok(gcra.decide(now, window, limit, cost)),
+        (wanted, held) => Err(WrongAlgorithm {
+            held: held.name(),
+            wanted: wanted.as_str(),
+        }),
+    }
+}
+
+/// Sliding-window counter: the count of the current fixed window (`index`) and of the one
+/// before it. The arithmetic is `lua/sliding_window.lua`'s, line for line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Window {
+    index: u64,
+    current: u64,
+    previous: u64,
+}
+
+/// Every product of the sliding-window arithmetic stays below this, so that Lua's doubles
+/// compute it exactly.
+const EXACT: u64 = 1 << 51;
+
+/// The resolution (µs) at which the sliding window weighs the previous window, and the window
+/// in those ticks: 1 µs unless `limit * window` is so large that products would pass
+/// [`EXACT`].
+fn ticks(window: u64, limit: u64) -> (u64, u64) {
+    let max_ticks = EXACT / (3 * (limit + 1));
+    let tick = window.div_ceil(max_ticks);
+    (tick, window.div_ceil(tick))
+}
+
+impl Window {
+    fn decide(&mut self, now: u64, window: u64, limit: u64, cost: u64) -> Verdict {
+        let mut now = now;
+        let mut index = now / window;
+        let (mut current, mut previous) = (0, 0);
+        if self.index >= index {
+            // Only an explicit time can be earlier than the stored window; it counts as that
+            // window's start, so that time never runs backwards for one key.
+            if self.index > index {
+                index = self.index;
+                now = index * window;
+            }
+            (current, previous) = (self.current, self.previous);
+        } else if self.index + 1 == index {
+            previous = self.current;
+        }
+        let start = index * window;
+        let (tick, ticks) = ticks(window, limit);
+        let overlap = ticks - (now - start) / tick;
+
+        // u128 only matters for a key whose counts were made under a much larger quota:
+        // under one quota every product stays below 2^51, as in the script.
+        let weighted = wide(previous, overlap);
+        let allowed = cost <= limit && weighted + wide(current + cost, ticks) <= wide(limit, ticks);
+        if allowed && cost > 0 {
+            current += cost;
+            *self = Self {
+                index,
+                current,
+                previous,
+            };
+        }
+
+        let remaining = limit
+            .saturating_sub(current)
+            .saturating_sub(narrow(weighted.div_ceil(u128::from(ticks))));
+        let reset = if current > 0 {
+            start + 2 * window - now
+        } else if previous > 0 {
+            start + window - now
+        } else {
+            0
+        };
+        let retry = if allowed || cost > limit {
+            None
+        } else {
+            Some(Self::retry(
+                now,
+                start,
+                window,
+                (tick, ticks),
+                limit,
+                current,
+                previous,
+                cost,
+            ))
+        };
+        Verdict {
+            allowed,
+            remaining,
+            reset,
+            retry,
+        }
+    }
+
+    /// The earliest time (µs from `now`) at which `cost` fits, if nothing else is spent.
+    #[allow(clippy::too_many_arguments)]
+    fn retry(
+        now: u64,
+        start: u64,
+        window: u64,
+        (tick, ticks): (u64, u64),
+        limit: u64,
+        current: u64,
+        previous: u64,
+        cost: u64,
+    ) -> u64 {
+        // Later in this window, once the previous count's weight has shrunk enough...
+        if let Some(spare) = limit.checked_sub(current + cost)
+            && previous > 0
+        {
+            let need = ticks.saturating_sub(narrow(wide(spare, ticks) / u128::from(previous)));
+            if need < ticks {
+                return (start + need * tick).saturating_sub(now);
+            }
+        }
+        // ...or in the next window, where this window's count becomes the previous one, or at
+        // the start of the one after, when nothing counts any more.
+        let need = wide(limit - cost, ticks)
+            .checked_div(u128::from(current))
+            .map_or(0, |fits| ticks.saturating_sub(narrow(fits)));
+        if need < ticks {
+            start + window + need * tick - now
+        } else {
+            start + 2 * window - now
+        }
+    }
+}
+
+fn wide(a: u64, b: u64) -> u128 {
+    u128::from(a) * u128::from(b)
+}
+
+fn narrow(n: u128) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Sliding log: how many units were spent at each time (µs), like the sorted set of
+/// `lua/sliding_log.lua` with its members counted per score.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Log {
+    spent: BTreeMap<u64, u64>,
+    count: u64,
+}
+
+impl Log {
+    fn decide(&mut self, now: u64, window: u64, limit: u64, cost: u64) -> Verdict {
+        // A unit spent at t counts while now < t + window; trimming is kept even when the
+        // check is denied, as the script's ZREMRANGEBYSCORE is.
+        if let Some(oldest_kept) = (now + 1).checked_sub(window) {
+            let kept = self.spent.split_off(&oldest_kept);
+            let gone: u64 = self.spent.values().sum();
+            self.count -= gone;
+            self.spent = kept;
+        }
+        let allowed = cost <= limit && self.count + cost <= limit;
+        if allowed && cost > 0 {
+            *self.spent.entry(now).or_default() += cost;
+            self.count += cost;
+        }
+        let reset = self
+            .spent
+            .last_key_value()
+            .map_or(0, |(&newest, _)| newest + window - now);
+        let remaining = limit.saturating_sub(self.count);
+        let retry = if allowed || cost > limit {
+            None
+        } else {
+            // The same cost fits once the (count + cost - limit) oldest units have left.
+            let rank = self.count + cost - limit;
+            let mut seen = 0;
+            self.spent.iter().find_map(|(&at, &units)| {
+                seen += units;
+                (seen >= rank).then(|| at + window - now)
+            })
+        };
+        Verdict {
+            allowed,
+            remaining,
+            reset,
+            retry,
+        }
+    }
+}
+
+/// GCRA: the theoretical arrival time (µs since the epoch), as `lua/gcra.lua` keeps it. The
+/// decision itself is governor's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Gcra {
+    tat: Option<u64>,
+}
+
+impl Gcra {
+    fn decide(&mut self, now: u64, window: u64, limit: u64, cost: u64) -> Verdict {
+        let interval = (window / limit).max(1);
+        let burst = limit * interval;
+        let (allowed, retry) = if cost > limit {
+            (false, None)
+        } else if cost == 0 {
+            // Governor has no read-only check; reading needs no GCRA anyway.
+            let ahead = self.ahead(now);
+            (ahead <= burst, (ahead > burst).then(|| ahead - burst))
+        } else {
+            self.governor_check(now, interval, limit, cost)
+        };
+        let ahead = self.ahead(now);
+        Verdict {
+            allowed,
+            remaining: burst.saturating_sub(ahead) / interval,
+            reset: ahead,
+            retry,
+        }
+    }
+
+    /// How far the TAT is ahead of `now`: the time until a full burst is available.
+    fn ahead(&self, now: u64) -> u64 {
+        self.tat.map_or(0, |tat| tat.saturating_sub(now))
+    }
+
+    /// Runs governor's GCRA for one check, spending `cost` (1 ..= `limit`) if it fits.
+    ///
+    /// Governor reads the time from its clock and keeps the TAT relative to the clock's reading
+    /// when the limiter was built. Building a limiter per check, on a clock that reads zero,
+    /// makes the decision time governor's origin: the TAT is handed over relative to `now` and
+    /// taken back as an absolute time, so the key's state lives here, bounded, and each check
+    /// is decided at its own time. Every input is a whole number of microseconds, so
+    /// governor's nanosecond arithmetic gives exactly the script's results.
+    fn governor_check(
+        &mut self,
+        now: u64,
+        interval: u64,
+        limit: u64,
+        cost: u64,
+    ) -> (bool, Option<u64>) {
+        let burst =
+            NonZeroU32::new(u32::try_from(limit).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        let cost =
+            NonZeroU32::new(u32::try_from(cost).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        let Some(quota) = governor::Quota::with_period(Duration::from_micros(interval)) else {
+            // Unreachable: the interval is at least 1 µs.
+            return (false, None);
+        };
+        let limiter: RateLimiter<NotKeyed, Shifted, DecisionTime, NoOpMiddleware<Nanos>> =
+            RateLimiter::new(
+                quota.allow_burst(burst),
+                Shifted::new(now, self.tat),
+                DecisionTime,
+            );
+        match limiter.check_n(cost) {
+            Ok(Ok(())) => {
+                self.tat = limiter.into_state_store().tat();
+                (true, None)
+            }
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(DecisionTime.now());
+                (
+                    false,
+                    Some(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX)),
+                )
+            }
+            // Unreachable: the cost is at most the limit, which is the burst.
+            Err(_insufficient) => (false, None),
+        }
+    }
+}
+
+/// Governor's clock during one check: the decision time is its zero.
+#[derive(Debug, Clone, Copy)]
+struct DecisionTime;
+
+impl Clock for DecisionTime {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        Nanos::from(0)
+    }
+}
+
+/// One key's TAT as governor sees it during one check: relative to the decision time, in
+/// nanoseconds. A TAT in the past reads as the decision time itself, which GCRA treats the
+/// same way (a full burst is available).
+#[derive(Debug)]
+struct Shifted {
+    now: u64,
+    tat: Cell<Option<u64>>,
+}
+
+impl Shifted {
+    fn new(now: u64, tat: Option<u64>) -> Self {
+        Self {
+            now,
+            tat: Cell::new(tat),
+        }
+    }
+
+    fn tat(&self) -> Option<u64> {
+        self.tat.get()
+    }
+}
+
+impl StateStore for Shifted {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _: &NotKeyed, decide: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let relative = self
+            .tat
+            .get()
+            .map(|tat| Nanos::from(tat.saturating_sub(self.now) * 1000));
+        let (outcome, next) = decide(relative)?;
+        // `next` is a whole number of microseconds: every input to governor was one.
+        let next = next.as_u64() / 1000;
+        self.tat.set(Some(self.now + next));
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000;
+    /// A decision time on a window boundary of every window used below (µs since the epoch).
+    const T0: u64 = 1_700_000_000 * S;
+
+    fn allowed(remaining: u64, reset: u64) -> Verdict {
+        Verdict {
+            allowed: true,
+            remaining,
+            reset,
+            retry: None,
+        }
+    }
+
+    fn denied(remaining: u64, reset: u64, retry: Option<u64>) -> Verdict {
+        Verdict {
+            allowed: false,
+            remaining,
+            reset,
+            retry,
+        }
+    }
+
+    #[test]
+    fn ticks_are_microseconds_unless_products_would_pass_2_pow_51() {
+        assert_eq!(ticks(60 * S, 100), (1, 60 * S));
+        assert_eq!(ticks(3600 * S, 100_000), (1, 3600 * S));
+        assert_eq!(ticks(3600 * S, 1_000_000), (5, 720 * S));
+        // A year at a billion: ticks coarsen, and every product stays exact.
+        let year = 365 * 24 * 3600 * S;
+        let (tick, ticks) = ticks(year, 1_000_000_000);
+        assert!(tick > 1);
+        assert!(3 * (1_000_000_000 + 1) * ticks <= EXACT);
+        assert!(ticks * tick >= year && (ticks - 1) * tick < year);
+    }
+
+    #[test]
+    fn sliding_window_weighs_the_previous_window() {
+        let mut w = Window::default();
+        // 10 per second; spend it all half-way through a window.
+        let half = T0 + S / 2;
+        assert_eq!(w.decide(half, S, 10, 10), allowed(0, S / 2 + S));
+        // Denied: in the next window the 10 weigh 10 * (1 - e) and 1 fits once e >= 0.1.
+        assert_eq!(
+            w.decide(half, S, 10, 1),
+            denied(0, S / 2 + S, Some(S / 2 + S / 10))
+        );
+        // A quarter into the next window, 10 * 0.75 = 7.5 still count: 2 remain.
+        let quarter = T0 + S + S / 4;
+        assert_eq!(w.decide(quarter, S, 10, 0), allowed(2, 3 * S / 4));
+        assert_eq!(w.decide(quarter, S, 10, 2), allowed(0, 2 * S - S / 4));
+        // One more fits once 10 * (1 - e) + 2 + 1 <= 10, at e = 0.3: 50 ms from now.
+        assert_eq!(
+            w.decide(quarter, S, 10, 1),
+            denied(0, 2 * S - S / 4, Some(S / 20))
+        );
+        assert_eq!(
+            w,
+            Window {
+                index: T0 / S + 1,
+                current: 2,
+                previous: 10
+            }
+        );
+    }
+
+    #[test]
+    fn sliding_window_retry_is_the_first_microsecond_that_fits() {
+        // 3 per 7 ms windows: 3/7 does not divide evenly, so the earliest time is rounded up.
+        let window = 7_000;
+        let start = T0 / window * window + window;
+        let mut w = Window::default();
+        assert!(w.decide(start, window, 3, 3).allowed);
+        let next = start + window;
+        let denial = w.decide(next, window, 3, 1);
+        let retry = denial.retry.expect("a wait");
+        assert!(!w.decide(next + retry - 1, window, 3, 1).allowed);
+        assert!(w.decide(next + retry, window, 3, 1).allowed);
+        // 3 * (7000 - e) <= 2 * 7000  <=>  e >= 2333.33..: the first whole microsecond is 2334.
+        assert_eq!(retry, 2_334);
+    }
+
+    #[test]
+    fn sliding_window_full_cost_waits_until_nothing_counts() {
+        let mut w = Window::default();
+        assert!(w.decide(T0, S, 4, 1).allowed);
+        // Cost 4 = limit needs the estimate at 0: two windows after this one started.
+        assert_eq!(
+            w.decide(T0 + 10, S, 4, 4),
+            denied(3, 2 * S - 10, Some(2 * S - 10))
+        );
+    }
+
+    #[test]
+    fn sliding_window_denials_spend_nothing_and_time_does_not_run_back() {
+        let mut w = Window::default();
+        assert!(w.decide(T0 + S, S, 2, 2).allowed);
+        let before = w;
+        assert!(!w.decide(T0 + S, S, 2, 1).allowed);
+        assert!(!w.decide(T0 + S, S, 2, 3).allowed);
+        assert_eq!(w, before);
+        // An earlier time counts as the stored window's start.
+        assert_eq!(w.decide(T0, S, 2, 0), w.decide(T0 + S, S, 2, 0));
+    }
+
+    #[test]
+    fn counts_made_under_a_larger_quota_do_not_overflow() {
+        let year = 365 * 24 * 3600 * S;
+        let start = (T0 / year + 1) * year;
+        let mut w = Window::default();
+        assert!(w.decide(start, year, 1_000_000_000, 1_000_000_000).allowed);
+        // Next window, the quota cut to 1 a year: 10^9 weighed in µs ticks passes u64.
+        let denial = w.decide(start + year, year, 1, 1);
+        assert_eq!(denial, denied(0, year, Some(year)));
+    }
+
+    #[test]
+    fn sliding_log_counts_every_unit_for_one_window() {
+        let mut log = Log::default();
+        for step in 0..5 {
+            assert!(log.decide(T0 + step * 100_000, S, 5, 1).allowed);
+        }
+        // Full: the oldest unit (at T0) leaves at T0 + 1 s.
+        let now = T0 + 900_000;
+        assert_eq!(
+            log.decide(now, S, 5, 1),
+            denied(0, S - 500_000, Some(100_000))
+        );
+        // Cost 3 waits for the third oldest.
+        assert_eq!(
+            log.decide(now, S, 5, 3),
+            denied(0, S - 500_000, Some(300_000))
+        );
+        assert_eq!(log.decide(now, S, 5, 6), denied(0, S - 500_000, None));
+        // At T0 + 1 s exactly the first unit is gone.
+        assert_eq!(log.decide(T0 + S, S, 5, 1), allowed(0, S));
+        assert_eq!(log.count, 5);
+        assert_eq!(log.spent.len(), 5);
+    }
+
+    #[test]
+    fn gcra_spaces_units_by_the_emission_interval() {
+        let mut gcra = Gcra::default();
+        // 10 per second: one every 100 ms, bursts of 10.
+        assert_eq!(gcra.decide(T0, S, 10, 8), allowed(2, 800_000));
+        assert_eq!(gcra.decide(T0, S, 10, 3), denied(2, 800_000, Some(100_000)));
+        assert_eq!(gcra.decide(T0, S, 10, 2), allowed(0, S));
+        assert_eq!(
+            gcra.decide(T0 + 50_000, S, 10, 1),
+            denied(0, S - 50_000, Some(50_000))
+        );
+        assert_eq!(gcra.decide(T0 + 100_000, S, 10, 1), allowed(0, S));
+        assert_eq!(gcra.decide(T0, S, 10, 11), denied(0, S + 100_000, None));
+        // Long idle: the TAT in the past reads as now.
+        assert_eq!(gcra.decide(T0 + 60 * S, S, 10, 0), allowed(10, 0));
+        assert_eq!(gcra.tat, Some(T0 + S + 100_000));
+    }
+
+    #[test]
+    fn gcra_rounds_the_emission_interval_down_to_a_microsecond() {
+        let mut gcra = Gcra::default();
+        // 3 per second: 333 333 µs apart, a burst worth 999 999 µs.
+        assert_eq!(gcra.decide(T0, S, 3, 3), allowed(0, 999_999));
+        assert_eq!(gcra.decide(T0, S, 3, 1), denied(0, 999_999, Some(333_333)));
+    }
+
+    #[test]
+    fn keys_keep_to_one_algorithm() {
+        let mut state = State::Fresh;
+        assert!(decide(&mut state, Algorithm::Gcra, T0, S, 5, 1).is_ok());
+        let error = decide(&mut state, Algorithm::SlidingLog, T0, S, 5, 1).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the key holds gcra state, not sliding-log state"
+        );
+    }
+
+    #[test]
+    fn times_before_the_epoch_read_as_zero() {
+        assert_eq!(unix_micros(UNIX_EPOCH - Duration::from_secs(1)), 0);
+        assert_eq!(unix_micros(UNIX_EPOCH + Duration::from_nanos(1_999)), 1);
+    }
+}

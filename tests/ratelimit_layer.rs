@@ -1,0 +1,631 @@
+//! The rate-limit layer end to end: an axum router, real stores (memory and Redis), requests
+//! from chosen client addresses.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use support::{
+    RedisServer,
+    http::{Reply, send},
+};
+use tower_turnstile::{
+    backend::{BreakerConfig, RedisBackend},
+    ratelimit::{
+        Algorithm, ClientIp, Fallback, HeaderKey, MissingKey, Policy, Quota, RateLimitLayer,
+        RateLimited, RedisRateStore,
+    },
+    tenant::Tenant,
+};
+
+fn app(layer: RateLimitLayer) -> Router {
+    Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/other", get(|| async { "other" }))
+        .layer(layer)
+}
+
+fn request_from(ip: &str, path: &str) -> Request<Body> {
+    let mut request = Request::get(path).body(Body::empty()).unwrap();
+    let addr: SocketAddr = format!("{ip}:40000")
+        .parse()
+        .unwrap_or_else(|_| format!("[{ip}]:40000").parse().unwrap());
+    request.extensions_mut().insert(ConnectInfo(addr));
+    request
+}
+
+async fn hit(app: &Router, ip: &str) -> Reply {
+    send(app, request_from(ip, "/")).await
+}
+
+fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).map(|v| v.to_str().unwrap())
+}
+
+fn policy(limit: u32, window: Duration) -> Policy {
+    Policy::new("test", Quota::new(u64::from(limit), window).unwrap()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions, headers, answers.
+
+#[tokio::test]
+async fn allows_up_to_the_limit_then_429_with_headers() {
+    let app = app(RateLimitLayer::new(policy(3, Duration::from_secs(60))));
+    for remaining in [2, 1, 0] {
+        let reply = hit(&app, "198.51.100.1").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(
+            header(&reply, "ratelimit-policy"),
+            Some("\"test\";q=3;w=60")
+        );
+        let state = header(&reply, "ratelimit").unwrap();
+        assert!(
+            state.starts_with(&format!("\"test\";r={remaining};t=")),
+            "{state}"
+        );
+        assert!(header(&reply, "retry-after").is_none());
+    }
+    let reply = hit(&app, "198.51.100.1").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = header(&reply, "retry-after").unwrap().parse().unwrap();
+    // The sliding window frees a unit only once the previous window's weight has dropped far
+    // enough: up to a window and a third here, never more than two windows.
+    assert!((1..=120).contains(&retry), "{retry}");
+    assert!(
+        header(&reply, "ratelimit")
+            .unwrap()
+            .starts_with("\"test\";r=0;t=")
+    );
+    assert_eq!(
+        header(&reply, "ratelimit-policy"),
+        Some("\"test\";q=3;w=60")
+    );
+    assert_eq!(reply.body, "rate limit exceeded\n");
+    // Another client has its own counter.
+    assert_eq!(hit(&app, "198.51.100.2").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn sub_second_waits_say_one_second_and_clear_in_time() {
+    let app = app(RateLimitLayer::new(policy(2, Duration::from_millis(300))));
+    hit(&app, "198.51.100.1").await;
+    hit(&app, "198.51.100.1").await;
+    let reply = hit(&app, "198.51.100.1").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&reply, "retry-after"),
+        Some("1"),
+        "a sub-second wait rounds up to 1, never 0"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(hit(&app, "198.51.100.1").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn cost_above_one_and_above_the_limit() {
+    let expensive = policy(10, Duration::from_secs(60)).with_cost(4);
+    let costly = app(RateLimitLayer::new(expensive));
+    assert_eq!(hit(&costly, "198.51.100.1").await.status, StatusCode::OK);
+    let reply = hit(&costly, "198.51.100.1").await;
+    assert!(header(&reply, "ratelimit").unwrap().contains(";r=2;"));
+    let reply = hit(&costly, "198.51.100.1").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "4 + 4 + 4 > 10"
+    );
+
+    let impossible = app(RateLimitLayer::new(
+        policy(3, Duration::from_secs(60)).with_cost(5),
+    ));
+    let reply = hit(&impossible, "198.51.100.1").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(reply.body, "request cost exceeds the rate limit\n");
+    assert!(
+        header(&reply, "retry-after").is_none(),
+        "waiting would not help"
+    );
+}
+
+#[tokio::test]
+async fn cloned_services_share_one_count() {
+    let layer = RateLimitLayer::new(policy(5, Duration::from_secs(60)));
+    // Two routers built from the same layer: axum clones services freely, counts must not split.
+    let (a, b) = (app(layer.clone()), app(layer));
+    let mut allowed = 0;
+    for i in 0..10 {
+        let target = if i % 2 == 0 { &a } else { &b };
+        allowed += usize::from(hit(target, "198.51.100.1").await.status == StatusCode::OK);
+    }
+    assert_eq!(allowed, 5);
+}
+
+#[tokio::test]
+async fn stacked_layers_each_report_their_policy() {
+    let per_ip = RateLimitLayer::new(Policy::new("per-ip", Quota::per_minute(100)).unwrap());
+    let per_route = RateLimitLayer::new(
+        Policy::new("per-route", Quota::per_minute(1))
+            .unwrap()
+            .with_key((ClientIp::peer(), tower_turnstile::ratelimit::RouteKey)),
+    );
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/other", get(|| async { "other" }))
+        .layer(per_route)
+        .layer(per_ip);
+    let reply = send(&app, request_from("198.51.100.1", "/")).await;
+    let policies: Vec<_> = reply
+        .headers
+        .get_all("ratelimit-policy")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(policies.len(), 2, "{policies:?}");
+    assert_eq!(
+        send(&app, request_from("198.51.100.1", "/")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&app, request_from("198.51.100.1", "/other"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn grpc_requests_get_resource_exhausted_trailers_only() {
+    let app = app(RateLimitLayer::new(policy(1, Duration::from_secs(60))));
+    let grpc = || {
+        let mut request = request_from("198.51.100.1", "/");
+        request.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        request
+    };
+    assert_eq!(send(&app, grpc()).await.status, StatusCode::OK);
+    let reply = send(&app, grpc()).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "gRPC errors travel in grpc-status, over HTTP 200"
+    );
+    assert_eq!(header(&reply, "grpc-status"), Some("8"));
+    assert_eq!(header(&reply, "grpc-message"), Some("rate limit exceeded"));
+    assert_eq!(header(&reply, "content-type"), Some("application/grpc"));
+    assert!(reply.body.is_empty(), "trailers-only: no message frames");
+    assert!(header(&reply, "retry-after").is_some());
+}
+
+#[tokio::test]
+async fn custom_rejection_and_the_reason_in_extensions() {
+    let layer =
+        RateLimitLayer::new(policy(1, Duration::from_secs(60))).with_rejection(|rejection| {
+            let mut response = Response::new(bytes::Bytes::from(format!(
+                "slow down ({})",
+                rejection.policy
+            )));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            response
+        });
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let record = Arc::clone(&seen);
+    let app = app(layer).layer(axum::middleware::map_response(
+        move |response: axum::response::Response| {
+            let record = Arc::clone(&record);
+            async move {
+                *record.lock().unwrap() = response
+                    .extensions()
+                    .get::<RateLimited>()
+                    .map(|r| r.policy.to_string());
+                response
+            }
+        },
+    ));
+    hit(&app, "198.51.100.1").await;
+    let reply = hit(&app, "198.51.100.1").await;
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "slow down (test)")
+    );
+    assert!(
+        header(&reply, "retry-after").is_some(),
+        "added when the custom response lacks it"
+    );
+    assert_eq!(seen.lock().unwrap().as_deref(), Some("test"));
+}
+
+#[tokio::test]
+async fn headers_can_be_turned_off() {
+    let app = app(RateLimitLayer::new(policy(1, Duration::from_secs(60))).with_headers(false));
+    let reply = hit(&app, "198.51.100.1").await;
+    assert!(header(&reply, "ratelimit").is_none());
+    let reply = hit(&app, "198.51.100.1").await;
+    assert!(header(&reply, "ratelimit").is_none());
+    assert!(
+        header(&reply, "retry-after").is_some(),
+        "Retry-After stays: it is the 429's answer"
+    );
+}
+
+#[tokio::test]
+async fn missing_keys_follow_the_policy() {
+    let by_key = |missing| {
+        app(RateLimitLayer::new(
+            policy(1, Duration::from_secs(60))
+                .with_key(HeaderKey::new(http::HeaderName::from_static("x-api-key")))
+                .on_missing_key(missing),
+        ))
+    };
+    let no_key = || Request::get("/").body(Body::empty()).unwrap();
+    let shared = by_key(MissingKey::SharedCounter);
+    assert_eq!(send(&shared, no_key()).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&shared, no_key()).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "one shared counter"
+    );
+    let allow = by_key(MissingKey::Allow);
+    for _ in 0..3 {
+        assert_eq!(send(&allow, no_key()).await.status, StatusCode::OK);
+    }
+    let deny = by_key(MissingKey::Deny);
+    assert_eq!(
+        send(&deny, no_key()).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // With a key, each key counts alone.
+    let mut keyed = no_key();
+    keyed
+        .headers_mut()
+        .insert("x-api-key", HeaderValue::from_static("k1"));
+    assert_eq!(send(&deny, keyed).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
+    let spoofable = |trusted: Option<&str>| {
+        let key = match trusted {
+            Some(cidr) => ClientIp::trusting([cidr]).unwrap(),
+            None => ClientIp::peer(),
+        };
+        app(RateLimitLayer::new(
+            policy(1, Duration::from_secs(60)).with_key(key),
+        ))
+    };
+    let from = |peer: &str, xff: &str| {
+        let mut request = request_from(peer, "/");
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", HeaderValue::from_str(xff).unwrap());
+        request
+    };
+    // No trusted proxy: a client rotating X-Forwarded-For still spends its own counter.
+    let direct = spoofable(None);
+    assert_eq!(
+        send(&direct, from("203.0.113.5", "1.1.1.1")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&direct, from("203.0.113.5", "2.2.2.2")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // Behind a trusted proxy: the right-most untrusted hop is the client, whatever it forged
+    // on the left.
+    let proxied = spoofable(Some("10.0.0.0/8"));
+    assert_eq!(
+        send(&proxied, from("10.0.0.1", "9.9.9.9, 198.51.100.7"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&proxied, from("10.0.0.1", "8.8.8.8, 198.51.100.7"))
+            .await
+            .status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&proxied, from("10.0.0.1", "198.51.100.8"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Garbage: the proxy itself is the key; never a 5xx.
+    for garbage in ["", "nonsense", "1.2.3", "[::1", "999.999.999.999"] {
+        let reply = send(&proxied, from("10.0.0.9", garbage)).await;
+        assert!(
+            reply.status == StatusCode::OK || reply.status == StatusCode::TOO_MANY_REQUESTS,
+            "{garbage}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tenants_have_separate_counters() {
+    let app = app(RateLimitLayer::new(policy(1, Duration::from_secs(60))));
+    let with_tenant = |name: &str| {
+        let mut request = request_from("198.51.100.1", "/");
+        request.extensions_mut().insert(Tenant::new(name).unwrap());
+        request
+    };
+    assert_eq!(send(&app, with_tenant("acme")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&app, with_tenant("acme")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        send(&app, with_tenant("globex")).await.status,
+        StatusCode::OK,
+        "acme cannot spend globex's quota"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis: shared counts, the over-limit cache, outages.
+
+fn redis_layer(backend: &RedisBackend, limit: u32, algorithm: Algorithm) -> RateLimitLayer {
+    RateLimitLayer::new(policy(limit, Duration::from_secs(60)).with_algorithm(algorithm))
+        .with_redis(backend.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_instances_share_one_limit() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    for algorithm in [
+        Algorithm::SlidingWindow,
+        Algorithm::SlidingLog,
+        Algorithm::Gcra,
+    ] {
+        server.cli(&["FLUSHALL"]);
+        // Two instances, each with its own connection.
+        let a = app(redis_layer(
+            &RedisBackend::new(&server.url()).unwrap(),
+            10,
+            algorithm,
+        ));
+        let b = app(redis_layer(
+            &RedisBackend::new(&server.url()).unwrap(),
+            10,
+            algorithm,
+        ));
+        let mut allowed = 0;
+        for i in 0..30 {
+            let target = if i % 2 == 0 { &a } else { &b };
+            allowed += usize::from(hit(target, "198.51.100.1").await.status == StatusCode::OK);
+        }
+        assert_eq!(allowed, 10, "{algorithm:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_limit_flood_costs_almost_no_round_trips() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let app = app(redis_layer(&backend, 5, Algorithm::SlidingWindow));
+    for _ in 0..5 {
+        assert_eq!(hit(&app, "198.51.100.1").await.status, StatusCode::OK);
+    }
+    let before = backend.health().snapshot().round_trips;
+    let monitor = server.monitor();
+    let flood = 2000;
+    for _ in 0..flood {
+        assert_eq!(
+            hit(&app, "198.51.100.1").await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+    let round_trips = backend.health().snapshot().round_trips - before;
+    let commands = monitor.take().len();
+    let per_denied = commands as f64 / f64::from(flood);
+    eprintln!(
+        "over-limit flood: {flood} denied requests, {round_trips} round trips, {commands} commands ({per_denied:.4}/request)"
+    );
+    assert!(
+        per_denied <= 0.01,
+        "{commands} commands for {flood} denied requests"
+    );
+    assert_eq!(round_trips, commands as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_memory_and_recovers() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::builder(server.url())
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(2)
+                .open_for(Duration::from_millis(200)),
+        )
+        .build()
+        .unwrap();
+    let store = RedisRateStore::new(backend.clone()).with_timeout(Duration::from_millis(50));
+    let layer = RateLimitLayer::new(policy(4, Duration::from_secs(60)))
+        .with_store(store)
+        .with_fallback(Fallback::Local { share: 0.5 });
+    let app = app(layer.clone());
+    assert_eq!(hit(&app, "198.51.100.1").await.status, StatusCode::OK);
+
+    server.pause();
+    // A frozen Redis: each decision waits at most the deadline, then the breaker opens and
+    // decisions are immediate; all come from the local limiter with half the quota.
+    let mut statuses = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..6 {
+        let started = Instant::now();
+        let reply = tokio::time::timeout(Duration::from_secs(5), hit(&app, "198.51.100.2"))
+            .await
+            .expect("no hang");
+        slowest = slowest.max(started.elapsed());
+        statuses.push(reply.status);
+    }
+    eprintln!("while Redis was frozen: slowest decision {slowest:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        2,
+        "half of 4: {statuses:?}"
+    );
+    assert!(statuses.iter().all(|s| !s.is_server_error()));
+    assert!(layer.is_falling_back());
+    let snapshot = backend.health().snapshot();
+    assert!(
+        snapshot.rejected >= 3,
+        "the open breaker answered without waiting: {snapshot:?}"
+    );
+
+    server.resume();
+    // Back to Redis by itself: the shared count (1 spent before the outage) is there again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let reply = hit(&app, "198.51.100.1").await;
+        if !layer.is_falling_back() && reply.status == StatusCode::OK {
+            assert!(
+                header(&reply, "ratelimit").unwrap().contains(";r=2;"),
+                "shared count resumed: {:?}",
+                header(&reply, "ratelimit")
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not return to Redis");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fail_open_and_fail_closed() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let open =
+        app(redis_layer(&backend, 1, Algorithm::SlidingWindow).with_fallback(Fallback::Open));
+    let closed =
+        app(redis_layer(&backend, 1, Algorithm::SlidingWindow).with_fallback(Fallback::Closed));
+    server.stop();
+    for _ in 0..3 {
+        assert_eq!(hit(&open, "198.51.100.1").await.status, StatusCode::OK);
+        let reply = hit(&closed, "198.51.100.1").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.body, "rate limiter unavailable\n");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenants: plans and the tenant-wide limit, on memory and Redis.
+
+fn tenant_request(tenant: &str, ip: &str) -> Request<Body> {
+    let mut request = request_from(ip, "/");
+    request
+        .extensions_mut()
+        .insert(Tenant::new(tenant).unwrap());
+    request
+}
+
+async fn allowed_of(app: &Router, tenant: &str, ip: &str, attempts: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..attempts {
+        allowed +=
+            usize::from(send(app, tenant_request(tenant, ip)).await.status == StatusCode::OK);
+    }
+    allowed
+}
+
+async fn per_tenant_quotas(store: Option<RedisRateStore>) {
+    let plans = std::collections::HashMap::from([("acme", 4_u32), ("trial", 1)]);
+    let policy = policy(2, Duration::from_secs(60))
+        .with_quota_for(move |tenant| plans.get(tenant.as_str()).map(|n| Quota::per_minute(*n)));
+    let mut layer = RateLimitLayer::new(policy);
+    if let Some(store) = store {
+        layer = layer.with_store(store);
+    }
+    let app = app(layer);
+    let reply = send(&app, tenant_request("acme", "198.51.100.1")).await;
+    assert_eq!(
+        header(&reply, "ratelimit-policy"),
+        Some("\"test\";q=4;w=60"),
+        "the plan's quota is reported"
+    );
+    assert_eq!(allowed_of(&app, "acme", "198.51.100.1", 10).await, 3);
+    assert_eq!(allowed_of(&app, "trial", "198.51.100.1", 10).await, 1);
+    assert_eq!(
+        allowed_of(&app, "globex", "198.51.100.1", 10).await,
+        2,
+        "unknown tenants get the default"
+    );
+}
+
+async fn tenant_wide_limit(store: Option<RedisRateStore>) {
+    let mut per_ip = RateLimitLayer::new(policy(5, Duration::from_secs(60)));
+    let mut tenant_wide =
+        RateLimitLayer::new(Policy::tenant_wide("tenant", Quota::per_minute(6)).unwrap());
+    if let Some(store) = store {
+        let shared: Arc<dyn tower_turnstile::ratelimit::RateLimitStore> = Arc::new(store);
+        per_ip = per_ip.with_shared_store(Arc::clone(&shared));
+        tenant_wide = tenant_wide.with_shared_store(shared);
+    }
+    // The tenant-wide counter outside (it protects everyone), the per-client one inside.
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(per_ip)
+        .layer(tenant_wide);
+    let mut noisy = 0;
+    for client in 1..=3 {
+        noisy += allowed_of(&app, "noisy", &format!("198.51.100.{client}"), 3).await;
+    }
+    assert_eq!(
+        noisy, 6,
+        "three clients under their own limit still share the tenant's 6"
+    );
+    assert_eq!(
+        allowed_of(&app, "quiet", "198.51.100.1", 3).await,
+        3,
+        "another tenant is unaffected"
+    );
+}
+
+#[tokio::test]
+async fn memory_per_tenant_quotas() {
+    per_tenant_quotas(None).await;
+}
+
+#[tokio::test]
+async fn memory_tenant_wide_limit() {
+    tenant_wide_limit(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_per_tenant_quotas() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    per_tenant_quotas(Some(RedisRateStore::new(
+        RedisBackend::new(&server.url()).unwrap(),
+    )))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_tenant_wide_limit() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    tenant_wide_limit(Some(RedisRateStore::new(
+        RedisBackend::new(&server.url()).unwrap(),
+    )))
+    .await;
+}
