@@ -54,6 +54,17 @@ fn governor() -> Router {
     routes().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
 }
 
+/// tower_governor with its own rate-limit headers, to compare like with like.
+fn governor_with_headers() -> Router {
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_millisecond(1)
+        .burst_size(u32::MAX)
+        .use_headers()
+        .finish()
+        .unwrap();
+    routes().layer(tower_governor::GovernorLayer::new(Arc::new(config)))
+}
+
 fn request() -> Request<Body> {
     let mut request = Request::get("/").body(Body::empty()).unwrap();
     request
@@ -71,6 +82,7 @@ fn bench_memory(c: &mut Criterion, runtime: &Runtime) {
         ("tower-turnstile", ours(true)),
         ("tower-turnstile-no-headers", ours(false)),
         ("tower_governor", governor()),
+        ("tower_governor-headers", governor_with_headers()),
         ("bare", routes()),
     ];
     let mut group = c.benchmark_group("ratelimit/memory");

@@ -15,19 +15,14 @@
 //! The file doubles as a module of `tests/reference_app.rs`, which drives [`app`] directly.
 
 use std::{
-    collections::HashMap,
-    env::VarError,
-    error::Error as StdError,
-    fmt, io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    collections::HashMap, env::VarError, error::Error as StdError, fmt, io, net::SocketAddr,
     process::ExitCode,
 };
 
 use axum::{
     Json, Router,
-    extract::{Form, Request, State, rejection::FormRejection},
+    extract::{Form, State, rejection::FormRejection},
     http::{HeaderValue, StatusCode, header},
-    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -36,7 +31,7 @@ use tower_turnstile::{
     backend::{BackendError, BreakerState, Health, RedisBackend},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{self, MemoryStore, RedisStore, Session, SessionError, SessionLayer, SigningKey},
-    tenant::{InvalidTenant, Tenant},
+    tenant::{HostSubdomain, TenantLayer},
 };
 use tracing::{error, info, warn};
 
@@ -360,7 +355,9 @@ pub fn app(sessions: SessionLayer, rate_limit: RateLimitLayer, health: HealthSou
         .layer(sessions)
         // Per client IP within the tenant: after the tenant is known, before any session I/O.
         .layer(rate_limit.clone())
-        .layer(middleware::from_fn(resolve_tenant));
+        // The tenant is the first label of a host with a subdomain (`acme.localhost` → acme);
+        // a bare host or an IP address is `default`; anything else gets `400`.
+        .layer(TenantLayer::new(HostSubdomain::first_label()));
 
     Router::new()
         .route("/health", get(health_report))
@@ -369,106 +366,6 @@ pub fn app(sessions: SessionLayer, rate_limit: RateLimitLayer, health: HealthSou
             rate_limit,
         })
         .merge(session_routes)
-}
-
-/// Why a `Host` header names no valid tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum InvalidHost {
-    /// The header is not visible ASCII.
-    NotText,
-    /// The host is syntactically broken (bad port, unclosed IPv6 bracket, empty label).
-    Malformed,
-    /// The first label is not a valid tenant name.
-    Tenant(InvalidTenant),
-}
-
-impl fmt::Display for InvalidHost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::NotText => f.write_str("the Host header is not plain text"),
-            Self::Malformed => f.write_str("the Host header is malformed"),
-            Self::Tenant(reason) => write!(f, "the Host header names no valid tenant: {reason}"),
-        }
-    }
-}
-
-impl StdError for InvalidHost {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match self {
-            Self::Tenant(reason) => Some(reason),
-            Self::NotText | Self::Malformed => None,
-        }
-    }
-}
-
-/// The tenant a `Host` header value names: the first label when the host has a subdomain
-/// (`acme.localhost:3000` → `acme`), [`Tenant::default_tenant`] for a bare host (`localhost`,
-/// an IPv4 or IPv6 address) or an empty one.
-pub fn tenant_from_host(host: &str) -> Result<Tenant, InvalidHost> {
-    if host.is_empty() {
-        return Ok(Tenant::default_tenant());
-    }
-    if let Some(rest) = host.strip_prefix('[') {
-        // `[v6]` or `[v6]:port`: always a bare address.
-        let (address, port) = rest.split_once(']').ok_or(InvalidHost::Malformed)?;
-        address
-            .parse::<Ipv6Addr>()
-            .map_err(|_| InvalidHost::Malformed)?;
-        return match port.strip_prefix(':') {
-            Some(port) if is_port(port) => Ok(Tenant::default_tenant()),
-            None if port.is_empty() => Ok(Tenant::default_tenant()),
-            _ => Err(InvalidHost::Malformed),
-        };
-    }
-    let name = match host.split_once(':') {
-        None => host,
-        Some((name, port)) if is_port(port) => name,
-        // More than one colon and no brackets: an IPv6 address, if anything.
-        Some(_) if host.parse::<Ipv6Addr>().is_ok() => return Ok(Tenant::default_tenant()),
-        Some(_) => return Err(InvalidHost::Malformed),
-    };
-    // A fully qualified name may end in a dot.
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.parse::<Ipv4Addr>().is_ok() {
-        return Ok(Tenant::default_tenant());
-    }
-    let mut labels = name.split('.');
-    let first = labels.next().unwrap_or_default();
-    let rest: Vec<&str> = labels.collect();
-    if rest.is_empty() {
-        // A bare host: `localhost`, or an empty name (`:3000`).
-        return match first {
-            "" => Err(InvalidHost::Malformed),
-            _ => Ok(Tenant::default_tenant()),
-        };
-    }
-    if rest.iter().any(|label| label.is_empty()) {
-        return Err(InvalidHost::Malformed);
-    }
-    Tenant::new(first).map_err(InvalidHost::Tenant)
-}
-
-/// A port as `Host` may carry it: digits, possibly none.
-fn is_port(port: &str) -> bool {
-    port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// Puts the request's [`Tenant`] into its extensions, where the session layer finds it, or
-/// answers `400` when the host names no valid tenant.
-async fn resolve_tenant(mut request: Request, next: Next) -> Response {
-    // HTTP/2 requests carry the host in the URI (`:authority`) rather than in `Host`.
-    let host = match request.headers().get(header::HOST) {
-        Some(value) => value.to_str().map_err(|_| InvalidHost::NotText),
-        None => Ok(request.uri().authority().map_or("", |a| a.as_str())),
-    };
-    match host.and_then(tenant_from_host) {
-        Ok(tenant) => {
-            request.extensions_mut().insert(tenant);
-            next.run(request).await
-        }
-        Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
-    }
 }
 
 /// A plain-text response.

@@ -1,7 +1,8 @@
 //! Tower middleware for services that keep no state of their own.
 //!
 //! Sessions, tenant scoping and rate limits live in shared storage (Redis), so any number of
-//! instances can serve any request, restart, or be redeployed without logging anyone out. When
+//! instances can serve any request, restart, or be redeployed without logging anyone out or
+//! letting anyone past a limit. When
 //! Redis is unreachable the layers degrade (in-memory fallback, logged) instead of failing
 //! requests, unless you ask them to fail closed.
 //!
@@ -32,16 +33,46 @@
 //! | feature  | default | what it adds |
 //! |----------|---------|--------------|
 //! | `memory` | yes     | [`session::MemoryStore`]: bounded in-memory sessions with TTL |
-//! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health) and [`session::RedisStore`] |
-//! | `axum`   | yes     | [`session::Session`] as an axum extractor |
+//! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health), [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
+//! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
 //!
 //! # How the layers fit
 //!
-//! Layers are independent and talk only through request extensions. The
-//! [`tenant::Tenant`] of a request, when one is set, scopes every session key; the
-//! [`session::Session`] handle is what handlers use. Each layer works in any Tower stack (axum's
-//! `Router::layer`, `ServiceBuilder` around a hyper service, tonic's `Server::builder().layer`),
-//! and the responses a layer writes itself use [`ResponseBody`], which wraps any inner body.
+//! Layers are independent and talk only through request extensions: the
+//! [`tenant::TenantLayer`] inserts a [`tenant::Tenant`], which scopes every session and
+//! rate-limit key; the [`session::SessionLayer`] inserts the [`session::Session`] handlers use.
+//! Each works in any Tower stack (axum's `Router::layer`, `ServiceBuilder` around a hyper
+//! service, tonic's `Server::builder().layer`), and the responses a layer writes itself use
+//! [`ResponseBody`], which wraps any inner body.
+//!
+//! The full stack, outermost first: a per-IP limit refuses floods before anything else runs; the
+//! tenant is known before anything keyed by it; a per-user limit comes after the session layer,
+//! which it needs to find the user.
+//!
+//! ```no_run
+//! use tower::ServiceBuilder;
+//! use tower_turnstile::{
+//!     backend::RedisBackend,
+//!     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer, SessionUser},
+//!     session::{RedisStore, SessionLayer},
+//!     tenant::{HostSubdomain, TenantLayer},
+//! };
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+//! let per_ip = Policy::new("per-ip", Quota::per_minute(300))?.with_key(ClientIp::trusting(["10.0.0.0/8"])?);
+//! let per_user = Policy::new("per-user", Quota::per_minute(60))?.with_key(SessionUser);
+//! let app = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::new(per_ip).with_redis(redis.clone()))
+//!     .layer(TenantLayer::new(HostSubdomain::new("example.com")?))
+//!     .layer(SessionLayer::new(RedisStore::new(redis.clone())))
+//!     .layer(RateLimitLayer::new(per_user).with_redis(redis))
+//!     .service(axum::Router::new().route("/", axum::routing::get(|| async { "hi" })));
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
 
 #[cfg(feature = "redis")]
 pub mod backend;

@@ -629,3 +629,50 @@ async fn redis_tenant_wide_limit() {
     )))
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_then_restarted_shares_counts_again() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let instance = || {
+        let backend = RedisBackend::builder(server.url())
+            .breaker(
+                BreakerConfig::default()
+                    .failure_threshold(1)
+                    .open_for(Duration::from_millis(100)),
+            )
+            .build()
+            .unwrap();
+        let layer = RateLimitLayer::new(policy(4, Duration::from_secs(60))).with_redis(backend);
+        (app(layer.clone()), layer)
+    };
+    let ((a, layer_a), (b, _)) = (instance(), instance());
+    assert_eq!(hit(&a, "198.51.100.1").await.status, StatusCode::OK);
+
+    server.stop();
+    // Decisions go on from memory, each instance on its own: no 5xx, no hang.
+    for target in [&a, &b, &a, &b] {
+        let reply = tokio::time::timeout(Duration::from_secs(5), hit(target, "198.51.100.9"))
+            .await
+            .expect("no hang");
+        assert!(!reply.status.is_server_error(), "{:?}", reply.status);
+    }
+    assert!(layer_a.is_falling_back());
+
+    server.restart();
+    // Back to Redis by itself. The restarted Redis starts empty; from now on both instances
+    // spend from one count again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while layer_a.is_falling_back() {
+        assert!(Instant::now() < deadline, "did not return to Redis");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        hit(&a, "198.51.100.250").await;
+    }
+    let mut allowed = 0;
+    for i in 0..10 {
+        let target = if i % 2 == 0 { &a } else { &b };
+        allowed += usize::from(hit(target, "198.51.100.77").await.status == StatusCode::OK);
+    }
+    assert_eq!(allowed, 4, "one shared count across both instances");
+}

@@ -696,7 +696,7 @@ async fn idle_keys_are_swept_by_themselves() {
         }
     }
     assert_eq!(store.len(), 300);
-    // Two windows (20 ms) after their last use the keys expire; the cache's timer wheel sweeps
+    // Two windows (20 ms) after their last use the keys expire; the store sweeps
     // them at its own (about one-second) resolution.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !store.is_empty() {

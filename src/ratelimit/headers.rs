@@ -34,12 +34,19 @@ pub(crate) fn policy_value(name: &str, limit: u64, window: Duration) -> HeaderVa
 }
 
 pub(crate) fn ratelimit_value(name: &str, decision: &Decision) -> HeaderValue {
-    let text = format!(
-        "\"{name}\";r={};t={}",
-        decision.remaining,
-        ceil_secs(decision.reset)
+    // On every response: built by hand rather than with `format!`.
+    let mut remaining = itoa::Buffer::new();
+    let mut reset = itoa::Buffer::new();
+    let (remaining, reset) = (
+        remaining.format(decision.remaining),
+        reset.format(ceil_secs(decision.reset)),
     );
-    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
+    let mut text = Vec::with_capacity(name.len() + remaining.len() + reset.len() + 10);
+    for part in ["\"", name, "\";r=", remaining, ";t=", reset] {
+        text.extend_from_slice(part.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
 }
 
 /// Whether the request is gRPC (`content-type: application/grpc` or `application/grpc+...`).

@@ -212,9 +212,9 @@ impl ClientIp {
 
     fn key_of(&self, ip: IpAddr) -> String {
         match ip {
-            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V4(v4) => ipv4_key(v4),
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => v4.to_string(),
+                Some(v4) => ipv4_key(v4),
                 None if self.ipv6_prefix >= 128 => v6.to_string(),
                 None => {
                     let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).map(|n| n.trunc());
@@ -229,6 +229,18 @@ impl KeyExtractor for ClientIp {
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
         Extracted::Ready(self.client(request).map(|ip| self.key_of(ip)))
     }
+}
+
+/// Dotted quad, written by hand: every request of an IP-keyed policy formats one.
+fn ipv4_key(ip: std::net::Ipv4Addr) -> String {
+    let mut key = String::with_capacity(15);
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        key.push_str(itoa::Buffer::new().format(octet));
+    }
+    key
 }
 
 fn parse_net(text: &str) -> Option<IpNet> {
@@ -365,9 +377,11 @@ impl KeyExtractor for SessionUser {
     }
 }
 
-/// The tenant of a request, as the layers see it.
-pub(crate) fn tenant_of(extensions: &Extensions) -> Tenant {
-    extensions.get::<Tenant>().cloned().unwrap_or_default()
+/// The tenant of a request, as the layers see it (borrowed: no reference count is touched).
+pub(crate) fn tenant_of(extensions: &Extensions) -> &Tenant {
+    extensions
+        .get::<Tenant>()
+        .unwrap_or_else(|| Tenant::default_ref())
 }
 
 #[cfg(test)]

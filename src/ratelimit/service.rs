@@ -1,4 +1,5 @@
 use std::{
+    cell::RefCell,
     fmt,
     future::Future,
     mem,
@@ -25,7 +26,10 @@ use super::{
     quota::Quota,
     store::{Check, Decision},
 };
-use crate::body::{ResponseBody, plain_response};
+use crate::{
+    body::{ResponseBody, plain_response},
+    tenant::Tenant,
+};
 
 /// The service of a [`RateLimitLayer`](super::RateLimitLayer).
 #[derive(Clone)]
@@ -55,26 +59,24 @@ const MAX_RAW_KEY: usize = 128;
 
 /// The counter's full key: tenant, policy and algorithm fold in, so that tenants never share a
 /// counter and a policy that changes algorithm never reads a counter of another shape.
-fn counter_key(shared: &Shared, request: &RequestView<'_>, key: &str) -> String {
-    let tenant = tenant_of(request.extensions);
+fn counter_key(shared: &Shared, tenant: &Tenant, key: &str, counter: &mut String) {
     let policy = &shared.policy;
+    let (name, algorithm) = (policy.name(), policy.algorithm().as_str());
     let plain = key.len() <= MAX_RAW_KEY
         && key
             .bytes()
             .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+    // Built by hand into a reused buffer: this runs on every request, and `format!` with a
+    // fresh allocation costs more than the decision itself.
+    counter.clear();
+    for part in [tenant.as_str(), ":rl:", name, ":", algorithm, ":"] {
+        counter.push_str(part);
+    }
     if plain {
-        format!(
-            "{tenant}:rl:{}:{}:{key}",
-            policy.name(),
-            policy.algorithm().as_str()
-        )
+        counter.push_str(key);
     } else {
-        let hash = URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes()));
-        format!(
-            "{tenant}:rl:{}:{}:#{hash}",
-            policy.name(),
-            policy.algorithm().as_str()
-        )
+        counter.push('#');
+        counter.push_str(&URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes())));
     }
 }
 
@@ -84,16 +86,22 @@ enum Plan {
     Pass,
     /// Refused outright (no key, and the policy refuses such requests).
     Refuse,
-    /// Check this counter against this quota.
-    Check(String, Quota),
+    /// Check the counter (written into the caller's buffer) against this quota.
+    Check(Quota),
 }
 
-fn plan(shared: &Shared, request: &RequestView<'_>, key: Option<String>) -> Plan {
-    let quota = shared.policy.quota_for(&tenant_of(request.extensions));
+/// Decides what to do and writes the counter's key into `counter`.
+fn plan(shared: &Shared, tenant: &Tenant, key: Option<String>, counter: &mut String) -> Plan {
+    let quota = shared.policy.quota_for(tenant);
     match key {
-        Some(key) => Plan::Check(counter_key(shared, request, &key), quota),
+        Some(key) => {
+            counter_key(shared, tenant, &key, counter);
+            Plan::Check(quota)
+        }
         None => {
-            if !shared.warned_missing_key.swap(true, Ordering::Relaxed) {
+            if !shared.warned_missing_key.load(Ordering::Relaxed)
+                && !shared.warned_missing_key.swap(true, Ordering::Relaxed)
+            {
                 tracing::warn!(
                     target: "tower_turnstile::ratelimit",
                     policy = shared.policy.name(),
@@ -104,10 +112,28 @@ fn plan(shared: &Shared, request: &RequestView<'_>, key: Option<String>) -> Plan
             match shared.policy.missing_key {
                 MissingKey::Allow => Plan::Pass,
                 MissingKey::Deny => Plan::Refuse,
-                _ => Plan::Check(counter_key(shared, request, "(no key)"), quota),
+                _ => {
+                    counter_key(shared, tenant, "(no key)", counter);
+                    Plan::Check(quota)
+                }
             }
         }
     }
+}
+
+/// What the fast path found, once the shared key buffer is released again (the inner service,
+/// which may hold another rate-limit layer, is called only after that).
+enum Outcome {
+    Pass,
+    Refuse,
+    Decided(Verdict, Quota),
+    /// The store needs I/O: decide in a future, on this owned copy of the counter's key.
+    Later(String, Quota),
+}
+
+thread_local! {
+    /// The counter key of the request being decided on this thread, reused across requests.
+    static COUNTER: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 type BoxedResponse<B, E> =
@@ -143,43 +169,55 @@ where
                 let inner = mem::replace(&mut self.inner, clone);
                 return ResponseFuture::boxed(Box::pin(async move {
                     let key = pending.await;
-                    let plan = plan(&shared, &RequestView::new(&request), key);
-                    decide_then_call(shared, inner, request, plan, cost, grpc).await
+                    let mut counter = String::new();
+                    let outcome =
+                        match plan(&shared, tenant_of(request.extensions()), key, &mut counter) {
+                            Plan::Pass => Outcome::Pass,
+                            Plan::Refuse => Outcome::Refuse,
+                            Plan::Check(quota) => Outcome::Later(counter, quota),
+                        };
+                    decide_then_call(shared, inner, request, outcome, cost, grpc).await
                 }));
             }
         };
-        let plan = plan(&shared, &view, key);
-        let (counter, quota) = match plan {
-            Plan::Pass => return ResponseFuture::inner(self.inner.call(request), None),
-            Plan::Refuse => return ResponseFuture::ready(refuse(&shared, None, grpc)),
-            Plan::Check(counter, quota) => (counter, quota),
+        let tenant = tenant_of(request.extensions());
+        let decide = |counter: &mut String| match plan(&shared, tenant, key, counter) {
+            Plan::Pass => Outcome::Pass,
+            Plan::Refuse => Outcome::Refuse,
+            Plan::Check(quota) => {
+                let check = Check::new(counter, quota, shared.policy.algorithm(), cost);
+                match shared.limiter.decide_now(&check) {
+                    Some(verdict) => Outcome::Decided(verdict, quota),
+                    None => Outcome::Later(counter.clone(), quota),
+                }
+            }
         };
-        let check = Check::new(&counter, quota, shared.policy.algorithm(), cost);
-        match shared.limiter.decide_now(&check) {
-            Some(Verdict::Decided(decision)) if decision.allowed => {
+        let outcome = COUNTER.with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut counter) => decide(&mut counter),
+            // Only if a key extractor or quota lookup re-entered a rate-limit layer.
+            Err(_) => decide(&mut String::new()),
+        });
+        match outcome {
+            Outcome::Pass => ResponseFuture::inner(self.inner.call(request), None),
+            Outcome::Refuse => ResponseFuture::ready(refuse(&shared, None, grpc)),
+            Outcome::Decided(Verdict::Decided(decision), quota) if decision.allowed => {
                 let headers = shared
                     .headers
                     .then(|| allowed_headers(&shared, quota, &decision));
                 ResponseFuture::inner(self.inner.call(request), headers)
             }
-            Some(Verdict::Decided(decision)) => {
+            Outcome::Decided(Verdict::Decided(decision), quota) => {
                 ResponseFuture::ready(refuse(&shared, Some((&decision, quota)), grpc))
             }
-            Some(Verdict::Unavailable) => ResponseFuture::ready(unavailable(&shared, grpc)),
-            None => {
+            Outcome::Decided(Verdict::Unavailable, _) => {
+                ResponseFuture::ready(unavailable(&shared, grpc))
+            }
+            later @ Outcome::Later(..) => {
                 let clone = self.inner.clone();
                 let inner = mem::replace(&mut self.inner, clone);
-                ResponseFuture::boxed(Box::pin(async move {
-                    decide_then_call(
-                        shared,
-                        inner,
-                        request,
-                        Plan::Check(counter, quota),
-                        cost,
-                        grpc,
-                    )
-                    .await
-                }))
+                ResponseFuture::boxed(Box::pin(decide_then_call(
+                    shared, inner, request, later, cost, grpc,
+                )))
             }
         }
     }
@@ -189,22 +227,25 @@ async fn decide_then_call<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     mut inner: S,
     request: Request<ReqBody>,
-    plan: Plan,
+    outcome: Outcome,
     cost: u64,
     grpc: bool,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
-    let (counter, quota) = match plan {
-        Plan::Pass => return inner.call(request).await.map(|r| r.map(ResponseBody::new)),
-        Plan::Refuse => return Ok(refuse(&shared, None, grpc)),
-        Plan::Check(counter, quota) => (counter, quota),
-    };
-    let check = Check::new(&counter, quota, shared.policy.algorithm(), cost);
-    let verdict = match shared.limiter.decide_now(&check) {
-        Some(verdict) => verdict,
-        None => shared.limiter.decide(&check).await,
+    let (verdict, quota) = match outcome {
+        Outcome::Pass => return inner.call(request).await.map(|r| r.map(ResponseBody::new)),
+        Outcome::Refuse => return Ok(refuse(&shared, None, grpc)),
+        Outcome::Decided(verdict, quota) => (verdict, quota),
+        Outcome::Later(counter, quota) => {
+            let check = Check::new(&counter, quota, shared.policy.algorithm(), cost);
+            let verdict = match shared.limiter.decide_now(&check) {
+                Some(verdict) => verdict,
+                None => shared.limiter.decide(&check).await,
+            };
+            (verdict, quota)
+        }
     };
     match verdict {
         Verdict::Decided(decision) if decision.allowed => {
@@ -328,7 +369,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Inner { #[pin] future: F, headers: Option<HeaderPair> },
-        Ready { response: Option<Response<ResponseBody<B>>> },
+        // Boxed: refusals are the rare path, and the future stays small for the common one.
+        Ready { response: Option<Box<Response<ResponseBody<B>>>> },
         Boxed { future: BoxedResponse<B, E> },
     }
 }
@@ -343,7 +385,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     fn ready(response: Response<ResponseBody<B>>) -> Self {
         Self {
             kind: Kind::Ready {
-                response: Some(response),
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -377,7 +419,7 @@ where
                 )))
             }
             KindProj::Ready { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
+                Some(response) => Poll::Ready(Ok(*response)),
                 None => Poll::Ready(Ok(plain_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "polled after completion\n",

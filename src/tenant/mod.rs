@@ -158,8 +158,13 @@ impl Tenant {
 
     /// The tenant used when no tenant is set on a request: `default`.
     pub fn default_tenant() -> Self {
+        Self::default_ref().clone()
+    }
+
+    /// The default tenant, borrowed from its one shared copy.
+    pub(crate) fn default_ref() -> &'static Tenant {
         static DEFAULT: LazyLock<Tenant> = LazyLock::new(|| Tenant(Arc::from("default")));
-        DEFAULT.clone()
+        &DEFAULT
     }
 
     /// The tenant's name.

@@ -2,12 +2,10 @@ use std::{
     cell::Cell,
     collections::BTreeMap,
     fmt,
+    hash::BuildHasher,
     num::NonZeroU32,
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_trait::async_trait;
@@ -18,7 +16,7 @@ use governor::{
     nanos::Nanos,
     state::{NotKeyed, StateStore},
 };
-use moka::{Expiry, sync::Cache};
+use hashbrown::HashTable;
 
 use super::{Check, Decision, RateLimitStore, StoreError};
 use crate::ratelimit::Algorithm;
@@ -31,9 +29,10 @@ use crate::ratelimit::Algorithm;
 /// whole-microsecond integers to [`governor`]'s GCRA. Each check honours [`Check::at`], so a
 /// trace can be replayed; without it the decision time is [`SystemTime::now`].
 ///
-/// The number of keys is capped (the least useful are evicted first), and a key left alone for
-/// two windows of its quota expires, so a flood of distinct keys cannot grow memory without
-/// bound. An evicted key starts again from nothing, as it would after its state expired.
+/// The number of keys is capped (a full table first sweeps its expired keys, then drops an
+/// arbitrary one), and a key left alone for two windows of its quota expires and is swept by
+/// itself, so a flood of distinct keys cannot grow memory without bound. A dropped key starts
+/// again from nothing, as it would after its state expired.
 ///
 /// Clones share the same counts.
 ///
@@ -55,7 +54,7 @@ use crate::ratelimit::Algorithm;
 /// [`RedisRateStore`]: super::RedisRateStore
 #[derive(Clone)]
 pub struct MemoryRateStore {
-    counters: Cache<String, Arc<Counter>>,
+    counters: Arc<Counters>,
 }
 
 /// Builds a [`MemoryRateStore`] with a non-default capacity.
@@ -75,10 +74,7 @@ impl MemoryRateStoreBuilder {
     /// Builds the store.
     pub fn build(self) -> MemoryRateStore {
         MemoryRateStore {
-            counters: Cache::builder()
-                .max_capacity(self.max_keys)
-                .expire_after(IdleExpiry)
-                .build(),
+            counters: Arc::new(Counters::new(self.max_keys)),
         }
     }
 }
@@ -93,8 +89,8 @@ impl fmt::Debug for MemoryRateStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Not the entries: there may be a hundred thousand of them.
         f.debug_struct("MemoryRateStore")
-            .field("keys", &self.counters.entry_count())
-            .field("max_keys", &self.counters.policy().max_capacity())
+            .field("keys", &self.counters.held())
+            .field("max_keys", &self.counters.max_keys)
             .finish()
     }
 }
@@ -110,11 +106,10 @@ impl MemoryRateStore {
         MemoryRateStoreBuilder { max_keys: 100_000 }
     }
 
-    /// How many keys are counted (an estimate: expiry and eviction run in the background; this
-    /// runs what is pending first).
+    /// How many keys are counted (keys idle past their expiry are swept first).
     pub fn len(&self) -> u64 {
-        self.counters.run_pending_tasks();
-        self.counters.entry_count()
+        self.counters.sweep_all(unix_micros(SystemTime::now()));
+        self.counters.held()
     }
 
     /// Whether the store counts no key (see [`MemoryRateStore::len`]).
@@ -141,26 +136,18 @@ impl MemoryRateStore {
         if limit == 0 {
             return Ok(Decision::denied(0, 0, Duration::ZERO, None));
         }
-        let now = unix_micros(check.at.unwrap_or_else(SystemTime::now));
+        // Expiry runs on the real clock; decisions on the check's time when it names one.
+        let real_now = unix_micros(SystemTime::now());
+        let now = check.at.map_or(real_now, unix_micros);
         let window = check.quota.window_ms() * 1000;
-        let counter = match self.counters.get(check.key) {
-            Some(counter) => counter,
-            None => self
-                .counters
-                .get_with(check.key.to_owned(), || Arc::new(Counter::new(window))),
-        };
-        counter.keep_for(window);
-        let verdict = decide(
-            &mut lock(&counter.state),
-            check.algorithm,
-            now,
-            window,
-            limit,
-            check.cost,
-        )
-        .map_err(|source| StoreError::Failed {
-            source: Box::new(source),
-        })?;
+        let verdict = self
+            .counters
+            .with_state(check.key, real_now, 2 * window, |state| {
+                decide(state, check.algorithm, now, window, limit, check.cost)
+            })
+            .map_err(|source| StoreError::Failed {
+                source: Box::new(source),
+            })?;
         Ok(verdict.into_decision(limit))
     }
 }
@@ -181,67 +168,121 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// One key's counts, behind a lock so that a decision and its spending are atomic.
-#[derive(Debug)]
-struct Counter {
-    state: Mutex<State>,
-    /// How long (µs) the counts may still matter after the key was last used: two windows of
-    /// the last quota checked, the longest any algorithm needs.
-    idle: AtomicU64,
+/// How many shards the key table has: enough that concurrent decisions on different keys
+/// rarely wait for one another.
+const SHARDS: usize = 64;
+/// A shard sweeps its idle keys after this many decisions, so memory is given back even when
+/// no shard ever fills up.
+const SWEEP_EVERY: u32 = 1024;
+
+/// The key table: shards of a hash table, each behind its own lock, so that a decision and its
+/// spending are atomic per key and a lookup costs one hash and one uncontended lock.
+///
+/// Bounded: a shard holds at most its share of `max_keys`. A full shard first sweeps the keys
+/// idle past their expiry; if none is, it drops an arbitrary key, which starts again from
+/// nothing, as it would after expiring. Each shard also sweeps itself every `SWEEP_EVERY`
+/// decisions, so idle keys go away by themselves.
+struct Counters {
+    shards: Box<[Mutex<Shard>]>,
+    /// Randomly seeded per store, so clients cannot aim their keys at one shard or bucket.
+    hasher: foldhash::fast::RandomState,
+    per_shard: usize,
+    max_keys: u64,
 }
 
-impl Counter {
-    fn new(window: u64) -> Self {
+#[derive(Default)]
+struct Shard {
+    keys: HashTable<Entry>,
+    decisions: u32,
+}
+
+/// One key: the algorithm's state and when it may be forgotten.
+struct Entry {
+    key: Box<str>,
+    /// The key's hash, kept so that growing the table never hashes again.
+    hash: u64,
+    state: State,
+    /// Unix µs (real clock) after which the counts no longer matter: two windows of the last
+    /// quota checked after the last check, the longest any algorithm needs.
+    expires: u64,
+}
+
+impl Counters {
+    fn new(max_keys: u64) -> Self {
+        let max = usize::try_from(max_keys).unwrap_or(usize::MAX).max(1);
+        // Never more shards than keys, and each shard's share rounded down: the total held
+        // stays within `max_keys`.
+        let shards = max.min(SHARDS);
         Self {
-            state: Mutex::new(State::Fresh),
-            idle: AtomicU64::new(2 * window),
+            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            per_shard: max / shards,
+            max_keys,
         }
     }
 
-    fn keep_for(&self, window: u64) {
-        self.idle.store(2 * window, Ordering::Relaxed);
+    /// Runs `f` on the state of `key` under its shard's lock, creating the key if needed.
+    fn with_state<T>(
+        &self,
+        key: &str,
+        now: u64,
+        keep_for: u64,
+        f: impl FnOnce(&mut State) -> T,
+    ) -> T {
+        // One hash picks the shard (high bits) and the bucket within it.
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[((hash >> 32) as usize) % self.shards.len()];
+        let mut shard = lock(shard);
+        shard.decisions = shard.decisions.wrapping_add(1);
+        if shard.decisions % SWEEP_EVERY == 0 {
+            shard.sweep(now);
+        }
+        if let Some(entry) = shard.keys.find_mut(hash, |e| &*e.key == key) {
+            if entry.expires <= now {
+                // Forgotten: what the Redis key's TTL would have done.
+                entry.state = State::Fresh;
+            }
+            entry.expires = now.saturating_add(keep_for);
+            return f(&mut entry.state);
+        }
+        if shard.keys.len() >= self.per_shard {
+            shard.sweep(now);
+            if shard.keys.len() >= self.per_shard {
+                let victim = shard.keys.iter().next().map(|e| (e.hash, e.key.clone()));
+                if let Some((victim_hash, victim)) = victim
+                    && let Ok(found) = shard.keys.find_entry(victim_hash, |e| e.key == victim)
+                {
+                    found.remove();
+                }
+            }
+        }
+        let entry = Entry {
+            key: Box::from(key),
+            hash,
+            state: State::Fresh,
+            expires: now.saturating_add(keep_for),
+        };
+        let mut slot = shard.keys.insert_unique(hash, entry, |e| e.hash);
+        f(&mut slot.get_mut().state)
+    }
+
+    fn sweep_all(&self, now: u64) {
+        for shard in &*self.shards {
+            lock(shard).sweep(now);
+        }
+    }
+
+    fn held(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).keys.len() as u64)
+            .sum()
     }
 }
 
-struct IdleExpiry;
-
-impl IdleExpiry {
-    fn ttl(counter: &Counter) -> Option<Duration> {
-        Some(Duration::from_micros(counter.idle.load(Ordering::Relaxed)))
-    }
-}
-
-impl Expiry<String, Arc<Counter>> for IdleExpiry {
-    fn expire_after_create(
-        &self,
-        _: &String,
-        counter: &Arc<Counter>,
-        _: Instant,
-    ) -> Option<Duration> {
-        Self::ttl(counter)
-    }
-
-    fn expire_after_read(
-        &self,
-        _: &String,
-        counter: &Arc<Counter>,
-        _: Instant,
-        _: Option<Duration>,
-        _: Instant,
-    ) -> Option<Duration> {
-        // Every check reads its key before deciding, so a key in use is never swept, and one
-        // left alone goes two windows after its last check.
-        Self::ttl(counter)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &String,
-        counter: &Arc<Counter>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Self::ttl(counter)
+impl Shard {
+    fn sweep(&mut self, now: u64) {
+        self.keys.retain(|entry| entry.expires > now);
     }
 }
 
