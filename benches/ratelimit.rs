@@ -227,16 +227,18 @@ fn main() {
     drop(server);
 
     let memory = |name| estimate("ratelimit/memory", name);
-    if let (Some(ours), Some(plain), Some(theirs), Some(bare)) = (
+    if let (Some(ours), Some(plain), Some(theirs), Some(theirs_headers), Some(bare)) = (
         memory("tower-turnstile"),
         memory("tower-turnstile-no-headers"),
         memory("tower_governor"),
+        memory("tower_governor-headers"),
         memory("bare"),
     ) {
         println!(
-            "ratio memory: tower-turnstile / tower_governor = {:.2} with headers, {:.2} without  ({ours:.0} ns, {plain:.0} ns vs {theirs:.0} ns; bare router {bare:.0} ns)",
-            ours / theirs,
-            plain / theirs
+            "ratio memory: tower-turnstile / tower_governor = {:.2} both without headers, {:.2} both with headers \
+             (ours {plain:.0} / {ours:.0} ns, theirs {theirs:.0} / {theirs_headers:.0} ns; bare router {bare:.0} ns)",
+            plain / theirs,
+            ours / theirs_headers,
         );
     }
     if let (Some(ours), Some(raw)) = (

@@ -234,7 +234,7 @@ impl Counters {
         let shard = &self.shards[((hash >> 32) as usize) % self.shards.len()];
         let mut shard = lock(shard);
         shard.decisions = shard.decisions.wrapping_add(1);
-        if shard.decisions % SWEEP_EVERY == 0 {
+        if shard.decisions.is_multiple_of(SWEEP_EVERY) {
             shard.sweep(now);
         }
         if let Some(entry) = shard.keys.find_mut(hash, |e| &*e.key == key) {
