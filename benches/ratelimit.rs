@@ -13,15 +13,17 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::{
     hint::black_box,
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+use common::estimate;
 use criterion::Criterion;
 use http::{Request, StatusCode};
 use tokio::runtime::Runtime;
@@ -201,18 +203,6 @@ fn raw_invocation<'a>(
         .arg(quota.limit())
         .arg(1);
     invocation
-}
-
-fn estimate(group: &str, name: &str) -> Option<f64> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    let path = target
-        .join("criterion")
-        .join(group.replace('/', "_"))
-        .join(name)
-        .join("new/estimates.json");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    json["mean"]["point_estimate"].as_f64()
 }
 
 fn main() {

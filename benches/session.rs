@@ -9,9 +9,12 @@
 //! Run with `cargo bench --bench session`; the last lines print the ratios
 //! (tower-turnstile time / tower-sessions time; below 1.0 means we are faster).
 
-use std::{hint::black_box, path::PathBuf};
+mod common;
+
+use std::hint::black_box;
 
 use axum::{Router, body::Body, routing::get};
+use common::estimate;
 use criterion::Criterion;
 use http::{Request, header};
 use http_body_util::BodyExt;
@@ -119,18 +122,6 @@ fn bench(c: &mut Criterion, runtime: &Runtime) {
         }
         group.finish();
     }
-}
-
-fn estimate(group: &str, name: &str) -> Option<f64> {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
-    let path = target
-        .join("criterion")
-        .join(group.replace('/', "_"))
-        .join(name)
-        .join("new/estimates.json");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    json["mean"]["point_estimate"].as_f64()
 }
 
 fn main() {

@@ -79,8 +79,10 @@ pub mod backend;
 mod body;
 mod error;
 pub mod ratelimit;
+mod request;
 pub mod session;
 pub mod tenant;
 
 pub use body::ResponseBody;
 pub use error::StoreError;
+pub use request::RequestView;

@@ -23,8 +23,8 @@ use tower_turnstile::{
     backend::RedisBackend,
     session::{MemoryStore, RedisStore, Session, SessionLayer},
     tenant::{
-        HeaderTenant, HostMap, HostSubdomain, PathPrefix, Tenant, TenantLayer, TenantRejected,
-        TenantRequest, TenantSource,
+        HeaderTenant, HostMap, HostSubdomain, PathPrefix, RequestView, Tenant, TenantLayer,
+        TenantRejected, TenantSource,
     },
 };
 
@@ -417,7 +417,7 @@ async fn header_tenant_reads_one_header() {
 
 #[tokio::test]
 async fn closures_resolve_and_are_validated() {
-    let app = app(TenantLayer::new(|request: &TenantRequest<'_>| {
+    let app = app(TenantLayer::new(|request: &RequestView<'_>| {
         request
             .uri
             .query()

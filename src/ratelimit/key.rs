@@ -6,35 +6,12 @@ use std::{
     sync::Arc,
 };
 
-use http::{Extensions, HeaderMap, HeaderName, Method, Request, Uri, header};
+use http::{Extensions, HeaderMap, HeaderName, header};
+
+pub use crate::RequestView;
 use ipnet::IpNet;
 
 use crate::tenant::Tenant;
-
-/// What a key extractor sees of a request.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestView<'a> {
-    /// The method.
-    pub method: &'a Method,
-    /// The URI.
-    pub uri: &'a Uri,
-    /// The headers.
-    pub headers: &'a HeaderMap,
-    /// The extensions (peer address, `Tenant`, `Session`, ...).
-    pub extensions: &'a Extensions,
-}
-
-impl<'a> RequestView<'a> {
-    /// A view of `request`.
-    pub fn new<B>(request: &'a Request<B>) -> Self {
-        Self {
-            method: request.method(),
-            uri: request.uri(),
-            headers: request.headers(),
-            extensions: request.extensions(),
-        }
-    }
-}
 
 /// A key that needs I/O to find (the session's user, say).
 pub type PendingKey = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
@@ -386,6 +363,8 @@ pub(crate) fn tenant_of(extensions: &Extensions) -> &Tenant {
 
 #[cfg(test)]
 mod tests {
+    use http::Request;
+
     use super::*;
 
     fn request(peer: &str, headers: &[(&str, &str)]) -> Request<()> {

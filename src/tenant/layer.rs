@@ -6,7 +6,7 @@ use tower_layer::Layer;
 
 use super::{
     InvalidTenant, Tenant,
-    resolver::{Resolution, ResolveTenant, TenantRequest, TenantSource},
+    resolver::{RequestView, Resolution, ResolveTenant, TenantSource},
     service::TenantScope,
 };
 use crate::body::ResponseBody;
@@ -62,7 +62,7 @@ impl Shared {
     /// The tenant of `request`, and the URI the inner service gets instead of its own.
     pub(crate) fn resolve(
         &self,
-        request: &TenantRequest<'_>,
+        request: &RequestView<'_>,
     ) -> Result<(Tenant, Option<Uri>), TenantRejected> {
         match self.resolver.resolve(request) {
             Resolution::Found(candidate) => {
@@ -195,7 +195,7 @@ impl TenantLayer {
     /// this for every request (and then rewrites the URI if the resolver asks for it).
     pub fn resolve<B>(&self, request: &Request<B>) -> Result<Tenant, TenantRejected> {
         self.shared
-            .resolve(&TenantRequest::new(request))
+            .resolve(&RequestView::new(request))
             .map(|(tenant, _)| tenant)
     }
 }

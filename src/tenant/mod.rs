@@ -103,8 +103,8 @@ mod service;
 pub use extract::MissingTenantLayer;
 pub use layer::{TenantLayer, TenantRejected};
 pub use resolver::{
-    Candidate, ConfigError, HeaderTenant, HostMap, HostSubdomain, PathPrefix, Resolution,
-    ResolveTenant, TenantRequest, TenantSource,
+    Candidate, ConfigError, HeaderTenant, HostMap, HostSubdomain, PathPrefix, RequestView,
+    Resolution, ResolveTenant, TenantSource,
 };
 pub use service::{ResponseFuture, TenantScope};
 

@@ -5,44 +5,10 @@ use std::{
     sync::Arc,
 };
 
-use http::{Extensions, HeaderMap, HeaderName, Method, Request, Uri, header, uri::PathAndQuery};
+pub use crate::RequestView;
+use http::{HeaderName, Uri, header, uri::PathAndQuery};
 
 use super::Tenant;
-
-/// What a resolver sees of a request.
-#[derive(Debug, Clone, Copy)]
-pub struct TenantRequest<'a> {
-    /// The method.
-    pub method: &'a Method,
-    /// The URI.
-    pub uri: &'a Uri,
-    /// The headers.
-    pub headers: &'a HeaderMap,
-    /// The extensions (the peer address, whatever outer layers put there).
-    pub extensions: &'a Extensions,
-}
-
-impl<'a> TenantRequest<'a> {
-    /// A view of `request`.
-    pub fn new<B>(request: &'a Request<B>) -> Self {
-        Self {
-            method: request.method(),
-            uri: request.uri(),
-            headers: request.headers(),
-            extensions: request.extensions(),
-        }
-    }
-
-    /// A view of the parts of a request.
-    pub fn from_parts(parts: &'a http::request::Parts) -> Self {
-        Self {
-            method: &parts.method,
-            uri: &parts.uri,
-            headers: &parts.headers,
-            extensions: &parts.extensions,
-        }
-    }
-}
 
 /// Where in the request a resolver looks for the tenant; refusals name it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -163,33 +129,33 @@ impl From<Option<Tenant>> for Resolution {
 /// Finds the tenant a request names.
 ///
 /// Implemented by [`HostSubdomain`], [`HostMap`], [`PathPrefix`], [`HeaderTenant`] and closures
-/// `Fn(&TenantRequest<'_>) -> R` where `R` is an `Option<String>`, an `Option<Tenant>` or a
+/// `Fn(&RequestView<'_>) -> R` where `R` is an `Option<String>`, an `Option<Tenant>` or a
 /// [`Resolution`]. A resolver only finds a name: the layer validates it, so a resolver cannot
 /// let an ill-formed name into a key.
 ///
 /// ```
-/// use tower_turnstile::tenant::{TenantLayer, TenantRequest};
+/// use tower_turnstile::tenant::{TenantLayer, RequestView};
 ///
 /// // The tenant from a claim that an outer authentication layer put into the extensions.
 /// #[derive(Clone)]
 /// struct Claims { org: String }
 ///
-/// let layer = TenantLayer::new(|request: &TenantRequest<'_>| {
+/// let layer = TenantLayer::new(|request: &RequestView<'_>| {
 ///     request.extensions.get::<Claims>().map(|claims| claims.org.clone())
 /// });
 /// # let _ = layer;
 /// ```
 pub trait ResolveTenant: Send + Sync + 'static {
     /// The tenant `request` names.
-    fn resolve(&self, request: &TenantRequest<'_>) -> Resolution;
+    fn resolve(&self, request: &RequestView<'_>) -> Resolution;
 }
 
 impl<F, R> ResolveTenant for F
 where
-    F: Fn(&TenantRequest<'_>) -> R + Send + Sync + 'static,
+    F: Fn(&RequestView<'_>) -> R + Send + Sync + 'static,
     R: Into<Resolution>,
 {
-    fn resolve(&self, request: &TenantRequest<'_>) -> Resolution {
+    fn resolve(&self, request: &RequestView<'_>) -> Resolution {
         self(request).into()
     }
 }
@@ -264,7 +230,7 @@ impl HostSubdomain {
 }
 
 impl ResolveTenant for HostSubdomain {
-    fn resolve(&self, request: &TenantRequest<'_>) -> Resolution {
+    fn resolve(&self, request: &RequestView<'_>) -> Resolution {
         let Ok(host) = host_of(request).and_then(parse_host) else {
             return Resolution::Malformed(TenantSource::Host);
         };
@@ -336,7 +302,7 @@ impl HostMap {
 }
 
 impl ResolveTenant for HostMap {
-    fn resolve(&self, request: &TenantRequest<'_>) -> Resolution {
+    fn resolve(&self, request: &RequestView<'_>) -> Resolution {
         let key = match host_of(request).and_then(parse_host) {
             Ok(ParsedHost::Name(name)) => name.to_ascii_lowercase(),
             Ok(ParsedHost::Ip(ip)) => ip.to_string(),
@@ -414,7 +380,7 @@ impl PathPrefix {
 }
 
 impl ResolveTenant for PathPrefix {
-    fn resolve(&self, request: &TenantRequest<'_>) -> Resolution {
+    fn resolve(&self, request: &RequestView<'_>) -> Resolution {
         let path = request.uri.path();
         let rest = match path.strip_prefix(&*self.prefix) {
             Some(rest) if rest.len() > 1 && rest.starts_with('/') => &rest[1..],
@@ -476,7 +442,7 @@ impl HeaderTenant {
 }
 
 impl ResolveTenant for HeaderTenant {
-    fn resolve(&self, request: &TenantRequest<'_>) -> Resolution {
+    fn resolve(&self, request: &RequestView<'_>) -> Resolution {
         let source = || TenantSource::Header(self.name.clone());
         let mut values = request.headers.get_all(&self.name).iter();
         match (values.next(), values.next()) {
@@ -508,7 +474,7 @@ enum ParsedHost<'a> {
 
 /// The host of a request: its `Host` header, or its URI's authority (HTTP/2's `:authority`)
 /// when it has no `Host`, or `""`.
-fn host_of<'a>(request: &TenantRequest<'a>) -> Result<&'a str, Malformed> {
+fn host_of<'a>(request: &RequestView<'a>) -> Result<&'a str, Malformed> {
     let mut hosts = request.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         // Two Host headers: which one a proxy in front used is anyone's guess (RFC 9112
@@ -585,10 +551,12 @@ fn has_port(host: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use http::Request;
+
     use super::*;
 
     fn resolve(resolver: &impl ResolveTenant, request: &Request<()>) -> Resolution {
-        resolver.resolve(&TenantRequest::new(request))
+        resolver.resolve(&RequestView::new(request))
     }
 
     fn with_host(host: &str) -> Request<()> {
@@ -774,7 +742,7 @@ mod tests {
 
     #[test]
     fn closures_resolve() {
-        let r = |request: &TenantRequest<'_>| request.uri.query().map(str::to_owned);
+        let r = |request: &RequestView<'_>| request.uri.query().map(str::to_owned);
         let request = Request::builder().uri("/?acme").body(()).unwrap();
         assert_eq!(resolve(&r, &request), found("acme", TenantSource::Request));
     }

@@ -10,7 +10,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::{layer::Shared, resolver::TenantRequest};
+use super::{layer::Shared, resolver::RequestView};
 use crate::body::ResponseBody;
 
 /// The service of a [`TenantLayer`](super::TenantLayer): puts the request's
@@ -49,7 +49,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let state = match self.shared.resolve(&TenantRequest::new(&request)) {
+        let state = match self.shared.resolve(&RequestView::new(&request)) {
             Ok((tenant, uri)) => {
                 if let Some(uri) = uri {
                     *request.uri_mut() = uri;
