@@ -68,8 +68,9 @@
 //!     .layer(TenantLayer::new(HostSubdomain::new("example.com")?))
 //!     .layer(SessionLayer::new(RedisStore::new(redis.clone())))
 //!     .layer(RateLimitLayer::new(per_user).with_redis(redis))
-//!     .service(axum::Router::new().route("/", axum::routing::get(|| async { "hi" })));
-//! # let _ = app;
+//!     .service(axum::Router::<()>::new().route("/", axum::routing::get(|| async { "hi" })));
+//! # fn is_service<S: tower::Service<http::Request<axum::body::Body>>>(_: &S) {}
+//! # is_service(&app);
 //! # Ok(())
 //! # }
 //! ```
