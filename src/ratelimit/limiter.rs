@@ -105,11 +105,9 @@ impl Limiter {
         }
     }
 
-    /// Asks the store (one round trip for Redis), falling back when it fails.
+    /// Asks the store (one round trip for Redis), falling back when it fails. Callers ask
+    /// [`Limiter::decide_now`] first, which has already looked for a remembered denial.
     pub(crate) async fn decide(&self, check: &Check<'_>) -> Verdict {
-        if let Some(denial) = self.remembered(check) {
-            return Verdict::Decided(denial);
-        }
         match self.store.check(check).await {
             Ok(decision) => {
                 if self.falling_back.load(Ordering::Relaxed)
