@@ -21,6 +21,9 @@ pub type PendingKey = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 pub enum Extracted {
     /// The key (`None`: the request has no key; see `Policy::on_missing_key`).
     Ready(Option<String>),
+    /// An address as the key: the layer writes it straight into the counter's key, with no
+    /// string of its own (the common per-IP case, decided on every request).
+    Address(IpAddr),
     /// The key, once a future resolves.
     Pending(PendingKey),
 }
@@ -29,6 +32,7 @@ impl fmt::Debug for Extracted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Ready(key) => f.debug_tuple("Ready").field(key).finish(),
+            Self::Address(ip) => f.debug_tuple("Address").field(ip).finish(),
             Self::Pending(_) => f.write_str("Pending(..)"),
         }
     }
@@ -56,7 +60,10 @@ where
 impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
     /// Both keys joined with `|`; no key when either has none.
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        match (self.0.extract(request), self.1.extract(request)) {
+        match (
+            self.0.extract(request).into_text(),
+            self.1.extract(request).into_text(),
+        ) {
             (Extracted::Ready(a), Extracted::Ready(b)) => Extracted::Ready(join(a, b)),
             (a, b) => {
                 Extracted::Pending(Box::pin(
@@ -72,9 +79,20 @@ fn join(a: Option<String>, b: Option<String>) -> Option<String> {
 }
 
 async fn resolve(extracted: Extracted) -> Option<String> {
-    match extracted {
-        Extracted::Ready(key) => key,
+    match extracted.into_text() {
         Extracted::Pending(future) => future.await,
+        Extracted::Ready(key) => key,
+        Extracted::Address(ip) => Some(ip.to_string()),
+    }
+}
+
+impl Extracted {
+    /// The same key, with an address turned into text.
+    fn into_text(self) -> Self {
+        match self {
+            Self::Address(ip) => Self::Ready(Some(ip.to_string())),
+            other => other,
+        }
     }
 }
 
@@ -204,7 +222,14 @@ impl ClientIp {
 
 impl KeyExtractor for ClientIp {
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        Extracted::Ready(self.client(request).map(|ip| self.key_of(ip)))
+        match self.client(request) {
+            None => Extracted::Ready(None),
+            Some(IpAddr::V4(v4)) => Extracted::Address(IpAddr::V4(v4)),
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => Extracted::Address(IpAddr::V4(v4)),
+                None => Extracted::Ready(Some(self.key_of(IpAddr::V6(v6)))),
+            },
+        }
     }
 }
 
@@ -384,6 +409,7 @@ mod tests {
     fn key(extractor: &ClientIp, request: &Request<()>) -> Option<String> {
         match extractor.extract(&RequestView::new(request)) {
             Extracted::Ready(key) => key,
+            Extracted::Address(ip) => Some(ip.to_string()),
             Extracted::Pending(_) => panic!("client ip is immediate"),
         }
     }

@@ -3,6 +3,7 @@ use std::{
     fmt,
     future::Future,
     mem,
+    net::IpAddr,
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll, ready},
@@ -59,24 +60,49 @@ const MAX_RAW_KEY: usize = 128;
 
 /// The counter's full key: tenant, policy and algorithm fold in, so that tenants never share a
 /// counter and a policy that changes algorithm never reads a counter of another shape.
-fn counter_key(shared: &Shared, tenant: &Tenant, key: &str, counter: &mut String) {
+/// A request's key, as the extractor gave it.
+enum Key {
+    Text(String),
+    Address(IpAddr),
+}
+
+fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String) {
     let policy = &shared.policy;
-    let (name, algorithm) = (policy.name(), policy.algorithm().as_str());
-    let plain = key.len() <= MAX_RAW_KEY
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
     // Built by hand into a reused buffer: this runs on every request, and `format!` with a
     // fresh allocation costs more than the decision itself.
     counter.clear();
-    for part in [tenant.as_str(), ":rl:", name, ":", algorithm, ":"] {
+    for part in [
+        tenant.as_str(),
+        ":rl:",
+        policy.name(),
+        ":",
+        policy.algorithm().as_str(),
+        ":",
+    ] {
         counter.push_str(part);
     }
-    if plain {
-        counter.push_str(key);
-    } else {
-        counter.push('#');
-        counter.push_str(&URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes())));
+    match key {
+        Key::Address(IpAddr::V4(ip)) => {
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    counter.push('.');
+                }
+                counter.push_str(itoa::Buffer::new().format(octet));
+            }
+        }
+        Key::Address(ip) => counter.push_str(&ip.to_string()),
+        Key::Text(key) => {
+            let plain = key.len() <= MAX_RAW_KEY
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+            if plain {
+                counter.push_str(key);
+            } else {
+                counter.push('#');
+                counter.push_str(&URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes())));
+            }
+        }
     }
 }
 
@@ -91,7 +117,7 @@ enum Plan {
 }
 
 /// Decides what to do and writes the counter's key into `counter`.
-fn plan(shared: &Shared, tenant: &Tenant, key: Option<String>, counter: &mut String) -> Plan {
+fn plan(shared: &Shared, tenant: &Tenant, key: Option<Key>, counter: &mut String) -> Plan {
     let quota = shared.policy.quota_for(tenant);
     match key {
         Some(key) => {
@@ -113,7 +139,7 @@ fn plan(shared: &Shared, tenant: &Tenant, key: Option<String>, counter: &mut Str
                 MissingKey::Allow => Plan::Pass,
                 MissingKey::Deny => Plan::Refuse,
                 _ => {
-                    counter_key(shared, tenant, "(no key)", counter);
+                    counter_key(shared, tenant, &Key::Text("(no key)".to_owned()), counter);
                     Plan::Check(quota)
                 }
             }
@@ -158,17 +184,17 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let shared = Arc::clone(&self.shared);
         let view = RequestView::new(&request);
-        let grpc = is_grpc(request.headers());
         let cost = shared.policy.cost_of(&view);
         let key = match shared.policy.key.extract(&view) {
-            Extracted::Ready(key) => key,
+            Extracted::Ready(key) => key.map(Key::Text),
+            Extracted::Address(ip) => Some(Key::Address(ip)),
             Extracted::Pending(pending) => {
                 // The key needs I/O: decide inside a future, and call the inner service from
                 // there (the clone-and-replace idiom keeps the service that was made ready).
                 let clone = self.inner.clone();
                 let inner = mem::replace(&mut self.inner, clone);
                 return ResponseFuture::boxed(Box::pin(async move {
-                    let key = pending.await;
+                    let key = pending.await.map(Key::Text);
                     let mut counter = String::new();
                     let outcome =
                         match plan(&shared, tenant_of(request.extensions()), key, &mut counter) {
@@ -176,7 +202,7 @@ where
                             Plan::Refuse => Outcome::Refuse,
                             Plan::Check(quota) => Outcome::Later(counter, quota),
                         };
-                    decide_then_call(shared, inner, request, outcome, cost, grpc).await
+                    decide_then_call(shared, inner, request, outcome, cost).await
                 }));
             }
         };
@@ -199,24 +225,29 @@ where
         });
         match outcome {
             Outcome::Pass => ResponseFuture::inner(self.inner.call(request), None),
-            Outcome::Refuse => ResponseFuture::ready(refuse(&shared, None, grpc)),
+            // gRPC or not matters only for a refusal: the header is looked at only then.
+            Outcome::Refuse => {
+                ResponseFuture::ready(refuse(&shared, None, is_grpc(request.headers())))
+            }
             Outcome::Decided(Verdict::Decided(decision), quota) if decision.allowed => {
                 let headers = shared
                     .headers
                     .then(|| allowed_headers(&shared, quota, &decision));
                 ResponseFuture::inner(self.inner.call(request), headers)
             }
-            Outcome::Decided(Verdict::Decided(decision), quota) => {
-                ResponseFuture::ready(refuse(&shared, Some((&decision, quota)), grpc))
-            }
+            Outcome::Decided(Verdict::Decided(decision), quota) => ResponseFuture::ready(refuse(
+                &shared,
+                Some((&decision, quota)),
+                is_grpc(request.headers()),
+            )),
             Outcome::Decided(Verdict::Unavailable, _) => {
-                ResponseFuture::ready(unavailable(&shared, grpc))
+                ResponseFuture::ready(unavailable(&shared, is_grpc(request.headers())))
             }
             later @ Outcome::Later(..) => {
                 let clone = self.inner.clone();
                 let inner = mem::replace(&mut self.inner, clone);
                 ResponseFuture::boxed(Box::pin(decide_then_call(
-                    shared, inner, request, later, cost, grpc,
+                    shared, inner, request, later, cost,
                 )))
             }
         }
@@ -229,11 +260,11 @@ async fn decide_then_call<S, ReqBody, ResBody>(
     request: Request<ReqBody>,
     outcome: Outcome,
     cost: u64,
-    grpc: bool,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
+    let grpc = is_grpc(request.headers());
     let (verdict, quota) = match outcome {
         Outcome::Pass => return inner.call(request).await.map(|r| r.map(ResponseBody::new)),
         Outcome::Refuse => return Ok(refuse(&shared, None, grpc)),
