@@ -187,7 +187,10 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
 }
 
 /// The store's own sliding-window script, so the ceiling runs exactly the same Lua.
-const SLIDING_WINDOW: &str = include_str!("../src/ratelimit/store/lua/sliding_window.lua");
+const SLIDING_WINDOW: &str = concat!(
+    include_str!("../src/ratelimit/store/lua/prelude.lua"),
+    include_str!("../src/ratelimit/store/lua/sliding_window.lua")
+);
 
 /// `EVALSHA` of the script with the store's argument layout: time ('' = Redis `TIME`), window
 /// in microseconds, limit, cost.

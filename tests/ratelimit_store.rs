@@ -642,7 +642,11 @@ async fn scripts_reload_after_a_redis_restart() {
         )
         .await;
     }
-    let script = include_str!("../src/ratelimit/store/lua/sliding_window.lua");
+    // As the store loads it: the shared prelude, then the algorithm.
+    let script = concat!(
+        include_str!("../src/ratelimit/store/lua/prelude.lua"),
+        include_str!("../src/ratelimit/store/lua/sliding_window.lua")
+    );
     let sha = server.cli(&["SCRIPT", "LOAD", script]).trim().to_owned();
     server.restart();
     assert_eq!(server.cli(&["SCRIPT", "EXISTS", &sha]).trim(), "0");

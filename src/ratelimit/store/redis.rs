@@ -12,11 +12,24 @@ use crate::{
     ratelimit::Algorithm,
 };
 
-static SLIDING_WINDOW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/sliding_window.lua")));
-static SLIDING_LOG: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/sliding_log.lua")));
-static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/gcra.lua")));
+static SLIDING_WINDOW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/prelude.lua"),
+        include_str!("lua/sliding_window.lua")
+    ))
+});
+static SLIDING_LOG: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/prelude.lua"),
+        include_str!("lua/sliding_log.lua")
+    ))
+});
+static GCRA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/prelude.lua"),
+        include_str!("lua/gcra.lua")
+    ))
+});
 
 /// Rate-limit counts in Redis, shared by every instance that uses the same Redis.
 ///

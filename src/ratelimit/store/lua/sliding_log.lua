@@ -14,25 +14,7 @@
 -- Every number stays an integer below 2^53, exact in Lua's doubles; MemoryRateStore
 -- (memory.rs) repeats the same arithmetic, so both stores make the same decisions.
 
--- Lua turns numbers into strings with 14 significant digits, which would round timestamps.
-local function int(n)
-  return string.format('%.0f', n)
-end
-
-local now
-if ARGV[1] == '' then
-  -- Redis's clock, not the caller's: instances with skewed clocks still agree.
-  local time = redis.call('TIME')
-  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-else
-  now = tonumber(ARGV[1])
-end
-local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-if limit == 0 then
-  return {0, 0, 0, -1}
-end
+-- The arguments, `now`, `window`, `limit`, `cost` and `int` come from prelude.lua.
 
 -- A unit spent at t counts while now < t + window.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))

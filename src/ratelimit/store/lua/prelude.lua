@@ -1,0 +1,28 @@
+-- The common start of every rate-limit script, prepended to each when it is loaded
+-- (src/ratelimit/store/redis.rs): the arguments, the decision time, and the limit-0 answer.
+--
+-- ARGV[1]  decision time in microseconds since the Unix epoch, or '' for Redis TIME
+-- ARGV[2]  window (microseconds)
+-- ARGV[3]  limit
+-- ARGV[4]  cost (0 only reads)
+
+-- Lua turns numbers into strings with 14 significant digits, which would round timestamps.
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+local now
+if ARGV[1] == '' then
+  -- Redis's clock, not the caller's: instances with skewed clocks still agree.
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+else
+  now = tonumber(ARGV[1])
+end
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local cost = tonumber(ARGV[4])
+if limit == 0 then
+  return {0, 0, 0, -1}
+end
+
