@@ -647,7 +647,7 @@ async fn redis_killed_mid_run_then_restarted_shares_counts_again() {
         let layer = RateLimitLayer::new(policy(4, Duration::from_secs(60))).with_redis(backend);
         (app(layer.clone()), layer)
     };
-    let ((a, layer_a), (b, _)) = (instance(), instance());
+    let ((a, layer_a), (b, layer_b)) = (instance(), instance());
     assert_eq!(hit(&a, "198.51.100.1").await.status, StatusCode::OK);
 
     server.stop();
@@ -663,11 +663,13 @@ async fn redis_killed_mid_run_then_restarted_shares_counts_again() {
     server.restart();
     // Back to Redis by itself. The restarted Redis starts empty; from now on both instances
     // spend from one count again.
+    // Each instance has its own connection and breaker: wait until both have come back.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while layer_a.is_falling_back() {
+    while layer_a.is_falling_back() || layer_b.is_falling_back() {
         assert!(Instant::now() < deadline, "did not return to Redis");
         tokio::time::sleep(Duration::from_millis(150)).await;
         hit(&a, "198.51.100.250").await;
+        hit(&b, "198.51.100.250").await;
     }
     let mut allowed = 0;
     for i in 0..10 {
