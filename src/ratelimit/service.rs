@@ -182,7 +182,8 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let shared = Arc::clone(&self.shared);
+        // Borrowed: only the paths that decide inside a future take a reference count.
+        let shared = &self.shared;
         let view = RequestView::new(&request);
         let cost = shared.policy.cost_of(&view);
         let key = match shared.policy.key.extract(&view) {
@@ -193,6 +194,7 @@ where
                 // there (the clone-and-replace idiom keeps the service that was made ready).
                 let clone = self.inner.clone();
                 let inner = mem::replace(&mut self.inner, clone);
+                let shared = Arc::clone(shared);
                 return ResponseFuture::boxed(Box::pin(async move {
                     let key = pending.await.map(Key::Text);
                     let mut counter = String::new();
@@ -207,7 +209,7 @@ where
             }
         };
         let tenant = tenant_of(request.extensions());
-        let decide = |counter: &mut String| match plan(&shared, tenant, key, counter) {
+        let decide = |counter: &mut String| match plan(shared, tenant, key, counter) {
             Plan::Pass => Outcome::Pass,
             Plan::Refuse => Outcome::Refuse,
             Plan::Check(quota) => {
@@ -227,25 +229,26 @@ where
             Outcome::Pass => ResponseFuture::inner(self.inner.call(request), None),
             // gRPC or not matters only for a refusal: the header is looked at only then.
             Outcome::Refuse => {
-                ResponseFuture::ready(refuse(&shared, None, is_grpc(request.headers())))
+                ResponseFuture::ready(refuse(shared, None, is_grpc(request.headers())))
             }
             Outcome::Decided(Verdict::Decided(decision), quota) if decision.allowed => {
                 let headers = shared
                     .headers
-                    .then(|| allowed_headers(&shared, quota, &decision));
+                    .then(|| allowed_headers(shared, quota, &decision));
                 ResponseFuture::inner(self.inner.call(request), headers)
             }
             Outcome::Decided(Verdict::Decided(decision), quota) => ResponseFuture::ready(refuse(
-                &shared,
+                shared,
                 Some((&decision, quota)),
                 is_grpc(request.headers()),
             )),
             Outcome::Decided(Verdict::Unavailable, _) => {
-                ResponseFuture::ready(unavailable(&shared, is_grpc(request.headers())))
+                ResponseFuture::ready(unavailable(shared, is_grpc(request.headers())))
             }
             later @ Outcome::Later(..) => {
                 let clone = self.inner.clone();
                 let inner = mem::replace(&mut self.inner, clone);
+                let shared = Arc::clone(shared);
                 ResponseFuture::boxed(Box::pin(decide_then_call(
                     shared, inner, request, later, cost,
                 )))
