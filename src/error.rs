@@ -30,3 +30,20 @@ impl StoreError {
         matches!(self, Self::Unavailable { .. })
     }
 }
+
+#[cfg(feature = "redis")]
+impl From<crate::backend::BackendError> for StoreError {
+    /// An outage (timeout, unreachable, breaker open) is `Unavailable`; anything else Redis
+    /// answered is `Failed`.
+    fn from(error: crate::backend::BackendError) -> Self {
+        if error.is_outage() {
+            Self::Unavailable {
+                source: Box::new(error),
+            }
+        } else {
+            Self::Failed {
+                source: Box::new(error),
+            }
+        }
+    }
+}

@@ -7,10 +7,7 @@ use async_trait::async_trait;
 use redis::Script;
 
 use super::{Check, Decision, RateLimitStore, StoreError};
-use crate::{
-    backend::{BackendError, RedisBackend},
-    ratelimit::Algorithm,
-};
+use crate::{backend::RedisBackend, ratelimit::Algorithm};
 
 static SLIDING_WINDOW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -141,7 +138,7 @@ impl RateLimitStore for RedisRateStore {
                 invocation.invoke_async(&mut conn).await
             })
             .await
-            .map_err(store_error)?;
+            .map_err(StoreError::from)?;
         let remaining = u64::try_from(remaining).unwrap_or(0);
         let reset = micros(reset);
         Ok(if allowed == 1 {
@@ -167,18 +164,4 @@ fn unix_micros(at: SystemTime) -> u64 {
 
 fn micros(value: i64) -> Duration {
     Duration::from_micros(u64::try_from(value).unwrap_or(0))
-}
-
-/// The session store's split: an outage (down, late, breaker open) lets the caller fall back;
-/// anything else is a failed operation.
-fn store_error(error: BackendError) -> StoreError {
-    if error.is_outage() {
-        StoreError::Unavailable {
-            source: Box::new(error),
-        }
-    } else {
-        StoreError::Failed {
-            source: Box::new(error),
-        }
-    }
 }

@@ -7,7 +7,7 @@ use super::{
     Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
     from_unix_millis, millis,
 };
-use crate::backend::{BackendError, RedisBackend};
+use crate::backend::RedisBackend;
 
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/load.lua")));
 static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/update.lua")));
@@ -173,7 +173,7 @@ impl RedisStore {
                 pipe.query_async(&mut conn).await
             })
             .await
-            .map_err(store_error)
+            .map_err(StoreError::from)
     }
 
     async fn members(&self, index: &str) -> Result<Vec<String>, StoreError> {
@@ -181,18 +181,6 @@ impl RedisStore {
         pipe.cmd("SMEMBERS").arg(index);
         let (members,): (Vec<String>,) = self.query(pipe).await?;
         Ok(members)
-    }
-}
-
-fn store_error(error: BackendError) -> StoreError {
-    if error.is_outage() {
-        StoreError::Unavailable {
-            source: Box::new(error),
-        }
-    } else {
-        StoreError::Failed {
-            source: Box::new(error),
-        }
     }
 }
 
@@ -264,7 +252,7 @@ impl SessionStore for RedisStore {
                     .await
             })
             .await
-            .map_err(store_error)?;
+            .map_err(StoreError::from)?;
         let mut reply = reply.into_iter();
         let problem = match reply.next() {
             Some(Value::Int(0)) => return Ok(None),
@@ -302,7 +290,7 @@ impl SessionStore for RedisStore {
             })
             .await
             .map(drop)
-            .map_err(store_error)
+            .map_err(StoreError::from)
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
@@ -326,7 +314,7 @@ impl SessionStore for RedisStore {
                 invocation.invoke_async(&mut conn).await
             })
             .await
-            .map_err(store_error)?;
+            .map_err(StoreError::from)?;
         Ok(if applied == 1 {
             Written::Applied
         } else {
