@@ -18,8 +18,8 @@ use support::{
 use tower_turnstile::{
     backend::{BreakerConfig, RedisBackend},
     ratelimit::{
-        Algorithm, ClientIp, Fallback, HeaderKey, MissingKey, Policy, Quota, RateLimitLayer,
-        RateLimited, RedisRateStore,
+        Algorithm, ClientIp, Fallback, HeaderKey, MemoryRateStore, MissingKey, Policy, Quota,
+        RateLimitLayer, RateLimitStore, RateLimited, RedisRateStore,
     },
     tenant::Tenant,
 };
@@ -348,6 +348,30 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
             "{garbage}"
         );
     }
+}
+
+#[tokio::test]
+async fn layers_on_one_memory_store_share_a_policy_by_name() {
+    // Built apart (two allocations of the same policy), on one store handed over both ways:
+    // the same policy name counts once, per /64 for IPv6; another /64 counts apart.
+    let store = MemoryRateStore::new();
+    let shared: Arc<dyn RateLimitStore> = Arc::new(store.clone());
+    let first = app(RateLimitLayer::new(policy(4, Duration::from_secs(60))).with_store(store));
+    let second =
+        app(RateLimitLayer::new(policy(4, Duration::from_secs(60))).with_shared_store(shared));
+    let mut allowed = 0;
+    for i in 0..8 {
+        let target = if i % 2 == 0 { &first } else { &second };
+        let ip = if i % 4 < 2 {
+            "2001:db8::1"
+        } else {
+            "2001:db8::ffff"
+        };
+        allowed += usize::from(hit(target, ip).await.status == StatusCode::OK);
+    }
+    assert_eq!(allowed, 4, "one /64, one policy name: one count");
+    assert_eq!(hit(&first, "2001:db8:0:1::1").await.status, StatusCode::OK);
+    assert_eq!(hit(&second, "198.51.100.1").await.status, StatusCode::OK);
 }
 
 #[tokio::test]

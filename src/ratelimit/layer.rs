@@ -48,6 +48,9 @@ pub(crate) struct Shared {
     pub(crate) headers: bool,
     pub(crate) rejection: Option<Arc<RejectionFn>>,
     pub(crate) policy_header: HeaderValue,
+    /// `:rl:{policy}:{algorithm}:`, the part of every counter key between the tenant and the
+    /// client key, built once.
+    pub(crate) key_infix: Arc<str>,
     pub(crate) warned_missing_key: Arc<AtomicBool>,
 }
 
@@ -60,6 +63,7 @@ impl Clone for Shared {
             headers: self.headers,
             rejection: self.rejection.clone(),
             policy_header: self.policy_header.clone(),
+            key_infix: Arc::clone(&self.key_infix),
             warned_missing_key: Arc::clone(&self.warned_missing_key),
         }
     }
@@ -134,6 +138,7 @@ impl RateLimitLayer {
             policy.quota().limit(),
             policy.quota().window(),
         );
+        let key_infix = format!(":rl:{}:{}:", policy.name(), policy.algorithm().as_str()).into();
         Self {
             shared: Arc::new(Shared {
                 policy,
@@ -145,6 +150,7 @@ impl RateLimitLayer {
                 headers: true,
                 rejection: None,
                 policy_header,
+                key_infix,
                 warned_missing_key: Arc::new(AtomicBool::new(false)),
             }),
         }

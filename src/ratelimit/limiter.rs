@@ -1,4 +1,5 @@
 use std::{
+    any::Any,
     fmt,
     sync::{
         Arc,
@@ -66,6 +67,9 @@ struct Denial {
 pub(crate) struct Limiter {
     store: Arc<dyn RateLimitStore>,
     shared: bool,
+    /// The store again when it is this crate's [`MemoryRateStore`], which is asked directly
+    /// and takes address keys in parts (see [`Check::of_address`]).
+    memory: Option<MemoryRateStore>,
     fallback: Fallback,
     local: MemoryRateStore,
     denied: Cache<String, Denial>,
@@ -84,9 +88,13 @@ impl fmt::Debug for Limiter {
 impl Limiter {
     pub(crate) fn new(store: Arc<dyn RateLimitStore>, fallback: Fallback) -> Self {
         let shared = store.is_shared();
+        let memory = (&*store as &dyn Any)
+            .downcast_ref::<MemoryRateStore>()
+            .cloned();
         Self {
             store,
             shared,
+            memory,
             fallback,
             local: MemoryRateStore::new(),
             denied: Cache::builder().max_capacity(100_000).build(),
@@ -190,6 +198,16 @@ impl Limiter {
                 Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO))
             }
         }
+    }
+
+    /// Decides a check that may name its key in parts, when the store is in memory (`None`
+    /// otherwise: the caller names the key as a string and asks [`Limiter::decide_now`]).
+    pub(crate) fn decide_in_memory(&self, check: &Check<'_>) -> Option<Verdict> {
+        let memory = self.memory.as_ref()?;
+        Some(match memory.decide(check) {
+            Ok(decision) => Verdict::Decided(decision),
+            Err(error) => self.fall_back(check, &error),
+        })
     }
 
     pub(crate) fn store(&self) -> Arc<dyn RateLimitStore> {

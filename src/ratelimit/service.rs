@@ -25,7 +25,7 @@ use super::{
     limiter::Verdict,
     policy::MissingKey,
     quota::Quota,
-    store::{Check, Decision},
+    store::{Check, Decision, KeyParts},
 };
 use crate::{
     body::{ResponseBody, plain_response},
@@ -58,38 +58,22 @@ impl<S> RateLimit<S> {
 /// cannot make keys of any size or shape.
 const MAX_RAW_KEY: usize = 128;
 
-/// The counter's full key: tenant, policy and algorithm fold in, so that tenants never share a
-/// counter and a policy that changes algorithm never reads a counter of another shape.
 /// A request's key, as the extractor gave it.
 enum Key {
     Text(String),
     Address(IpAddr),
 }
 
+/// The counter's full key: tenant, policy and algorithm fold in, so that tenants never share a
+/// counter and a policy that changes algorithm never reads a counter of another shape.
 fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String) {
-    let policy = &shared.policy;
     // Built by hand into a reused buffer: this runs on every request, and `format!` with a
     // fresh allocation costs more than the decision itself.
     counter.clear();
-    for part in [
-        tenant.as_str(),
-        ":rl:",
-        policy.name(),
-        ":",
-        policy.algorithm().as_str(),
-        ":",
-    ] {
-        counter.push_str(part);
-    }
+    counter.push_str(tenant.as_str());
+    counter.push_str(&shared.key_infix);
     match key {
-        Key::Address(IpAddr::V4(ip)) => {
-            for (i, octet) in ip.octets().into_iter().enumerate() {
-                if i > 0 {
-                    counter.push('.');
-                }
-                counter.push_str(itoa::Buffer::new().format(octet));
-            }
-        }
+        Key::Address(IpAddr::V4(ip)) => push_ipv4(counter, ip.octets()),
         Key::Address(ip) => counter.push_str(&ip.to_string()),
         Key::Text(key) => {
             let plain = key.len() <= MAX_RAW_KEY
@@ -104,6 +88,31 @@ fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String
             }
         }
     }
+}
+
+/// Appends an IPv4 address in dotted decimal, as `Ipv4Addr`'s `Display` writes it, without
+/// the formatting machinery.
+fn push_ipv4(counter: &mut String, octets: [u8; 4]) {
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in octets.into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        if octet >= 100 {
+            text[len] = b'0' + octet / 100;
+            len += 1;
+        }
+        if octet >= 10 {
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
+        }
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    // Digits and dots only: always UTF-8.
+    counter.push_str(std::str::from_utf8(&text[..len]).unwrap_or_default());
 }
 
 /// What the service does with a request once the key is known.
@@ -155,6 +164,28 @@ enum Outcome {
     Decided(Verdict, Quota),
     /// The store needs I/O: decide in a future, on this owned copy of the counter's key.
     Later(String, Quota),
+}
+
+/// The fast path for an address key and an in-memory store: the store takes the key in parts,
+/// so no string is built. `None` when either is not the case.
+fn decide_address(
+    shared: &Shared,
+    tenant: &Tenant,
+    key: Option<&Key>,
+    cost: u64,
+) -> Option<Outcome> {
+    let Some(&Key::Address(address)) = key else {
+        return None;
+    };
+    let quota = shared.policy.quota_for(tenant);
+    let parts = KeyParts {
+        tenant,
+        scope: &shared.key_infix,
+        address,
+    };
+    let check = Check::of_address(parts, quota, shared.policy.algorithm(), cost);
+    let verdict = shared.limiter.decide_in_memory(&check)?;
+    Some(Outcome::Decided(verdict, quota))
 }
 
 thread_local! {
@@ -209,6 +240,9 @@ where
             }
         };
         let tenant = tenant_of(request.extensions());
+        if let Some(outcome) = decide_address(shared, tenant, key.as_ref(), cost) {
+            return self.answer(request, outcome, cost);
+        }
         let decide = |counter: &mut String| match plan(shared, tenant, key, counter) {
             Plan::Pass => Outcome::Pass,
             Plan::Refuse => Outcome::Refuse,
@@ -225,6 +259,26 @@ where
             // Only if a key extractor or quota lookup re-entered a rate-limit layer.
             Err(_) => decide(&mut String::new()),
         });
+        self.answer(request, outcome, cost)
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// Calls the inner service or answers for it, as the decision says.
+    fn answer<ReqBody, ResBody>(
+        &mut self,
+        request: Request<ReqBody>,
+        outcome: Outcome,
+        cost: u64,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+    {
+        let shared = &self.shared;
         match outcome {
             Outcome::Pass => ResponseFuture::inner(self.inner.call(request), None),
             // gRPC or not matters only for a refusal: the header is looked at only then.

@@ -3,6 +3,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     hash::BuildHasher,
+    net::IpAddr,
     num::NonZeroU32,
     sync::{Arc, LazyLock, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -18,8 +19,8 @@ use governor::{
 };
 use hashbrown::HashTable;
 
-use super::{Check, Decision, RateLimitStore, StoreError};
-use crate::ratelimit::Algorithm;
+use super::{Check, Decision, KeyParts, RateLimitStore, StoreError};
+use crate::{ratelimit::Algorithm, tenant::Tenant};
 
 /// Rate-limit counts in process memory: bounded in size, idle keys swept by themselves.
 ///
@@ -131,7 +132,7 @@ impl RateLimitStore for MemoryRateStore {
 }
 
 impl MemoryRateStore {
-    fn decide(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
+    pub(crate) fn decide(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
         let limit = check.quota.limit();
         if limit == 0 {
             return Ok(Decision::denied(0, 0, Duration::ZERO, None));
@@ -142,7 +143,7 @@ impl MemoryRateStore {
         let window = check.quota.window_ms() * 1000;
         let verdict = self
             .counters
-            .with_state(check.key, real_now, 2 * window, |state| {
+            .with_state(KeyRef::of(check), real_now, 2 * window, |state| {
                 decide(state, check.algorithm, now, window, limit, check.cost)
             })
             .map_err(|source| StoreError::Failed {
@@ -199,7 +200,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// How many shards the key table has: enough that concurrent decisions on different keys
-/// rarely wait for one another.
+/// rarely wait for one another. A power of two.
 const SHARDS: usize = 64;
 /// A shard sweeps its idle keys after this many decisions, so memory is given back even when
 /// no shard ever fills up.
@@ -226,9 +227,74 @@ struct Shard {
     decisions: u32,
 }
 
+/// A key as a check names it.
+#[derive(Clone, Copy)]
+enum KeyRef<'a> {
+    Text(&'a str),
+    Parts(KeyParts<'a>),
+}
+
+impl<'a> KeyRef<'a> {
+    fn of(check: &Check<'a>) -> Self {
+        check.parts.map_or(Self::Text(check.key), Self::Parts)
+    }
+
+    fn hash(self, hasher: &foldhash::fast::RandomState) -> u64 {
+        match self {
+            Self::Text(key) => hasher.hash_one(key),
+            Self::Parts(parts) => {
+                hasher.hash_one((parts.tenant.as_str(), &**parts.scope, parts.address))
+            }
+        }
+    }
+
+    fn owned(self) -> Key {
+        match self {
+            Self::Text(key) => Key::Text(Box::from(key)),
+            Self::Parts(parts) => Key::Parts {
+                tenant: parts.tenant.clone(),
+                scope: Arc::clone(parts.scope),
+                address: parts.address,
+            },
+        }
+    }
+}
+
+/// A key as the table holds it. A key given in parts never equals a text key: the layer names
+/// each of its counters always the one way or always the other.
+enum Key {
+    Text(Box<str>),
+    Parts {
+        tenant: Tenant,
+        scope: Arc<str>,
+        address: IpAddr,
+    },
+}
+
+impl Key {
+    fn is(&self, other: KeyRef<'_>) -> bool {
+        match (self, other) {
+            (Self::Text(held), KeyRef::Text(key)) => **held == *key,
+            (
+                Self::Parts {
+                    tenant,
+                    scope,
+                    address,
+                },
+                KeyRef::Parts(parts),
+            ) => {
+                *address == parts.address
+                    && tenant == parts.tenant
+                    && (Arc::ptr_eq(scope, parts.scope) || **scope == **parts.scope)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One key: the algorithm's state and when it may be forgotten.
 struct Entry {
-    key: Box<str>,
+    key: Key,
     /// The key's hash, kept so that growing the table never hashes again.
     hash: u64,
     state: State,
@@ -243,6 +309,8 @@ impl Counters {
         // Never more shards than keys, and each shard's share rounded down: the total held
         // stays within `max_keys`.
         let shards = max.min(SHARDS);
+        // A power of two, so that picking a shard is a mask, not a division.
+        let shards = 1 << shards.ilog2();
         Self {
             shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: foldhash::fast::RandomState::default(),
@@ -254,20 +322,20 @@ impl Counters {
     /// Runs `f` on the state of `key` under its shard's lock, creating the key if needed.
     fn with_state<T>(
         &self,
-        key: &str,
+        key: KeyRef<'_>,
         now: u64,
         keep_for: u64,
         f: impl FnOnce(&mut State) -> T,
     ) -> T {
         // One hash picks the shard (high bits) and the bucket within it.
-        let hash = self.hasher.hash_one(key);
-        let shard = &self.shards[((hash >> 32) as usize) % self.shards.len()];
+        let hash = key.hash(&self.hasher);
+        let shard = &self.shards[((hash >> 32) as usize) & (self.shards.len() - 1)];
         let mut shard = lock(shard);
         shard.decisions = shard.decisions.wrapping_add(1);
         if shard.decisions.is_multiple_of(SWEEP_EVERY) {
             shard.sweep(now);
         }
-        if let Some(entry) = shard.keys.find_mut(hash, |e| &*e.key == key) {
+        if let Some(entry) = shard.keys.find_mut(hash, |e| e.key.is(key)) {
             if entry.expires <= now {
                 // Forgotten: what the Redis key's TTL would have done.
                 entry.state = State::Fresh;
@@ -278,16 +346,24 @@ impl Counters {
         if shard.keys.len() >= self.per_shard {
             shard.sweep(now);
             if shard.keys.len() >= self.per_shard {
-                let victim = shard.keys.iter().next().map(|e| (e.hash, e.key.clone()));
+                // The first entry found; its hash finds it again, and the address of its
+                // state tells it from others with the same hash.
+                let victim = shard
+                    .keys
+                    .iter()
+                    .next()
+                    .map(|e| (e.hash, std::ptr::from_ref(&e.state)));
                 if let Some((victim_hash, victim)) = victim
-                    && let Ok(found) = shard.keys.find_entry(victim_hash, |e| e.key == victim)
+                    && let Ok(found) = shard
+                        .keys
+                        .find_entry(victim_hash, |e| std::ptr::eq(&e.state, victim))
                 {
                     found.remove();
                 }
             }
         }
         let entry = Entry {
-            key: Box::from(key),
+            key: key.owned(),
             hash,
             state: State::Fresh,
             expires: now.saturating_add(keep_for),
@@ -416,6 +492,13 @@ const EXACT: u64 = 1 << 51;
 /// in those ticks: 1 µs unless `limit * window` is so large that products would pass
 /// [`EXACT`].
 fn ticks(window: u64, limit: u64) -> (u64, u64) {
+    // The usual case, without a division: `window <= EXACT / (3 * (limit + 1))`.
+    if window
+        .checked_mul(3 * (limit + 1))
+        .is_some_and(|product| product <= EXACT)
+    {
+        return (1, window);
+    }
     let max_ticks = EXACT / (3 * (limit + 1));
     let tick = window.div_ceil(max_ticks);
     (tick, window.div_ceil(tick))
@@ -439,7 +522,12 @@ impl Window {
         }
         let start = index * window;
         let (tick, ticks) = ticks(window, limit);
-        let overlap = ticks - (now - start) / tick;
+        let elapsed = if tick == 1 {
+            now - start
+        } else {
+            (now - start) / tick
+        };
+        let overlap = ticks - elapsed;
 
         // u128 only matters for a key whose counts were made under a much larger quota:
         // under one quota every product stays below 2^51, as in the script.
@@ -454,9 +542,12 @@ impl Window {
             };
         }
 
-        let remaining = limit
-            .saturating_sub(current)
-            .saturating_sub(narrow(weighted.div_ceil(u128::from(ticks))));
+        let previous_share = if weighted == 0 {
+            0
+        } else {
+            narrow(weighted.div_ceil(u128::from(ticks)))
+        };
+        let remaining = limit.saturating_sub(current).saturating_sub(previous_share);
         let reset = if current > 0 {
             start + 2 * window - now
         } else if previous > 0 {
@@ -903,6 +994,73 @@ mod tests {
             error.to_string(),
             "the key holds gcra state, not sliding-log state"
         );
+    }
+
+    #[test]
+    fn the_division_free_tick_agrees_with_the_division_at_its_edge() {
+        for limit in [1, 7, 100, 99_999, 1_000_000_000] {
+            let edge = EXACT / (3 * (limit + 1));
+            assert_eq!(ticks(edge, limit), (1, edge));
+            let (tick, _) = ticks(edge + 1, limit);
+            assert_eq!(tick, 2, "limit {limit}");
+        }
+    }
+
+    fn parts_check<'a>(parts: KeyParts<'a>, limit: u64) -> Check<'a> {
+        let quota = crate::ratelimit::Quota::new(limit, Duration::from_secs(60)).unwrap();
+        Check::of_address(parts, quota, Algorithm::SlidingWindow, 1)
+    }
+
+    #[test]
+    fn address_keys_in_parts_count_per_tenant_policy_and_address() {
+        let store = MemoryRateStore::new();
+        let (acme, globex) = (Tenant::new("acme").unwrap(), Tenant::new("globex").unwrap());
+        let per_ip: Arc<str> = Arc::from(":rl:per-ip:sw:");
+        // The same text in another allocation: another layer with the same policy.
+        let per_ip_again: Arc<str> = Arc::from(":rl:per-ip:sw:");
+        let login: Arc<str> = Arc::from(":rl:login:sw:");
+        let a = IpAddr::from([198, 51, 100, 1]);
+        let b = IpAddr::from([198, 51, 100, 2]);
+        let parts = |tenant, scope, address| KeyParts {
+            tenant,
+            scope,
+            address,
+        };
+        let spend = |parts| store.decide(&parts_check(parts, 2)).unwrap();
+
+        assert_eq!(spend(parts(&acme, &per_ip, a)).remaining, 1);
+        assert_eq!(spend(parts(&acme, &per_ip_again, a)).remaining, 0);
+        assert!(!spend(parts(&acme, &per_ip, a)).allowed);
+        // Another address, tenant or policy has a count of its own.
+        assert_eq!(spend(parts(&acme, &per_ip, b)).remaining, 1);
+        assert_eq!(spend(parts(&globex, &per_ip, a)).remaining, 1);
+        assert_eq!(spend(parts(&acme, &login, a)).remaining, 1);
+        // So has the text key that would join the same parts.
+        let text = Check::new(
+            "acme:rl:per-ip:sw:198.51.100.1",
+            crate::ratelimit::Quota::new(2, Duration::from_secs(60)).unwrap(),
+            Algorithm::SlidingWindow,
+            1,
+        );
+        assert_eq!(store.decide(&text).unwrap().remaining, 1);
+        assert_eq!(store.len(), 5);
+    }
+
+    #[test]
+    fn a_flood_of_address_keys_stays_within_max_keys() {
+        let store = MemoryRateStore::builder().max_keys(64).build();
+        let tenant = Tenant::new("acme").unwrap();
+        let scope: Arc<str> = Arc::from(":rl:per-ip:sw:");
+        for i in 0..10_000u32 {
+            let parts = KeyParts {
+                tenant: &tenant,
+                scope: &scope,
+                address: IpAddr::from(i.to_be_bytes()),
+            };
+            assert!(store.decide(&parts_check(parts, 5)).unwrap().allowed);
+        }
+        assert!(store.len() <= 64, "{} keys held", store.len());
+        assert!(!store.is_empty());
     }
 
     #[test]

@@ -1,12 +1,18 @@
 //! Where rate-limit counts live: the [`RateLimitStore`] trait and its implementations.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    any::Any,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use async_trait::async_trait;
 
 pub use crate::error::StoreError;
 
 use super::{Algorithm, Quota};
+use crate::tenant::Tenant;
 
 mod memory;
 #[cfg(feature = "redis")]
@@ -31,6 +37,20 @@ pub struct Check<'a> {
     /// The time of the decision; `None` means the store's own clock (Redis `TIME` for the Redis
     /// store, so that instances with skewed clocks agree). Tests replay traces with it.
     pub at: Option<SystemTime>,
+    /// The key in parts, when the layer asks [`MemoryRateStore`] about a client address: the
+    /// parts are hashed and compared as they are, with no string joined per request. `key` is
+    /// then empty.
+    pub(crate) parts: Option<KeyParts<'a>>,
+}
+
+/// A counter key of the rate-limit layer for a client address, in parts: what `key` would
+/// hold joined (`{tenant}{scope}{address}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeyParts<'a> {
+    pub(crate) tenant: &'a Tenant,
+    /// `:rl:{policy}:{algorithm}:`.
+    pub(crate) scope: &'a Arc<str>,
+    pub(crate) address: IpAddr,
 }
 
 impl<'a> Check<'a> {
@@ -42,6 +62,20 @@ impl<'a> Check<'a> {
             algorithm,
             cost,
             at: None,
+            parts: None,
+        }
+    }
+
+    /// A check of the layer's counter for a client address, given in parts.
+    pub(crate) fn of_address(
+        parts: KeyParts<'a>,
+        quota: Quota,
+        algorithm: Algorithm,
+        cost: u64,
+    ) -> Self {
+        Self {
+            parts: Some(parts),
+            ..Self::new("", quota, algorithm, cost)
         }
     }
 
@@ -105,7 +139,7 @@ impl Decision {
 /// denied check spends nothing. One trace of checks (time, key, cost) gives the same decisions
 /// on every store for the sliding-window algorithms; GCRA agrees within one request per window.
 #[async_trait]
-pub trait RateLimitStore: std::fmt::Debug + Send + Sync + 'static {
+pub trait RateLimitStore: Any + std::fmt::Debug + Send + Sync {
     /// Decides one check, spending its cost if allowed.
     async fn check(&self, check: &Check<'_>) -> Result<Decision, StoreError>;
 
