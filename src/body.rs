@@ -1,20 +1,102 @@
-//! The response body the layers use when they answer a request themselves.
+//! The response bodies the layers write their own answers in.
 
 use std::{
+    convert::Infallible,
     pin::Pin,
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{
+    BodyExt, Full,
+    combinators::{BoxBody, UnsyncBoxBody},
+};
 use pin_project_lite::pin_project;
 
+/// A response body type the layers can write their own answers in: the rate limiter's `429`,
+/// the tenant layer's `400`, a fail-closed store's `503`.
+///
+/// A layer's service answers with the inner service's own body type, untouched on the way
+/// through (no wrapper, no second boxing by axum); for its own answers it builds that type
+/// from bytes with this trait. It is implemented for axum's `Body` (feature `axum`),
+/// [`Full<Bytes>`], [`BoxBody<Bytes, E>`], [`UnsyncBoxBody<Bytes, E>`], `String`, and
+/// [`ResponseBody<B>`], which wraps any other body.
+///
+/// A service with a body type of its own either implements this trait for it or has its
+/// responses wrapped in [`ResponseBody`] under the layer:
+///
+/// ```
+/// use http::{Request, Response};
+/// use http_body_util::Empty;
+/// use bytes::Bytes;
+/// use tower::{ServiceBuilder, service_fn};
+/// use tower_turnstile::{
+///     ResponseBody,
+///     ratelimit::{Policy, Quota, RateLimitLayer},
+/// };
+///
+/// // `Empty` cannot hold the text of a refusal: wrap it.
+/// let service = ServiceBuilder::new()
+///     .layer(RateLimitLayer::new(Policy::new("per-ip", Quota::per_minute(100))?))
+///     .map_response(|response: Response<Empty<Bytes>>| response.map(ResponseBody::new))
+///     .service(service_fn(|_: Request<()>| async {
+///         Ok::<_, std::convert::Infallible>(Response::new(Empty::<Bytes>::new()))
+///     }));
+/// # let _ = service;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait RefusalBody: Sized {
+    /// A body holding `bytes` (none at all when they are empty).
+    fn from_bytes(bytes: Bytes) -> Self;
+}
+
+impl RefusalBody for Full<Bytes> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        Full::new(bytes)
+    }
+}
+
+impl<E: 'static> RefusalBody for BoxBody<Bytes, E> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        Full::new(bytes)
+            .map_err(|never: Infallible| match never {})
+            .boxed()
+    }
+}
+
+impl<E: 'static> RefusalBody for UnsyncBoxBody<Bytes, E> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        Full::new(bytes)
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync()
+    }
+}
+
+impl RefusalBody for String {
+    fn from_bytes(bytes: Bytes) -> Self {
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+#[cfg(feature = "axum")]
+impl RefusalBody for axum::body::Body {
+    fn from_bytes(bytes: Bytes) -> Self {
+        axum::body::Body::from(bytes)
+    }
+}
+
+impl<B> RefusalBody for ResponseBody<B> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        Self::local(bytes)
+    }
+}
+
 pin_project! {
-    /// Response body of the turnstile services: either the inner service's body, untouched,
-    /// or a short plain-text body the layer wrote itself (a `503` in fail-closed mode, say).
+    /// A response body that is either an inner service's body, untouched, or a short body a
+    /// layer wrote itself: the [`RefusalBody`] for body types that have none of their own.
     ///
-    /// It works with any inner body, so the layers drop into axum, hyper and tonic stacks
-    /// alike; a wrapped body forwards its frames, size hint and trailers as they are.
+    /// A wrapped body forwards its frames, size hint and trailers as they are.
     #[derive(Debug)]
     pub struct ResponseBody<B> {
         #[pin]
@@ -39,9 +121,8 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// A body the layer wrote itself.
-    pub(crate) fn local(data: impl Into<Bytes>) -> Self {
-        let data = data.into();
+    /// A body a layer wrote itself.
+    fn local(data: Bytes) -> Self {
         Self {
             kind: Kind::Local {
                 data: (!data.is_empty()).then_some(data),
@@ -85,12 +166,11 @@ where
 }
 
 /// A plain-text response written by a layer.
-pub(crate) fn plain_response<B>(
+pub(crate) fn plain_response<B: RefusalBody>(
     status: http::StatusCode,
     text: &'static str,
-) -> http::Response<ResponseBody<B>> {
-    let mut response =
-        http::Response::new(ResponseBody::local(Bytes::from_static(text.as_bytes())));
+) -> http::Response<B> {
+    let mut response = http::Response::new(B::from_bytes(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -42,8 +42,10 @@
 //! [`tenant::TenantLayer`] inserts a [`tenant::Tenant`], which scopes every session and
 //! rate-limit key; the [`session::SessionLayer`] inserts the [`session::Session`] handlers use.
 //! Each works in any Tower stack (axum's `Router::layer`, `ServiceBuilder` around a hyper
-//! service, tonic's `Server::builder().layer`), and the responses a layer writes itself use
-//! [`ResponseBody`], which wraps any inner body.
+//! service, tonic's `Server::builder().layer`). A layer's service answers with the inner
+//! service's own body type; for the answers it writes itself (429, 400, 503) that type
+//! implements [`RefusalBody`] (axum's body, `Full`, the boxed bodies, `String`), or the inner
+//! responses are wrapped in [`ResponseBody`].
 //!
 //! The full stack, outermost first: a per-IP limit refuses floods before anything else runs; the
 //! tenant is known before anything keyed by it; a per-user limit comes after the session layer,
@@ -84,6 +86,6 @@ mod request;
 pub mod session;
 pub mod tenant;
 
-pub use body::ResponseBody;
+pub use body::{RefusalBody, ResponseBody};
 pub use error::StoreError;
 pub use request::RequestView;

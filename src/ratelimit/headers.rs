@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, header};
 
 use super::store::Decision;
-use crate::body::ResponseBody;
+use crate::body::RefusalBody;
 
 /// `RateLimit-Policy`.
 pub(crate) static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -62,8 +62,8 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// A gRPC trailers-only response: status and message in the headers, no body.
-pub(crate) fn grpc_status<B>(code: u8, message: &'static str) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::local(Bytes::new()));
+pub(crate) fn grpc_status<B: RefusalBody>(code: u8, message: &'static str) -> Response<B> {
+    let mut response = Response::new(B::from_bytes(Bytes::new()));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

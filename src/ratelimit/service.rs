@@ -28,7 +28,7 @@ use super::{
     store::{Check, Decision, KeyParts},
 };
 use crate::{
-    body::{ResponseBody, plain_response},
+    body::{RefusalBody, plain_response},
     tenant::Tenant,
 };
 
@@ -193,8 +193,7 @@ thread_local! {
     static COUNTER: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-type BoxedResponse<B, E> =
-    Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
@@ -202,9 +201,9 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: RefusalBody + Send + 'static,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
@@ -265,6 +264,7 @@ where
 
 impl<S> RateLimit<S> {
     /// Calls the inner service or answers for it, as the decision says.
+    #[inline(always)]
     fn answer<ReqBody, ResBody>(
         &mut self,
         request: Request<ReqBody>,
@@ -276,7 +276,7 @@ impl<S> RateLimit<S> {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
         ReqBody: Send + 'static,
-        ResBody: Send + 'static,
+        ResBody: RefusalBody + Send + 'static,
     {
         let shared = &self.shared;
         match outcome {
@@ -317,13 +317,14 @@ async fn decide_then_call<S, ReqBody, ResBody>(
     request: Request<ReqBody>,
     outcome: Outcome,
     cost: u64,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+) -> Result<Response<ResBody>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: RefusalBody,
 {
     let grpc = is_grpc(request.headers());
     let (verdict, quota) = match outcome {
-        Outcome::Pass => return inner.call(request).await.map(|r| r.map(ResponseBody::new)),
+        Outcome::Pass => return inner.call(request).await,
         Outcome::Refuse => return Ok(refuse(&shared, None, grpc)),
         Outcome::Decided(verdict, quota) => (verdict, quota),
         Outcome::Later(counter, quota) => {
@@ -341,7 +342,7 @@ where
             let headers = shared
                 .headers
                 .then(|| allowed_headers(&shared, quota, &decision));
-            Ok(with_headers(response.map(ResponseBody::new), headers))
+            Ok(with_headers(response, headers))
         }
         Verdict::Decided(decision) => Ok(refuse(&shared, Some((&decision, quota)), grpc)),
         Verdict::Unavailable => Ok(unavailable(&shared, grpc)),
@@ -367,6 +368,7 @@ fn policy_header(shared: &Shared, quota: Quota) -> HeaderValue {
     }
 }
 
+#[inline]
 fn with_headers<B>(mut response: Response<B>, headers: Option<HeaderPair>) -> Response<B> {
     if let Some((policy, state)) = headers {
         // Appended, not inserted: stacked layers each report their own policy.
@@ -376,11 +378,11 @@ fn with_headers<B>(mut response: Response<B>, headers: Option<HeaderPair>) -> Re
     response
 }
 
-fn refuse<B>(
+fn refuse<B: RefusalBody>(
     shared: &Shared,
     decided: Option<(&Decision, Quota)>,
     grpc: bool,
-) -> Response<ResponseBody<B>> {
+) -> Response<B> {
     let policy = shared.policy.name();
     let fallback;
     let (decision, quota) = match decided {
@@ -398,7 +400,7 @@ fn refuse<B>(
             decision,
             grpc,
         })
-        .map(ResponseBody::local),
+        .map(B::from_bytes),
         None if grpc => grpc_status(GRPC_RESOURCE_EXHAUSTED, "rate limit exceeded"),
         None if decision.retry_after.is_none() && decision.limit > 0 => plain_response(
             StatusCode::TOO_MANY_REQUESTS,
@@ -426,7 +428,7 @@ fn refuse<B>(
     response
 }
 
-fn unavailable<B>(shared: &Shared, grpc: bool) -> Response<ResponseBody<B>> {
+fn unavailable<B: RefusalBody>(shared: &Shared, grpc: bool) -> Response<B> {
     let mut response = if grpc {
         grpc_status(GRPC_UNAVAILABLE, "rate limiter unavailable")
     } else {
@@ -458,7 +460,7 @@ pin_project! {
     enum Kind<F, B, E> {
         Inner { #[pin] future: F, headers: Option<HeaderPair> },
         // Boxed: refusals are the rare path, and the future stays small for the common one.
-        Ready { response: Option<Box<Response<ResponseBody<B>>>> },
+        Ready { response: Option<Box<Response<B>>> },
         Boxed { future: BoxedResponse<B, E> },
     }
 }
@@ -470,7 +472,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    fn ready(response: Response<ResponseBody<B>>) -> Self {
+    fn ready(response: Response<B>) -> Self {
         Self {
             kind: Kind::Ready {
                 response: Some(Box::new(response)),
@@ -494,17 +496,15 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: RefusalBody,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Inner { future, headers } => {
                 let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(with_headers(
-                    response.map(ResponseBody::new),
-                    headers.take(),
-                )))
+                Poll::Ready(Ok(with_headers(response, headers.take())))
             }
             KindProj::Ready { response } => match response.take() {
                 Some(response) => Poll::Ready(Ok(*response)),

@@ -15,7 +15,7 @@ use super::{
     layer::Shared,
 };
 use crate::{
-    body::{ResponseBody, plain_response},
+    body::{RefusalBody, plain_response},
     tenant::Tenant,
 };
 
@@ -44,8 +44,9 @@ impl<S> SessionService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: RefusalBody,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody>;
 
@@ -98,8 +99,9 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: RefusalBody,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<B>, E>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -108,13 +110,13 @@ where
                     let response = ready!(future.poll(cx))?;
                     let Some(session) = session.take() else {
                         // Only reachable if polled again after completion.
-                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                        return Poll::Ready(Ok(response));
                     };
                     if session.shared().fail_closed && session.is_degraded() {
                         return Poll::Ready(Ok(unavailable()));
                     }
                     if !session.needs_commit() {
-                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                        return Poll::Ready(Ok(response));
                     }
                     let server_error = response.status().is_server_error();
                     let committing = session.clone();
@@ -145,19 +147,14 @@ where
     }
 }
 
-fn unavailable<B>() -> Response<ResponseBody<B>> {
+fn unavailable<B: RefusalBody>() -> Response<B> {
     plain_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "session store unavailable\n",
     )
 }
 
-fn finish<B>(
-    response: Response<B>,
-    change: CookieChange,
-    shared: &Shared,
-) -> Response<ResponseBody<B>> {
-    let mut response = response.map(ResponseBody::new);
+fn finish<B>(mut response: Response<B>, change: CookieChange, shared: &Shared) -> Response<B> {
     let cookie = match change {
         CookieChange::Keep => None,
         CookieChange::Set(id, max_age) => shared.cookie.set(&id, max_age),

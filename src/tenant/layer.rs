@@ -9,7 +9,7 @@ use super::{
     resolver::{RequestView, Resolution, ResolveTenant, TenantSource},
     service::TenantScope,
 };
-use crate::body::ResponseBody;
+use crate::body::RefusalBody;
 
 type RejectionFn = dyn Fn(&TenantRejected) -> Response<Bytes> + Send + Sync;
 
@@ -81,12 +81,12 @@ impl Shared {
     }
 
     /// The response refusing a request for `rejected`.
-    pub(crate) fn reject<B>(&self, rejected: TenantRejected) -> Response<ResponseBody<B>> {
+    pub(crate) fn reject<B: RefusalBody>(&self, rejected: TenantRejected) -> Response<B> {
         tracing::debug!(reason = %rejected, "request refused: no valid tenant");
         let mut response = match &self.rejection {
-            Some(custom) => custom(&rejected).map(ResponseBody::local),
+            Some(custom) => custom(&rejected).map(B::from_bytes),
             None => {
-                let mut response = Response::new(ResponseBody::local(format!("{rejected}\n")));
+                let mut response = Response::new(B::from_bytes(format!("{rejected}\n").into()));
                 *response.status_mut() = self.rejection_status;
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -3,7 +3,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
 use http::{Request, Response};
@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{layer::Shared, resolver::RequestView};
-use crate::body::ResponseBody;
+use crate::body::{RefusalBody, plain_response};
 
 /// The service of a [`TenantLayer`](super::TenantLayer): puts the request's
 /// [`Tenant`](super::Tenant) into its extensions, or refuses it.
@@ -39,8 +39,9 @@ impl<S> TenantScope<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantScope<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: RefusalBody,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody>;
 
@@ -79,7 +80,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F, B> {
         Inner { #[pin] future: F },
-        Rejected { response: Option<Response<ResponseBody<B>>> },
+        Rejected { response: Option<Response<B>> },
     }
 }
 
@@ -92,18 +93,21 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 impl<F, B, E> Future for ResponseFuture<F, B>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: RefusalBody,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<B>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Inner { future } => {
-                let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(response.map(ResponseBody::new)))
+            StateProj::Inner { future } => future.poll(cx),
+            StateProj::Rejected { response } => {
+                Poll::Ready(Ok(response.take().unwrap_or_else(|| {
+                    plain_response(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "polled after completion\n",
+                    )
+                })))
             }
-            StateProj::Rejected { response } => Poll::Ready(Ok(response
-                .take()
-                .expect("ResponseFuture polled after completion"))),
         }
     }
 }
