@@ -11,10 +11,42 @@ use std::{fmt, str::FromStr, time::Duration};
 /// assert_eq!("5/m".parse::<Quota>()?, Quota::per_minute(5));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
     limit: u64,
     window_ms: u64,
+    /// The sliding window's resolution for this quota (see [`sliding_ticks`]), worked out once
+    /// rather than on every decision: it takes divisions.
+    tick: u64,
+    ticks: u64,
+}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quota")
+            .field("limit", &self.limit)
+            .field("window", &self.window())
+            .finish()
+    }
+}
+
+/// Every product of the sliding-window arithmetic stays below this, so that the Lua scripts'
+/// doubles compute it exactly.
+pub(crate) const EXACT: u64 = 1 << 51;
+
+/// The resolution (µs) at which the sliding window weighs the previous window, and the window
+/// in those ticks: 1 µs unless `limit * window` is so large that products would pass
+/// [`EXACT`] (`lua/sliding_window.lua` works it out the same way).
+pub(crate) const fn sliding_ticks(window: u64, limit: u64) -> (u64, u64) {
+    // The usual case, without a division: `window <= EXACT / (3 * (limit + 1))`.
+    if let Some(product) = window.checked_mul(3 * (limit + 1))
+        && product <= EXACT
+    {
+        return (1, window);
+    }
+    let max_ticks = EXACT / (3 * (limit + 1));
+    let tick = window.div_ceil(max_ticks);
+    (tick, window.div_ceil(tick))
 }
 
 /// Why a quota was refused.
@@ -45,31 +77,33 @@ impl Quota {
         if limit > MAX_LIMIT {
             return Err(QuotaError::Limit);
         }
-        Ok(Self { limit, window_ms })
+        Ok(Self::of(limit, window_ms))
+    }
+
+    /// A quota from values already checked.
+    const fn of(limit: u64, window_ms: u64) -> Self {
+        let (tick, ticks) = sliding_ticks(window_ms * 1000, limit);
+        Self {
+            limit,
+            window_ms,
+            tick,
+            ticks,
+        }
     }
 
     /// `limit` per second.
     pub const fn per_second(limit: u32) -> Self {
-        Self {
-            limit: limit as u64,
-            window_ms: 1000,
-        }
+        Self::of(limit as u64, 1000)
     }
 
     /// `limit` per minute.
     pub const fn per_minute(limit: u32) -> Self {
-        Self {
-            limit: limit as u64,
-            window_ms: 60_000,
-        }
+        Self::of(limit as u64, 60_000)
     }
 
     /// `limit` per hour.
     pub const fn per_hour(limit: u32) -> Self {
-        Self {
-            limit: limit as u64,
-            window_ms: 3_600_000,
-        }
+        Self::of(limit as u64, 3_600_000)
     }
 
     /// How much may be spent per window.
@@ -86,6 +120,11 @@ impl Quota {
         self.window_ms
     }
 
+    /// The sliding window's `(tick, ticks)` for this quota (see [`sliding_ticks`]).
+    pub(crate) const fn sliding_ticks(&self) -> (u64, u64) {
+        (self.tick, self.ticks)
+    }
+
     /// The same window with `share` of the limit (rounded down, at least 1 when the limit is
     /// not 0): what one instance may grant alone when the shared store is unreachable.
     pub fn share(&self, share: f64) -> Self {
@@ -93,10 +132,7 @@ impl Quota {
             return *self;
         }
         let scaled = (self.limit as f64 * share.clamp(0.0, 1.0)).floor() as u64;
-        Self {
-            limit: scaled.max(1),
-            window_ms: self.window_ms,
-        }
+        Self::of(scaled.max(1), self.window_ms)
     }
 }
 

@@ -20,7 +20,10 @@ use governor::{
 use hashbrown::HashTable;
 
 use super::{Check, Decision, KeyParts, RateLimitStore, StoreError};
-use crate::{ratelimit::Algorithm, tenant::Tenant};
+use crate::{
+    ratelimit::{Algorithm, Quota},
+    tenant::Tenant,
+};
 
 /// Rate-limit counts in process memory: bounded in size, idle keys swept by themselves.
 ///
@@ -144,7 +147,7 @@ impl MemoryRateStore {
         let verdict = self
             .counters
             .with_state(KeyRef::of(check), real_now, 2 * window, |state| {
-                decide(state, check.algorithm, now, window, limit, check.cost)
+                decide(state, check.algorithm, now, check.quota, check.cost)
             })
             .map_err(|source| StoreError::Failed {
                 source: Box::new(source),
@@ -445,16 +448,16 @@ impl Verdict {
     }
 }
 
-/// Decides one check of `cost` against `limit` per `window` (µs) at `now` (µs since the epoch),
-/// spending the cost if allowed. `limit` is at least 1 (a limit of 0 needs no state).
+/// Decides one check of `cost` against `quota` at `now` (µs since the epoch), spending the
+/// cost if allowed. The quota's limit is at least 1 (a limit of 0 needs no state).
 fn decide(
     state: &mut State,
     algorithm: Algorithm,
     now: u64,
-    window: u64,
-    limit: u64,
+    quota: Quota,
     cost: u64,
 ) -> Result<Verdict, WrongAlgorithm> {
+    let (window, limit) = (quota.window_ms() * 1000, quota.limit());
     if let State::Fresh = state {
         *state = match algorithm {
             Algorithm::SlidingWindow => State::Window(Window::default()),
@@ -464,7 +467,7 @@ fn decide(
     }
     match (algorithm, state) {
         (Algorithm::SlidingWindow, State::Window(counts)) => {
-            Ok(counts.decide(now, window, limit, cost))
+            Ok(counts.decide_in_ticks(now, window, limit, cost, quota.sliding_ticks()))
         }
         (Algorithm::SlidingLog, State::Log(log)) => Ok(log.decide(now, window, limit, cost)),
         (Algorithm::Gcra, State::Gcra(gcra)) => Ok(gcra.decide(now, window, limit, cost)),
@@ -484,30 +487,25 @@ struct Window {
     previous: u64,
 }
 
-/// Every product of the sliding-window arithmetic stays below this, so that Lua's doubles
-/// compute it exactly.
-const EXACT: u64 = 1 << 51;
-
-/// The resolution (µs) at which the sliding window weighs the previous window, and the window
-/// in those ticks: 1 µs unless `limit * window` is so large that products would pass
-/// [`EXACT`].
-fn ticks(window: u64, limit: u64) -> (u64, u64) {
-    // The usual case, without a division: `window <= EXACT / (3 * (limit + 1))`.
-    if window
-        .checked_mul(3 * (limit + 1))
-        .is_some_and(|product| product <= EXACT)
-    {
-        return (1, window);
-    }
-    let max_ticks = EXACT / (3 * (limit + 1));
-    let tick = window.div_ceil(max_ticks);
-    (tick, window.div_ceil(tick))
-}
-
 impl Window {
+    #[cfg(test)]
     fn decide(&mut self, now: u64, window: u64, limit: u64, cost: u64) -> Verdict {
+        let resolution = crate::ratelimit::quota::sliding_ticks(window, limit);
+        self.decide_in_ticks(now, window, limit, cost, resolution)
+    }
+
+    /// Decides in the resolution `(tick, ticks)` that
+    /// [`sliding_ticks`](crate::ratelimit::quota::sliding_ticks) gives for `window` and `limit`.
+    fn decide_in_ticks(
+        &mut self,
+        now: u64,
+        window: u64,
+        limit: u64,
+        cost: u64,
+        (tick, ticks): (u64, u64),
+    ) -> Verdict {
         let mut now = now;
-        let mut index = now / window;
+        let mut index = self.index_at(now, window);
         let (mut current, mut previous) = (0, 0);
         if self.index >= index {
             // Only an explicit time can be earlier than the stored window; it counts as that
@@ -521,11 +519,11 @@ impl Window {
             previous = self.current;
         }
         let start = index * window;
-        let (tick, ticks) = ticks(window, limit);
         let elapsed = if tick == 1 {
             now - start
         } else {
-            (now - start) / tick
+            // Below a window, far below 2^53: exact in doubles, and quicker than dividing.
+            ((now - start) as f64 / tick as f64) as u64
         };
         let overlap = ticks - elapsed;
 
@@ -542,11 +540,7 @@ impl Window {
             };
         }
 
-        let previous_share = if weighted == 0 {
-            0
-        } else {
-            narrow(weighted.div_ceil(u128::from(ticks)))
-        };
+        let previous_share = ceil_div(weighted, ticks);
         let remaining = limit.saturating_sub(current).saturating_sub(previous_share);
         let reset = if current > 0 {
             start + 2 * window - now
@@ -575,6 +569,22 @@ impl Window {
             reset,
             retry,
         }
+    }
+
+    /// `now / window`, the index of the window `now` falls in; found without a division when
+    /// it is the stored window or the next one, as it is for a key in use.
+    fn index_at(&self, now: u64, window: u64) -> u64 {
+        if let Some(start) = self.index.checked_mul(window)
+            && let Some(since) = now.checked_sub(start)
+        {
+            if since < window {
+                return self.index;
+            }
+            if since - window < window {
+                return self.index + 1;
+            }
+        }
+        now / window
     }
 
     /// The earliest time (µs from `now`) at which `cost` fits, if nothing else is spent.
@@ -608,6 +618,24 @@ impl Window {
         } else {
             start + 2 * window - now
         }
+    }
+}
+
+/// `ceil(n / d)`, through a floating-point division where it is exact (a 64-bit integer
+/// division takes several times longer, and this runs on every request). For integers below
+/// 2^53, `floor(n / d)` computed in doubles is the integer quotient: the true quotient lies at
+/// least `1/d` below the next integer, more than half a unit in the last place of the result.
+/// This is also how the Lua script computes it.
+fn ceil_div(n: u128, d: u64) -> u64 {
+    const DOUBLE_EXACT: u64 = 1 << 52;
+    match u64::try_from(n) {
+        Ok(0) => 0,
+        Ok(n) if n < DOUBLE_EXACT && d < DOUBLE_EXACT && d > 0 => {
+            // Both below 2^53: exact as doubles. The quotient is not negative, so the cast's
+            // truncation is the floor (and needs no call to `floor`).
+            ((n + d - 1) as f64 / d as f64) as u64
+        }
+        _ => narrow(n.div_ceil(u128::from(d.max(1)))),
     }
 }
 
@@ -804,6 +832,7 @@ impl StateStore for Shifted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ratelimit::quota::{EXACT, sliding_ticks};
 
     #[test]
     fn the_cheap_wall_clock_follows_the_system_clock() {
@@ -844,12 +873,12 @@ mod tests {
 
     #[test]
     fn ticks_are_microseconds_unless_products_would_pass_2_pow_51() {
-        assert_eq!(ticks(60 * S, 100), (1, 60 * S));
-        assert_eq!(ticks(3600 * S, 100_000), (1, 3600 * S));
-        assert_eq!(ticks(3600 * S, 1_000_000), (5, 720 * S));
+        assert_eq!(sliding_ticks(60 * S, 100), (1, 60 * S));
+        assert_eq!(sliding_ticks(3600 * S, 100_000), (1, 3600 * S));
+        assert_eq!(sliding_ticks(3600 * S, 1_000_000), (5, 720 * S));
         // A year at a billion: ticks coarsen, and every product stays exact.
         let year = 365 * 24 * 3600 * S;
-        let (tick, ticks) = ticks(year, 1_000_000_000);
+        let (tick, ticks) = sliding_ticks(year, 1_000_000_000);
         assert!(tick > 1);
         assert!(3 * (1_000_000_000 + 1) * ticks <= EXACT);
         assert!(ticks * tick >= year && (ticks - 1) * tick < year);
@@ -988,8 +1017,9 @@ mod tests {
     #[test]
     fn keys_keep_to_one_algorithm() {
         let mut state = State::Fresh;
-        assert!(decide(&mut state, Algorithm::Gcra, T0, S, 5, 1).is_ok());
-        let error = decide(&mut state, Algorithm::SlidingLog, T0, S, 5, 1).unwrap_err();
+        let quota = Quota::new(5, Duration::from_secs(1)).unwrap();
+        assert!(decide(&mut state, Algorithm::Gcra, T0, quota, 1).is_ok());
+        let error = decide(&mut state, Algorithm::SlidingLog, T0, quota, 1).unwrap_err();
         assert_eq!(
             error.to_string(),
             "the key holds gcra state, not sliding-log state"
@@ -997,11 +1027,74 @@ mod tests {
     }
 
     #[test]
+    fn the_window_index_without_a_division_is_the_quotient() {
+        let window = 60 * S;
+        for stored in [0, 1, 29_000_000, 29_000_001] {
+            let counts = Window {
+                index: stored,
+                current: 1,
+                previous: 0,
+            };
+            for now in [
+                0,
+                window - 1,
+                stored * window,
+                stored * window + 1,
+                (stored + 1) * window - 1,
+                (stored + 1) * window,
+                (stored + 2) * window - 1,
+                (stored + 2) * window,
+                (stored + 7) * window + 3,
+                u64::MAX,
+            ] {
+                assert_eq!(counts.index_at(now, window), now / window, "{stored} {now}");
+            }
+        }
+        let huge = Window {
+            index: u64::MAX / 2,
+            current: 1,
+            previous: 0,
+        };
+        assert_eq!(huge.index_at(5 * window, window), 5);
+    }
+
+    #[test]
+    fn ceil_div_in_doubles_is_the_integer_ceiling() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let exact = |n: u128, d: u64| narrow(n.div_ceil(u128::from(d)));
+        for _ in 0..200_000 {
+            // Numerators and divisors of every size below 2^52, and quotients near integers.
+            let d = (next() >> (12 + next() % 52)).max(1);
+            let n = u128::from(next() >> (12 + next() % 52));
+            assert_eq!(ceil_div(n, d), exact(n, d), "{n} / {d}");
+            let k = u128::from(next() % 1_000_000_001);
+            for near in [
+                k * u128::from(d),
+                (k * u128::from(d)).saturating_sub(1),
+                k * u128::from(d) + 1,
+            ] {
+                assert_eq!(ceil_div(near, d), exact(near, d), "{near} / {d}");
+            }
+        }
+        assert_eq!(ceil_div(0, 7), 0);
+        assert_eq!(
+            ceil_div(u128::from(u64::MAX) * 3, 2),
+            exact(u128::from(u64::MAX) * 3, 2)
+        );
+    }
+
+    #[test]
     fn the_division_free_tick_agrees_with_the_division_at_its_edge() {
         for limit in [1, 7, 100, 99_999, 1_000_000_000] {
             let edge = EXACT / (3 * (limit + 1));
-            assert_eq!(ticks(edge, limit), (1, edge));
-            let (tick, _) = ticks(edge + 1, limit);
+            assert_eq!(sliding_ticks(edge, limit), (1, edge));
+            let (tick, _) = sliding_ticks(edge + 1, limit);
             assert_eq!(tick, 2, "limit {limit}");
         }
     }
