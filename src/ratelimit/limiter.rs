@@ -67,8 +67,7 @@ struct Denial {
 pub(crate) struct Limiter {
     store: Arc<dyn RateLimitStore>,
     shared: bool,
-    /// The store again when it is this crate's [`MemoryRateStore`], which is asked directly
-    /// and takes address keys in parts (see [`Check::of_address`]).
+    /// The store again when it is this crate's [`MemoryRateStore`].
     memory: Option<MemoryRateStore>,
     fallback: Fallback,
     local: MemoryRateStore,
@@ -166,7 +165,7 @@ impl Limiter {
         self.denied.insert(check.key.to_owned(), denial);
     }
 
-    fn fall_back(&self, check: &Check<'_>, error: &StoreError) -> Verdict {
+    pub(crate) fn fall_back(&self, check: &Check<'_>, error: &StoreError) -> Verdict {
         if !self.falling_back.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target: "tower_turnstile::ratelimit",
@@ -200,14 +199,11 @@ impl Limiter {
         }
     }
 
-    /// Decides a check that may name its key in parts, when the store is in memory (`None`
-    /// otherwise: the caller names the key as a string and asks [`Limiter::decide_now`]).
-    pub(crate) fn decide_in_memory(&self, check: &Check<'_>) -> Option<Verdict> {
-        let memory = self.memory.as_ref()?;
-        Some(match memory.decide(check) {
-            Ok(decision) => Verdict::Decided(decision),
-            Err(error) => self.fall_back(check, &error),
-        })
+    /// The store, when it is this crate's [`MemoryRateStore`]: asked directly, with address
+    /// keys in parts (see [`Check::of_address`]).
+    #[inline]
+    pub(crate) fn memory(&self) -> Option<&MemoryRateStore> {
+        self.memory.as_ref()
     }
 
     pub(crate) fn store(&self) -> Arc<dyn RateLimitStore> {

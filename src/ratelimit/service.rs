@@ -184,7 +184,10 @@ fn decide_address(
         address,
     };
     let check = Check::of_address(parts, quota, shared.policy.algorithm(), cost);
-    let verdict = shared.limiter.decide_in_memory(&check)?;
+    let verdict = match shared.limiter.memory()?.decide(&check) {
+        Ok(decision) => Verdict::Decided(decision),
+        Err(error) => shared.limiter.fall_back(&check, &error),
+    };
     Some(Outcome::Decided(verdict, quota))
 }
 
@@ -338,11 +341,11 @@ where
     };
     match verdict {
         Verdict::Decided(decision) if decision.allowed => {
-            let response = inner.call(request).await?;
-            let headers = shared
-                .headers
-                .then(|| allowed_headers(&shared, quota, &decision));
-            Ok(with_headers(response, headers))
+            let mut response = inner.call(request).await?;
+            if shared.headers {
+                add_headers(&mut response, allowed_headers(&shared, quota, &decision));
+            }
+            Ok(response)
         }
         Verdict::Decided(decision) => Ok(refuse(&shared, Some((&decision, quota)), grpc)),
         Verdict::Unavailable => Ok(unavailable(&shared, grpc)),
@@ -368,14 +371,10 @@ fn policy_header(shared: &Shared, quota: Quota) -> HeaderValue {
     }
 }
 
-#[inline]
-fn with_headers<B>(mut response: Response<B>, headers: Option<HeaderPair>) -> Response<B> {
-    if let Some((policy, state)) = headers {
-        // Appended, not inserted: stacked layers each report their own policy.
-        response.headers_mut().append(&RATELIMIT_POLICY, policy);
-        response.headers_mut().append(&RATELIMIT, state);
-    }
-    response
+fn add_headers<B>(response: &mut Response<B>, (policy, state): HeaderPair) {
+    // Appended, not inserted: stacked layers each report their own policy.
+    response.headers_mut().append(&RATELIMIT_POLICY, policy);
+    response.headers_mut().append(&RATELIMIT, state);
 }
 
 fn refuse<B: RefusalBody>(
@@ -503,8 +502,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Inner { future, headers } => {
-                let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(with_headers(response, headers.take())))
+                let mut response = ready!(future.poll(cx))?;
+                if let Some(headers) = headers.take() {
+                    add_headers(&mut response, headers);
+                }
+                Poll::Ready(Ok(response))
             }
             KindProj::Ready { response } => match response.take() {
                 Some(response) => Poll::Ready(Ok(*response)),
