@@ -41,8 +41,11 @@ pub(crate) fn ratelimit_value(name: &str, decision: &Decision) -> HeaderValue {
         remaining.format(decision.remaining),
         reset.format(ceil_secs(decision.reset)),
     );
-    let mut text = Vec::with_capacity(name.len() + remaining.len() + reset.len() + 10);
-    for part in ["\"", name, "\";r=", remaining, ";t=", reset] {
+    let parts = ["\"", name, "\";r=", remaining, ";t=", reset];
+    // Exactly the length: `Bytes` then takes the vector over as it is, with no second
+    // allocation for a shared buffer.
+    let mut text = Vec::with_capacity(parts.iter().map(|part| part.len()).sum());
+    for part in parts {
         text.extend_from_slice(part.as_bytes());
     }
     HeaderValue::from_maybe_shared(Bytes::from(text))
