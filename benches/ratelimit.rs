@@ -209,6 +209,7 @@ fn raw_invocation<'a>(
 }
 
 fn main() {
+    common::start();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

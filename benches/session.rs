@@ -125,6 +125,7 @@ fn bench(c: &mut Criterion, runtime: &Runtime) {
 }
 
 fn main() {
+    common::start();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
