@@ -242,46 +242,27 @@ where
             }
         };
         let tenant = tenant_of(request.extensions());
-        if let Some(outcome) = decide_address(shared, tenant, key.as_ref(), cost) {
-            return self.answer(request, outcome, cost);
-        }
-        let decide = |counter: &mut String| match plan(shared, tenant, key, counter) {
-            Plan::Pass => Outcome::Pass,
-            Plan::Refuse => Outcome::Refuse,
-            Plan::Check(quota) => {
-                let check = Check::new(counter, quota, shared.policy.algorithm(), cost);
-                match shared.limiter.decide_now(&check) {
-                    Some(verdict) => Outcome::Decided(verdict, quota),
-                    None => Outcome::Later(counter.clone(), quota),
-                }
+        let outcome = match decide_address(shared, tenant, key.as_ref(), cost) {
+            Some(outcome) => outcome,
+            None => {
+                let decide = |counter: &mut String| match plan(shared, tenant, key, counter) {
+                    Plan::Pass => Outcome::Pass,
+                    Plan::Refuse => Outcome::Refuse,
+                    Plan::Check(quota) => {
+                        let check = Check::new(counter, quota, shared.policy.algorithm(), cost);
+                        match shared.limiter.decide_now(&check) {
+                            Some(verdict) => Outcome::Decided(verdict, quota),
+                            None => Outcome::Later(counter.clone(), quota),
+                        }
+                    }
+                };
+                COUNTER.with(|buffer| match buffer.try_borrow_mut() {
+                    Ok(mut counter) => decide(&mut counter),
+                    // Only if a key extractor or quota lookup re-entered a rate-limit layer.
+                    Err(_) => decide(&mut String::new()),
+                })
             }
         };
-        let outcome = COUNTER.with(|buffer| match buffer.try_borrow_mut() {
-            Ok(mut counter) => decide(&mut counter),
-            // Only if a key extractor or quota lookup re-entered a rate-limit layer.
-            Err(_) => decide(&mut String::new()),
-        });
-        self.answer(request, outcome, cost)
-    }
-}
-
-impl<S> RateLimit<S> {
-    /// Calls the inner service or answers for it, as the decision says.
-    #[inline(always)]
-    fn answer<ReqBody, ResBody>(
-        &mut self,
-        request: Request<ReqBody>,
-        outcome: Outcome,
-        cost: u64,
-    ) -> ResponseFuture<S::Future, ResBody, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        ReqBody: Send + 'static,
-        ResBody: RefusalBody + Send + 'static,
-    {
-        let shared = &self.shared;
         match outcome {
             Outcome::Pass => ResponseFuture::inner(self.inner.call(request), None),
             // gRPC or not matters only for a refusal: the header is looked at only then.
