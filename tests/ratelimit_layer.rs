@@ -433,6 +433,35 @@ async fn redis_instances_share_one_limit() {
     }
 }
 
+#[tokio::test]
+async fn redis_counts_ipv6_clients_per_64() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let app = app(redis_layer(
+        &RedisBackend::new(&server.url()).unwrap(),
+        2,
+        Algorithm::SlidingWindow,
+    ));
+    assert_eq!(hit(&app, "2001:db8::1").await.status, StatusCode::OK);
+    assert_eq!(hit(&app, "2001:db8::ffff:2").await.status, StatusCode::OK);
+    assert_eq!(
+        hit(&app, "2001:db8::3").await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "one /64, one count"
+    );
+    assert_eq!(hit(&app, "2001:db8:0:1::1").await.status, StatusCode::OK);
+    let mut keys: Vec<String> = server.cli(&["--scan"]).lines().map(str::to_owned).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "turnstile:default:rl:test:sliding-window:2001:db8:0:1::",
+            "turnstile:default:rl:test:sliding-window:2001:db8::",
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_limit_flood_costs_almost_no_round_trips() {
     let Some(server) = RedisServer::start() else {

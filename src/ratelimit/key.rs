@@ -1,7 +1,7 @@
 use std::{
     fmt,
     future::Future,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     pin::Pin,
     sync::Arc,
 };
@@ -119,7 +119,8 @@ pub enum KeyConfigError {
 /// key by sending these headers, and garbage in them falls back to the last good hop.
 ///
 /// IPv6 clients are grouped by prefix (default /64, what one subscriber usually gets), so one
-/// client cannot spread over 2^64 keys.
+/// client cannot spread over 2^64 keys: the key is the address with the bits past the prefix
+/// cleared (`2001:db8:1:2::` for any address in `2001:db8:1:2::/64`).
 ///
 /// ```
 /// use tower_turnstile::ratelimit::ClientIp;
@@ -205,18 +206,12 @@ impl ClientIp {
         Some(client)
     }
 
-    fn key_of(&self, ip: IpAddr) -> String {
-        match ip {
-            IpAddr::V4(v4) => ipv4_key(v4),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => ipv4_key(v4),
-                None if self.ipv6_prefix >= 128 => v6.to_string(),
-                None => {
-                    let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).map(|n| n.trunc());
-                    net.map_or_else(|_| v6.to_string(), |n| n.to_string())
-                }
-            },
-        }
+    /// The address standing for `v6`'s group: its first `ipv6_prefix` bits, the rest cleared.
+    fn group(&self, v6: Ipv6Addr) -> Ipv6Addr {
+        let kept = u128::MAX
+            .checked_shl(128 - u32::from(self.ipv6_prefix))
+            .unwrap_or(0);
+        Ipv6Addr::from_bits(v6.to_bits() & kept)
     }
 }
 
@@ -227,22 +222,10 @@ impl KeyExtractor for ClientIp {
             Some(IpAddr::V4(v4)) => Extracted::Address(IpAddr::V4(v4)),
             Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
                 Some(v4) => Extracted::Address(IpAddr::V4(v4)),
-                None => Extracted::Ready(Some(self.key_of(IpAddr::V6(v6)))),
+                None => Extracted::Address(IpAddr::V6(self.group(v6))),
             },
         }
     }
-}
-
-/// Dotted quad, written by hand: every request of an IP-keyed policy formats one.
-fn ipv4_key(ip: std::net::Ipv4Addr) -> String {
-    let mut key = String::with_capacity(15);
-    for (i, octet) in ip.octets().into_iter().enumerate() {
-        if i > 0 {
-            key.push('.');
-        }
-        key.push_str(itoa::Buffer::new().format(octet));
-    }
-    key
 }
 
 fn parse_net(text: &str) -> Option<IpNet> {
@@ -440,7 +423,7 @@ mod tests {
                 "for=6.6.6.6, for=\"[2001:db8::1]:4711\";proto=https",
             )],
         );
-        assert_eq!(key(&ip, &r).as_deref(), Some("2001:db8::/64"));
+        assert_eq!(key(&ip, &r).as_deref(), Some("2001:db8::"));
         // Headers from an untrusted peer are ignored.
         let r = request("192.0.2.1:80", &[("x-forwarded-for", "6.6.6.6")]);
         assert_eq!(key(&ip, &r).as_deref(), Some("192.0.2.1"));
@@ -465,8 +448,12 @@ mod tests {
         let r = request("[2001:db8:1:2:3:4:5:6]:80", &[]);
         assert_eq!(
             key(&ClientIp::peer(), &r).as_deref(),
-            Some("2001:db8:1:2::/64")
+            Some("2001:db8:1:2::")
         );
+        let wide = ClientIp::peer().with_ipv6_prefix(48).unwrap();
+        assert_eq!(key(&wide, &r).as_deref(), Some("2001:db8:1::"));
+        let all = ClientIp::peer().with_ipv6_prefix(0).unwrap();
+        assert_eq!(key(&all, &r).as_deref(), Some("::"));
         let exact = ClientIp::peer().with_ipv6_prefix(128).unwrap();
         assert_eq!(key(&exact, &r).as_deref(), Some("2001:db8:1:2:3:4:5:6"));
         let mapped = request("[::ffff:192.0.2.1]:80", &[]);

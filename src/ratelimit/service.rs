@@ -1,6 +1,6 @@
 use std::{
     cell::RefCell,
-    fmt,
+    fmt::{self, Write as _},
     future::Future,
     mem,
     net::IpAddr,
@@ -74,7 +74,10 @@ fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String
     counter.push_str(&shared.key_infix);
     match key {
         Key::Address(IpAddr::V4(ip)) => push_ipv4(counter, ip.octets()),
-        Key::Address(ip) => counter.push_str(&ip.to_string()),
+        Key::Address(ip) => {
+            // Into the buffer, with no string of its own; writing to a `String` cannot fail.
+            let _ = write!(counter, "{ip}");
+        }
         Key::Text(key) => {
             let plain = key.len() <= MAX_RAW_KEY
                 && key
