@@ -73,7 +73,6 @@ fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String
     counter.push_str(tenant.as_str());
     counter.push_str(&shared.key_infix);
     match key {
-        Key::Address(IpAddr::V4(ip)) => push_ipv4(counter, ip.octets()),
         Key::Address(ip) => {
             // Into the buffer, with no string of its own; writing to a `String` cannot fail.
             let _ = write!(counter, "{ip}");
@@ -91,31 +90,6 @@ fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String
             }
         }
     }
-}
-
-/// Appends an IPv4 address in dotted decimal, as `Ipv4Addr`'s `Display` writes it, without
-/// the formatting machinery.
-fn push_ipv4(counter: &mut String, octets: [u8; 4]) {
-    let mut text = [0u8; 15];
-    let mut len = 0;
-    for (i, octet) in octets.into_iter().enumerate() {
-        if i > 0 {
-            text[len] = b'.';
-            len += 1;
-        }
-        if octet >= 100 {
-            text[len] = b'0' + octet / 100;
-            len += 1;
-        }
-        if octet >= 10 {
-            text[len] = b'0' + octet / 10 % 10;
-            len += 1;
-        }
-        text[len] = b'0' + octet % 10;
-        len += 1;
-    }
-    // Digits and dots only: always UTF-8.
-    counter.push_str(std::str::from_utf8(&text[..len]).unwrap_or_default());
 }
 
 /// What the service does with a request once the key is known.
