@@ -178,3 +178,54 @@ pub(crate) fn plain_response<B: RefusalBody>(
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn text<B>(body: B) -> String
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let bytes = body.collect().await.expect("body").to_bytes();
+        String::from_utf8(bytes.to_vec()).expect("UTF-8")
+    }
+
+    const REFUSAL: &str = "rate limit exceeded\n";
+
+    #[tokio::test]
+    async fn every_refusal_body_carries_the_bytes() {
+        let bytes = || Bytes::from_static(REFUSAL.as_bytes());
+        assert_eq!(text(Full::from_bytes(bytes())).await, REFUSAL);
+        assert_eq!(
+            text(BoxBody::<Bytes, std::io::Error>::from_bytes(bytes())).await,
+            REFUSAL
+        );
+        assert_eq!(
+            text(UnsyncBoxBody::<Bytes, std::io::Error>::from_bytes(bytes())).await,
+            REFUSAL
+        );
+        assert_eq!(String::from_bytes(bytes()), REFUSAL);
+        #[cfg(feature = "axum")]
+        assert_eq!(text(axum::body::Body::from_bytes(bytes())).await, REFUSAL);
+        let wrapped = ResponseBody::<Full<Bytes>>::from_bytes(bytes());
+        assert_eq!(wrapped.size_hint().exact(), Some(REFUSAL.len() as u64));
+        assert_eq!(text(wrapped).await, REFUSAL);
+    }
+
+    #[tokio::test]
+    async fn an_empty_refusal_is_an_ended_body_and_a_wrapped_body_passes_through() {
+        let empty = ResponseBody::<Full<Bytes>>::from_bytes(Bytes::new());
+        assert!(empty.is_end_stream());
+        assert_eq!(
+            String::from_bytes(Bytes::from_static(b"\xffok")),
+            "\u{fffd}ok"
+        );
+        let inner = ResponseBody::new(Full::new(Bytes::from_static(b"inner")));
+        assert_eq!(inner.size_hint().exact(), Some(5));
+        assert_eq!(text(inner).await, "inner");
+    }
+}
