@@ -6,7 +6,12 @@
 //! ```text
 //! curl -i -c jar -b jar -X POST http://localhost:3000/counter
 //! curl -i -c jar -b jar -d user=alice http://acme.localhost:3000/login
+//! curl -i -c jar -b jar -d 'user=alice&remember=1' http://acme.localhost:3000/login
 //! ```
+//!
+//! `POST /login` binds the session to `user` and changes its id; with `remember=1` the new
+//! cookie is persistent (`Max-Age`), without it a browser-session cookie. Every other route
+//! is as `../shared/REFERENCE_APP.md` sets out.
 //!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
 //! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`. `REDIS_CLUSTER_URLS`
@@ -16,7 +21,7 @@
 
 use std::{
     collections::HashMap, env::VarError, error::Error as StdError, fmt, io, net::SocketAddr,
-    process::ExitCode,
+    process::ExitCode, time::Duration,
 };
 
 use axum::{
@@ -30,7 +35,9 @@ use serde::Deserialize;
 use tower_turnstile::{
     backend::{BackendError, BreakerState, Health, RedisBackend},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
-    session::{self, MemoryStore, RedisStore, Session, SessionError, SessionLayer, SigningKey},
+    session::{
+        self, Expiry, MemoryStore, RedisStore, Session, SessionError, SessionLayer, SigningKey,
+    },
     tenant::{HostSubdomain, TenantLayer},
 };
 use tracing::{error, info, warn};
@@ -307,7 +314,11 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
         }
     };
     let rate_limit = rate_limit_layer(config, &health);
-    let mut sessions = sessions.with_secure(config.cookie_secure);
+    // The anonymous counter keeps a persistent cookie (it survives a browser restart); a login
+    // chooses its own cookie kind (`remember=1`).
+    let mut sessions = sessions
+        .with_secure(config.cookie_secure)
+        .with_persistent_cookie(true);
     match &config.session_secret {
         Some(secret) => {
             let key = SigningKey::from_secret(secret).map_err(StartupError::SigningKey)?;
@@ -423,7 +434,8 @@ async fn index() -> Response {
          GET  /            this text\n\
          GET  /counter     the session's counter (0 without a session)\n\
          POST /counter     increments the counter; the first call starts a session\n\
-         POST /login       form body user=<name>: binds the session to that user\n\
+         POST /login       form body user=<name>[&remember=1]: binds the session to that user;\n\
+                           remember=1 keeps the cookie after the browser closes\n\
          GET  /me          the user of this session, or 401\n\
          GET  /sessions    how many live sessions this user has, or 401\n\
          POST /logout      ends this session\n\
@@ -462,11 +474,19 @@ async fn increment_counter(session: Session) -> Response {
 #[derive(Debug, Deserialize)]
 struct LoginForm {
     user: Option<String>,
+    /// `1`: a persistent cookie ("remember me"); anything else: a browser-session cookie.
+    remember: Option<String>,
 }
 
+/// How long a remembered login may stay unused (the session's absolute lifetime still caps it).
+const REMEMBERED_FOR: Duration = Duration::from_secs(30 * 24 * 3600);
+
 async fn login(session: Session, form: Result<Form<LoginForm>, FormRejection>) -> Response {
-    let user = match form {
-        Ok(Form(LoginForm { user: Some(user) })) if !user.trim().is_empty() => user,
+    let (user, remember) = match form {
+        Ok(Form(LoginForm {
+            user: Some(user),
+            remember,
+        })) if !user.trim().is_empty() => (user, remember.as_deref() == Some("1")),
         Ok(_) => return text(StatusCode::BAD_REQUEST, "missing form field: user=<name>\n"),
         // Every unreadable form is the client's to fix: wrong content type, bad encoding,
         // duplicated fields. Only an oversized body keeps its more precise `413`.
@@ -484,6 +504,13 @@ async fn login(session: Session, form: Result<Form<LoginForm>, FormRejection>) -
             );
         }
     };
+    session
+        .set_expiry(if remember {
+            Expiry::Inactivity(REMEMBERED_FOR)
+        } else {
+            Expiry::BrowserSession
+        })
+        .await;
     match session.set_user(user.as_str()).await {
         Ok(()) => text(StatusCode::OK, user),
         Err(error) => session_failure(error),

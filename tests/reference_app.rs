@@ -1,5 +1,7 @@
 //! The reference app (`examples/axum_app.rs`) against its contract, driven in process.
 
+mod support;
+
 #[path = "../examples/axum_app.rs"]
 pub mod axum_app;
 
@@ -27,7 +29,7 @@ use axum_app::{Config, HealthSource, StartupError, app, build};
 use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
 use tower_turnstile::tenant::{HostSubdomain, TenantLayer, TenantRejected};
 
-const COOKIE_NAME: &str = "turnstile.sid";
+const COOKIE_NAME: &str = "id";
 
 /// What the app answered.
 #[derive(Debug)]
@@ -336,6 +338,70 @@ async fn login_cycles_the_cookie_and_keeps_the_data() {
     assert!(reply.session_cookie().is_some());
     fresh.get("/me").await.assert(StatusCode::OK, "bob smith");
     fresh.get("/counter").await.assert(StatusCode::OK, "0");
+}
+
+/// `POST /login` with `remember=1` gives a persistent cookie; without it, a browser-session
+/// cookie. Switching on one live session re-sends the cookie each time, on either instance.
+async fn login_remember_chooses_the_cookie_kind(one: &Router, two: &Router) {
+    fn max_age(set: &str) -> Option<u64> {
+        set.split("Max-Age=")
+            .nth(1)?
+            .split(';')
+            .next()?
+            .parse()
+            .ok()
+    }
+    let mut client = Client::new(one, "localhost");
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+    for (remember, instance) in [(true, one), (false, two), (true, two), (false, one)] {
+        client.app = instance.clone();
+        let form = if remember {
+            "user=alice&remember=1"
+        } else {
+            "user=alice"
+        };
+        let reply = client.request(Method::POST, "/login", Some(form)).await;
+        reply.assert(StatusCode::OK, "alice");
+        let set = reply.session_cookie().expect("login sets a new cookie");
+        if remember {
+            assert!(max_age(set).is_some_and(|age| age > 24 * 3600), "{set}");
+        } else {
+            assert!(
+                max_age(set).is_none() && !set.contains("Expires"),
+                "browser-session: {set}"
+            );
+        }
+        client.get("/me").await.assert(StatusCode::OK, "alice");
+    }
+    client.app = two.clone();
+    client.get("/counter").await.assert(StatusCode::OK, "1");
+    let reply = client
+        .request(Method::POST, "/login", Some("user=alice&remember=yes"))
+        .await;
+    assert!(
+        max_age(reply.session_cookie().unwrap()).is_none(),
+        "only 1 remembers"
+    );
+}
+
+#[tokio::test]
+async fn login_remember_on_memory() {
+    let app = memory_app().await;
+    login_remember_chooses_the_cookie_kind(&app, &app).await;
+}
+
+#[tokio::test]
+async fn login_remember_across_two_redis_instances() {
+    let Some(server) = support::RedisServer::start() else {
+        return;
+    };
+    let config = Config {
+        redis_url: Some(server.url()),
+        ..Config::default()
+    };
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    login_remember_chooses_the_cookie_kind(&one, &two).await;
 }
 
 #[tokio::test]
@@ -734,13 +800,13 @@ async fn no_input_gets_a_5xx() {
     let many = vec![format!("{COOKIE_NAME}=x"); 200].join("; ");
     let cookies: Vec<Vec<u8>> = vec![
         b"".to_vec(),
-        b"turnstile.sid".to_vec(),
-        b"turnstile.sid=".to_vec(),
+        b"id".to_vec(),
+        b"id=".to_vec(),
         b"=;;=;".to_vec(),
-        b"turnstile.sid=\"\"".to_vec(),
-        b"turnstile.sid=%00%01%02".to_vec(),
-        b"turnstile.sid=AAAAAAAAAAAAAAAAAAAAA!".to_vec(),
-        b"turnstile.sid=\xff\xfe".to_vec(),
+        b"id=\"\"".to_vec(),
+        b"id=%00%01%02".to_vec(),
+        b"id=AAAAAAAAAAAAAAAAAAAAA!".to_vec(),
+        b"id=\xff\xfe".to_vec(),
         long_value.into_bytes(),
         many.into_bytes(),
         format!("{valid}x").into_bytes(),

@@ -11,7 +11,7 @@ use tower_turnstile::{
     backend::RedisBackend,
     session::{
         MemoryStore, RedisStore, SessionStore,
-        store::{Patch, Record, SessionKey, UserKey, Written},
+        store::{Lifetime, Patch, Record, SessionKey, UserKey, Written},
     },
     tenant::Tenant,
 };
@@ -347,20 +347,36 @@ async fn tenants_never_share_records(f: Fixture) {
     assert!(f.store.load(&in_acme).await.unwrap().is_some());
 }
 
-async fn inactivity_timeout_change_is_kept(f: Fixture) {
+async fn lifetime_is_stored_and_changed(f: Fixture) {
     let key = random_key(&Tenant::default());
-    f.store
-        .create(&key, &record(&[("a", "1")], None))
-        .await
-        .unwrap();
+    let mut rec = record(&[("a", "1")], None);
+    rec.persistent = true;
+    f.store.create(&key, &rec).await.unwrap();
+    let loaded = f.twin().load(&key).await.unwrap().unwrap();
+    assert_eq!(loaded.lifetime(), rec.lifetime(), "stored as created");
+
+    let shorter = Lifetime::new(Duration::from_secs(42), rec.expires_at - 60_000, false);
     let mut change = Patch::default();
-    change.inactivity_timeout = Some(Duration::from_secs(42));
+    change.lifetime = Some(shorter);
     assert_eq!(
         f.store.update(&key, &change).await.unwrap(),
         Written::Applied
     );
     let loaded = f.twin().load(&key).await.unwrap().unwrap();
-    assert_eq!(loaded.inactivity_timeout, Duration::from_secs(42));
+    assert_eq!(
+        loaded.lifetime(),
+        shorter,
+        "read back as changed, on another instance"
+    );
+    assert_eq!(loaded.data, rec.data, "data untouched");
+
+    // A change that ends the session's life removes it rather than keeping a dead record.
+    change.lifetime = Some(Lifetime::new(Duration::from_secs(42), 1, false));
+    assert_eq!(
+        f.store.update(&key, &change).await.unwrap(),
+        Written::Missing
+    );
+    assert_eq!(f.twin().load(&key).await.unwrap(), None);
 }
 
 macro_rules! conformance {
@@ -389,7 +405,7 @@ macro_rules! suite {
             concurrent_patches_of_different_keys_all_survive,
             user_index_lists_and_revokes_across_instances,
             tenants_never_share_records,
-            inactivity_timeout_change_is_kept,
+            lifetime_is_stored_and_changed,
         );)*
     };
 }

@@ -2,7 +2,10 @@
 
 mod support;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     Router,
@@ -15,11 +18,14 @@ use axum::{
 use http::{HeaderValue, header};
 use support::{
     RedisServer,
-    http::{Client, send},
+    http::{Client, Reply, send},
 };
 use tower_turnstile::{
     backend::RedisBackend,
-    session::{MemoryStore, RedisStore, Session, SessionLayer, SessionStore, SigningKey},
+    session::{
+        Expiry, MemoryStore, RedisStore, Session, SessionEvent, SessionLayer, SessionStore,
+        SigningKey,
+    },
     tenant::Tenant,
 };
 
@@ -58,6 +64,41 @@ fn routes() -> Router {
         .route("/sessions", get(|s: Session| async move { s.user_sessions().await.unwrap().len().to_string() }))
         .route("/logout-all", post(|s: Session| async move { s.destroy_user_sessions().await.unwrap().to_string() }))
         .route("/fail/{key}/{value}", post(fail))
+        .route("/login-remember/{user}", post(|Path(user): Path<String>, s: Session| async move {
+            s.set_expiry(Expiry::Inactivity(Duration::from_secs(7 * 24 * 3600))).await;
+            s.set_user(user).await.unwrap()
+        }))
+        .route("/expiry/browser", post(|s: Session| async move { s.set_expiry(Expiry::BrowserSession).await }))
+        .route("/expiry/idle/{ms}", post(|Path(ms): Path<u64>, s: Session| async move {
+            s.set_expiry(Expiry::Inactivity(Duration::from_millis(ms))).await
+        }))
+        .route("/expiry/at/{ms}", post(|Path(ms): Path<u64>, s: Session| async move {
+            s.set_expiry(Expiry::At(SystemTime::now() + Duration::from_millis(ms))).await
+        }))
+        .route("/expiry/ended", post(|s: Session| async move { s.set_expiry(Expiry::At(SystemTime::UNIX_EPOCH)).await }))
+        .route("/is-new", get(|s: Session| async move { s.is_new().await.unwrap().to_string() }))
+}
+
+/// Shows the layer's [`SessionEvent`] as a header, as an outer layer would read it.
+async fn show_event(mut response: Response) -> Response {
+    if let Some(event) = response.extensions().get::<SessionEvent>().copied() {
+        let value = HeaderValue::from_str(&format!("{event:?}")).unwrap();
+        response.headers_mut().insert("x-session-event", value);
+    }
+    response
+}
+
+fn event(reply: &Reply) -> Option<&str> {
+    reply
+        .headers
+        .get("x-session-event")
+        .map(|v| v.to_str().unwrap())
+}
+
+/// The `Max-Age` of a `Set-Cookie`, if it has one.
+fn max_age(set_cookie: &str) -> Option<u64> {
+    let value = set_cookie.split("Max-Age=").nth(1)?;
+    value.split(';').next()?.parse().ok()
 }
 
 /// Sets the tenant from a test header, as a tenant layer would.
@@ -80,6 +121,7 @@ async fn tenant_from_header(mut request: Request, next: Next) -> Response {
 fn app(layer: SessionLayer) -> Router {
     routes()
         .layer(layer)
+        .layer(middleware::map_response(show_event))
         .layer(middleware::from_fn(tenant_from_header))
 }
 
@@ -114,16 +156,13 @@ async fn cookie_attributes_and_no_cookie_for_empty_sessions(layer: SessionLayer)
 
     let reply = c.post("/set/a/1").await;
     let cookie = reply.set_cookie().expect("the first write sets the cookie");
-    for attribute in [
-        "turnstile.sid=",
-        "HttpOnly",
-        "SameSite=Lax",
-        "Secure",
-        "Path=/",
-        "Max-Age=",
-    ] {
+    for attribute in ["id=", "HttpOnly", "SameSite=Lax", "Secure", "Path=/"] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
+    assert!(
+        !cookie.contains("Max-Age") && !cookie.contains("Expires"),
+        "a browser-session cookie by default: {cookie}"
+    );
     assert_eq!(
         reply.headers.get(header::CACHE_CONTROL).unwrap(),
         "no-store"
@@ -316,15 +355,15 @@ async fn malformed_cookies_are_no_session_and_never_5xx(layer: SessionLayer) {
     let mut good = Client::new(app.clone());
     good.post("/set/a/1").await;
     let valid = good.cookie.clone().unwrap();
-    let long = format!("turnstile.sid={}", "A".repeat(8000));
+    let long = format!("id={}", "A".repeat(8000));
     let cases: Vec<HeaderValue> = vec![
-        HeaderValue::from_static("turnstile.sid="),
-        HeaderValue::from_static("turnstile.sid=not-a-session-id"),
-        HeaderValue::from_static("turnstile.sid=AAAAAAAAAAAAAAAAAAAAAA"),
-        HeaderValue::from_static(";;;=;=;turnstile.sid;;"),
+        HeaderValue::from_static("id="),
+        HeaderValue::from_static("id=not-a-session-id"),
+        HeaderValue::from_static("id=AAAAAAAAAAAAAAAAAAAAAA"),
+        HeaderValue::from_static(";;;=;=;id;;"),
         HeaderValue::from_str(&long).unwrap(),
-        HeaderValue::from_bytes(b"turnstile.sid=\xff\xfe\x80abc").unwrap(),
-        HeaderValue::from_static("turnstile.sid=\"quoted\""),
+        HeaderValue::from_bytes(b"id=\xff\xfe\x80abc").unwrap(),
+        HeaderValue::from_static("id=\"quoted\""),
     ];
     for cookie in cases {
         for (method, path) in [
@@ -347,12 +386,186 @@ async fn malformed_cookies_are_no_session_and_never_5xx(layer: SessionLayer) {
         }
     }
     // Duplicated cookies: the first valid one wins, invalid ones before it are skipped.
-    let dup = format!("turnstile.sid=garbage; {valid}; turnstile.sid=AAAAAAAAAAAAAAAAAAAAAA");
+    let dup = format!("id=garbage; {valid}; id=AAAAAAAAAAAAAAAAAAAAAA");
     let request = http::Request::get("/get/a")
         .header(header::COOKIE, dup)
         .body(axum::body::Body::empty())
         .unwrap();
     assert_eq!(send(&app, request).await.body, "\"1\"");
+}
+
+/// A write whose cookie names a session that is gone starts a new session holding exactly that
+/// write: never the old data, never the old user, and the old id stays dead.
+async fn blind_writes_to_a_gone_session_start_a_new_one(layer: SessionLayer) {
+    async fn blind_write_restarts(c: &mut Client, gone: &str) {
+        let reply = c.post("/set/a/1").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(event(&reply), Some("Restarted"), "{gone}");
+        let cookies = reply.set_cookies();
+        assert_eq!(
+            cookies.len(),
+            1,
+            "{gone}: one new cookie, no removal: {cookies:?}"
+        );
+        assert!(!cookies[0].contains("Max-Age=0"), "{gone}: {cookies:?}");
+        assert_eq!(
+            c.get("/get/a").await.body,
+            "\"1\"",
+            "{gone}: the write is kept"
+        );
+        assert_eq!(c.get("/get/x").await.body, "none", "{gone}: no old data");
+        assert_eq!(
+            c.get("/user").await.body,
+            "anonymous",
+            "{gone}: no old user"
+        );
+    }
+
+    // Unknown: a well-formed id that names no session.
+    let unknown = "id=AAAAAAAAAAAAAAAAAAAAAA".to_owned();
+    let mut c = Client::new(app(layer.clone()));
+    c.cookie = Some(unknown.clone());
+    blind_write_restarts(&mut c, "unknown").await;
+    assert_ne!(c.cookie.as_deref(), Some(unknown.as_str()), "a fresh id");
+
+    // Destroyed elsewhere: "log out everywhere" from another client of the same user.
+    let mut c = Client::new(app(layer.clone()));
+    c.post("/set/x/old").await;
+    c.post("/login/alice").await;
+    let old = c.cookie.clone().unwrap();
+    let mut other = Client::new(c.app());
+    other.post("/login/alice").await;
+    assert_eq!(other.post("/logout-all").await.body, "2");
+    blind_write_restarts(&mut c, "destroyed").await;
+    assert_ne!(c.cookie.as_deref(), Some(old.as_str()));
+    let mut stale = Client::new(c.app());
+    stale.cookie = Some(old);
+    assert_eq!(
+        stale.get("/get/a").await.body,
+        "none",
+        "the old id stays dead"
+    );
+    assert_eq!(stale.get("/user").await.body, "anonymous");
+
+    // Expired: unused past its inactivity timeout.
+    let short = layer.with_inactivity_timeout(Duration::from_millis(400));
+    let mut c = Client::new(app(short));
+    c.post("/set/x/old").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    blind_write_restarts(&mut c, "expired").await;
+
+    // A blind removal from a gone session leaves nothing to store: the cookie is cleared.
+    let mut c = Client::new(c.app());
+    c.cookie = Some(unknown);
+    let reply = c.post("/remove/a").await;
+    assert!(reply.set_cookie().unwrap().contains("Max-Age=0"));
+    assert_eq!(event(&reply), None);
+}
+
+async fn is_new_tells_a_new_visitor_from_a_returning_one(layer: SessionLayer) {
+    let mut c = Client::new(app(layer));
+    assert_eq!(c.get("/is-new").await.body, "true", "no cookie");
+    let reply = c.post("/set/a/1").await;
+    assert_eq!(event(&reply), Some("Created"));
+    assert_eq!(c.get("/is-new").await.body, "false");
+    assert_eq!(event(&c.post("/set/a/2").await), Some("Saved"));
+    c.cookie = Some("id=AAAAAAAAAAAAAAAAAAAAAA".into());
+    assert_eq!(
+        c.get("/is-new").await.body,
+        "true",
+        "a cookie of no live session"
+    );
+}
+
+/// One live session switched persistent → browser-session → persistent: each answer carries the
+/// matching cookie, only when it changes, and another instance applies what was stored.
+async fn expiry_switches_on_a_live_session(layer: SessionLayer) {
+    let (one, two) = (app(layer.clone()), app(layer));
+    let mut c = Client::new(one);
+    let first = c.post("/set/a/1").await;
+    let set = first.set_cookie().unwrap();
+    assert_eq!(max_age(&set), None, "browser-session by default: {set}");
+    let id = c.cookie.clone().unwrap();
+
+    for round in 0..2 {
+        let reply = c.post("/login-remember/alice").await;
+        let set = reply.set_cookie().expect("a login sets a new cookie");
+        assert!(max_age(&set).unwrap() > 6 * 24 * 3600, "{round}: {set}");
+        let reply = c
+            .post(&format!("/expiry/idle/{}", 7 * 24 * 3600 * 1000))
+            .await;
+        assert!(
+            reply.set_cookie().is_none(),
+            "{round}: unchanged: not re-sent"
+        );
+        // Another instance reads the stored kind: its id change re-sends a persistent cookie.
+        let mut there = c.on(two.clone());
+        let set = there.post("/cycle").await.set_cookie().unwrap();
+        assert!(
+            max_age(&set).is_some(),
+            "{round}: persistent on the other instance: {set}"
+        );
+        c.cookie = there.cookie.clone();
+
+        let reply = c.post("/expiry/browser").await;
+        assert_eq!(event(&reply), Some("Saved"));
+        let set = reply.set_cookie().expect("re-sent when the kind changes");
+        assert_eq!(max_age(&set), None, "{round}: browser-session: {set}");
+        assert!(!set.contains("Expires"), "{set}");
+        assert_eq!(c.cookie, there.cookie, "{round}: same id, new attributes");
+        assert!(c.post("/expiry/browser").await.set_cookie().is_none());
+        let mut there = c.on(two.clone());
+        let set = there.post("/cycle").await.set_cookie().unwrap();
+        assert_eq!(
+            max_age(&set),
+            None,
+            "{round}: browser-session there too: {set}"
+        );
+        c.cookie = there.cookie.clone();
+
+        let reply = c.post("/expiry/idle/3600000").await;
+        let set = reply.set_cookie().expect("re-sent when the kind changes");
+        assert!(max_age(&set).is_some(), "{round}: persistent again: {set}");
+    }
+    assert_ne!(c.cookie.unwrap(), id);
+    let mut c = Client::new(two);
+    assert_eq!(c.get("/get/a").await.body, "none");
+}
+
+/// The chosen expiry is enforced by the store, not only by the cookie.
+async fn chosen_expiry_is_enforced(layer: SessionLayer) {
+    let app = app(layer);
+    // An end time: the session ends then, however active.
+    let mut c = Client::new(app.clone());
+    c.post("/set/a/1").await;
+    let set = c.post("/expiry/at/1500").await.set_cookie().unwrap();
+    assert!(matches!(max_age(&set), Some(1..=2)), "{set}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(c.get("/get/a").await.body, "\"1\"");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(c.get("/get/a").await.body, "none", "ended at its time");
+
+    // A short inactivity timeout of its own, while the layer's is a day.
+    let mut c = Client::new(app.clone());
+    c.post("/set/a/1").await;
+    c.post("/expiry/idle/1500").await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(c.get("/get/a").await.body, "\"1\"", "each use restarts it");
+    }
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        c.get("/get/a").await.body,
+        "none",
+        "unused past its own timeout"
+    );
+
+    // A time already past ends the session at once.
+    let mut c = Client::new(app);
+    c.post("/set/a/1").await;
+    let reply = c.post("/expiry/ended").await;
+    assert!(reply.set_cookie().unwrap().contains("Max-Age=0"));
+    assert_eq!(event(&reply), Some("Destroyed"));
 }
 
 macro_rules! on_every_store {
@@ -386,6 +599,10 @@ on_every_store!(
     no_save_after_a_server_error_unless_asked,
     a_cookie_replayed_on_another_tenant_finds_nothing,
     malformed_cookies_are_no_session_and_never_5xx,
+    blind_writes_to_a_gone_session_start_a_new_one,
+    is_new_tells_a_new_visitor_from_a_returning_one,
+    expiry_switches_on_a_live_session,
+    chosen_expiry_is_enforced,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -443,6 +660,14 @@ async fn redis_round_trips_per_request() {
         ("read then write", "POST", "/bump/n", 2),
         ("login", "POST", "/login/alice", 2),
         ("read after login", "GET", "/user", 1),
+        (
+            "expiry unchanged (read to compare)",
+            "POST",
+            "/expiry/browser",
+            1,
+        ),
+        ("expiry change", "POST", "/expiry/idle/60000", 2),
+        ("login with expiry", "POST", "/login-remember/alice", 2),
     ];
     for (name, method, path, expected) in cases {
         let (commands, round_trips) = measure(&mut c, method, path, &monitor, &backend).await;
@@ -463,6 +688,16 @@ async fn redis_round_trips_per_request() {
             assert_eq!(pipelined, 1, "{name}: one command: {commands:?}");
         }
     }
+
+    // A blind write to a gone session: the update reports it gone, the create follows.
+    c.cookie = Some("id=AAAAAAAAAAAAAAAAAAAAAA".into());
+    let (commands, round_trips) = measure(&mut c, "POST", "/set/z/1", &monitor, &backend).await;
+    eprintln!("round trips: blind write, gone session {round_trips} ({commands:?})");
+    assert_eq!(round_trips, 2, "{commands:?}");
+    assert!(
+        commands.iter().all(|cmd| cmd.starts_with("EVALSHA ")),
+        "{commands:?}"
+    );
 
     // The login wrote the new record before it removed the old one, in one pipeline.
     c.post("/set/c/3").await;
@@ -509,6 +744,43 @@ async fn redis_two_instances_share_sessions_and_revocation() {
         assert_eq!(jar.get("/user").await.body, "anonymous");
         assert_eq!(jar.on(b.clone()).get("/user").await.body, "anonymous");
     }
+}
+
+/// Two instances on separate connections: a session ended on one ("log out everywhere"), then
+/// written blind on the other, comes back as a new session that holds only the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_blind_write_after_logout_elsewhere_starts_a_new_session() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (a, _) = redis_app(&server);
+    let (b, _) = redis_app(&server);
+    let mut on_a = Client::new(a.clone());
+    on_a.post("/set/cart/old").await;
+    on_a.post("/login/alice").await;
+    let old = on_a.cookie.clone().unwrap();
+    let mut on_b = on_a.on(b.clone());
+    assert_eq!(on_b.post("/logout-all").await.body, "1");
+
+    let reply = on_a.post("/set/a/1").await;
+    assert_eq!(event(&reply), Some("Restarted"));
+    let new = on_a.cookie.clone().unwrap();
+    assert_ne!(new, old);
+    let mut new_on_b = on_a.on(b.clone());
+    assert_eq!(new_on_b.get("/get/a").await.body, "\"1\"");
+    assert_eq!(new_on_b.get("/get/cart").await.body, "none");
+    assert_eq!(new_on_b.get("/user").await.body, "anonymous");
+    let mut stale = Client::new(b);
+    stale.cookie = Some(old);
+    assert_eq!(
+        stale.get("/get/cart").await.body,
+        "none",
+        "the old id stays dead"
+    );
+    // Nothing under alice came back: her index lists no session.
+    let mut alice = Client::new(a);
+    alice.post("/login/alice").await;
+    assert_eq!(alice.get("/sessions").await.body, "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

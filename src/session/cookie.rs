@@ -98,13 +98,13 @@ pub(crate) struct CookieConfig {
 impl Default for CookieConfig {
     fn default() -> Self {
         Self {
-            name: "turnstile.sid".to_owned(),
+            name: "id".to_owned(),
             path: "/".to_owned(),
             domain: None,
             secure: true,
             http_only: true,
             same_site: SameSite::Lax,
-            persistent: true,
+            persistent: false,
             signing: Vec::new(),
         }
     }
@@ -190,11 +190,15 @@ impl CookieConfig {
         cookie
     }
 
-    /// The `Set-Cookie` value that hands `id` to the client, living `max_age` if persistent.
-    pub(crate) fn set(&self, id: &SessionId, max_age: Duration) -> Option<HeaderValue> {
+    /// The `Set-Cookie` value that hands `id` to the client: a persistent cookie living
+    /// `max_age`, or a browser-session cookie.
+    pub(crate) fn set(&self, id: &SessionId, max_age: Option<Duration>) -> Option<HeaderValue> {
         let mut cookie = self.base(self.encode(id));
-        if self.persistent {
-            let seconds = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        if let Some(max_age) = max_age {
+            // Rounded up: a cookie of a live session must never read as `Max-Age=0`, which
+            // tells the browser to drop it.
+            let whole = max_age.as_secs() + u64::from(max_age.subsec_nanos() > 0);
+            let seconds = i64::try_from(whole.max(1)).unwrap_or(i64::MAX);
             cookie.set_max_age(cookie::time::Duration::seconds(seconds));
         }
         HeaderValue::try_from(cookie.to_string()).ok()
@@ -224,24 +228,15 @@ mod tests {
     fn reads_the_first_valid_candidate() {
         let config = CookieConfig::default();
         let id = SessionId::random().unwrap();
-        let header = format!(
-            "other=1; turnstile.sid=garbage; turnstile.sid={}",
-            id.encode()
-        );
+        let header = format!("other=1; id=garbage; id={}", id.encode());
         assert_eq!(config.read(&headers(&[&header])), Some(id));
     }
 
     #[test]
     fn ignores_malformed_and_oversized_cookies() {
         let config = CookieConfig::default();
-        let long = format!("turnstile.sid={}", "A".repeat(5000));
-        for bad in [
-            "turnstile.sid=",
-            "turnstile.sid",
-            "=;;=",
-            "turnstile.sid=%00%01",
-            long.as_str(),
-        ] {
+        let long = format!("id={}", "A".repeat(5000));
+        for bad in ["id=", "id", "=;;=", "id=%00%01", long.as_str()] {
             assert_eq!(config.read(&headers(&[bad])), None, "{bad}");
         }
     }
@@ -262,7 +257,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            rotated.read(&headers(&[&format!("turnstile.sid={signed_old}")])),
+            rotated.read(&headers(&[&format!("id={signed_old}")])),
             Some(id)
         );
         assert_ne!(
@@ -276,12 +271,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            only_new.read(&headers(&[&format!("turnstile.sid={signed_old}")])),
+            only_new.read(&headers(&[&format!("id={signed_old}")])),
             None
         );
         // An unsigned id is refused once signing is on.
         assert_eq!(
-            only_new.read(&headers(&[&format!("turnstile.sid={}", id.encode())])),
+            only_new.read(&headers(&[&format!("id={}", id.encode())])),
             None
         );
     }
@@ -290,11 +285,17 @@ mod tests {
     fn set_and_removal_carry_the_attributes() {
         let config = CookieConfig::default();
         let id = SessionId::random().unwrap();
-        let set = config.set(&id, Duration::from_secs(60)).unwrap();
+        let set = config.set(&id, Some(Duration::from_secs(60))).unwrap();
         let set = set.to_str().unwrap();
         for part in ["HttpOnly", "SameSite=Lax", "Secure", "Path=/", "Max-Age=60"] {
             assert!(set.contains(part), "{set} lacks {part}");
         }
+        let browser = config.set(&id, None).unwrap();
+        let browser = browser.to_str().unwrap();
+        assert!(
+            !browser.contains("Max-Age") && !browser.contains("Expires"),
+            "{browser}"
+        );
         let removal = config.removal().unwrap();
         assert!(removal.to_str().unwrap().contains("Max-Age=0"));
     }

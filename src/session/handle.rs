@@ -13,9 +13,10 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
+    expiry::Expiry,
     id::SessionId,
     layer::Shared,
-    store::{Patch, Record, SessionInfo, StoreError, UserKey, Written, unix_millis},
+    store::{Lifetime, Patch, Record, SessionInfo, StoreError, UserKey, Written, unix_millis},
 };
 use crate::tenant::Tenant;
 
@@ -109,15 +110,65 @@ struct State {
     user: Option<String>,
     cycle: bool,
     destroyed: bool,
-    inactivity_timeout: Option<Duration>,
+    expiry: Option<Expiry>,
 }
 
 /// What the layer must do with the client's cookie once the session is written.
 #[derive(Debug)]
 pub(crate) enum CookieChange {
     Keep,
-    Set(SessionId, Duration),
+    /// Hand `id` to the client: a persistent cookie living this long, or a browser-session
+    /// cookie (`None`).
+    Set(SessionId, Option<Duration>),
     Remove,
+}
+
+/// What the session layer wrote for a request. It is put into the response's extensions
+/// whenever the layer wrote (or failed to write) something, so outer layers and tests can see
+/// it; a request that changed nothing gets none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// A new session was stored and its cookie set.
+    Created,
+    /// The request's cookie named a session that was gone by the time its changes were
+    /// written (expired, unknown, or destroyed elsewhere). The changes went into a new session
+    /// under a new id and cookie; nothing of the old session (data, user) was carried over, and
+    /// the old id stays dead.
+    Restarted,
+    /// The changed fields were written to the existing session.
+    Saved,
+    /// The session moved to a new id ([`Session::cycle_id`], [`Session::set_user`]).
+    Cycled,
+    /// The session was removed and the cookie cleared.
+    Destroyed,
+    /// The store failed, and the request's changes were not written (fail-open mode).
+    Failed,
+}
+
+/// The result of writing a session: the cookie to send, and what happened.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    pub(crate) cookie: CookieChange,
+    pub(crate) event: Option<SessionEvent>,
+}
+
+impl Committed {
+    const NOTHING: Self = Self {
+        cookie: CookieChange::Keep,
+        event: None,
+    };
+    const FAILED: Self = Self {
+        cookie: CookieChange::Keep,
+        event: Some(SessionEvent::Failed),
+    };
+
+    fn new(cookie: CookieChange, event: SessionEvent) -> Self {
+        Self {
+            cookie,
+            event: Some(event),
+        }
+    }
 }
 
 impl fmt::Debug for Session {
@@ -230,9 +281,31 @@ impl Session {
         self.state().await.destroyed = true;
     }
 
-    /// Changes how long this session may stay unused (for a "remember me" session, say).
-    pub async fn set_inactivity_timeout(&self, timeout: Duration) {
-        self.state().await.inactivity_timeout = Some(timeout);
+    /// Chooses how long this session lives and what kind of cookie carries it (a "remember
+    /// me" checkbox, say); see [`Expiry`]. The choice is stored with the session, capped by the
+    /// layer's absolute lifetime, and the cookie is sent again if its attributes change.
+    ///
+    /// To compare the choice with the stored one, the session is read before it is written, if
+    /// nothing read it yet: one round trip more than a blind write.
+    pub async fn set_expiry(&self, expiry: Expiry) {
+        let mut state = self.state().await;
+        if expiry.is_past() {
+            state.destroyed = true;
+        }
+        state.expiry = Some(expiry);
+    }
+
+    /// Whether this request came without a live session: no cookie, or a cookie naming a
+    /// session that is gone (expired, unknown, or destroyed elsewhere). Reads the session if
+    /// nothing read it yet. A session that could not be read (the store failed, fail-open) is
+    /// not new; see [`Session::is_degraded`].
+    pub async fn is_new(&self) -> Result<bool, SessionError> {
+        let mut state = self.state().await;
+        if state.destroyed {
+            return Ok(false);
+        }
+        self.loaded(&mut state).await?;
+        Ok(matches!(state.loaded, Loaded::Missing))
     }
 
     /// The live sessions of this session's user, on every instance; empty when no user is set.
@@ -331,21 +404,21 @@ impl Session {
             state.destroyed
                 || state.cycle
                 || state.user.is_some()
-                || state.inactivity_timeout.is_some()
+                || state.expiry.is_some()
                 || !state.changes.is_empty()
         })
     }
 
     /// Writes what the request changed, in as few round trips as the change allows, and says
     /// what to do with the cookie.
-    pub(crate) async fn commit(&self, server_error: bool) -> CookieChange {
+    pub(crate) async fn commit(&self, server_error: bool) -> Committed {
         let shared = Arc::clone(&self.inner.shared);
         let tenant = &self.inner.tenant;
         let mut state = self.inner.state.lock().await;
 
         if state.destroyed {
             let Some(id) = self.inner.incoming else {
-                return CookieChange::Keep;
+                return Committed::NOTHING;
             };
             let user = match &state.loaded {
                 Loaded::Found(record) => record.user.clone(),
@@ -354,12 +427,12 @@ impl Session {
             if let Err(error) = shared.store.delete(&id.key(tenant), user.as_deref()).await {
                 self.store_failed(&error, "destroy");
             }
-            return CookieChange::Remove;
+            return Committed::new(CookieChange::Remove, SessionEvent::Destroyed);
         }
         if server_error && !shared.save_on_server_error {
-            return CookieChange::Keep;
+            return Committed::NOTHING;
         }
-        let patch = Patch {
+        let mut patch = Patch {
             set: state
                 .changes
                 .iter()
@@ -371,115 +444,169 @@ impl Session {
                 .filter(|(_, v)| v.is_none())
                 .map(|(k, _)| k.clone())
                 .collect(),
-            inactivity_timeout: state.inactivity_timeout,
+            lifetime: None,
         };
         let moves = state.cycle || state.user.is_some();
-        if patch.is_empty() && !moves {
-            return CookieChange::Keep;
+        if patch.is_empty() && !moves && state.expiry.is_none() {
+            return Committed::NOTHING;
         }
         let Some(id) = self.inner.incoming else {
-            return self.create(&state, &patch).await;
+            return self.create(&state, &patch, SessionEvent::Created).await;
         };
-        if moves && matches!(state.loaded, Loaded::NotYet) {
-            // Moving a session copies it whole, so it must be read first.
+        if (moves || state.expiry.is_some()) && matches!(state.loaded, Loaded::NotYet) {
+            // Moving a session copies it whole, and a new expiry is compared with the stored
+            // one: both need the record.
             if self.loaded(&mut state).await.is_err() {
-                return CookieChange::Keep;
+                return Committed::FAILED;
             }
         }
         let old = id.key(tenant);
-        match &state.loaded {
+        let record = match &state.loaded {
             Loaded::Failed => {
                 tracing::warn!(
                     target: "tower_turnstile::session",
                     "session changes dropped: the store was unavailable when the session was read"
                 );
-                CookieChange::Keep
+                return Committed::FAILED;
             }
             // The cookie named no live session, and the handler saw an empty one: this is a new
             // visitor as far as the store is concerned.
-            Loaded::Missing => self.create(&state, &patch).await,
-            Loaded::Found(record) if moves => {
-                let mut moved = record.clone();
-                moved.apply(&patch);
-                if state.user.is_some() {
-                    moved.user.clone_from(&state.user);
-                }
-                let Some(new_id) = SessionId::random() else {
-                    return CookieChange::Keep;
-                };
-                match shared
-                    .store
-                    .cycle(&old, record.user.as_deref(), &new_id.key(tenant), &moved)
-                    .await
-                {
-                    Ok(Written::Applied) => CookieChange::Set(new_id, time_left(&moved)),
-                    Ok(Written::Missing) => CookieChange::Remove,
-                    Err(error) => {
-                        self.store_failed(&error, "cycle");
-                        CookieChange::Keep
-                    }
-                }
+            Loaded::Missing => return self.create(&state, &patch, SessionEvent::Created).await,
+            Loaded::Found(record) => Some(record),
+            Loaded::NotYet => None,
+        };
+        let stored = record.map(Record::lifetime);
+        patch.lifetime = state
+            .expiry
+            .zip(record)
+            .map(|(expiry, record)| self.resolve(expiry, record.created_at))
+            .filter(|lifetime| Some(*lifetime) != stored);
+
+        if let (Some(record), true) = (record, moves) {
+            let mut moved = record.clone();
+            moved.apply(&patch);
+            if state.user.is_some() {
+                moved.user.clone_from(&state.user);
             }
-            Loaded::Found(_) | Loaded::NotYet => match shared.store.update(&old, &patch).await {
-                Ok(Written::Applied) => CookieChange::Keep,
-                Ok(Written::Missing) => {
-                    tracing::debug!(
-                        target: "tower_turnstile::session",
-                        "session gone before its changes were written; changes dropped"
-                    );
-                    CookieChange::Remove
-                }
+            let Some(new_id) = SessionId::random() else {
+                return Committed::FAILED;
+            };
+            return match shared
+                .store
+                .cycle(&old, record.user.as_deref(), &new_id.key(tenant), &moved)
+                .await
+            {
+                Ok(Written::Applied) => Committed::new(
+                    CookieChange::Set(new_id, cookie_age(&moved.lifetime())),
+                    SessionEvent::Cycled,
+                ),
+                Ok(Written::Missing) => self.restart(&state, &patch).await,
                 Err(error) => {
-                    self.store_failed(&error, "save");
-                    CookieChange::Keep
+                    self.store_failed(&error, "cycle");
+                    Committed::FAILED
                 }
-            },
+            };
+        }
+        if patch.is_empty() {
+            return Committed::NOTHING;
+        }
+        match shared.store.update(&old, &patch).await {
+            Ok(Written::Applied) => {
+                let cookie = match (patch.lifetime, stored) {
+                    // The cookie's attributes follow the kind and the absolute end only.
+                    (Some(new), Some(old))
+                        if (new.persistent, new.expires_at) != (old.persistent, old.expires_at) =>
+                    {
+                        CookieChange::Set(id, cookie_age(&new))
+                    }
+                    _ => CookieChange::Keep,
+                };
+                Committed::new(cookie, SessionEvent::Saved)
+            }
+            Ok(Written::Missing) => self.restart(&state, &patch).await,
+            Err(error) => {
+                self.store_failed(&error, "save");
+                Committed::FAILED
+            }
         }
     }
 
-    /// Stores a brand-new session holding the request's changes, unless it would be empty.
-    async fn create(&self, state: &State, patch: &Patch) -> CookieChange {
+    /// The cookie named a session that turned out to be gone when its changes were written:
+    /// they start a new session rather than being dropped. The old id stays dead, and nothing of
+    /// the old session comes along.
+    async fn restart(&self, state: &State, patch: &Patch) -> Committed {
+        let committed = self.create(state, patch, SessionEvent::Restarted).await;
+        if committed.event == Some(SessionEvent::Restarted) {
+            tracing::info!(
+                target: "tower_turnstile::session",
+                "session gone before its changes were written; they started a new session"
+            );
+        }
+        committed
+    }
+
+    /// The stored expiry settings for `expiry` on a session created at `created_at`.
+    fn resolve(&self, expiry: Expiry, created_at: u64) -> Lifetime {
         let shared = &self.inner.shared;
-        let mut record = Record::new(
-            state
-                .inactivity_timeout
-                .unwrap_or(shared.inactivity_timeout),
+        expiry.resolve(
+            created_at,
+            shared.inactivity_timeout,
             shared.absolute_lifetime,
-        );
+        )
+    }
+
+    /// Stores a brand-new session holding the request's changes, unless it would be empty.
+    async fn create(&self, state: &State, patch: &Patch, event: SessionEvent) -> Committed {
+        let shared = &self.inner.shared;
+        let mut record = Record::new(shared.inactivity_timeout, shared.absolute_lifetime);
+        record.persistent = shared.cookie.persistent;
         record.apply(patch);
+        if let Some(expiry) = state.expiry {
+            record.apply(&Patch {
+                lifetime: Some(self.resolve(expiry, record.created_at)),
+                ..Patch::default()
+            });
+        }
         record.user.clone_from(&state.user);
         if record.data.is_empty() && record.user.is_none() {
             // An empty session is never stored and gets no cookie; a dead one is cleared.
             return if self.inner.incoming.is_some() {
-                CookieChange::Remove
+                Committed {
+                    cookie: CookieChange::Remove,
+                    event: None,
+                }
             } else {
-                CookieChange::Keep
+                Committed::NOTHING
             };
         }
         let Some(id) = SessionId::random() else {
             tracing::error!(target: "tower_turnstile::session", "the OS random generator failed; no session created");
-            return CookieChange::Keep;
+            return Committed::FAILED;
         };
         match shared
             .store
             .create(&id.key(&self.inner.tenant), &record)
             .await
         {
-            Ok(()) => CookieChange::Set(id, time_left(&record)),
+            Ok(()) => Committed::new(CookieChange::Set(id, cookie_age(&record.lifetime())), event),
             Err(error) => {
                 self.store_failed(&error, "create");
-                CookieChange::Keep
+                Committed::FAILED
             }
         }
     }
 }
 
-fn time_left(record: &Record) -> Duration {
-    Duration::from_millis(
-        record
-            .expires_at
-            .saturating_sub(unix_millis(SystemTime::now())),
-    )
+/// The `Max-Age` of a cookie for a session with these settings; `None` for a browser-session
+/// cookie.
+fn cookie_age(lifetime: &Lifetime) -> Option<Duration> {
+    lifetime.persistent.then(|| {
+        Duration::from_millis(
+            lifetime
+                .expires_at
+                .saturating_sub(unix_millis(SystemTime::now())),
+        )
+    })
 }
 
 fn check_key(key: &str) -> Result<(), SessionError> {

@@ -36,10 +36,26 @@ impl fmt::Debug for Shared {
 /// Adds a lazily loaded [`Session`](super::Session) to every request and writes back what
 /// changed after the response.
 ///
-/// Defaults: cookie `turnstile.sid` with `HttpOnly`, `SameSite=Lax`, `Secure` and `Path=/`,
-/// persistent until the session's absolute end; sessions expire after 24 hours unused and 30
-/// days at the latest; a store failure degrades to an empty session (logged) rather than failing
-/// the request; nothing is saved after a `5xx` from the inner service.
+/// # Defaults
+///
+/// Chosen against the OWASP Session Management Cheat Sheet; each has a setter.
+///
+/// | setting | default | why |
+/// | --- | --- | --- |
+/// | cookie name | `id` | a generic name does not reveal the framework behind the site |
+/// | `HttpOnly` | on | scripts (and so XSS) cannot read the id |
+/// | `Secure` | on | the id never travels over plain http; turn off for local http only |
+/// | `SameSite` | `Lax` | not sent on cross-site subrequests (CSRF), still sent on top-level links |
+/// | `Path` / `Domain` | `/` / none | the cookie goes back to this exact host only |
+/// | `Max-Age` | none: a browser-session cookie | the browser forgets the id when it closes; a session opts in to a persistent cookie with [`Session::set_expiry`](super::Session::set_expiry) ("remember me"), or every session with [`with_persistent_cookie`](Self::with_persistent_cookie) |
+/// | inactivity timeout | 24 hours | enforced by the store, whatever the cookie says |
+/// | absolute lifetime | 30 days | no activity and no [`Expiry`](super::Expiry) extends a session past it |
+/// | ids | 128 bits from the OS CSPRNG | the store holds only their SHA-256 |
+/// | login | [`Session::set_user`](super::Session::set_user) changes the id | against session fixation |
+/// | malformed, oversized or forged cookie | ignored | treated as no cookie: no store round trip, never a `4xx`/`5xx`; the next write starts a new session with a new id |
+/// | a cookie of a session that is gone | read as empty | a write starts a new session (new id, none of the old data or user); see [`SessionEvent::Restarted`](super::SessionEvent::Restarted) |
+/// | store failure | fail open | the request goes on with an empty session and a log line; [`with_fail_closed`](Self::with_fail_closed) answers `503` |
+/// | after a `5xx` | nothing saved | a failed request does not half-write a session; see [`with_save_on_server_error`](Self::with_save_on_server_error) |
 ///
 /// ```
 /// use std::time::Duration;
@@ -84,7 +100,7 @@ impl SessionLayer {
         self
     }
 
-    /// The cookie's name. Default: `turnstile.sid`.
+    /// The cookie's name. Default: `id`.
     pub fn try_with_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
         let name = name.into();
         validate_name(&name)?;
@@ -121,8 +137,9 @@ impl SessionLayer {
         self.edit(|s| s.cookie.same_site = same_site)
     }
 
-    /// Whether the cookie outlives the browser session (it carries `Max-Age` up to the
-    /// session's absolute end). Default: `true`; `false` makes it a browser-session cookie.
+    /// Whether new sessions get a persistent cookie (it carries `Max-Age` up to the session's
+    /// absolute end) rather than a browser-session cookie. Default: `false`. One session
+    /// chooses for itself with [`Session::set_expiry`](super::Session::set_expiry).
     pub fn with_persistent_cookie(self, persistent: bool) -> Self {
         self.edit(|s| s.cookie.persistent = persistent)
     }
@@ -151,7 +168,8 @@ impl SessionLayer {
     }
 
     /// How long a session may stay unused; every request that reads or writes it restarts the
-    /// clock. Default: 24 hours.
+    /// clock. Default: 24 hours. One session chooses its own with
+    /// [`Expiry::Inactivity`](super::Expiry::Inactivity).
     pub fn with_inactivity_timeout(self, timeout: Duration) -> Self {
         self.edit(|s| s.inactivity_timeout = timeout)
     }

@@ -17,7 +17,12 @@
 //!   before removing the old one, and indexes it under the user so that
 //!   [`Session::user_sessions`] and [`Session::destroy_user_sessions`] work from any instance.
 //! - **Expiry**: an inactivity timeout that each use restarts, and an absolute lifetime that
-//!   nothing extends; the store's TTL does the cleanup.
+//!   nothing extends; the store's TTL does the cleanup. One session can choose its own
+//!   ([`Session::set_expiry`] with an [`Expiry`]): it is stored with the session, and the
+//!   cookie is sent again whenever its attributes change.
+//! - **No write is dropped**: a write whose cookie names a session that is gone (expired,
+//!   unknown, destroyed elsewhere) starts a new session under a new id holding just that write,
+//!   never the old data or user; the response carries [`SessionEvent::Restarted`].
 //! - **Failures** never panic and never become an opaque `500`: by default a store failure
 //!   leaves the request with an empty session (and a log line); with
 //!   [`SessionLayer::with_fail_closed`] the layer answers `503`.
@@ -64,6 +69,7 @@
 //! ```
 
 mod cookie;
+mod expiry;
 #[cfg(feature = "axum")]
 mod extract;
 mod handle;
@@ -73,9 +79,10 @@ mod service;
 pub mod store;
 
 pub use cookie::{ConfigError, SameSite, SigningKey};
+pub use expiry::Expiry;
 #[cfg(feature = "axum")]
 pub use extract::MissingSessionLayer;
-pub use handle::{Session, SessionError};
+pub use handle::{Session, SessionError, SessionEvent};
 pub use layer::{SessionLayer, UserSessions};
 pub use service::{ResponseFuture, SessionService};
 #[cfg(feature = "memory")]

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    handle::{CookieChange, Session},
+    handle::{Committed, CookieChange, Session},
     layer::Shared,
 };
 use crate::{
@@ -72,7 +72,7 @@ where
     }
 }
 
-type CommitFuture = Pin<Box<dyn Future<Output = CookieChange> + Send>>;
+type CommitFuture = Pin<Box<dyn Future<Output = Committed> + Send>>;
 
 pin_project! {
     /// The response future of [`SessionService`].
@@ -131,7 +131,7 @@ where
                     session,
                     response,
                 } => {
-                    let change = ready!(commit.as_mut().poll(cx));
+                    let committed = ready!(commit.as_mut().poll(cx));
                     let Some(response) = response.take() else {
                         return Poll::Ready(Ok(unavailable()));
                     };
@@ -139,7 +139,7 @@ where
                     if shared.fail_closed && session.is_degraded() {
                         return Poll::Ready(Ok(unavailable()));
                     }
-                    return Poll::Ready(Ok(finish(response, change, shared)));
+                    return Poll::Ready(Ok(finish(response, committed, shared)));
                 }
             };
             self.as_mut().project().state.set(next);
@@ -154,8 +154,11 @@ fn unavailable<B: RefusalBody>() -> Response<B> {
     )
 }
 
-fn finish<B>(mut response: Response<B>, change: CookieChange, shared: &Shared) -> Response<B> {
-    let cookie = match change {
+fn finish<B>(mut response: Response<B>, committed: Committed, shared: &Shared) -> Response<B> {
+    if let Some(event) = committed.event {
+        response.extensions_mut().insert(event);
+    }
+    let cookie = match committed.cookie {
         CookieChange::Keep => None,
         CookieChange::Set(id, max_age) => shared.cookie.set(&id, max_age),
         CookieChange::Remove => shared.cookie.removal(),

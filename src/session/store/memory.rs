@@ -209,8 +209,17 @@ impl SessionStore for MemoryStore {
         let Some(entry) = self.sessions.get(key) else {
             return Ok(Written::Missing);
         };
-        lock(&entry.record).apply(patch);
-        if patch.inactivity_timeout.is_some() {
+        let alive = {
+            let mut record = lock(&entry.record);
+            record.apply(patch);
+            !record.ttl_at(unix_millis(SystemTime::now())).is_zero()
+        };
+        if !alive {
+            // The change ended the session's life (or it had just run out).
+            self.sessions.invalidate(key);
+            return Ok(Written::Missing);
+        }
+        if patch.lifetime.is_some() {
             // Re-inserting the same entry makes the cache recompute its expiry.
             self.sessions.insert(key.clone(), entry);
         }

@@ -38,10 +38,14 @@ pub struct Record {
     pub expires_at: u64,
     /// How long the session lives without being used; each load or save restarts this clock.
     pub inactivity_timeout: Duration,
+    /// Whether the session's cookie outlives the browser session (it carries `Max-Age`), or is
+    /// a browser-session cookie.
+    pub persistent: bool,
 }
 
 impl Record {
-    /// An empty record created now, living at most `lifetime`, expiring after `inactivity`.
+    /// An empty record created now, living at most `lifetime`, expiring after `inactivity`,
+    /// with a browser-session cookie.
     pub fn new(inactivity: Duration, lifetime: Duration) -> Self {
         let now = unix_millis(SystemTime::now());
         Self {
@@ -50,6 +54,16 @@ impl Record {
             created_at: now,
             expires_at: now.saturating_add(millis(lifetime)),
             inactivity_timeout: inactivity,
+            persistent: false,
+        }
+    }
+
+    /// The record's expiry settings.
+    pub fn lifetime(&self) -> Lifetime {
+        Lifetime {
+            inactivity_timeout: self.inactivity_timeout,
+            expires_at: self.expires_at,
+            persistent: self.persistent,
         }
     }
 
@@ -68,8 +82,34 @@ impl Record {
         for key in &patch.remove {
             self.data.remove(key);
         }
-        if let Some(timeout) = patch.inactivity_timeout {
-            self.inactivity_timeout = timeout;
+        if let Some(lifetime) = patch.lifetime {
+            self.inactivity_timeout = lifetime.inactivity_timeout;
+            self.expires_at = lifetime.expires_at;
+            self.persistent = lifetime.persistent;
+        }
+    }
+}
+
+/// A session's expiry settings as stored, worked out by the layer from the
+/// [`Expiry`](crate::session::Expiry) a handler chose (or the layer's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lifetime {
+    /// How long the session lives without being used.
+    pub inactivity_timeout: Duration,
+    /// The absolute end of the session's life, in Unix milliseconds.
+    pub expires_at: u64,
+    /// Whether the cookie is persistent (`Max-Age`) or a browser-session cookie.
+    pub persistent: bool,
+}
+
+impl Lifetime {
+    /// Settings with these three values.
+    pub fn new(inactivity_timeout: Duration, expires_at: u64, persistent: bool) -> Self {
+        Self {
+            inactivity_timeout,
+            expires_at,
+            persistent,
         }
     }
 }
@@ -83,14 +123,14 @@ pub struct Patch {
     pub set: Vec<(String, String)>,
     /// Keys to remove.
     pub remove: Vec<String>,
-    /// A new inactivity timeout, if it changed.
-    pub inactivity_timeout: Option<Duration>,
+    /// New expiry settings, if they changed.
+    pub lifetime: Option<Lifetime>,
 }
 
 impl Patch {
     /// Whether the patch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.remove.is_empty() && self.inactivity_timeout.is_none()
+        self.set.is_empty() && self.remove.is_empty() && self.lifetime.is_none()
     }
 }
 
@@ -126,6 +166,8 @@ pub struct SessionInfo {
 /// - `update` and `cycle` never bring back a session that is gone: they answer
 ///   [`Written::Missing`] instead.
 /// - `cycle` writes the new record before it removes the old one.
+/// - a record's [`Lifetime`] (inactivity timeout, absolute end, cookie kind) is stored with it
+///   and read back as written, so every instance applies the same expiry.
 /// - records are scoped by the key's tenant; one tenant's key never finds another's record.
 #[async_trait]
 pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
@@ -137,6 +179,8 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError>;
 
     /// Applies the changed fields of an existing session and restarts its inactivity clock.
+    /// Answers [`Written::Missing`] when the session is gone, or when the change ends its life
+    /// (a new [`Lifetime`] already past): it is then removed.
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError>;
 
     /// Moves a session to a new key: writes `record` under `new` (indexing it under its user),

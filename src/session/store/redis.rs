@@ -29,6 +29,7 @@ const CREATED: &str = "m:created";
 const ABSOLUTE: &str = "m:abs";
 const IDLE: &str = "m:idle";
 const TENANT: &str = "m:tenant";
+const PERSISTENT: &str = "m:persist";
 
 /// Sessions in Redis, shared by every instance that uses the same Redis.
 ///
@@ -112,6 +113,8 @@ impl RedisStore {
             record.expires_at.to_string(),
             IDLE.to_owned(),
             idle,
+            PERSISTENT.to_owned(),
+            flag(record.persistent).to_owned(),
         ];
         if let Some(user) = &record.user {
             args.extend([USER.to_owned(), user.clone()]);
@@ -204,6 +207,8 @@ impl fmt::Display for Corrupt {
 fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
     let mut data = BTreeMap::new();
     let (mut user, mut created, mut absolute, mut idle) = (None, None, None, None);
+    // Records written before the cookie kind was stored had persistent cookies.
+    let mut persistent = true;
     let mut fields = fields.into_iter();
     while let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) =
         (fields.next(), fields.next())
@@ -223,6 +228,7 @@ fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
             CREATED => created = value.parse::<u64>().ok(),
             ABSOLUTE => absolute = value.parse::<u64>().ok(),
             IDLE => idle = value.parse::<u64>().ok(),
+            PERSISTENT => persistent = value != flag(false),
             _ => {}
         }
     }
@@ -235,7 +241,12 @@ fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
         created_at,
         expires_at,
         inactivity_timeout: Duration::from_millis(idle),
+        persistent,
     })
+}
+
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
 }
 
 #[async_trait]
@@ -296,12 +307,20 @@ impl SessionStore for RedisStore {
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
         let redis_key = self.session_key(key);
         let mut invocation = UPDATE.key(redis_key);
-        invocation.arg(patch.set.len()).arg(patch.remove.len()).arg(
-            patch
-                .inactivity_timeout
-                .map(|t| millis(t).to_string())
-                .unwrap_or_default(),
-        );
+        let lifetime = patch.lifetime.map(|l| {
+            [
+                (IDLE, millis(l.inactivity_timeout).to_string()),
+                (ABSOLUTE, l.expires_at.to_string()),
+                (PERSISTENT, flag(l.persistent).to_owned()),
+            ]
+        });
+        let meta = lifetime.iter().flatten();
+        invocation
+            .arg(patch.set.len() + meta.clone().count())
+            .arg(patch.remove.len());
+        for (name, value) in meta {
+            invocation.arg(*name).arg(value);
+        }
         for (name, value) in &patch.set {
             invocation.arg(format!("{DATA}{name}")).arg(value);
         }

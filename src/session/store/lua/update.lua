@@ -2,26 +2,24 @@
 -- session that is gone stays gone: nothing is written for it.
 --
 -- KEYS[1]  the session's hash
--- ARGV[1]  number of fields to set (n)
+-- ARGV[1]  number of fields to set (n): data fields, and metadata fields when the session's
+--          expiry settings changed (m:idle, m:abs, m:persist)
 -- ARGV[2]  number of fields to delete (d)
--- ARGV[3]  new inactivity timeout (ms), or '' to keep it
--- ARGV[4 .. 3+2n]         field, value pairs to set
--- ARGV[4+2n .. 3+2n+d]    fields to delete
+-- ARGV[3 .. 2+2n]         field, value pairs to set
+-- ARGV[3+2n .. 2+2n+d]    fields to delete
 --
--- Returns 1 when applied, 0 when the session does not exist.
+-- Returns 1 when applied, 0 when the session does not exist (or the change ends its life: it
+-- is then deleted).
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 local n = tonumber(ARGV[1])
 local d = tonumber(ARGV[2])
-for i = 4, 3 + 2 * n, 2 do
+for i = 3, 2 + 2 * n, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-for i = 4 + 2 * n, 3 + 2 * n + d do
+for i = 3 + 2 * n, 2 + 2 * n + d do
   redis.call('HDEL', KEYS[1], ARGV[i])
-end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'm:idle', ARGV[3])
 end
 
 local meta = redis.call('HMGET', KEYS[1], 'm:abs', 'm:idle')
