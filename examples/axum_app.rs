@@ -36,11 +36,15 @@ use tower_turnstile::{
     backend::{BackendError, BreakerState, Health, RedisBackend},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{
-        self, Expiry, MemoryStore, RedisStore, Session, SessionError, SessionLayer, SigningKey,
+        self, Expiry, FallbackStore, MemoryStore, RedisStore, Session, SessionError, SessionLayer,
+        SigningKey,
     },
     tenant::{HostSubdomain, TenantLayer},
 };
 use tracing::{error, info, warn};
+
+/// How long a stop waits for journaled session writes to reach Redis.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 /// The session key of the visit counter.
 const COUNTER: &str = "counter";
@@ -279,8 +283,17 @@ impl StdError for StartupError {
 pub enum HealthSource {
     /// No Redis: sessions are in memory.
     Disabled,
-    /// The Redis backend the sessions use.
-    Redis(Health),
+    /// The Redis backend the sessions use, and their fallback store when the app built one.
+    Redis(Health, Option<FallbackStore>),
+}
+
+/// The app and what its shutdown needs.
+#[derive(Debug)]
+pub struct Built {
+    /// The routes with every layer.
+    pub router: Router,
+    /// The session store that journals writes during a Redis outage, when Redis is used.
+    pub fallback: Option<FallbackStore>,
 }
 
 /// Builds the app `config` describes: picks and logs the session storage, then wires [`app`].
@@ -289,6 +302,11 @@ pub enum HealthSource {
 /// to be up: an unreachable Redis is logged, and the app serves in degraded mode until it
 /// answers.
 pub async fn build(config: &Config) -> Result<Router, StartupError> {
+    Ok(build_parts(config).await?.router)
+}
+
+/// [`build`], also handing back the session fallback store (to flush it on shutdown).
+pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
     let (sessions, health) = match &config.redis_url {
         None => {
             info!("sessions are kept in memory (REDIS_URL is unset): one instance only");
@@ -309,16 +327,23 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
                      empty sessions until it does"
                 ),
             }
-            let health = HealthSource::Redis(backend.health());
-            (SessionLayer::new(RedisStore::new(backend)), health)
+            let store = FallbackStore::new(RedisStore::new(backend.clone()));
+            info!(
+                "while Redis is unreachable, sessions are served from a local copy and writes are journaled"
+            );
+            let health = HealthSource::Redis(backend.health(), Some(store.clone()));
+            (SessionLayer::new(store), health)
         }
     };
     let rate_limit = rate_limit_layer(config, &health);
     // The anonymous counter keeps a persistent cookie (it survives a browser restart); a login
     // chooses its own cookie kind (`remember=1`).
+    // A write the app cannot keep (Redis down and no local copy of the session) answers `503`,
+    // never a `200` with a value that was not stored.
     let mut sessions = sessions
         .with_secure(config.cookie_secure)
-        .with_persistent_cookie(true);
+        .with_persistent_cookie(true)
+        .with_fail_closed_on_write(true);
     match &config.session_secret {
         Some(secret) => {
             let key = SigningKey::from_secret(secret).map_err(StartupError::SigningKey)?;
@@ -330,7 +355,14 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
     if !config.cookie_secure {
         info!("session cookies lack `Secure` (COOKIE_SECURE=0): plain-http development only");
     }
-    Ok(app(sessions, rate_limit, health))
+    let fallback = match &health {
+        HealthSource::Redis(_, fallback) => fallback.clone(),
+        HealthSource::Disabled => None,
+    };
+    Ok(Built {
+        router: app(sessions, rate_limit, health),
+        fallback,
+    })
 }
 
 /// The per-client-IP limit of every route but `/health`, counted in Redis when the sessions
@@ -344,7 +376,7 @@ fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
     let layer = RateLimitLayer::new(policy);
     info!(quota = %config.rate_limit, trusted_proxies = ?config.trusted_proxies, "rate limit per client IP");
     match health {
-        HealthSource::Redis(health) => layer.with_redis(health.backend().clone()),
+        HealthSource::Redis(health, _) => layer.with_redis(health.backend().clone()),
         HealthSource::Disabled => layer,
     }
 }
@@ -571,17 +603,24 @@ async fn health_report(State(state): State<HealthState>) -> Response {
             "fallback_active": false,
             "storage": "memory",
         }),
-        HealthSource::Redis(health) => {
+        HealthSource::Redis(health, fallback) => {
             let snapshot = health.check().await;
             let healthy = snapshot.healthy;
+            let sessions = fallback.as_ref().map(FallbackStore::status);
+            let sessions_local = sessions.as_ref().is_some_and(|s| s.active);
             serde_json::json!({
                 "redis": if healthy { "healthy" } else { "unhealthy" },
-                "fallback_active": snapshot.state != BreakerState::Closed || limiter_fallback,
+                "fallback_active": snapshot.state != BreakerState::Closed
+                    || limiter_fallback
+                    || sessions_local,
                 "storage": "redis",
                 "breaker": snapshot.state.as_str(),
+                "since": snapshot.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
                 "consecutive_failures": snapshot.consecutive_failures,
                 "last_error": snapshot.last_error,
                 "target": snapshot.target,
+                "sessions": sessions,
+                "rate_limit_fallback_active": limiter_fallback,
             })
         }
     };
@@ -635,7 +674,10 @@ async fn shutdown_signal() {
 #[allow(dead_code)] // unused when the tests include this file as a module
 async fn run() -> Result<(), StartupError> {
     let config = config_from_env()?;
-    let app = build(&config).await?;
+    let Built {
+        router: app,
+        fallback,
+    } = build_parts(&config).await?;
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
         .map_err(|source| StartupError::Bind {
@@ -651,6 +693,16 @@ async fn run() -> Result<(), StartupError> {
     .with_graceful_shutdown(shutdown_signal())
     .await
     .map_err(StartupError::Serve)?;
+    if let Some(fallback) = fallback {
+        // Writes journaled during an outage live in this process only: give them a last chance.
+        let waiting = fallback.flush(SHUTDOWN_FLUSH).await;
+        if waiting > 0 {
+            warn!(
+                waiting,
+                "stopped with session writes that never reached Redis; they are lost"
+            );
+        }
+    }
     info!("stopped");
     Ok(())
 }

@@ -10,7 +10,7 @@ use support::RedisServer;
 use tower_turnstile::{
     backend::RedisBackend,
     session::{
-        MemoryStore, RedisStore, SessionStore,
+        FallbackStore, MemoryStore, RedisStore, SessionStore, StoreError,
         store::{Lifetime, Patch, Record, SessionKey, UserKey, Written},
     },
     tenant::Tenant,
@@ -19,6 +19,9 @@ use tower_turnstile::{
 /// A store under test, and what keeps its storage alive.
 struct Fixture {
     store: Arc<dyn SessionStore>,
+    /// Cut off from shared storage: asked for a session it does not hold, the store answers
+    /// "unavailable" rather than "none", since it cannot know.
+    cut_off: bool,
     twin: Box<dyn Fn() -> Arc<dyn SessionStore> + Send + Sync>,
     _redis: Option<RedisServer>,
 }
@@ -31,6 +34,7 @@ impl Fixture {
             store: Arc::new(store),
             twin: Box::new(move || Arc::new(shared.clone())),
             _redis: None,
+            cut_off: false,
         })
     }
 
@@ -47,7 +51,56 @@ impl Fixture {
             store: make(),
             twin: Box::new(make),
             _redis: Some(server),
+            cut_off: false,
         })
+    }
+
+    /// Redis in front, healthy: every instance has its own local copy and one shared Redis.
+    fn fallback() -> Option<Self> {
+        let server = RedisServer::start()?;
+        let url = server.url();
+        let make = move || -> Arc<dyn SessionStore> {
+            let redis = RedisStore::new(RedisBackend::new(&url).expect("backend"));
+            Arc::new(FallbackStore::new(redis.with_key_prefix("conf:")))
+        };
+        Some(Self {
+            store: make(),
+            twin: Box::new(make),
+            _redis: Some(server),
+            cut_off: false,
+        })
+    }
+
+    /// Redis unreachable from the start (its server stopped): the local copy serves
+    /// everything, and "another instance" can only be this one.
+    fn fallback_down() -> Option<Self> {
+        let url = RedisServer::start()?.url(); // dropped here: the port now refuses connections
+        let store = FallbackStore::new(RedisStore::new(RedisBackend::new(&url).expect("backend")));
+        let shared = store.clone();
+        Some(Self {
+            store: Arc::new(store),
+            twin: Box::new(move || Arc::new(shared.clone())),
+            _redis: None,
+            cut_off: true,
+        })
+    }
+
+    /// How a store says a session is not there: `None`, or, cut off, an outage.
+    fn assert_absent(&self, answer: Result<Option<Record>, StoreError>, why: &str) {
+        match answer {
+            Ok(None) => {}
+            Err(error) if self.cut_off && error.is_outage() => {}
+            other => panic!("{why}: expected no session, got {other:?}"),
+        }
+    }
+
+    /// How a write says its session is gone: `Missing`, or, cut off, an outage.
+    fn assert_missing(&self, answer: Result<Written, StoreError>, why: &str) {
+        match answer {
+            Ok(Written::Missing) => {}
+            Err(error) if self.cut_off && error.is_outage() => {}
+            other => panic!("{why}: expected a missing session, got {other:?}"),
+        }
     }
 
     /// The same storage seen through another store instance (another process, for Redis).
@@ -88,7 +141,7 @@ fn patch(set: &[(&str, &str)], remove: &[&str]) -> Patch {
 async fn create_load_patch_delete(f: Fixture) {
     let s = &f.store;
     let key = random_key(&Tenant::default());
-    assert_eq!(s.load(&key).await.unwrap(), None);
+    f.assert_absent(s.load(&key).await, "no session");
 
     let created = record(&[("a", "1"), ("b", "\"two\"")], None);
     s.create(&key, &created).await.unwrap();
@@ -111,8 +164,8 @@ async fn create_load_patch_delete(f: Fixture) {
     assert_eq!(loaded.expires_at, created.expires_at);
 
     s.delete(&key, None).await.unwrap();
-    assert_eq!(s.load(&key).await.unwrap(), None);
-    assert_eq!(f.twin().load(&key).await.unwrap(), None);
+    f.assert_absent(s.load(&key).await, "no session");
+    f.assert_absent(f.twin().load(&key).await, "no session");
 }
 
 async fn inactivity_expiry_slides_on_load(f: Fixture) {
@@ -130,11 +183,7 @@ async fn inactivity_expiry_slides_on_load(f: Fixture) {
         );
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(
-        s.load(&key).await.unwrap(),
-        None,
-        "an unused session expires"
-    );
+    f.assert_absent(s.load(&key).await, "an unused session expires");
 }
 
 async fn inactivity_expiry_slides_on_update(f: Fixture) {
@@ -163,10 +212,9 @@ async fn absolute_lifetime_is_a_hard_cap(f: Fixture) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(s.load(&key).await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(
-        s.load(&key).await.unwrap(),
-        None,
-        "however active, the session ends at its absolute end"
+    f.assert_absent(
+        s.load(&key).await,
+        "however active, the session ends at its absolute end",
     );
 }
 
@@ -183,7 +231,7 @@ async fn cycle_keeps_data_and_kills_the_old_key(f: Fixture) {
         s.cycle(&old, None, &new, &moved).await.unwrap(),
         Written::Applied
     );
-    assert_eq!(s.load(&old).await.unwrap(), None);
+    f.assert_absent(s.load(&old).await, "no session");
     let loaded = f.twin().load(&new).await.unwrap().unwrap();
     assert_eq!(loaded.data.get("cart").map(String::as_str), Some("[1,2]"));
     assert_eq!(loaded.user.as_deref(), Some("alice"));
@@ -208,21 +256,14 @@ async fn destroyed_sessions_stay_destroyed(f: Fixture) {
     // Another instance ends it while this one still holds what it loaded.
     f.twin().delete(&key, Some("bob")).await.unwrap();
 
-    assert_eq!(
-        s.update(&key, &patch(&[("b", "2")], &[])).await.unwrap(),
-        Written::Missing
-    );
-    assert_eq!(s.load(&key).await.unwrap(), None);
+    f.assert_missing(s.update(&key, &patch(&[("b", "2")], &[])).await, "gone");
+    f.assert_absent(s.load(&key).await, "no session");
 
     let new = random_key(&t);
-    assert_eq!(
-        s.cycle(&key, Some("bob"), &new, &loaded).await.unwrap(),
-        Written::Missing
-    );
-    assert_eq!(
-        s.load(&new).await.unwrap(),
-        None,
-        "a cycle of a destroyed session leaves no copy"
+    f.assert_missing(s.cycle(&key, Some("bob"), &new, &loaded).await, "gone");
+    f.assert_absent(
+        s.load(&new).await,
+        "a cycle of a destroyed session leaves no copy",
     );
     assert!(
         s.list_user_sessions(&UserKey::new(&t, "bob"))
@@ -303,7 +344,7 @@ async fn user_index_lists_and_revokes_across_instances(f: Fixture) {
 
     assert_eq!(a.delete_user_sessions(&alice).await.unwrap(), 2);
     for key in &keys {
-        assert_eq!(b.load(key).await.unwrap(), None);
+        f.assert_absent(b.load(key).await, "no session");
     }
     assert!(b.list_user_sessions(&alice).await.unwrap().is_empty());
     assert!(
@@ -322,13 +363,10 @@ async fn tenants_never_share_records(f: Fixture) {
         .create(&in_acme, &record(&[("secret", "1")], Some("alice")))
         .await
         .unwrap();
-    assert_eq!(f.store.load(&in_globex).await.unwrap(), None);
-    assert_eq!(
-        f.store
-            .update(&in_globex, &patch(&[("x", "1")], &[]))
-            .await
-            .unwrap(),
-        Written::Missing
+    f.assert_absent(f.store.load(&in_globex).await, "no session");
+    f.assert_missing(
+        f.store.update(&in_globex, &patch(&[("x", "1")], &[])).await,
+        "gone",
     );
     assert!(
         f.store
@@ -372,11 +410,8 @@ async fn lifetime_is_stored_and_changed(f: Fixture) {
 
     // A change that ends the session's life removes it rather than keeping a dead record.
     change.lifetime = Some(Lifetime::new(Duration::from_secs(42), 1, false));
-    assert_eq!(
-        f.store.update(&key, &change).await.unwrap(),
-        Written::Missing
-    );
-    assert_eq!(f.twin().load(&key).await.unwrap(), None);
+    f.assert_missing(f.store.update(&key, &change).await, "gone");
+    f.assert_absent(f.twin().load(&key).await, "no session");
 }
 
 macro_rules! conformance {
@@ -410,4 +445,4 @@ macro_rules! suite {
     };
 }
 
-suite!(memory, redis);
+suite!(memory, redis, fallback, fallback_down);

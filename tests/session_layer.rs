@@ -2,128 +2,19 @@
 
 mod support;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::Duration};
 
-use axum::{
-    Router,
-    extract::{Path, Request},
-    http::StatusCode,
-    middleware::{self, Next},
-    response::{IntoResponse, Response},
-    routing::{get, post},
-};
+use axum::{Router, http::StatusCode};
 use http::{HeaderValue, header};
 use support::{
     RedisServer,
-    http::{Client, Reply, send},
+    http::{Client, send},
+    session_app::{app, event, max_age},
 };
 use tower_turnstile::{
     backend::RedisBackend,
-    session::{
-        Expiry, MemoryStore, RedisStore, Session, SessionEvent, SessionLayer, SessionStore,
-        SigningKey,
-    },
-    tenant::Tenant,
+    session::{FallbackStore, MemoryStore, RedisStore, SessionLayer, SessionStore, SigningKey},
 };
-
-/// Routes that exercise every session operation.
-fn routes() -> Router {
-    async fn read(Path(key): Path<String>, s: Session) -> String {
-        match s.get::<serde_json::Value>(&key).await {
-            Ok(Some(value)) => value.to_string(),
-            Ok(None) => "none".into(),
-            Err(error) => format!("error: {error}"),
-        }
-    }
-    async fn write(Path((key, value)): Path<(String, String)>, s: Session) -> &'static str {
-        s.insert(&key, value).await.unwrap();
-        "ok"
-    }
-    async fn bump(Path(key): Path<String>, s: Session) -> String {
-        let n = s.get::<u64>(&key).await.unwrap().unwrap_or(0) + 1;
-        s.insert(&key, n).await.unwrap();
-        n.to_string()
-    }
-    async fn fail(Path((key, value)): Path<(String, String)>, s: Session) -> StatusCode {
-        s.insert(&key, value).await.unwrap();
-        StatusCode::INTERNAL_SERVER_ERROR
-    }
-    Router::new()
-        .route("/untouched", get(|| async { "ok" }))
-        .route("/get/{key}", get(read))
-        .route("/set/{key}/{value}", post(write))
-        .route("/bump/{key}", post(bump))
-        .route("/remove/{key}", post(|Path(key): Path<String>, s: Session| async move { s.remove(&key).await.unwrap() }))
-        .route("/login/{user}", post(|Path(user): Path<String>, s: Session| async move { s.set_user(user).await.unwrap() }))
-        .route("/user", get(|s: Session| async move { s.user_id().await.unwrap().unwrap_or_else(|| "anonymous".into()) }))
-        .route("/cycle", post(|s: Session| async move { s.cycle_id().await }))
-        .route("/destroy", post(|s: Session| async move { s.destroy().await }))
-        .route("/sessions", get(|s: Session| async move { s.user_sessions().await.unwrap().len().to_string() }))
-        .route("/logout-all", post(|s: Session| async move { s.destroy_user_sessions().await.unwrap().to_string() }))
-        .route("/fail/{key}/{value}", post(fail))
-        .route("/login-remember/{user}", post(|Path(user): Path<String>, s: Session| async move {
-            s.set_expiry(Expiry::Inactivity(Duration::from_secs(7 * 24 * 3600))).await;
-            s.set_user(user).await.unwrap()
-        }))
-        .route("/expiry/browser", post(|s: Session| async move { s.set_expiry(Expiry::BrowserSession).await }))
-        .route("/expiry/idle/{ms}", post(|Path(ms): Path<u64>, s: Session| async move {
-            s.set_expiry(Expiry::Inactivity(Duration::from_millis(ms))).await
-        }))
-        .route("/expiry/at/{ms}", post(|Path(ms): Path<u64>, s: Session| async move {
-            s.set_expiry(Expiry::At(SystemTime::now() + Duration::from_millis(ms))).await
-        }))
-        .route("/expiry/ended", post(|s: Session| async move { s.set_expiry(Expiry::At(SystemTime::UNIX_EPOCH)).await }))
-        .route("/is-new", get(|s: Session| async move { s.is_new().await.unwrap().to_string() }))
-}
-
-/// Shows the layer's [`SessionEvent`] as a header, as an outer layer would read it.
-async fn show_event(mut response: Response) -> Response {
-    if let Some(event) = response.extensions().get::<SessionEvent>().copied() {
-        let value = HeaderValue::from_str(&format!("{event:?}")).unwrap();
-        response.headers_mut().insert("x-session-event", value);
-    }
-    response
-}
-
-fn event(reply: &Reply) -> Option<&str> {
-    reply
-        .headers
-        .get("x-session-event")
-        .map(|v| v.to_str().unwrap())
-}
-
-/// The `Max-Age` of a `Set-Cookie`, if it has one.
-fn max_age(set_cookie: &str) -> Option<u64> {
-    let value = set_cookie.split("Max-Age=").nth(1)?;
-    value.split(';').next()?.parse().ok()
-}
-
-/// Sets the tenant from a test header, as a tenant layer would.
-async fn tenant_from_header(mut request: Request, next: Next) -> Response {
-    if let Some(name) = request
-        .headers()
-        .get("x-tenant")
-        .and_then(|v| v.to_str().ok())
-    {
-        match Tenant::new(name) {
-            Ok(tenant) => {
-                request.extensions_mut().insert(tenant);
-            }
-            Err(_) => return StatusCode::BAD_REQUEST.into_response(),
-        }
-    }
-    next.run(request).await
-}
-
-fn app(layer: SessionLayer) -> Router {
-    routes()
-        .layer(layer)
-        .layer(middleware::map_response(show_event))
-        .layer(middleware::from_fn(tenant_from_header))
-}
 
 fn memory_layer() -> SessionLayer {
     SessionLayer::new(MemoryStore::new())
@@ -587,6 +478,16 @@ macro_rules! on_every_store {
                 }
             )*
         }
+        mod fallback {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(server) = super::RedisServer::start() else { return };
+                    let store = super::FallbackStore::new(super::redis_store(&server));
+                    super::$test(super::SessionLayer::new(store)).await;
+                }
+            )*
+        }
     };
 }
 
@@ -617,6 +518,13 @@ fn redis_app(server: &RedisServer) -> (Router, RedisBackend) {
     )
 }
 
+/// The same on a fallback store in front of Redis.
+fn fallback_app(server: &RedisServer) -> (Router, RedisBackend) {
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let store = FallbackStore::new(RedisStore::new(backend.clone()));
+    (app(SessionLayer::new(store)), backend)
+}
+
 /// Runs one request and returns (client commands seen by MONITOR, round trips counted).
 async fn measure(
     c: &mut Client,
@@ -640,10 +548,20 @@ async fn measure(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_round_trips_per_request() {
+    round_trips_per_request(redis_app).await;
+}
+
+/// While Redis answers, the fallback store sends exactly what the Redis store sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_round_trips_per_request_are_redis_ones() {
+    round_trips_per_request(fallback_app).await;
+}
+
+async fn round_trips_per_request(make: fn(&RedisServer) -> (Router, RedisBackend)) {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (app, backend) = redis_app(&server);
+    let (app, backend) = make(&server);
     // Warm up: connect and load the scripts, so only steady-state traffic is counted.
     let mut warm = Client::new(app.clone());
     warm.post("/bump/n").await;

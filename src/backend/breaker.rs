@@ -198,6 +198,16 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is open and a probe call would be let through now.
+    pub(crate) fn probe_due(&self) -> bool {
+        matches!(self.status().phase, Phase::Open { until } if Instant::now() >= until)
+    }
+
+    /// How long the breaker stays open before a probe.
+    pub(crate) fn open_for(&self) -> Duration {
+        self.config.open_for
+    }
+
     pub(crate) fn view(&self) -> BreakerView {
         let status = self.status();
         let (state, consecutive_failures) = match status.phase {

@@ -2,7 +2,7 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -90,14 +90,34 @@ impl RedisBackendBuilder {
                 source: Box::new(e),
             }
         })?;
-        Ok(RedisBackend {
-            inner: Arc::new(Inner {
-                connection,
-                breaker: Arc::new(Breaker::new(self.breaker)),
-                round_trips: AtomicU64::new(0),
-                target,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            connection,
+            breaker: Arc::new(Breaker::new(self.breaker)),
+            round_trips: AtomicU64::new(0),
+            target,
+        });
+        tokio::spawn(probe_while_open(Arc::downgrade(&inner)));
+        Ok(RedisBackend { inner })
+    }
+}
+
+/// Pings Redis whenever the breaker is open and due for a probe, so that an instance with no
+/// traffic still returns to Redis soon after it is back. Ends when the backend is dropped.
+async fn probe_while_open(backend: Weak<Inner>) {
+    loop {
+        let every = match backend.upgrade() {
+            Some(inner) => (inner.breaker.open_for() / 4)
+                .clamp(Duration::from_millis(10), Duration::from_millis(250)),
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+        let Some(inner) = backend.upgrade() else {
+            return;
+        };
+        if inner.breaker.probe_due() {
+            // The breaker records the outcome; nothing else to do with it here.
+            let _ = RedisBackend { inner }.ping().await;
+        }
     }
 }
 

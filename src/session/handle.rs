@@ -424,10 +424,16 @@ impl Session {
                 Loaded::Found(record) => record.user.clone(),
                 _ => None,
             };
-            if let Err(error) = shared.store.delete(&id.key(tenant), user.as_deref()).await {
-                self.store_failed(&error, "destroy");
-            }
-            return Committed::new(CookieChange::Remove, SessionEvent::Destroyed);
+            // The cookie goes either way; a failed delete is reported, since the id still
+            // works in the store until it expires.
+            let event = match shared.store.delete(&id.key(tenant), user.as_deref()).await {
+                Ok(()) => SessionEvent::Destroyed,
+                Err(error) => {
+                    self.store_failed(&error, "destroy");
+                    SessionEvent::Failed
+                }
+            };
+            return Committed::new(CookieChange::Remove, event);
         }
         if server_error && !shared.save_on_server_error {
             return Committed::NOTHING;

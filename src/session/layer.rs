@@ -17,6 +17,7 @@ pub(crate) struct Shared {
     pub(crate) inactivity_timeout: Duration,
     pub(crate) absolute_lifetime: Duration,
     pub(crate) fail_closed: bool,
+    pub(crate) fail_closed_on_write: bool,
     pub(crate) save_on_server_error: bool,
 }
 
@@ -28,6 +29,7 @@ impl fmt::Debug for Shared {
             .field("inactivity_timeout", &self.inactivity_timeout)
             .field("absolute_lifetime", &self.absolute_lifetime)
             .field("fail_closed", &self.fail_closed)
+            .field("fail_closed_on_write", &self.fail_closed_on_write)
             .field("save_on_server_error", &self.save_on_server_error)
             .finish()
     }
@@ -90,6 +92,7 @@ impl SessionLayer {
                 inactivity_timeout: Duration::from_secs(24 * 3600),
                 absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
                 fail_closed: false,
+                fail_closed_on_write: false,
                 save_on_server_error: false,
             }),
         }
@@ -184,6 +187,18 @@ impl SessionLayer {
     /// off (the request goes on with an empty session, and the failure is logged).
     pub fn with_fail_closed(self, fail_closed: bool) -> Self {
         self.edit(|s| s.fail_closed = fail_closed)
+    }
+
+    /// Fail open for reads, closed for writes: when the request's session changes could not be
+    /// stored anywhere, answer `503 Service Unavailable` instead of the handler's response, so
+    /// a client is never told "done" about a write that was lost. Requests that only read still
+    /// get the handler's answer (with an empty session when the store failed). Default: off.
+    ///
+    /// With a [`FallbackStore`](super::FallbackStore), writes during a Redis outage are kept
+    /// locally and journaled, so this answers `503` only for what even the fallback could not
+    /// keep (a session this instance never saw, a full journal).
+    pub fn with_fail_closed_on_write(self, fail_closed: bool) -> Self {
+        self.edit(|s| s.fail_closed_on_write = fail_closed)
     }
 
     /// Save the session's changes even when the inner service answers `5xx`. Default: off.

@@ -89,4 +89,6 @@ pub use service::{ResponseFuture, SessionService};
 pub use store::MemoryStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
+#[cfg(all(feature = "memory", feature = "redis"))]
+pub use store::{FallbackStatus, FallbackStore};
 pub use store::{SessionInfo, SessionStore, StoreError};

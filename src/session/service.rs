@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    handle::{Committed, CookieChange, Session},
+    handle::{Committed, CookieChange, Session, SessionEvent},
     layer::Shared,
 };
 use crate::{
@@ -136,7 +136,10 @@ where
                         return Poll::Ready(Ok(unavailable()));
                     };
                     let shared = session.shared();
-                    if shared.fail_closed && session.is_degraded() {
+                    let lost = committed.event == Some(SessionEvent::Failed);
+                    if (shared.fail_closed && session.is_degraded())
+                        || (shared.fail_closed_on_write && lost)
+                    {
                         return Poll::Ready(Ok(unavailable()));
                     }
                     return Poll::Ready(Ok(finish(response, committed, shared)));

@@ -8,6 +8,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod http;
+pub mod proxy;
+pub mod session_app;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -26,6 +28,8 @@ use std::{
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Where a persistent server keeps its append-only file.
+    dir: Option<std::path::PathBuf>,
 }
 
 /// Whether Redis tests must run (CI) rather than skip.
@@ -44,10 +48,28 @@ impl RedisServer {
     /// Starts a server, or returns `None` (after saying so loudly) when `redis-server` is not
     /// installed and `REQUIRE_REDIS` is not `1`.
     pub fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that keeps every write on disk (append-only file, synced on each write),
+    /// so that [`RedisServer::restart`] after [`RedisServer::stop`] brings its data back.
+    pub fn start_persistent() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Option<Self> {
         for _ in 0..5 {
+            let port = free_port();
+            let dir = persistent.then(|| {
+                let dir = std::env::temp_dir()
+                    .join(format!("turnstile-redis-{}-{port}", std::process::id()));
+                std::fs::create_dir_all(&dir).expect("temporary directory");
+                dir
+            });
             let mut server = Self {
-                port: free_port(),
+                port,
                 child: None,
+                dir,
             };
             match server.launch() {
                 Ok(()) => return Some(server),
@@ -68,17 +90,22 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> Result<(), LaunchError> {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match &self.dir {
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
             .args(["--protected-mode", "yes", "--loglevel", "warning"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -144,7 +171,7 @@ impl RedisServer {
         self.kill();
     }
 
-    /// Starts the server again on the same port (empty: it keeps nothing on disk).
+    /// Starts the server again on the same port: empty, unless it was started persistent.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -204,6 +231,9 @@ impl Drop for RedisServer {
                 .status();
         }
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

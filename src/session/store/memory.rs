@@ -40,6 +40,7 @@ pub struct MemoryStoreBuilder {
     max_sessions: u64,
     max_users: u64,
     user_index_idle: Duration,
+    max_idle: Option<Duration>,
 }
 
 impl MemoryStoreBuilder {
@@ -55,13 +56,23 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Drops a session unused for this long, even if its own inactivity timeout is longer.
+    /// Default: none (each session's own timeout decides).
+    pub fn max_idle(mut self, idle: Duration) -> Self {
+        self.max_idle = Some(idle);
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
+        let mut sessions = Cache::builder()
+            .max_capacity(self.max_sessions)
+            .expire_after(RecordExpiry);
+        if let Some(idle) = self.max_idle {
+            sessions = sessions.time_to_idle(idle);
+        }
         MemoryStore {
-            sessions: Cache::builder()
-                .max_capacity(self.max_sessions)
-                .expire_after(RecordExpiry)
-                .build(),
+            sessions: sessions.build(),
             users: Cache::builder()
                 .max_capacity(self.max_users)
                 .time_to_idle(self.user_index_idle)
@@ -90,6 +101,7 @@ impl MemoryStore {
             // An index outlives no session it lists: sessions live 30 days at most by default,
             // and an index that is used is kept.
             user_index_idle: Duration::from_secs(31 * 24 * 3600),
+            max_idle: None,
         }
     }
 
@@ -177,22 +189,20 @@ impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
     }
 }
 
-#[async_trait]
-impl SessionStore for MemoryStore {
-    async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+/// The store's work, without the trait's boxed futures: every operation is synchronous here.
+impl MemoryStore {
+    pub(crate) fn get(&self, key: &SessionKey) -> Option<Record> {
         // `get` restarts the inactivity clock (see `RecordExpiry::expire_after_read`).
-        let Some(entry) = self.sessions.get(key) else {
-            return Ok(None);
-        };
+        let entry = self.sessions.get(key)?;
         let record = lock(&entry.record).clone();
         if record.ttl_at(unix_millis(SystemTime::now())).is_zero() {
             self.sessions.invalidate(key);
-            return Ok(None);
+            return None;
         }
-        Ok(Some(record))
+        Some(record)
     }
 
-    async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+    pub(crate) fn put(&self, key: &SessionKey, record: &Record) {
         if let Some(user) = &record.user {
             self.index(&UserKey::new(key.tenant(), user.as_str()), key, record);
         }
@@ -202,12 +212,11 @@ impl SessionStore for MemoryStore {
                 record: Mutex::new(record.clone()),
             }),
         );
-        Ok(())
     }
 
-    async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
+    pub(crate) fn patch(&self, key: &SessionKey, patch: &Patch) -> Written {
         let Some(entry) = self.sessions.get(key) else {
-            return Ok(Written::Missing);
+            return Written::Missing;
         };
         let alive = {
             let mut record = lock(&entry.record);
@@ -217,13 +226,80 @@ impl SessionStore for MemoryStore {
         if !alive {
             // The change ended the session's life (or it had just run out).
             self.sessions.invalidate(key);
-            return Ok(Written::Missing);
+            return Written::Missing;
         }
         if patch.lifetime.is_some() {
             // Re-inserting the same entry makes the cache recompute its expiry.
             self.sessions.insert(key.clone(), entry);
         }
-        Ok(Written::Applied)
+        Written::Applied
+    }
+
+    pub(crate) fn move_to(
+        &self,
+        old: &SessionKey,
+        old_user: Option<&str>,
+        new: &SessionKey,
+        record: &Record,
+    ) -> Written {
+        if !self.sessions.contains_key(old) {
+            return Written::Missing;
+        }
+        self.put(new, record);
+        let removed = self.sessions.remove(old);
+        if let Some(user) = old_user {
+            self.unindex(&UserKey::new(old.tenant(), user), old);
+        }
+        if removed.is_none() {
+            // Destroyed between the check and the move: do not let the copy outlive it.
+            self.remove(new, record.user.as_deref());
+            return Written::Missing;
+        }
+        Written::Applied
+    }
+
+    pub(crate) fn remove(&self, key: &SessionKey, user: Option<&str>) {
+        self.sessions.invalidate(key);
+        if let Some(user) = user {
+            self.unindex(&UserKey::new(key.tenant(), user), key);
+        }
+    }
+
+    pub(crate) fn user_sessions(&self, user: &UserKey) -> Vec<SessionInfo> {
+        let Some(index) = self.users.get(user) else {
+            return Vec::new();
+        };
+        let mut index = lock(&index);
+        // `contains_key` does not count as use of the session, so listing a user's sessions
+        // does not keep the idle ones alive.
+        index.retain(|key, _| self.sessions.contains_key(key));
+        index.values().cloned().collect()
+    }
+
+    pub(crate) fn remove_user_sessions(&self, user: &UserKey) -> usize {
+        let Some(index) = self.users.remove(user) else {
+            return 0;
+        };
+        let keys: Vec<SessionKey> = lock(&index).drain().map(|(key, _)| key).collect();
+        keys.iter()
+            .filter(|key| self.sessions.remove(*key).is_some())
+            .count()
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        Ok(self.get(key))
+    }
+
+    async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        self.put(key, record);
+        Ok(())
+    }
+
+    async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
+        Ok(self.patch(key, patch))
     }
 
     async fn cycle(
@@ -233,49 +309,19 @@ impl SessionStore for MemoryStore {
         new: &SessionKey,
         record: &Record,
     ) -> Result<Written, StoreError> {
-        if !self.sessions.contains_key(old) {
-            return Ok(Written::Missing);
-        }
-        self.create(new, record).await?;
-        let removed = self.sessions.remove(old);
-        if let Some(user) = old_user {
-            self.unindex(&UserKey::new(old.tenant(), user), old);
-        }
-        if removed.is_none() {
-            // Destroyed between the check and the move: do not let the copy outlive it.
-            self.delete(new, record.user.as_deref()).await?;
-            return Ok(Written::Missing);
-        }
-        Ok(Written::Applied)
+        Ok(self.move_to(old, old_user, new, record))
     }
 
     async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
-        self.sessions.invalidate(key);
-        if let Some(user) = user {
-            self.unindex(&UserKey::new(key.tenant(), user), key);
-        }
+        self.remove(key, user);
         Ok(())
     }
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
-        let Some(index) = self.users.get(user) else {
-            return Ok(Vec::new());
-        };
-        let mut index = lock(&index);
-        // `contains_key` does not count as use of the session, so listing a user's sessions
-        // does not keep the idle ones alive.
-        index.retain(|key, _| self.sessions.contains_key(key));
-        Ok(index.values().cloned().collect())
+        Ok(self.user_sessions(user))
     }
 
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
-        let Some(index) = self.users.remove(user) else {
-            return Ok(0);
-        };
-        let keys: Vec<SessionKey> = lock(&index).drain().map(|(key, _)| key).collect();
-        Ok(keys
-            .iter()
-            .filter(|key| self.sessions.remove(*key).is_some())
-            .count())
+        Ok(self.remove_user_sessions(user))
     }
 }

@@ -11,13 +11,17 @@ use async_trait::async_trait;
 pub use super::id::{SessionKey, UserKey};
 pub use crate::error::StoreError;
 
+#[cfg(all(feature = "memory", feature = "redis"))]
+mod fallback;
 #[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(all(feature = "memory", feature = "redis"))]
+pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
 #[cfg(feature = "memory")]
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 

@@ -12,16 +12,23 @@ use crate::backend::RedisBackend;
 static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/load.lua")));
 static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/update.lua")));
 static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
+/// Sent as `EVAL` in a pipeline (with the user-index commands), like `CREATE_INLINE`.
+#[cfg(feature = "memory")]
+static REPLAY_INLINE: LazyLock<String> =
+    LazyLock::new(|| without_comments(include_str!("lua/replay.lua")));
 /// The create script without its comments, sent as `EVAL` inside pipelines: there a `NOSCRIPT`
 /// reply (after a Redis restart) could not be retried without repeating the pipeline's other
 /// commands, such as the removal of the old record in a cycle.
-static CREATE_INLINE: LazyLock<String> = LazyLock::new(|| {
-    include_str!("lua/create.lua")
+static CREATE_INLINE: LazyLock<String> =
+    LazyLock::new(|| without_comments(include_str!("lua/create.lua")));
+
+fn without_comments(script: &str) -> String {
+    script
         .lines()
-        .filter(|line| !line.starts_with("--"))
+        .filter(|line| !line.trim_start().starts_with("--"))
         .collect::<Vec<_>>()
         .join("\n")
-});
+}
 
 const DATA: &str = "d:";
 const USER: &str = "m:user";
@@ -101,10 +108,17 @@ impl RedisStore {
 
     /// The arguments of the create script for `record`: inactivity, absolute end, then fields.
     fn create_args(key: &SessionKey, record: &Record) -> Vec<String> {
-        let idle = millis(record.inactivity_timeout).to_string();
         let mut args = vec![
-            idle.clone(),
+            millis(record.inactivity_timeout).to_string(),
             record.expires_at.to_string(),
+        ];
+        args.extend(Self::record_fields(key, record));
+        args
+    }
+
+    /// Every field of `record`'s hash, as field, value, field, value, ...
+    fn record_fields(key: &SessionKey, record: &Record) -> Vec<String> {
+        let mut fields = vec![
             TENANT.to_owned(),
             key.tenant().as_str().to_owned(),
             CREATED.to_owned(),
@@ -112,17 +126,44 @@ impl RedisStore {
             ABSOLUTE.to_owned(),
             record.expires_at.to_string(),
             IDLE.to_owned(),
-            idle,
+            millis(record.inactivity_timeout).to_string(),
             PERSISTENT.to_owned(),
             flag(record.persistent).to_owned(),
         ];
         if let Some(user) = &record.user {
-            args.extend([USER.to_owned(), user.clone()]);
+            fields.extend([USER.to_owned(), user.clone()]);
         }
         for (name, value) in &record.data {
-            args.extend([format!("{DATA}{name}"), value.clone()]);
+            fields.extend([format!("{DATA}{name}"), value.clone()]);
         }
-        args
+        fields
+    }
+
+    /// The hash fields a patch sets (metadata included when the lifetime changes) and removes.
+    fn patch_fields(patch: &Patch) -> (Vec<(String, String)>, Vec<String>) {
+        let mut set = Vec::with_capacity(patch.set.len() + 3);
+        if let Some(lifetime) = patch.lifetime {
+            set.extend([
+                (
+                    IDLE.to_owned(),
+                    millis(lifetime.inactivity_timeout).to_string(),
+                ),
+                (ABSOLUTE.to_owned(), lifetime.expires_at.to_string()),
+                (PERSISTENT.to_owned(), flag(lifetime.persistent).to_owned()),
+            ]);
+        }
+        set.extend(
+            patch
+                .set
+                .iter()
+                .map(|(name, value)| (format!("{DATA}{name}"), value.clone())),
+        );
+        let remove = patch
+            .remove
+            .iter()
+            .map(|name| format!("{DATA}{name}"))
+            .collect();
+        (set, remove)
     }
 
     /// Adds the commands that write `record` under `key` and index it under its user.
@@ -184,6 +225,147 @@ impl RedisStore {
         pipe.cmd("SMEMBERS").arg(index);
         let (members,): (Vec<String>,) = self.query(pipe).await?;
         Ok(members)
+    }
+}
+
+/// How a journaled write is replayed; see `lua/replay.lua`.
+#[cfg(feature = "memory")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplayMode {
+    /// The session was created (or moved to this key) during the outage: written if absent.
+    Create,
+    /// The session must still exist in Redis; one that is gone stays gone.
+    Patch,
+}
+
+/// One journaled write, in the shape the replay script takes.
+#[cfg(feature = "memory")]
+#[derive(Debug)]
+pub(crate) struct ReplayWrite<'a> {
+    pub(crate) mode: ReplayMode,
+    /// When the write was made (Unix ms).
+    pub(crate) at: u64,
+    /// Fields written as they are when the hash is absent.
+    pub(crate) base: Vec<String>,
+    pub(crate) patch: &'a Patch,
+    /// A user binding made by the write, compared by time like any field.
+    pub(crate) user: Option<&'a str>,
+    /// Index the session under this user, up to this absolute end.
+    pub(crate) index: Option<(&'a str, u64)>,
+}
+
+/// The fallback store's way back into Redis: the writes it journaled during an outage.
+#[cfg(feature = "memory")]
+impl RedisStore {
+    /// Every field of a live session's hash as it is (write times included), restarting its
+    /// inactivity clock; `None` when there is no such live session.
+    pub(crate) async fn load_raw(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let redis_key = self.session_key(key);
+        let tenant = key.tenant().as_str().to_owned();
+        let reply: Vec<Value> = self
+            .backend
+            .run(self.timeout, |mut conn| async move {
+                LOAD.key(&redis_key)
+                    .arg(tenant)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(StoreError::from)?;
+        let mut reply = reply.into_iter();
+        if !matches!(reply.next(), Some(Value::Int(1))) {
+            return Ok(None);
+        }
+        Ok(Some(
+            reply
+                .filter_map(|value| match value {
+                    Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+                    _ => None,
+                })
+                .collect(),
+        ))
+    }
+
+    /// The fields of `record` as the base of a replayed create.
+    pub(crate) fn base_fields(key: &SessionKey, record: &Record) -> Vec<String> {
+        Self::record_fields(key, record)
+    }
+
+    /// Whether `key` holds anything.
+    pub(crate) async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("EXISTS").arg(self.session_key(key));
+        let (found,): (i64,) = self.query(pipe).await?;
+        Ok(found == 1)
+    }
+
+    /// Replays one journaled write in one round trip; `false` when the session is gone.
+    pub(crate) async fn replay(
+        &self,
+        key: &SessionKey,
+        write: &ReplayWrite<'_>,
+    ) -> Result<bool, StoreError> {
+        let (mut set, remove) = Self::patch_fields(write.patch);
+        if let Some(user) = write.user {
+            set.push((USER.to_owned(), user.to_owned()));
+        }
+        let mut script = redis::cmd("EVAL");
+        script
+            .arg(REPLAY_INLINE.as_str())
+            .arg(1)
+            .arg(self.session_key(key))
+            .arg(match write.mode {
+                ReplayMode::Create => "create",
+                ReplayMode::Patch => "patch",
+            })
+            .arg(write.at)
+            .arg(write.base.len() / 2)
+            .arg(set.len())
+            .arg(remove.len())
+            .arg(&write.base);
+        for (name, value) in &set {
+            script.arg(name).arg(value);
+        }
+        script.arg(remove);
+        let mut pipe = redis::pipe();
+        pipe.add_command(script);
+        if let Some((user, expires_at)) = write.index {
+            let mut record = Record::new(Duration::ZERO, Duration::ZERO);
+            record.user = Some(user.to_owned());
+            record.expires_at = expires_at;
+            self.push_index(&mut pipe, key, &record);
+        }
+        let (applied,): (i64,) = self.query(pipe).await?;
+        Ok(applied == 1)
+    }
+
+    /// Removes the sessions of `user` created at or before `at` (Unix ms): a "log out
+    /// everywhere" made during an outage ends the sessions it could have seen, not the logins
+    /// made after it. Returns how many were removed.
+    pub(crate) async fn delete_user_sessions_before(
+        &self,
+        user: &UserKey,
+        at: u64,
+    ) -> Result<usize, StoreError> {
+        let ended: Vec<SessionKey> = self
+            .list_user_sessions(user)
+            .await?
+            .into_iter()
+            .filter(|info| super::unix_millis(info.created_at) <= at)
+            .map(|info| info.key)
+            .collect();
+        if ended.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for key in &ended {
+            self.push_delete(&mut pipe, key, Some(user.user()));
+        }
+        let removed: Vec<i64> = self.query(pipe).await?;
+        Ok(removed.into_iter().filter(|&n| n == 1).count())
     }
 }
 
@@ -307,26 +489,12 @@ impl SessionStore for RedisStore {
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
         let redis_key = self.session_key(key);
         let mut invocation = UPDATE.key(redis_key);
-        let lifetime = patch.lifetime.map(|l| {
-            [
-                (IDLE, millis(l.inactivity_timeout).to_string()),
-                (ABSOLUTE, l.expires_at.to_string()),
-                (PERSISTENT, flag(l.persistent).to_owned()),
-            ]
-        });
-        let meta = lifetime.iter().flatten();
-        invocation
-            .arg(patch.set.len() + meta.clone().count())
-            .arg(patch.remove.len());
-        for (name, value) in meta {
-            invocation.arg(*name).arg(value);
+        let (set, remove) = Self::patch_fields(patch);
+        invocation.arg(set.len()).arg(remove.len());
+        for (name, value) in &set {
+            invocation.arg(name).arg(value);
         }
-        for (name, value) in &patch.set {
-            invocation.arg(format!("{DATA}{name}")).arg(value);
-        }
-        for name in &patch.remove {
-            invocation.arg(format!("{DATA}{name}"));
-        }
+        invocation.arg(remove);
         let applied: i64 = self
             .backend
             .run(self.timeout, |mut conn| async move {

@@ -1,6 +1,10 @@
 -- Applies the changed fields of an existing session and restarts its inactivity clock. A
 -- session that is gone stays gone: nothing is written for it.
 --
+-- Every field written or removed gets its write time in 't:<field>' (Redis time, ms), so that
+-- writes journaled by an instance during an outage are replayed only over older writes (see
+-- replay.lua). A field without one was last written when the session was created.
+--
 -- KEYS[1]  the session's hash
 -- ARGV[1]  number of fields to set (n): data fields, and metadata fields when the session's
 --          expiry settings changed (m:idle, m:abs, m:persist)
@@ -13,19 +17,20 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local n = tonumber(ARGV[1])
 local d = tonumber(ARGV[2])
 for i = 3, 2 + 2 * n, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], 't:' .. ARGV[i], now)
 end
 for i = 3 + 2 * n, 2 + 2 * n + d do
   redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('HSET', KEYS[1], 't:' .. ARGV[i], now)
 end
 
 local meta = redis.call('HMGET', KEYS[1], 'm:abs', 'm:idle')
 local abs, idle = tonumber(meta[1]), tonumber(meta[2])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 if not abs or not idle or math.min(idle, abs - now) <= 0 then
   redis.call('DEL', KEYS[1])
   return 0

@@ -1,0 +1,89 @@
+//! A loopback TCP proxy in front of a Redis server, to cut one instance off from Redis while
+//! the others still reach it (a network partition of one process), and to heal it again.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+
+/// A proxy to `127.0.0.1:{target}` on an ephemeral loopback port; it stops with the value.
+#[derive(Debug)]
+pub struct Proxy {
+    address: SocketAddr,
+    cut: Arc<AtomicBool>,
+    /// Bumped on each cut: every open connection watches it and closes.
+    generation: watch::Sender<u64>,
+    accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts forwarding to the Redis server on `target` (must run inside a Tokio runtime).
+    pub async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let address = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let (generation, watcher) = watch::channel(0u64);
+        let refusing = Arc::clone(&cut);
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if refusing.load(Ordering::Acquire) {
+                    drop(client); // cut off: the client sees its connection closed at once
+                    continue;
+                }
+                tokio::spawn(forward(client, target, watcher.clone()));
+            }
+        });
+        Self {
+            address,
+            cut,
+            generation,
+            accept,
+        }
+    }
+
+    /// `redis://` URL of the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.address)
+    }
+
+    /// Closes every open connection and refuses new ones until [`Proxy::heal`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Lets connections through again.
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+async fn forward(mut client: TcpStream, target: u16, mut cut: watch::Receiver<u64>) {
+    let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", target)).await else {
+        return;
+    };
+    cut.mark_unchanged();
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        _ = cut.changed() => {}
+    }
+}
