@@ -606,6 +606,9 @@ async fn health_report(State(state): State<HealthState>) -> Response {
         HealthSource::Redis(health, fallback) => {
             let snapshot = health.check().await;
             let healthy = snapshot.healthy;
+            // The limiter reports how its last decision was made; with Redis healthy again, its
+            // next one goes to Redis.
+            let limiter_fallback = limiter_fallback && !healthy;
             let sessions = fallback.as_ref().map(FallbackStore::status);
             let sessions_local = sessions.as_ref().is_some_and(|s| s.active);
             serde_json::json!({

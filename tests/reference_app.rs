@@ -898,6 +898,71 @@ async fn health_without_redis_reports_disabled() {
     assert_eq!(reply.status, StatusCode::OK);
 }
 
+/// The app on Redis through a Redis outage (two instances, Redis killed, then restarted with
+/// its data): logged-in users stay logged in on the instance that served them, writes are kept
+/// and reach Redis afterwards, a write the app cannot keep answers `503`, and `/health` says
+/// what is going on, then returns to healthy by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_loses_no_session_and_no_write() {
+    let Some(mut server) = support::RedisServer::start_persistent() else {
+        return;
+    };
+    let config = Config {
+        redis_url: Some(server.url()),
+        ..Config::default()
+    };
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    let health = |app: &Router| {
+        let app = app.clone();
+        async move {
+            let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()
+        }
+    };
+    let mut client = Client::new(&one, "localhost");
+    client.login("alice").await.assert(StatusCode::OK, "alice");
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+
+    server.stop();
+    client.get("/me").await.assert(StatusCode::OK, "alice");
+    client.post("/counter").await.assert(StatusCode::OK, "2");
+    client.get("/counter").await.assert(StatusCode::OK, "2");
+    // The other instance never saw this session: it reads as none, and a write is refused.
+    let mut elsewhere = Client::new(&two, "localhost");
+    elsewhere.cookie = client.cookie.clone();
+    elsewhere.get("/counter").await.assert(StatusCode::OK, "0");
+    assert_eq!(
+        elsewhere.post("/counter").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let report = health(&one).await;
+    assert_eq!(report["redis"], "unhealthy", "{report}");
+    assert_eq!(report["fallback_active"], true, "{report}");
+    assert_eq!(report["sessions"]["active"], true, "{report}");
+    assert!(
+        report["sessions"]["journal_len"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+
+    server.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let report = health(&one).await;
+        if report["redis"] == "healthy" && report["fallback_active"] == false {
+            assert_eq!(report["sessions"]["journal_len"], 0, "{report}");
+            assert_eq!(report["sessions"]["dropped"], 0, "{report}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{report}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    elsewhere.get("/me").await.assert(StatusCode::OK, "alice");
+    elsewhere.get("/counter").await.assert(StatusCode::OK, "2");
+    elsewhere.post("/counter").await.assert(StatusCode::OK, "3");
+}
+
 #[tokio::test]
 async fn unreachable_redis_degrades_and_health_says_so() {
     // Port 1 refuses connections at once.
@@ -922,17 +987,20 @@ async fn unreachable_redis_degrades_and_health_says_so() {
     assert_eq!(json["redis"], "unhealthy", "{json}");
     assert_eq!(json["fallback_active"], true, "{json}");
 
-    // Every route still answers, without a 5xx.
+    // Every route still answers, without a 5xx: sessions started now live in this instance's
+    // local copy (and its journal) until Redis answers.
     let mut client = Client::new(&app, "localhost");
     client.get("/counter").await.assert(StatusCode::OK, "0");
     client.post("/counter").await.assert(StatusCode::OK, "1");
-    assert_eq!(client.login("alice").await.status, StatusCode::OK);
-    assert_eq!(client.get("/me").await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        client.get("/sessions").await.status,
-        StatusCode::UNAUTHORIZED
-    );
+    client.login("alice").await.assert(StatusCode::OK, "alice");
+    client.get("/me").await.assert(StatusCode::OK, "alice");
+    client.get("/counter").await.assert(StatusCode::OK, "1");
+    client.get("/sessions").await.assert(StatusCode::OK, "1");
     assert_eq!(client.post("/logout").await.status, StatusCode::OK);
+    assert_eq!(client.get("/me").await.status, StatusCode::UNAUTHORIZED);
+    let json = health(send(&app, Method::GET, "/health", "localhost", None, None).await);
+    // Journaled: the new session, the login (an id change), the logout.
+    assert_eq!(json["sessions"]["journal_len"], 3, "{json}");
 }
 
 /// A memory store whose user indexes can be made to fail.

@@ -490,7 +490,10 @@ impl SessionStore for RedisStore {
         let redis_key = self.session_key(key);
         let mut invocation = UPDATE.key(redis_key);
         let (set, remove) = Self::patch_fields(patch);
-        invocation.arg(set.len()).arg(remove.len());
+        invocation
+            .arg(set.len())
+            .arg(remove.len())
+            .arg(super::unix_millis(std::time::SystemTime::now()));
         for (name, value) in &set {
             invocation.arg(name).arg(value);
         }
