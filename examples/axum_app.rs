@@ -33,7 +33,7 @@ use axum::{
 };
 use serde::Deserialize;
 use tower_turnstile::{
-    backend::{BackendError, BreakerState, Health, RedisBackend},
+    backend::{BackendError, Health, RedisBackend},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{
         self, Expiry, FallbackStore, MemoryStore, RedisStore, Session, SessionError, SessionLayer,
@@ -596,7 +596,6 @@ struct HealthState {
 }
 
 async fn health_report(State(state): State<HealthState>) -> Response {
-    let limiter_fallback = state.rate_limit.is_falling_back();
     let report = match state.redis {
         HealthSource::Disabled => serde_json::json!({
             "redis": "disabled",
@@ -604,27 +603,15 @@ async fn health_report(State(state): State<HealthState>) -> Response {
             "storage": "memory",
         }),
         HealthSource::Redis(health, fallback) => {
-            let snapshot = health.check().await;
-            let healthy = snapshot.healthy;
-            // The limiter reports how its last decision was made; with Redis healthy again, its
-            // next one goes to Redis.
-            let limiter_fallback = limiter_fallback && !healthy;
-            let sessions = fallback.as_ref().map(FallbackStore::status);
-            let sessions_local = sessions.as_ref().is_some_and(|s| s.active);
-            serde_json::json!({
-                "redis": if healthy { "healthy" } else { "unhealthy" },
-                "fallback_active": snapshot.state != BreakerState::Closed
-                    || limiter_fallback
-                    || sessions_local,
-                "storage": "redis",
-                "breaker": snapshot.state.as_str(),
-                "since": snapshot.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
-                "consecutive_failures": snapshot.consecutive_failures,
-                "last_error": snapshot.last_error,
-                "target": snapshot.target,
-                "sessions": sessions,
-                "rate_limit_fallback_active": limiter_fallback,
-            })
+            let mut service = health.service().with_rate_limit(&state.rate_limit);
+            if let Some(fallback) = fallback {
+                service = service.with_sessions(fallback);
+            }
+            let mut report = serde_json::to_value(service.report().await)
+                .unwrap_or_else(|_| serde_json::json!({}));
+            report["storage"] = "redis".into();
+            report["breaker"] = report["state"].clone();
+            report
         }
     };
     (StatusCode::OK, Json(report)).into_response()

@@ -81,6 +81,7 @@
 pub mod backend;
 mod body;
 mod error;
+mod metrics;
 pub mod ratelimit;
 mod request;
 pub mod session;

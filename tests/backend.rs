@@ -120,13 +120,33 @@ async fn health_service_answers_json() {
     assert_eq!(json["target"], format!("127.0.0.1:{}/0", server.port()));
     assert!(json["round_trips"].as_u64().unwrap() >= 1);
 
+    assert_eq!(json["redis"], "healthy");
+    assert_eq!(json["fallback_active"], false);
+
     server.stop();
+    // Degraded, it still answers `200` by default (the JSON says what is wrong)...
     let reply = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
-    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.status, StatusCode::OK);
     let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(json["healthy"], false);
+    assert_eq!(json["redis"], "unhealthy");
     assert_eq!(json["state"], "open");
+    assert_eq!(json["fallback_active"], true);
     assert!(json["last_error"].is_string());
+    // ...and `503` for a probe that asks for it.
+    let strict = Router::new().route_service(
+        "/health",
+        backend
+            .health()
+            .service()
+            .with_degraded_status(StatusCode::SERVICE_UNAVAILABLE),
+    );
+    let reply = send(
+        &strict,
+        Request::get("/health").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 #[tokio::test]

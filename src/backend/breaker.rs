@@ -163,6 +163,11 @@ impl Breaker {
             Phase::HalfOpen if probe => {
                 status.phase = Phase::Closed { failures: 0 };
                 status.since = SystemTime::now();
+                crate::metrics::count_labeled(
+                    "turnstile_breaker_transitions_total",
+                    "to",
+                    "closed",
+                );
                 tracing::info!(target: "tower_turnstile::backend", "Redis answers again; circuit breaker closed");
             }
             Phase::HalfOpen => {}
@@ -189,6 +194,7 @@ impl Breaker {
             };
             if was_closed {
                 status.since = now;
+                crate::metrics::count_labeled("turnstile_breaker_transitions_total", "to", "open");
                 tracing::warn!(
                     target: "tower_turnstile::backend",
                     error,

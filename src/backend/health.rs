@@ -120,26 +120,77 @@ impl Health {
         self.snapshot()
     }
 
-    /// A Tower service that answers every request with [`Health::check`] as JSON:
-    /// `200` while healthy, `503` otherwise.
+    /// A Tower service that answers every request with a [`HealthReport`] as JSON; see
+    /// [`HealthService`].
     pub fn service(&self) -> HealthService {
         HealthService {
             health: self.clone(),
+            #[cfg(feature = "memory")]
+            sessions: None,
+            rate_limit: None,
+            degraded_status: StatusCode::OK,
         }
     }
 }
 
-/// A ready-made health endpoint: answers any request with the backend's
-/// [`HealthSnapshot`] as JSON, `200` when healthy and `503` when not.
+/// What a [`HealthService`] answers: the backend's health, and whether anything is falling back.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// `"healthy"` or `"unhealthy"`.
+    pub redis: &'static str,
+    /// Whether sessions or rate limits are being served without Redis right now.
+    pub fallback_active: bool,
+    /// The backend's breaker and counters.
+    #[serde(flatten)]
+    pub backend: HealthSnapshot,
+    /// The session fallback store, when one is reported on.
+    #[cfg(feature = "memory")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<crate::session::FallbackStatus>,
+    /// The rate limiter, when one is reported on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitStatus>,
+}
+
+/// The rate limiter's part of a [`HealthReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RateLimitStatus {
+    /// Whether decisions are made without Redis right now.
+    pub falling_back: bool,
+    /// Decisions made without Redis since the layer was built.
+    pub fallback_decisions: u64,
+}
+
+/// A ready-made health endpoint: answers any request with a [`HealthReport`] as JSON.
+///
+/// By default it answers `200` whatever the state (the JSON says what is degraded): during a
+/// Redis outage every instance degrades at once, and a load balancer that took them all out
+/// would turn a degraded service into no service. For probes that should fail while
+/// degraded, set [`with_degraded_status`](Self::with_degraded_status).
 ///
 /// ```no_run
-/// use axum::{Router, routing::get_service};
-/// use tower_turnstile::backend::RedisBackend;
+/// use axum::{Router, http::StatusCode, routing::get_service};
+/// use tower_turnstile::{
+///     backend::RedisBackend,
+///     ratelimit::{Policy, Quota, RateLimitLayer},
+///     session::{FallbackStore, RedisStore},
+/// };
 ///
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
-/// let app: Router = Router::new().route_service("/health/redis", redis.health().service());
+/// let sessions = FallbackStore::new(RedisStore::new(redis.clone()));
+/// let limits = RateLimitLayer::new(Policy::new("per-ip", Quota::per_minute(100))?)
+///     .with_redis(redis.clone());
+/// let health = redis
+///     .health()
+///     .service()
+///     .with_sessions(sessions.clone())
+///     .with_rate_limit(&limits)
+///     .with_degraded_status(StatusCode::SERVICE_UNAVAILABLE);
+/// let app: Router = Router::new().route_service("/health", health);
 /// # let _ = app;
 /// # Ok(())
 /// # }
@@ -147,6 +198,64 @@ impl Health {
 #[derive(Debug, Clone)]
 pub struct HealthService {
     health: Health,
+    #[cfg(feature = "memory")]
+    sessions: Option<crate::session::FallbackStore>,
+    rate_limit: Option<crate::ratelimit::RateLimitLayer>,
+    degraded_status: StatusCode,
+}
+
+impl HealthService {
+    /// Also reports `store`'s fallback: whether sessions are served locally, the journal, and
+    /// what was replayed or dropped.
+    #[cfg(feature = "memory")]
+    pub fn with_sessions(mut self, store: crate::session::FallbackStore) -> Self {
+        self.sessions = Some(store);
+        self
+    }
+
+    /// Also reports `layer`'s fallback decisions.
+    pub fn with_rate_limit(mut self, layer: &crate::ratelimit::RateLimitLayer) -> Self {
+        self.rate_limit = Some(layer.clone());
+        self
+    }
+
+    /// The status while Redis is unhealthy or anything falls back. Default: `200`.
+    pub fn with_degraded_status(mut self, status: StatusCode) -> Self {
+        self.degraded_status = status;
+        self
+    }
+
+    /// Checks the backend (see [`Health::check`]) and reports on everything this service
+    /// watches: what it answers, for a handler that adds fields of its own.
+    pub async fn report(&self) -> HealthReport {
+        let backend = self.health.check().await;
+        let healthy = backend.healthy;
+        // The limiter knows how its last decision was made; with Redis healthy, its next one
+        // goes to Redis.
+        let rate_limit = self.rate_limit.as_ref().map(|layer| RateLimitStatus {
+            falling_back: layer.is_falling_back() && !healthy,
+            fallback_decisions: layer.fallback_decisions(),
+        });
+        #[cfg(feature = "memory")]
+        let sessions = self
+            .sessions
+            .as_ref()
+            .map(crate::session::FallbackStore::status);
+        #[cfg(feature = "memory")]
+        let sessions_local = sessions.as_ref().is_some_and(|s| s.active);
+        #[cfg(not(feature = "memory"))]
+        let sessions_local = false;
+        HealthReport {
+            redis: if healthy { "healthy" } else { "unhealthy" },
+            fallback_active: backend.state != BreakerState::Closed
+                || sessions_local
+                || rate_limit.is_some_and(|r| r.falling_back),
+            backend,
+            #[cfg(feature = "memory")]
+            sessions,
+            rate_limit,
+        }
+    }
 }
 
 type HealthResult = Result<Response<Full<Bytes>>, Infallible>;
@@ -180,16 +289,16 @@ impl<B> tower_service::Service<Request<B>> for HealthService {
     }
 
     fn call(&mut self, _request: Request<B>) -> Self::Future {
-        let health = self.health.clone();
+        let service = self.clone();
         HealthFuture {
             inner: Box::pin(async move {
-                let snapshot = health.check().await;
-                let status = if snapshot.healthy {
+                let report = service.report().await;
+                let status = if report.redis == "healthy" && !report.fallback_active {
                     StatusCode::OK
                 } else {
-                    StatusCode::SERVICE_UNAVAILABLE
+                    service.degraded_status
                 };
-                Ok(json_response(status, &snapshot))
+                Ok(json_response(status, &report))
             }),
         }
     }

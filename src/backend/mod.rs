@@ -47,5 +47,7 @@ mod redis;
 
 pub use breaker::{BreakerConfig, BreakerState};
 pub use error::BackendError;
-pub use health::{Health, HealthService, HealthSnapshot};
+pub use health::{
+    Health, HealthFuture, HealthReport, HealthService, HealthSnapshot, RateLimitStatus,
+};
 pub use redis::{RedisBackend, RedisBackendBuilder};

@@ -5,7 +5,7 @@ use std::{
         Arc, Weak,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use redis::{
@@ -17,6 +17,7 @@ use super::{
     BackendError, Health,
     breaker::{Breaker, BreakerConfig},
 };
+use crate::metrics;
 
 /// A shared handle to one Redis server: cheap to clone, every clone shares the connection,
 /// the circuit breaker and the counters.
@@ -168,32 +169,39 @@ impl RedisBackend {
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(permit) = self.inner.breaker.admit() else {
+            metrics::redis_call("rejected", Duration::ZERO);
             return Err(BackendError::CircuitOpen);
         };
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
-        match tokio::time::timeout(deadline, op(self.inner.connection.clone())).await {
-            Ok(Ok(value)) => {
-                permit.success();
-                Ok(value)
-            }
-            Ok(Err(error)) if is_outage(&error) => {
-                permit.failure(&error.to_string());
-                Err(BackendError::Unreachable {
-                    source: Box::new(error),
-                })
-            }
-            Ok(Err(error)) => {
-                // Redis answered, so it is up: a bad reply says nothing about availability.
-                permit.success();
-                Err(BackendError::Command {
-                    source: Box::new(error),
-                })
-            }
-            Err(_elapsed) => {
-                permit.failure(&format!("no answer within {deadline:?}"));
-                Err(BackendError::Timeout(deadline))
-            }
-        }
+        let start = Instant::now();
+        let (outcome, result) =
+            match tokio::time::timeout(deadline, op(self.inner.connection.clone())).await {
+                Ok(Ok(value)) => {
+                    permit.success();
+                    ("ok", Ok(value))
+                }
+                Ok(Err(error)) if is_outage(&error) => {
+                    permit.failure(&error.to_string());
+                    let error = BackendError::Unreachable {
+                        source: Box::new(error),
+                    };
+                    ("outage", Err(error))
+                }
+                Ok(Err(error)) => {
+                    // Redis answered, so it is up: a bad reply says nothing about availability.
+                    permit.success();
+                    let error = BackendError::Command {
+                        source: Box::new(error),
+                    };
+                    ("error", Err(error))
+                }
+                Err(_elapsed) => {
+                    permit.failure(&format!("no answer within {deadline:?}"));
+                    ("outage", Err(BackendError::Timeout(deadline)))
+                }
+            };
+        metrics::redis_call(outcome, start.elapsed());
+        result
     }
 }
 

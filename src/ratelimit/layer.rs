@@ -210,6 +210,12 @@ impl RateLimitLayer {
     pub fn is_falling_back(&self) -> bool {
         self.shared.limiter.is_falling_back()
     }
+
+    /// How many decisions this layer made without its shared store (local limiter, fail-open
+    /// or fail-closed), since it was built.
+    pub fn fallback_decisions(&self) -> u64 {
+        self.shared.limiter.fallback_decisions()
+    }
 }
 
 impl<S> Layer<S> for RateLimitLayer {

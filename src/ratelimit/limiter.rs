@@ -3,7 +3,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -73,6 +73,7 @@ pub(crate) struct Limiter {
     local: MemoryRateStore,
     denied: Cache<String, Denial>,
     falling_back: AtomicBool,
+    fallback_decisions: AtomicU64,
 }
 
 impl fmt::Debug for Limiter {
@@ -98,6 +99,7 @@ impl Limiter {
             local: MemoryRateStore::new(),
             denied: Cache::builder().max_capacity(100_000).build(),
             falling_back: AtomicBool::new(false),
+            fallback_decisions: AtomicU64::new(0),
         }
     }
 
@@ -166,6 +168,8 @@ impl Limiter {
     }
 
     pub(crate) fn fall_back(&self, check: &Check<'_>, error: &StoreError) -> Verdict {
+        self.fallback_decisions.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::count("turnstile_ratelimit_fallback_decisions_total", 1);
         if !self.falling_back.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target: "tower_turnstile::ratelimit",
@@ -213,5 +217,10 @@ impl Limiter {
     /// Whether the last decision came from the fallback.
     pub(crate) fn is_falling_back(&self) -> bool {
         self.falling_back.load(Ordering::Relaxed)
+    }
+
+    /// Decisions made without the shared store, since the limiter was built.
+    pub(crate) fn fallback_decisions(&self) -> u64 {
+        self.fallback_decisions.load(Ordering::Relaxed)
     }
 }

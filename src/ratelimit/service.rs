@@ -340,6 +340,7 @@ fn refuse<B: RefusalBody>(
     decided: Option<(&Decision, Quota)>,
     grpc: bool,
 ) -> Response<B> {
+    crate::metrics::count("turnstile_ratelimit_denied_total", 1);
     let policy = shared.policy.name();
     let fallback;
     let (decision, quota) = match decided {

@@ -16,7 +16,7 @@ use super::{
     redis::{ReplayMode, ReplayWrite},
     unix_millis,
 };
-use crate::backend::BreakerState;
+use crate::{backend::BreakerState, metrics};
 
 /// Sessions in Redis that survive a Redis outage: [`RedisStore`] first, and a bounded local
 /// copy of the sessions this instance served, used only while Redis cannot be reached.
@@ -374,6 +374,11 @@ impl Inner {
         if active.is_none() {
             *active = Some(SystemTime::now());
             self.in_fallback.store(true, Ordering::Release);
+            metrics::count_labeled(
+                "turnstile_session_fallback_transitions_total",
+                "to",
+                "local",
+            );
             tracing::warn!(
                 target: "tower_turnstile::session",
                 error = %error,
@@ -392,6 +397,11 @@ impl Inner {
         let ended = lock(&self.active).take();
         self.in_fallback.store(false, Ordering::Release);
         if let Some(since) = ended {
+            metrics::count_labeled(
+                "turnstile_session_fallback_transitions_total",
+                "to",
+                "redis",
+            );
             tracing::info!(
                 target: "tower_turnstile::session",
                 outage = ?since.elapsed().unwrap_or_default(),
@@ -409,6 +419,7 @@ impl Inner {
             let mut journal = lock(&self.journal);
             if journal.entries.len() >= self.max_journal {
                 let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                metrics::count("turnstile_session_dropped_total", 1);
                 if dropped.is_power_of_two() {
                     tracing::error!(
                         target: "tower_turnstile::session",
@@ -429,6 +440,7 @@ impl Inner {
             self.journaled_now.store(true, Ordering::Release);
         }
         self.counters.journaled.fetch_add(1, Ordering::Relaxed);
+        metrics::count("turnstile_session_journaled_total", 1);
         self.start_replay();
         Ok(())
     }
@@ -460,6 +472,7 @@ impl Inner {
                     // Redis answered but refused the write (a key of another type, say): it can
                     // never be replayed, and keeping it would block every write behind it.
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics::count("turnstile_session_dropped_total", 1);
                     tracing::error!(
                         target: "tower_turnstile::session",
                         error = %error,
@@ -486,8 +499,12 @@ impl Inner {
             }
             drop(journal);
             match outcome {
-                Replayed::Applied => self.counters.replayed.fetch_add(1, Ordering::Relaxed),
+                Replayed::Applied => {
+                    metrics::count("turnstile_session_replayed_total", 1);
+                    self.counters.replayed.fetch_add(1, Ordering::Relaxed)
+                }
                 Replayed::Superseded => {
+                    metrics::count("turnstile_session_superseded_total", 1);
                     for key in entry.write.keys() {
                         self.local.remove(key, None);
                     }
