@@ -35,6 +35,28 @@
 //! | `memory` | yes     | [`session::MemoryStore`]: bounded in-memory sessions with TTL |
 //! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health), [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
+//! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
+//!
+//! With `memory` and `redis` together, [`session::FallbackStore`] keeps sessions working through
+//! a Redis outage: a local copy serves them, writes are journaled and replayed once Redis is
+//! back, and [`backend::HealthService`] reports it.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, the crate records through whatever `metrics` recorder the
+//! application installed (Prometheus exporter, StatsD, ...):
+//!
+//! | name | kind | labels | counts |
+//! | --- | --- | --- | --- |
+//! | `turnstile_redis_call_seconds` | histogram | `outcome` = `ok`, `outage`, `error`, `rejected` | each Redis round trip (`rejected`: the breaker was open) |
+//! | `turnstile_breaker_transitions_total` | counter | `to` = `open`, `closed` | circuit-breaker transitions |
+//! | `turnstile_session_fallback_transitions_total` | counter | `to` = `local`, `redis` | session fallback runs starting and ending |
+//! | `turnstile_session_journaled_total` | counter | | session writes journaled during an outage |
+//! | `turnstile_session_replayed_total` | counter | | journaled writes replayed into Redis |
+//! | `turnstile_session_superseded_total` | counter | | journaled writes of sessions gone from Redis, not replayed |
+//! | `turnstile_session_dropped_total` | counter | | session writes that could not be kept (journal full, refused on replay) |
+//! | `turnstile_ratelimit_fallback_decisions_total` | counter | | rate-limit decisions made without the shared store |
+//! | `turnstile_ratelimit_denied_total` | counter | | requests refused with `429` |
 //!
 //! # How the layers fit
 //!
