@@ -13,7 +13,7 @@ use support::{
     session_app::{app, event},
 };
 use tower_turnstile::{
-    backend::{BreakerConfig, RedisBackend},
+    backend::{BreakerConfig, BreakerState, RedisBackend},
     session::{FallbackStatus, FallbackStore, RedisStore, SessionLayer},
 };
 
@@ -360,6 +360,12 @@ async fn a_stalled_redis_costs_at_most_the_deadline() {
     // A request costs at most its two round trips' deadlines (read, then write).
     assert!(worst < Duration::from_millis(2 * 200 + 300), "{worst:?}");
     assert!(a.status().active);
+    let breaker = a.backend.health().snapshot();
+    assert_ne!(
+        breaker.state,
+        BreakerState::Closed,
+        "opened after 2 timeouts: {breaker:?}"
+    );
 
     // Thawed: the journal is replayed in order, the last write of each field wins.
     server.resume();
@@ -604,4 +610,31 @@ async fn concurrent_load_through_a_kill_and_restart_loses_nothing() {
     for store in [&store_a, &store_b] {
         assert_eq!((store.status().dropped, store.status().superseded), (0, 0));
     }
+}
+
+/// `flush` (for a graceful stop) waits a bounded time for the journal to reach Redis, and says
+/// how many writes did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_the_journal_and_counts_what_is_left() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(server.port()).await;
+    let a = Instance::new(&proxy.url());
+    let mut c = a.client();
+    ok(&c.post("/set/k/0").await, "ok");
+    proxy.cut();
+    ok(&c.post("/set/k/1").await, "ok");
+    ok(&c.post("/set/k/2").await, "ok");
+    assert_eq!(
+        a.store.flush(Duration::from_millis(300)).await,
+        2,
+        "Redis still cut off"
+    );
+    proxy.heal();
+    assert_eq!(a.store.flush(Duration::from_secs(5)).await, 0);
+    ok(
+        &c.on(Instance::new(&server.url()).app).get("/get/k").await,
+        "\"2\"",
+    );
 }

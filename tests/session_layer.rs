@@ -780,10 +780,20 @@ async fn redis_signing_keys_rotate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_corrupted_records_are_no_session() {
+    corrupted_records_are_no_session(redis_app).await;
+}
+
+/// Through the fallback store too: a corrupted record reads as none, and is overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_corrupted_records_are_no_session() {
+    corrupted_records_are_no_session(fallback_app).await;
+}
+
+async fn corrupted_records_are_no_session(make: fn(&RedisServer) -> (Router, RedisBackend)) {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (app, _) = redis_app(&server);
+    let (app, _) = make(&server);
     let corruptions: [&[&str]; 5] = [
         &["SET", "{key}", "not a hash"],
         &["HSET", "{key}", "d:n", "{not json"],

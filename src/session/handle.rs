@@ -142,7 +142,9 @@ pub enum SessionEvent {
     Cycled,
     /// The session was removed and the cookie cleared.
     Destroyed,
-    /// The store failed, and the request's changes were not written (fail-open mode).
+    /// The store failed: the request's changes were not written, or its destroy did not
+    /// reach the store (fail-open mode; see also
+    /// [`SessionLayer::with_fail_closed_on_write`](super::SessionLayer::with_fail_closed_on_write)).
     Failed,
 }
 
