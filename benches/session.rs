@@ -13,13 +13,10 @@ mod common;
 
 use std::hint::black_box;
 
-use axum::{Router, body::Body, routing::get};
-use common::estimate;
+use axum::{Router, routing::get};
+use common::{call, estimate};
 use criterion::Criterion;
-use http::{Request, header};
-use http_body_util::BodyExt;
 use tokio::runtime::Runtime;
-use tower::ServiceExt;
 
 async fn ours_read(session: tower_turnstile::session::Session) -> String {
     let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0);
@@ -66,24 +63,6 @@ fn bare() -> Router {
     Router::new()
         .route("/read", get(|| async { "0" }))
         .route("/write", get(|| async { "1" }))
-}
-
-async fn call(app: &Router, path: &str, cookie: Option<&str>) -> (Option<String>, String) {
-    let mut request = Request::get(path);
-    if let Some(cookie) = cookie {
-        request = request.header(header::COOKIE, cookie);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let cookie = response
-        .headers()
-        .get(header::SET_COOKIE)
-        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (cookie, String::from_utf8(body.to_vec()).unwrap())
 }
 
 /// A session holding a counter, and its cookie.

@@ -16,13 +16,10 @@ mod common;
 
 use std::hint::black_box;
 
-use axum::{Router, body::Body, routing::get};
-use common::estimate;
+use axum::{Router, routing::get};
+use common::{call, estimate};
 use criterion::Criterion;
-use http::{Request, header};
-use http_body_util::BodyExt;
 use tokio::runtime::Runtime;
-use tower::ServiceExt;
 use tower_turnstile::{
     backend::RedisBackend,
     session::{FallbackStore, RedisStore, Session, SessionLayer},
@@ -44,24 +41,6 @@ fn app(layer: SessionLayer) -> Router {
         .route("/read", get(read))
         .route("/write", get(write))
         .layer(layer.with_secure(false))
-}
-
-async fn call(app: &Router, path: &str, cookie: Option<&str>) -> (Option<String>, String) {
-    let mut request = Request::get(path);
-    if let Some(cookie) = cookie {
-        request = request.header(header::COOKIE, cookie);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let cookie = response
-        .headers()
-        .get(header::SET_COOKIE)
-        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (cookie, String::from_utf8(body.to_vec()).unwrap())
 }
 
 fn main() {

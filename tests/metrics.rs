@@ -10,7 +10,6 @@ use axum::{Router, http::StatusCode};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use support::{RedisServer, http::Client, proxy::Proxy, session_app};
 use tower_turnstile::{
-    backend::{BreakerConfig, RedisBackend},
     ratelimit::{Fallback, Policy, Quota, RateLimitLayer},
     session::{FallbackStore, RedisStore, SessionLayer},
 };
@@ -49,15 +48,7 @@ async fn an_outage_drill_leaves_its_counts() {
         return;
     };
     let proxy = Proxy::start(server.port()).await;
-    let backend = RedisBackend::builder(proxy.url())
-        .connect_timeout(Duration::from_millis(100))
-        .breaker(
-            BreakerConfig::default()
-                .failure_threshold(2)
-                .open_for(Duration::from_millis(200)),
-        )
-        .build()
-        .unwrap();
+    let backend = session_app::fast_failing_backend(&proxy.url());
     let sessions = FallbackStore::new(RedisStore::new(backend.clone()));
     let limit = RateLimitLayer::new(Policy::new("per-client", Quota::per_minute(5)).unwrap())
         .with_redis(backend.clone())

@@ -10,10 +10,10 @@ use support::{
     RedisServer,
     http::Client,
     proxy::Proxy,
-    session_app::{app, event},
+    session_app::{app, event, fast_failing_backend},
 };
 use tower_turnstile::{
-    backend::{BreakerConfig, BreakerState, RedisBackend},
+    backend::{BreakerState, RedisBackend},
     session::{FallbackStatus, FallbackStore, RedisStore, SessionLayer},
 };
 
@@ -30,15 +30,7 @@ impl Instance {
     }
 
     fn with_store(url: &str, build: impl FnOnce(RedisStore) -> FallbackStore) -> Self {
-        let backend = RedisBackend::builder(url)
-            .connect_timeout(Duration::from_millis(100))
-            .breaker(
-                BreakerConfig::default()
-                    .failure_threshold(2)
-                    .open_for(Duration::from_millis(200)),
-            )
-            .build()
-            .unwrap();
+        let backend = fast_failing_backend(url);
         let store =
             build(RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(200)));
         let layer = SessionLayer::new(store.clone()).with_fail_closed_on_write(true);
@@ -73,6 +65,23 @@ impl Instance {
     fn status(&self) -> FallbackStatus {
         self.store.status()
     }
+}
+
+/// How many session hashes Redis holds.
+fn sessions_in(server: &RedisServer) -> usize {
+    server
+        .cli(&["--scan", "--pattern", "turnstile:*:session:*"])
+        .lines()
+        .count()
+}
+
+/// One Redis, instance `a` behind a proxy that can cut it off, instance `b` straight to it.
+async fn cut_off_pair() -> Option<(RedisServer, Proxy, Instance, Instance)> {
+    let server = RedisServer::start()?;
+    let proxy = Proxy::start(server.port()).await;
+    let a = Instance::new(&proxy.url());
+    let b = Instance::new(&server.url());
+    Some((server, proxy, a, b))
 }
 
 fn ok(reply: &support::http::Reply, body: &str) {
@@ -168,12 +177,9 @@ async fn outage_costs_no_session_and_no_write() {
 /// overwrite a field written in Redis after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_never_resurrects_and_never_overwrites_newer_writes() {
-    let Some(server) = RedisServer::start() else {
+    let Some((server, proxy, a, b)) = cut_off_pair().await else {
         return;
     };
-    let proxy = Proxy::start(server.port()).await;
-    let a = Instance::new(&proxy.url());
-    let b = Instance::new(&server.url());
 
     let mut kept = a.client();
     ok(&kept.post("/set/x/before").await, "ok");
@@ -216,26 +222,16 @@ async fn replay_never_resurrects_and_never_overwrites_newer_writes() {
     ok(&doomed_on_b.get("/user").await, "anonymous");
     ok(&doomed_on_b.get("/get/y").await, "none");
     ok(&doomed.get("/user").await, "anonymous");
-    assert_eq!(
-        server
-            .cli(&["--scan", "--pattern", "turnstile:*:session:*"])
-            .lines()
-            .count(),
-        1,
-        "only the kept session is in Redis"
-    );
+    assert_eq!(sessions_in(&server), 1, "only the kept session is in Redis");
 }
 
 /// A login, an id change and a destroy made while cut off reach Redis in order: the old ids
 /// are dead, the new one works on the other instance, bound to its user and indexed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_and_destroys_during_an_outage_are_replayed() {
-    let Some(server) = RedisServer::start() else {
+    let Some((server, proxy, a, b)) = cut_off_pair().await else {
         return;
     };
-    let proxy = Proxy::start(server.port()).await;
-    let a = Instance::new(&proxy.url());
-    let b = Instance::new(&server.url());
 
     let mut c = a.client();
     ok(&c.post("/bump/n").await, "1");
@@ -269,14 +265,7 @@ async fn logins_and_destroys_during_an_outage_are_replayed() {
     let mut gone = Client::new(b.app.clone());
     gone.cookie = leaving_cookie;
     ok(&gone.get("/get/a").await, "none");
-    assert_eq!(
-        server
-            .cli(&["--scan", "--pattern", "turnstile:*:session:*"])
-            .lines()
-            .count(),
-        1,
-        "only carol's session is in Redis"
-    );
+    assert_eq!(sessions_in(&server), 1, "only carol's session is in Redis");
 }
 
 /// A journal that is full refuses further writes (the layer answers `503`), counts them, and
@@ -525,15 +514,7 @@ async fn concurrent_load_through_a_kill_and_restart_loses_nothing() {
         return;
     };
     let instance = |url: &str| {
-        let backend = RedisBackend::builder(url)
-            .connect_timeout(Duration::from_millis(100))
-            .breaker(
-                BreakerConfig::default()
-                    .failure_threshold(2)
-                    .open_for(Duration::from_millis(200)),
-            )
-            .build()
-            .unwrap();
+        let backend = fast_failing_backend(url);
         let store = FallbackStore::new(
             RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(200)),
         );

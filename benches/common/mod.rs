@@ -1,6 +1,37 @@
-//! What the benches share: reading criterion's estimates back to print ratios.
+//! What the benches share: one request through a router, and reading criterion's estimates
+//! back to print ratios.
+
+#![allow(dead_code)] // each bench uses its own part
 
 use std::{path::PathBuf, sync::OnceLock, time::SystemTime};
+
+use axum::{Router, body::Body};
+use http::{Request, header};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// Sends `GET path` (with `cookie`, if any) and returns the cookie it sets and the body.
+pub(crate) async fn call(
+    app: &Router,
+    path: &str,
+    cookie: Option<&str>,
+) -> (Option<String>, String) {
+    let mut request = Request::get(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let cookie = response
+        .headers()
+        .get(header::SET_COOKIE)
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (cookie, String::from_utf8(body.to_vec()).unwrap())
+}
 
 static STARTED: OnceLock<SystemTime> = OnceLock::new();
 

@@ -12,6 +12,7 @@ use axum::{
 };
 use http::HeaderValue;
 use tower_turnstile::{
+    backend::{BreakerConfig, RedisBackend},
     session::{Expiry, Session, SessionEvent, SessionLayer},
     tenant::Tenant,
 };
@@ -112,4 +113,18 @@ pub fn app(layer: SessionLayer) -> Router {
         .layer(layer)
         .layer(middleware::map_response(show_event))
         .layer(middleware::from_fn(tenant_from_header))
+}
+
+/// A backend that gives up fast, for fault drills: connects within 100 ms, opens its breaker
+/// after two outages in a row, probes again after 200 ms.
+pub fn fast_failing_backend(url: &str) -> RedisBackend {
+    RedisBackend::builder(url)
+        .connect_timeout(Duration::from_millis(100))
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(2)
+                .open_for(Duration::from_millis(200)),
+        )
+        .build()
+        .unwrap()
 }

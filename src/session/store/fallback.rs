@@ -329,12 +329,12 @@ impl FallbackStore {
     /// Replays the journal now, waiting at most `deadline` (for a graceful shutdown). Returns
     /// how many journaled writes are still waiting: 0 when everything reached Redis.
     pub async fn flush(&self, deadline: Duration) -> usize {
-        let inner = Arc::clone(&self.inner);
+        // The replay task is the only one that replays (entries leave the journal in order,
+        // one at a time): make sure it runs, and wait for it.
+        self.inner.start_replay();
         let _ = tokio::time::timeout(deadline, async {
-            while inner.journaled_now.load(Ordering::Acquire) {
-                if !inner.replay().await {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            while self.inner.journaled_now.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
@@ -458,7 +458,7 @@ impl Inner {
     }
 
     /// Replays journaled writes in order until the journal is empty (`true`) or Redis fails
-    /// (`false`: try again later).
+    /// (`false`: try again later). Only the replay task calls it.
     async fn replay(&self) -> bool {
         loop {
             let Some(entry) = lock(&self.journal).entries.front().cloned() else {

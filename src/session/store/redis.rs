@@ -220,6 +220,21 @@ impl RedisStore {
             .map_err(StoreError::from)
     }
 
+    /// One round trip of the load script (see `lua/load.lua` for the reply's shape).
+    async fn invoke_load(&self, key: &SessionKey) -> Result<Vec<Value>, StoreError> {
+        let redis_key = self.session_key(key);
+        let tenant = key.tenant().as_str().to_owned();
+        self.backend
+            .run(self.timeout, |mut conn| async move {
+                LOAD.key(&redis_key)
+                    .arg(tenant)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await
+            .map_err(StoreError::from)
+    }
+
     async fn members(&self, index: &str) -> Result<Vec<String>, StoreError> {
         let mut pipe = redis::pipe();
         pipe.cmd("SMEMBERS").arg(index);
@@ -263,19 +278,7 @@ impl RedisStore {
         &self,
         key: &SessionKey,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        let redis_key = self.session_key(key);
-        let tenant = key.tenant().as_str().to_owned();
-        let reply: Vec<Value> = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                LOAD.key(&redis_key)
-                    .arg(tenant)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await
-            .map_err(StoreError::from)?;
-        let mut reply = reply.into_iter();
+        let mut reply = self.invoke_load(key).await?.into_iter();
         if !matches!(reply.next(), Some(Value::Int(1))) {
             return Ok(None);
         }
@@ -434,19 +437,7 @@ fn flag(on: bool) -> &'static str {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
-        let redis_key = self.session_key(key);
-        let tenant = key.tenant().as_str().to_owned();
-        let reply: Vec<Value> = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                LOAD.key(&redis_key)
-                    .arg(tenant)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await
-            .map_err(StoreError::from)?;
-        let mut reply = reply.into_iter();
+        let mut reply = self.invoke_load(key).await?.into_iter();
         let problem = match reply.next() {
             Some(Value::Int(0)) => return Ok(None),
             Some(Value::Int(1)) => match parse_record(reply.collect()) {
