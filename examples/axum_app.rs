@@ -10,8 +10,13 @@
 //! ```
 //!
 //! `POST /login` binds the session to `user` and changes its id; with `remember=1` the new
-//! cookie is persistent (`Max-Age`), without it a browser-session cookie. Every other route
-//! is as `../shared/REFERENCE_APP.md` sets out.
+//! cookie is persistent (`Max-Age`), without it a browser-session cookie. `GET /` lists every
+//! route.
+//!
+//! With `REDIS_URL`, sessions go through a `FallbackStore`: during a Redis outage they are
+//! served from this instance's local copy and writes are journaled, then replayed; a write the
+//! app cannot keep answers `503`. `/health` reports it (`fallback_active`, `sessions`), and a
+//! stop waits up to five seconds for journaled writes to reach Redis.
 //!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
 //! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`. `REDIS_CLUSTER_URLS`
