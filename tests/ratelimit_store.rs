@@ -21,7 +21,8 @@ use support::RedisServer;
 use tower_turnstile::{
     backend::RedisBackend,
     ratelimit::{
-        Algorithm, Check, Decision, MemoryRateStore, Quota, RateLimitStore, RedisRateStore,
+        Algorithm, Check, CounterKey, Decision, MemoryRateStore, Quota, RateLimitStore,
+        RedisRateStore,
     },
 };
 
@@ -54,8 +55,11 @@ fn redis_time(server: &RedisServer) -> u64 {
     parts.next().unwrap() * 1_000_000 + parts.next().unwrap()
 }
 
-async fn decide(store: &dyn RateLimitStore, check: Check<'_>) -> Decision {
-    store.check(&check).await.expect("the store answers")
+async fn decide(store: &dyn RateLimitStore, check: impl std::borrow::Borrow<Check>) -> Decision {
+    store
+        .check(check.borrow())
+        .await
+        .expect("the store answers")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -152,11 +156,14 @@ async fn without_an_explicit_time_the_scripts_read_redis_time() {
             .unwrap_or_else(|| panic!("no EVALSHA in {sent:?}"));
         // KEYS[1], then an empty ARGV[1] (MONITOR's quotes are stripped), then the window.
         assert!(
-            call.contains(&format!("turnstile:{key}  3600000000 100 1")),
+            call.contains(&format!(
+                "turnstile:{}  3600000000 100 1",
+                CounterKey::from(&key)
+            )),
             "{call}"
         );
 
-        let redis_key = format!("turnstile:{key}");
+        let redis_key = format!("turnstile:{}", CounterKey::from(&key));
         let stamped = match algorithm {
             Algorithm::SlidingLog => {
                 let reply = server.cli(&["ZRANGE", &redis_key, "0", "-1", "WITHSCORES"]);
@@ -210,7 +217,7 @@ async fn instances_with_skewed_clocks_agree() {
         // What trusting the instances' clocks would do.
         let key = format!("skewed:{}", algorithm.as_str());
         let check = Check::new(&key, quota, algorithm, 10);
-        assert!(decide(&slow, check.at(slow_clock)).await.allowed);
+        assert!(decide(&slow, check.clone().at(slow_clock)).await.allowed);
         assert!(
             decide(&fast, check.at(fast_clock)).await.allowed,
             "{algorithm:?}: the hazard this test is about did not show"
@@ -221,7 +228,10 @@ async fn instances_with_skewed_clocks_agree() {
         let spend = decide(&slow, Check::new(&key, quota, algorithm, 10)).await;
         assert!(spend.allowed);
         let one_more = Check::new(&key, quota, algorithm, 1);
-        let (from_fast, from_slow) = (decide(&fast, one_more).await, decide(&slow, one_more).await);
+        let (from_fast, from_slow) = (
+            decide(&fast, &one_more).await,
+            decide(&slow, &one_more).await,
+        );
         for seen in [from_fast, from_slow] {
             assert!(!seen.allowed, "{algorithm:?}: {seen:?}");
             assert_eq!(seen.remaining, 0);
@@ -374,8 +384,8 @@ async fn huge_quotas_decide_the_same_on_both_stores() {
                 let check = Check::new(algorithm.as_str(), quota, algorithm, cost)
                     .at(start + Duration::from_micros(offset));
                 assert_eq!(
-                    decide(&memory, check).await,
-                    decide(&redis, check).await,
+                    decide(&memory, &check).await,
+                    decide(&redis, &check).await,
                     "{algorithm:?}, time {n}, cost {cost}"
                 );
             }
@@ -388,8 +398,8 @@ async fn huge_quotas_decide_the_same_on_both_stores() {
             let check = Check::new("huge-log", quota, Algorithm::SlidingLog, cost)
                 .at(start + Duration::from_micros(offset));
             assert_eq!(
-                decide(&memory, check).await,
-                decide(&redis, check).await,
+                decide(&memory, &check).await,
+                decide(&redis, &check).await,
                 "time {n}, cost {cost}"
             );
         }
@@ -432,7 +442,7 @@ async fn retry_after_conformance(store: &dyn RateLimitStore, name: &str) {
             }
         };
         let one_more = Check::new(&exhaust, quota, algorithm, 1);
-        let denied = decide(store, one_more.at(denied_at)).await;
+        let denied = decide(store, one_more.clone().at(denied_at)).await;
         let expected = match algorithm {
             // Next window: 10 * (1 - e) + 1 <= 10 once e >= 0.1, i.e. 0.6 s from mid-window.
             Algorithm::SlidingWindow => 600 * MS,
@@ -451,7 +461,9 @@ async fn retry_after_conformance(store: &dyn RateLimitStore, name: &str) {
         // The wait is exact: a microsecond earlier is still too early, then it fits.
         let just_before = decide(
             store,
-            one_more.at(denied_at + expected - Duration::from_micros(1)),
+            one_more
+                .clone()
+                .at(denied_at + expected - Duration::from_micros(1)),
         )
         .await;
         assert!(
@@ -509,7 +521,7 @@ async fn retry_after_conformance(store: &dyn RateLimitStore, name: &str) {
         // Limit 0: nothing is ever allowed.
         let blocked = decide(
             store,
-            Check::new(&key("blocked"), Quota::per_minute(0), algorithm, 1).at(t0),
+            Check::new(key("blocked"), Quota::per_minute(0), algorithm, 1).at(t0),
         )
         .await;
         assert_eq!(
@@ -606,7 +618,7 @@ async fn redis_keys_expire_once_their_counts_no_longer_matter() {
         let key = format!("ttl:{}", algorithm.as_str());
         decide(&store, Check::new(&key, quota, algorithm, 1)).await;
         let ttl: i64 = server
-            .cli(&["PTTL", &format!("app:{key}")])
+            .cli(&["PTTL", &format!("app:{}", CounterKey::from(&key))])
             .trim()
             .parse()
             .unwrap();
@@ -615,7 +627,8 @@ async fn redis_keys_expire_once_their_counts_no_longer_matter() {
     // A denied check writes nothing.
     let check = Check::new("denied", quota, Algorithm::Gcra, 61);
     assert!(!decide(&store, check).await.allowed);
-    assert_eq!(server.cli(&["EXISTS", "app:denied"]).trim(), "0");
+    let denied = format!("app:{}", CounterKey::from("denied"));
+    assert_eq!(server.cli(&["EXISTS", &denied]).trim(), "0");
 }
 
 #[tokio::test]
@@ -624,7 +637,7 @@ async fn redis_errors_split_outages_from_failures() {
         return;
     };
     let store = redis_store(&server).with_key_prefix("");
-    server.cli(&["SET", "a-string", "x"]);
+    server.cli(&["SET", &CounterKey::from("a-string").to_string(), "x"]);
     let error = store
         .check(&Check::new(
             "a-string",
@@ -752,15 +765,22 @@ async fn a_key_keeps_to_one_algorithm() {
 async fn only_the_memory_store_decides_at_once_and_only_redis_is_shared() {
     let memory = MemoryRateStore::new();
     let check = Check::new("now", Quota::per_minute(2), Algorithm::SlidingWindow, 1);
-    let at_once = memory.check_now(&check).expect("decided at once").unwrap();
+    let at_once = memory
+        .check(&check)
+        .now()
+        .expect("decided at once")
+        .unwrap();
     assert!(at_once.allowed && at_once.remaining == 1);
-    assert_eq!(decide(&memory, check).await.remaining, 0);
+    assert_eq!(decide(&memory, &check).await.remaining, 0);
     assert!(!memory.is_shared());
 
     let Some(server) = RedisServer::start() else {
         return;
     };
     let redis = redis_store(&server);
-    assert!(redis.check_now(&check).is_none());
+    assert!(
+        redis.check(&check).now().is_err(),
+        "Redis answers after a round trip"
+    );
     assert!(redis.is_shared());
 }

@@ -4,6 +4,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
 };
 
 use http::{Extensions, HeaderMap, HeaderName, header};
@@ -11,38 +12,51 @@ use http::{Extensions, HeaderMap, HeaderName, header};
 pub use crate::RequestView;
 use ipnet::IpNet;
 
+use super::store::Client;
 use crate::tenant::Tenant;
 
-/// A key that needs I/O to find (the session's user, say).
-pub type PendingKey = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+/// A key that needs I/O to find (the session's user, say): a future of the client key.
+#[must_use = "a pending key finds nothing until it is awaited"]
+pub struct PendingKey(Pin<Box<dyn Future<Output = Option<Client>> + Send>>);
 
-/// The key of a request, found at once or later.
-#[non_exhaustive]
-pub enum Extracted {
-    /// The key (`None`: the request has no key; see `Policy::on_missing_key`).
-    Ready(Option<String>),
-    /// An address as the key: the layer writes it straight into the counter's key, with no
-    /// string of its own (the common per-IP case, decided on every request).
-    Address(IpAddr),
-    /// The key, once a future resolves.
-    Pending(PendingKey),
+impl PendingKey {
+    /// A key that `future` finds.
+    pub fn new(future: impl Future<Output = Option<Client>> + Send + 'static) -> Self {
+        Self(Box::pin(future))
+    }
 }
 
-impl fmt::Debug for Extracted {
+impl fmt::Debug for PendingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Ready(key) => f.debug_tuple("Ready").field(key).finish(),
-            Self::Address(ip) => f.debug_tuple("Address").field(ip).finish(),
-            Self::Pending(_) => f.write_str("Pending(..)"),
-        }
+        f.write_str("PendingKey(..)")
     }
+}
+
+impl Future for PendingKey {
+    type Output = Option<Client>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+/// The key of a request, found at once or later.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Extracted {
+    /// The client key (`None`: the request has no key; see [`Policy::on_missing_key`]).
+    ///
+    /// [`Policy::on_missing_key`]: super::Policy::on_missing_key
+    Ready(Option<Client>),
+    /// The key, once a future resolves.
+    Pending(PendingKey),
 }
 
 /// Decides which counter a request spends from.
 ///
 /// Implemented by [`ClientIp`], [`HeaderKey`], [`PerTenant`], [`RouteKey`], [`SessionUser`],
 /// pairs of extractors (both keys joined), and closures `Fn(&RequestView) -> Option<String>`.
-/// Keys are always scoped to the request's tenant by the layer.
+/// Keys are always scoped to the request's tenant and the policy by the layer.
 pub trait KeyExtractor: Send + Sync + 'static {
     /// The key of `request`.
     fn extract(&self, request: &RequestView<'_>) -> Extracted;
@@ -53,46 +67,30 @@ where
     F: Fn(&RequestView<'_>) -> Option<String> + Send + Sync + 'static,
 {
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        Extracted::Ready(self(request))
+        Extracted::Ready(self(request).map(Client::from))
     }
 }
 
 impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
     /// Both keys joined with `|`; no key when either has none.
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        match (
-            self.0.extract(request).into_text(),
-            self.1.extract(request).into_text(),
-        ) {
+        match (self.0.extract(request), self.1.extract(request)) {
             (Extracted::Ready(a), Extracted::Ready(b)) => Extracted::Ready(join(a, b)),
-            (a, b) => {
-                Extracted::Pending(Box::pin(
-                    async move { join(resolve(a).await, resolve(b).await) },
-                ))
-            }
+            (a, b) => Extracted::Pending(PendingKey::new(async move {
+                join(resolve(a).await, resolve(b).await)
+            })),
         }
     }
 }
 
-fn join(a: Option<String>, b: Option<String>) -> Option<String> {
-    Some(format!("{}|{}", a?, b?))
+fn join(a: Option<Client>, b: Option<Client>) -> Option<Client> {
+    Some(Client::from(format!("{}|{}", a?, b?)))
 }
 
-async fn resolve(extracted: Extracted) -> Option<String> {
-    match extracted.into_text() {
+async fn resolve(extracted: Extracted) -> Option<Client> {
+    match extracted {
         Extracted::Pending(future) => future.await,
         Extracted::Ready(key) => key,
-        Extracted::Address(ip) => Some(ip.to_string()),
-    }
-}
-
-impl Extracted {
-    /// The same key, with an address turned into text.
-    fn into_text(self) -> Self {
-        match self {
-            Self::Address(ip) => Self::Ready(Some(ip.to_string())),
-            other => other,
-        }
     }
 }
 
@@ -219,11 +217,13 @@ impl KeyExtractor for ClientIp {
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
         match self.client(request) {
             None => Extracted::Ready(None),
-            Some(IpAddr::V4(v4)) => Extracted::Address(IpAddr::V4(v4)),
-            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-                Some(v4) => Extracted::Address(IpAddr::V4(v4)),
-                None => Extracted::Address(IpAddr::V6(self.group(v6))),
-            },
+            Some(IpAddr::V4(v4)) => Extracted::Ready(Some(Client::Address(IpAddr::V4(v4)))),
+            Some(IpAddr::V6(v6)) => {
+                Extracted::Ready(Some(Client::Address(match v6.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(self.group(v6)),
+                })))
+            }
         }
     }
 }
@@ -320,7 +320,7 @@ impl KeyExtractor for HeaderKey {
             .get(&self.name)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty());
-        Extracted::Ready(value.map(str::to_owned))
+        Extracted::Ready(value.map(Client::from))
     }
 }
 
@@ -331,7 +331,7 @@ pub struct PerTenant;
 impl KeyExtractor for PerTenant {
     fn extract(&self, _: &RequestView<'_>) -> Extracted {
         // The layer scopes every key to the tenant already; a constant key is the tenant.
-        Extracted::Ready(Some("*".to_owned()))
+        Extracted::Ready(Some(Client::from("*")))
     }
 }
 
@@ -342,7 +342,11 @@ pub struct RouteKey;
 
 impl KeyExtractor for RouteKey {
     fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        Extracted::Ready(Some(format!("{} {}", request.method, request.uri.path())))
+        Extracted::Ready(Some(Client::from(format!(
+            "{} {}",
+            request.method,
+            request.uri.path()
+        ))))
     }
 }
 
@@ -356,9 +360,9 @@ impl KeyExtractor for SessionUser {
         let Some(session) = request.extensions.get::<crate::session::Session>().cloned() else {
             return Extracted::Ready(None);
         };
-        Extracted::Pending(Box::pin(
-            async move { session.user_id().await.ok().flatten() },
-        ))
+        Extracted::Pending(PendingKey::new(async move {
+            session.user_id().await.ok().flatten().map(Client::from)
+        }))
     }
 }
 
@@ -391,8 +395,7 @@ mod tests {
 
     fn key(extractor: &ClientIp, request: &Request<()>) -> Option<String> {
         match extractor.extract(&RequestView::new(request)) {
-            Extracted::Ready(key) => key,
-            Extracted::Address(ip) => Some(ip.to_string()),
+            Extracted::Ready(key) => key.map(|client| client.to_string()),
             Extracted::Pending(_) => panic!("client ip is immediate"),
         }
     }

@@ -12,7 +12,7 @@ use super::{
     limiter::{Fallback, Limiter},
     policy::Policy,
     service::RateLimit,
-    store::{Decision, MemoryRateStore, RateLimitStore},
+    store::{Decision, RateLimitStore},
 };
 
 type RejectionFn = dyn Fn(&Rejection<'_>) -> Response<Bytes> + Send + Sync;
@@ -40,33 +40,17 @@ pub struct RateLimited {
     pub decision: Option<Decision>,
 }
 
-/// Configuration shared by a layer and every service it makes.
+/// Configuration shared by a layer and every service it makes, built once per layer.
+#[derive(Clone)]
 pub(crate) struct Shared {
     pub(crate) policy: Policy,
-    pub(crate) limiter: Arc<Limiter>,
-    pub(crate) fallback: Fallback,
+    pub(crate) limiter: Limiter,
     pub(crate) headers: bool,
     pub(crate) rejection: Option<Arc<RejectionFn>>,
     pub(crate) policy_header: HeaderValue,
-    /// `:rl:{policy}:{algorithm}:`, the part of every counter key between the tenant and the
-    /// client key, built once.
-    pub(crate) key_infix: Arc<str>,
+    /// `{policy}:{algorithm}`, the scope of every counter key of this layer.
+    pub(crate) scope: Arc<str>,
     pub(crate) warned_missing_key: Arc<AtomicBool>,
-}
-
-impl Clone for Shared {
-    fn clone(&self) -> Self {
-        Self {
-            policy: self.policy.clone(),
-            limiter: Arc::clone(&self.limiter),
-            fallback: self.fallback,
-            headers: self.headers,
-            rejection: self.rejection.clone(),
-            policy_header: self.policy_header.clone(),
-            key_infix: Arc::clone(&self.key_infix),
-            warned_missing_key: Arc::clone(&self.warned_missing_key),
-        }
-    }
 }
 
 impl fmt::Debug for Shared {
@@ -138,19 +122,15 @@ impl RateLimitLayer {
             policy.quota().limit(),
             policy.quota().window(),
         );
-        let key_infix = format!(":rl:{}:{}:", policy.name(), policy.algorithm().as_str()).into();
+        let scope = format!("{}:{}", policy.name(), policy.algorithm().as_str()).into();
         Self {
             shared: Arc::new(Shared {
                 policy,
-                limiter: Arc::new(Limiter::new(
-                    Arc::new(MemoryRateStore::new()),
-                    Fallback::Default,
-                )),
-                fallback: Fallback::Default,
+                limiter: Limiter::default(),
                 headers: true,
                 rejection: None,
                 policy_header,
-                key_infix,
+                scope,
                 warned_missing_key: Arc::new(AtomicBool::new(false)),
             }),
         }
@@ -168,7 +148,7 @@ impl RateLimitLayer {
 
     /// Counts in a store that other layers use too.
     pub fn with_shared_store(self, store: Arc<dyn RateLimitStore>) -> Self {
-        self.edit(|s| s.limiter = Arc::new(Limiter::new(store, s.fallback)))
+        self.edit(|s| s.limiter = s.limiter.with_store(store))
     }
 
     /// Counts in Redis through `backend` (a [`RedisRateStore`](super::RedisRateStore) with
@@ -181,10 +161,7 @@ impl RateLimitLayer {
     /// What to do while a shared store is unreachable. Default: [`Fallback::Local`] with the
     /// whole quota.
     pub fn with_fallback(self, fallback: Fallback) -> Self {
-        self.edit(|s| {
-            s.fallback = fallback;
-            s.limiter = Arc::new(Limiter::new(s.limiter.store(), fallback));
-        })
+        self.edit(|s| s.limiter.fallback = fallback)
     }
 
     /// Whether responses carry the `RateLimit` and `RateLimit-Policy` fields. Default: `true`.

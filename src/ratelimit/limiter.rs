@@ -1,6 +1,7 @@
 use std::{
-    any::Any,
     fmt,
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -12,16 +13,16 @@ use moka::sync::Cache;
 
 use super::{
     Quota,
-    store::{Check, Decision, MemoryRateStore, RateLimitStore, StoreError},
+    store::{Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, StoreError},
 };
 
 /// What the rate limiter does while its shared store (Redis) is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 #[non_exhaustive]
 pub enum Fallback {
     /// Limit locally, in this instance's memory, with `share` (0.0–1.0) of the quota: with N
-    /// instances behind a load balancer, `1.0 / N` keeps the total near the quota. The default,
-    /// with a share of 1.0.
+    /// instances behind a load balancer, `1.0 / N` keeps the total near the quota. The default
+    /// is the whole quota (`share: 1.0`).
     Local {
         /// The fraction of the quota each instance grants alone.
         share: f64,
@@ -30,9 +31,13 @@ pub enum Fallback {
     Open,
     /// Refuse every request with `503 Service Unavailable` (enforcement over availability).
     Closed,
-    /// Keep the default: [`Fallback::Local`] with the whole quota.
-    #[default]
-    Default,
+}
+
+impl Default for Fallback {
+    /// [`Fallback::Local`] with the whole quota.
+    fn default() -> Self {
+        Self::Local { share: 1.0 }
+    }
 }
 
 impl Fallback {
@@ -44,12 +49,19 @@ impl Fallback {
     }
 }
 
-/// The outcome of asking the limiter.
+/// What the limiter answers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Verdict {
     Decided(Decision),
     /// The shared store failed and the fallback is [`Fallback::Closed`].
     Unavailable,
+}
+
+/// The limiter's answer: known at once (memory, a remembered denial, a fallback), or once the
+/// store's round trip is done.
+pub(crate) enum Deciding {
+    Now(Verdict),
+    Later(Pin<Box<dyn Future<Output = Verdict> + Send>>),
 }
 
 /// A denial remembered locally until its retry time, so a flood from an over-limit key is
@@ -62,16 +74,18 @@ struct Denial {
     decision: Decision,
 }
 
-/// The store, its fallback and the local cache of denied keys, shared by every clone of a
-/// rate-limit service.
+/// The store and what to do when it fails, plus what every service of one layer shares: the
+/// local limiter of the fallback, the cache of denied keys, the counters.
+#[derive(Clone)]
 pub(crate) struct Limiter {
-    store: Arc<dyn RateLimitStore>,
-    shared: bool,
-    /// The store again when it is this crate's [`MemoryRateStore`].
-    memory: Option<MemoryRateStore>,
-    fallback: Fallback,
+    pub(crate) store: Arc<dyn RateLimitStore>,
+    pub(crate) fallback: Fallback,
+    state: Arc<State>,
+}
+
+struct State {
     local: MemoryRateStore,
-    denied: Cache<String, Denial>,
+    denied: Cache<CounterKey, Denial>,
     falling_back: AtomicBool,
     fallback_decisions: AtomicU64,
 }
@@ -85,46 +99,62 @@ impl fmt::Debug for Limiter {
     }
 }
 
+impl Default for Limiter {
+    /// Counts in this process's memory.
+    fn default() -> Self {
+        Self {
+            store: Arc::new(MemoryRateStore::new()),
+            fallback: Fallback::default(),
+            state: Arc::new(State {
+                local: MemoryRateStore::new(),
+                denied: Cache::builder().max_capacity(100_000).build(),
+                falling_back: AtomicBool::new(false),
+                fallback_decisions: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
 impl Limiter {
-    pub(crate) fn new(store: Arc<dyn RateLimitStore>, fallback: Fallback) -> Self {
-        let shared = store.is_shared();
-        let memory = (&*store as &dyn Any)
-            .downcast_ref::<MemoryRateStore>()
-            .cloned();
+    /// The same fallback on another store, with state of its own (no denial learned from one
+    /// store answers for another).
+    pub(crate) fn with_store(&self, store: Arc<dyn RateLimitStore>) -> Self {
         Self {
             store,
-            shared,
-            memory,
-            fallback,
-            local: MemoryRateStore::new(),
-            denied: Cache::builder().max_capacity(100_000).build(),
-            falling_back: AtomicBool::new(false),
-            fallback_decisions: AtomicU64::new(0),
+            fallback: self.fallback,
+            ..Self::default()
         }
     }
 
-    /// Answers from this process alone, if it can: a remembered denial, or a local store.
-    pub(crate) fn decide_now(&self, check: &Check<'_>) -> Option<Verdict> {
-        if let Some(denial) = self.remembered(check) {
-            return Some(Verdict::Decided(denial));
+    /// Decides `check`: from a remembered denial, the store's ready answer, or the store's
+    /// round trip; a store failure goes to the fallback.
+    pub(crate) fn decide(&self, check: Check) -> Deciding {
+        let shared = self.store.is_shared();
+        if shared && let Some(denial) = self.remembered(&check) {
+            return Deciding::Now(Verdict::Decided(denial));
         }
-        match self.store.check_now(check)? {
-            Ok(decision) => Some(Verdict::Decided(decision)),
-            Err(error) => Some(self.fall_back(check, &error)),
+        match self.store.check(&check).now() {
+            Ok(result) => Deciding::Now(self.settle(&check, result, shared)),
+            Err(pending) => {
+                let limiter = self.clone();
+                Deciding::Later(Box::pin(async move {
+                    let result = pending.await;
+                    limiter.settle(&check, result, shared)
+                }))
+            }
         }
     }
 
-    /// Asks the store (one round trip for Redis), falling back when it fails. Callers ask
-    /// [`Limiter::decide_now`] first, which has already looked for a remembered denial.
-    pub(crate) async fn decide(&self, check: &Check<'_>) -> Verdict {
-        match self.store.check(check).await {
+    fn settle(&self, check: &Check, result: Result<Decision, StoreError>, shared: bool) -> Verdict {
+        match result {
             Ok(decision) => {
-                if self.falling_back.load(Ordering::Relaxed)
-                    && self.falling_back.swap(false, Ordering::Relaxed)
+                let state = &self.state;
+                if state.falling_back.load(Ordering::Relaxed)
+                    && state.falling_back.swap(false, Ordering::Relaxed)
                 {
                     tracing::info!(target: "tower_turnstile::ratelimit", "shared rate-limit store answers again; fallback ended");
                 }
-                if self.shared && !decision.allowed {
+                if shared && !decision.allowed {
                     self.remember(check, decision);
                 }
                 Verdict::Decided(decision)
@@ -133,11 +163,8 @@ impl Limiter {
         }
     }
 
-    fn remembered(&self, check: &Check<'_>) -> Option<Decision> {
-        if !self.shared {
-            return None;
-        }
-        let denial = self.denied.get(check.key)?;
+    fn remembered(&self, check: &Check) -> Option<Decision> {
+        let denial = self.state.denied.get(&check.key)?;
         let now = Instant::now();
         // A cheaper request than the one denied might fit: only as costly ones are answered.
         if now >= denial.until || check.cost < denial.cost {
@@ -149,7 +176,7 @@ impl Limiter {
         Some(decision)
     }
 
-    fn remember(&self, check: &Check<'_>, decision: Decision) {
+    fn remember(&self, check: &Check, decision: Decision) {
         // Denied for good (cost over the limit) needs no cache: it is answered without I/O.
         let Some(retry_after) = decision.retry_after else {
             return;
@@ -164,13 +191,14 @@ impl Limiter {
             cost: check.cost,
             decision,
         };
-        self.denied.insert(check.key.to_owned(), denial);
+        self.state.denied.insert(check.key.clone(), denial);
     }
 
-    pub(crate) fn fall_back(&self, check: &Check<'_>, error: &StoreError) -> Verdict {
-        self.fallback_decisions.fetch_add(1, Ordering::Relaxed);
+    fn fall_back(&self, check: &Check, error: &StoreError) -> Verdict {
+        let state = &self.state;
+        state.fallback_decisions.fetch_add(1, Ordering::Relaxed);
         crate::metrics::count("turnstile_ratelimit_fallback_decisions_total", 1);
-        if !self.falling_back.swap(true, Ordering::Relaxed) {
+        if !state.falling_back.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target: "tower_turnstile::ratelimit",
                 error = %error,
@@ -185,15 +213,14 @@ impl Limiter {
                 Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO))
             }
             Fallback::Local { share } => self.local_decision(check, check.quota.share(share)),
-            Fallback::Default => self.local_decision(check, check.quota),
         }
     }
 
-    fn local_decision(&self, check: &Check<'_>, quota: Quota) -> Verdict {
-        let mut local = *check;
+    fn local_decision(&self, check: &Check, quota: Quota) -> Verdict {
+        let mut local = check.clone();
         local.quota = quota;
-        match self.local.check_now(&local) {
-            Some(Ok(decision)) => Verdict::Decided(decision),
+        match self.state.local.check(&local).now() {
+            Ok(Ok(decision)) => Verdict::Decided(decision),
             // The in-memory store always decides at once and cannot fail; should that ever
             // change, letting the request through is the fallback's fallback.
             _ => {
@@ -203,24 +230,13 @@ impl Limiter {
         }
     }
 
-    /// The store, when it is this crate's [`MemoryRateStore`]: asked directly, with address
-    /// keys in parts (see [`Check::of_address`]).
-    #[inline]
-    pub(crate) fn memory(&self) -> Option<&MemoryRateStore> {
-        self.memory.as_ref()
-    }
-
-    pub(crate) fn store(&self) -> Arc<dyn RateLimitStore> {
-        Arc::clone(&self.store)
-    }
-
     /// Whether the last decision came from the fallback.
     pub(crate) fn is_falling_back(&self) -> bool {
-        self.falling_back.load(Ordering::Relaxed)
+        self.state.falling_back.load(Ordering::Relaxed)
     }
 
     /// Decisions made without the shared store, since the limiter was built.
     pub(crate) fn fallback_decisions(&self) -> u64 {
-        self.fallback_decisions.load(Ordering::Relaxed)
+        self.state.fallback_decisions.load(Ordering::Relaxed)
     }
 }

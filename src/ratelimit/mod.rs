@@ -77,4 +77,4 @@ pub use service::{RateLimit, ResponseFuture};
 pub use store::MemoryRateStore;
 #[cfg(feature = "redis")]
 pub use store::RedisRateStore;
-pub use store::{Check, Decision, RateLimitStore};
+pub use store::{Check, Checking, Client, CounterKey, Decision, RateLimitStore};

@@ -128,7 +128,8 @@ impl Quota {
     /// The same window with `share` of the limit (rounded down, at least 1 when the limit is
     /// not 0): what one instance may grant alone when the shared store is unreachable.
     pub fn share(&self, share: f64) -> Self {
-        if self.limit == 0 {
+        // The whole quota is the quota itself (no float round trip for huge limits).
+        if self.limit == 0 || share >= 1.0 {
             return *self;
         }
         let scaled = (self.limit as f64 * share.clamp(0.0, 1.0)).floor() as u64;

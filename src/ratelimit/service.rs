@@ -1,18 +1,14 @@
 use std::{
-    cell::RefCell,
-    fmt::{self, Write as _},
+    fmt,
     future::Future,
     mem,
-    net::IpAddr,
     pin::Pin,
     sync::{Arc, atomic::Ordering},
     task::{Context, Poll, ready},
 };
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use pin_project_lite::pin_project;
-use sha2::{Digest, Sha256};
 use tower_service::Service;
 
 use super::{
@@ -22,10 +18,10 @@ use super::{
     },
     key::{Extracted, RequestView, tenant_of},
     layer::{RateLimited, Rejection, Shared},
-    limiter::Verdict,
+    limiter::{Deciding, Verdict},
     policy::MissingKey,
     quota::Quota,
-    store::{Check, Decision, KeyParts},
+    store::{Check, Client, CounterKey, Decision},
 };
 use crate::{
     body::{RefusalBody, plain_response},
@@ -54,62 +50,22 @@ impl<S> RateLimit<S> {
     }
 }
 
-/// The longest client key kept as it is; longer ones (and odd ones) are hashed, so a client
-/// cannot make keys of any size or shape.
-const MAX_RAW_KEY: usize = 128;
-
-/// A request's key, as the extractor gave it.
-enum Key {
-    Text(String),
-    Address(IpAddr),
-}
-
-/// The counter's full key: tenant, policy and algorithm fold in, so that tenants never share a
-/// counter and a policy that changes algorithm never reads a counter of another shape.
-fn counter_key(shared: &Shared, tenant: &Tenant, key: &Key, counter: &mut String) {
-    // Built by hand into a reused buffer: this runs on every request, and `format!` with a
-    // fresh allocation costs more than the decision itself.
-    counter.clear();
-    counter.push_str(tenant.as_str());
-    counter.push_str(&shared.key_infix);
-    match key {
-        Key::Address(ip) => {
-            // Into the buffer, with no string of its own; writing to a `String` cannot fail.
-            let _ = write!(counter, "{ip}");
-        }
-        Key::Text(key) => {
-            let plain = key.len() <= MAX_RAW_KEY
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
-            if plain {
-                counter.push_str(key);
-            } else {
-                counter.push('#');
-                counter.push_str(&URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes())));
-            }
-        }
-    }
-}
-
-/// What the service does with a request once the key is known.
-enum Plan {
+/// What the service does with a request.
+enum Outcome {
     /// No limit applies (no key, and the policy lets such requests through).
     Pass,
     /// Refused outright (no key, and the policy refuses such requests).
     Refuse,
-    /// Check the counter (written into the caller's buffer) against this quota.
-    Check(Quota),
+    /// Decided, under this quota.
+    Decided(Verdict, Quota),
+    /// Decided once the store's round trip is done.
+    Later(Pin<Box<dyn Future<Output = Verdict> + Send>>, Quota),
 }
 
-/// Decides what to do and writes the counter's key into `counter`.
-fn plan(shared: &Shared, tenant: &Tenant, key: Option<Key>, counter: &mut String) -> Plan {
-    let quota = shared.policy.quota_for(tenant);
-    match key {
-        Some(key) => {
-            counter_key(shared, tenant, &key, counter);
-            Plan::Check(quota)
-        }
+/// Decides what to do with a request of `client` in `tenant` costing `cost`.
+fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -> Outcome {
+    let client = match client {
+        Some(client) => client,
         None => {
             if !shared.warned_missing_key.load(Ordering::Relaxed)
                 && !shared.warned_missing_key.swap(true, Ordering::Relaxed)
@@ -122,55 +78,19 @@ fn plan(shared: &Shared, tenant: &Tenant, key: Option<Key>, counter: &mut String
                 );
             }
             match shared.policy.missing_key {
-                MissingKey::Allow => Plan::Pass,
-                MissingKey::Deny => Plan::Refuse,
-                _ => {
-                    counter_key(shared, tenant, &Key::Text("(no key)".to_owned()), counter);
-                    Plan::Check(quota)
-                }
+                MissingKey::Allow => return Outcome::Pass,
+                MissingKey::Deny => return Outcome::Refuse,
+                _ => Client::from("(no key)"),
             }
         }
-    }
-}
-
-/// What the fast path found, once the shared key buffer is released again (the inner service,
-/// which may hold another rate-limit layer, is called only after that).
-enum Outcome {
-    Pass,
-    Refuse,
-    Decided(Verdict, Quota),
-    /// The store needs I/O: decide in a future, on this owned copy of the counter's key.
-    Later(String, Quota),
-}
-
-/// The fast path for an address key and an in-memory store: the store takes the key in parts,
-/// so no string is built. `None` when either is not the case.
-fn decide_address(
-    shared: &Shared,
-    tenant: &Tenant,
-    key: Option<&Key>,
-    cost: u64,
-) -> Option<Outcome> {
-    let Some(&Key::Address(address)) = key else {
-        return None;
     };
     let quota = shared.policy.quota_for(tenant);
-    let parts = KeyParts {
-        tenant,
-        scope: &shared.key_infix,
-        address,
-    };
-    let check = Check::of_address(parts, quota, shared.policy.algorithm(), cost);
-    let verdict = match shared.limiter.memory()?.decide(&check) {
-        Ok(decision) => Verdict::Decided(decision),
-        Err(error) => shared.limiter.fall_back(&check, &error),
-    };
-    Some(Outcome::Decided(verdict, quota))
-}
-
-thread_local! {
-    /// The counter key of the request being decided on this thread, reused across requests.
-    static COUNTER: RefCell<String> = const { RefCell::new(String::new()) };
+    let key = CounterKey::new(tenant.clone(), Arc::clone(&shared.scope), client);
+    let check = Check::new(key, quota, shared.policy.algorithm(), cost);
+    match shared.limiter.decide(check) {
+        Deciding::Now(verdict) => Outcome::Decided(verdict, quota),
+        Deciding::Later(verdict) => Outcome::Later(verdict, quota),
+    }
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
@@ -192,121 +112,74 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // Borrowed: only the paths that decide inside a future take a reference count.
-        let shared = &self.shared;
         let view = RequestView::new(&request);
-        let cost = shared.policy.cost_of(&view);
-        let key = match shared.policy.key.extract(&view) {
-            Extracted::Ready(key) => key.map(Key::Text),
-            Extracted::Address(ip) => Some(Key::Address(ip)),
-            Extracted::Pending(pending) => {
-                // The key needs I/O: decide inside a future, and call the inner service from
-                // there (the clone-and-replace idiom keeps the service that was made ready).
-                let clone = self.inner.clone();
-                let inner = mem::replace(&mut self.inner, clone);
-                let shared = Arc::clone(shared);
-                return ResponseFuture::boxed(Box::pin(async move {
-                    let key = pending.await.map(Key::Text);
-                    let mut counter = String::new();
-                    let outcome =
-                        match plan(&shared, tenant_of(request.extensions()), key, &mut counter) {
-                            Plan::Pass => Outcome::Pass,
-                            Plan::Refuse => Outcome::Refuse,
-                            Plan::Check(quota) => Outcome::Later(counter, quota),
-                        };
-                    decide_then_call(shared, inner, request, outcome, cost).await
-                }));
+        let cost = self.shared.policy.cost_of(&view);
+        match self.shared.policy.key.extract(&view) {
+            Extracted::Ready(client) => {
+                let outcome = decide(&self.shared, tenant_of(request.extensions()), client, cost);
+                respond(&mut self.inner, &self.shared, request, outcome)
             }
-        };
-        let tenant = tenant_of(request.extensions());
-        let outcome = match decide_address(shared, tenant, key.as_ref(), cost) {
-            Some(outcome) => outcome,
-            None => {
-                let decide = |counter: &mut String| match plan(shared, tenant, key, counter) {
-                    Plan::Pass => Outcome::Pass,
-                    Plan::Refuse => Outcome::Refuse,
-                    Plan::Check(quota) => {
-                        let check = Check::new(counter, quota, shared.policy.algorithm(), cost);
-                        match shared.limiter.decide_now(&check) {
-                            Some(verdict) => Outcome::Decided(verdict, quota),
-                            None => Outcome::Later(counter.clone(), quota),
-                        }
-                    }
-                };
-                COUNTER.with(|buffer| match buffer.try_borrow_mut() {
-                    Ok(mut counter) => decide(&mut counter),
-                    // Only if a key extractor or quota lookup re-entered a rate-limit layer.
-                    Err(_) => decide(&mut String::new()),
-                })
-            }
-        };
-        match outcome {
-            Outcome::Pass => ResponseFuture::inner(self.inner.call(request), None),
-            // gRPC or not matters only for a refusal: the header is looked at only then.
-            Outcome::Refuse => {
-                ResponseFuture::ready(refuse(shared, None, is_grpc(request.headers())))
-            }
-            Outcome::Decided(Verdict::Decided(decision), quota) if decision.allowed => {
-                let headers = shared
-                    .headers
-                    .then(|| allowed_headers(shared, quota, &decision));
-                ResponseFuture::inner(self.inner.call(request), headers)
-            }
-            Outcome::Decided(Verdict::Decided(decision), quota) => ResponseFuture::ready(refuse(
-                shared,
-                Some((&decision, quota)),
-                is_grpc(request.headers()),
-            )),
-            Outcome::Decided(Verdict::Unavailable, _) => {
-                ResponseFuture::ready(unavailable(shared, is_grpc(request.headers())))
-            }
-            later @ Outcome::Later(..) => {
-                let clone = self.inner.clone();
-                let inner = mem::replace(&mut self.inner, clone);
-                let shared = Arc::clone(shared);
-                ResponseFuture::boxed(Box::pin(decide_then_call(
-                    shared, inner, request, later, cost,
-                )))
+            Extracted::Pending(client) => {
+                // The key needs I/O (the session's user, say): find it in a future, which
+                // takes the inner service that was made ready (a clone takes its place).
+                let mut inner = take_ready(&mut self.inner);
+                let shared = Arc::clone(&self.shared);
+                ResponseFuture::boxed(Box::pin(async move {
+                    let tenant = tenant_of(request.extensions());
+                    let outcome = decide(&shared, tenant, client.await, cost);
+                    respond(&mut inner, &shared, request, outcome).await
+                }))
             }
         }
     }
 }
 
-async fn decide_then_call<S, ReqBody, ResBody>(
-    shared: Arc<Shared>,
-    mut inner: S,
+/// The ready service, to move into a future; a clone of it takes its place.
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    mem::replace(inner, clone)
+}
+
+/// What the outcome means for the request: the inner service's answer (with the `RateLimit`
+/// fields when allowed), a refusal, or, when the store answers later, a future of either.
+fn respond<S, ReqBody, ResBody>(
+    inner: &mut S,
+    shared: &Arc<Shared>,
     request: Request<ReqBody>,
     outcome: Outcome,
-    cost: u64,
-) -> Result<Response<ResBody>, S::Error>
+) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: RefusalBody,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: RefusalBody + Send + 'static,
 {
-    let grpc = is_grpc(request.headers());
-    let (verdict, quota) = match outcome {
-        Outcome::Pass => return inner.call(request).await,
-        Outcome::Refuse => return Ok(refuse(&shared, None, grpc)),
-        Outcome::Decided(verdict, quota) => (verdict, quota),
-        Outcome::Later(counter, quota) => {
-            let check = Check::new(&counter, quota, shared.policy.algorithm(), cost);
-            let verdict = match shared.limiter.decide_now(&check) {
-                Some(verdict) => verdict,
-                None => shared.limiter.decide(&check).await,
-            };
-            (verdict, quota)
+    // gRPC or not matters only for a refusal: the header is looked at only then.
+    let grpc = |request: &Request<ReqBody>| is_grpc(request.headers());
+    match outcome {
+        Outcome::Pass => ResponseFuture::inner(inner.call(request), None),
+        Outcome::Refuse => ResponseFuture::ready(refuse(shared, None, grpc(&request))),
+        Outcome::Decided(Verdict::Decided(decision), quota) if decision.allowed => {
+            let headers = shared
+                .headers
+                .then(|| allowed_headers(shared, quota, &decision));
+            ResponseFuture::inner(inner.call(request), headers)
         }
-    };
-    match verdict {
-        Verdict::Decided(decision) if decision.allowed => {
-            let mut response = inner.call(request).await?;
-            if shared.headers {
-                add_headers(&mut response, allowed_headers(&shared, quota, &decision));
-            }
-            Ok(response)
+        Outcome::Decided(Verdict::Decided(decision), quota) => {
+            ResponseFuture::ready(refuse(shared, Some((&decision, quota)), grpc(&request)))
         }
-        Verdict::Decided(decision) => Ok(refuse(&shared, Some((&decision, quota)), grpc)),
-        Verdict::Unavailable => Ok(unavailable(&shared, grpc)),
+        Outcome::Decided(Verdict::Unavailable, _) => {
+            ResponseFuture::ready(unavailable(shared, grpc(&request)))
+        }
+        Outcome::Later(verdict, quota) => {
+            let mut inner = take_ready(inner);
+            let shared = Arc::clone(shared);
+            ResponseFuture::boxed(Box::pin(async move {
+                let outcome = Outcome::Decided(verdict.await, quota);
+                respond(&mut inner, &shared, request, outcome).await
+            }))
+        }
     }
 }
 

@@ -2,14 +2,12 @@ use std::{
     cell::Cell,
     collections::BTreeMap,
     fmt,
-    hash::{BuildHasher, Hasher},
-    net::IpAddr,
+    hash::BuildHasher,
     num::NonZeroU32,
     sync::{Arc, LazyLock, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use async_trait::async_trait;
 use governor::{
     RateLimiter,
     clock::Clock,
@@ -19,11 +17,8 @@ use governor::{
 };
 use hashbrown::HashTable;
 
-use super::{Check, Decision, KeyParts, RateLimitStore, StoreError};
-use crate::{
-    ratelimit::{Algorithm, Quota},
-    tenant::Tenant,
-};
+use super::{Check, Checking, CounterKey, Decision, RateLimitStore, StoreError};
+use crate::ratelimit::{Algorithm, Quota};
 
 /// Rate-limit counts in process memory: bounded in size, idle keys swept by themselves.
 ///
@@ -48,7 +43,7 @@ use crate::{
 /// let store = MemoryRateStore::builder().max_keys(10_000).build();
 /// let login = Check::new("login:203.0.113.7", Quota::per_minute(5), Algorithm::SlidingLog, 1);
 ///
-/// let decision = store.check(&login).await?;
+/// let decision = store.check(&login).await?; // decided at once: `Checking::now` has it too
 /// assert!(decision.allowed);
 /// assert_eq!(decision.remaining, 4);
 /// # Ok(())
@@ -122,20 +117,15 @@ impl MemoryRateStore {
     }
 }
 
-#[async_trait]
 impl RateLimitStore for MemoryRateStore {
-    async fn check(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
-        self.decide(check)
-    }
-
-    /// Always decides at once: the counts are in this process.
-    fn check_now(&self, check: &Check<'_>) -> Option<Result<Decision, StoreError>> {
-        Some(self.decide(check))
+    /// Always decided at once: the counts are in this process.
+    fn check(&self, check: &Check) -> Checking {
+        Checking::ready(self.decide(check))
     }
 }
 
 impl MemoryRateStore {
-    pub(crate) fn decide(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
+    fn decide(&self, check: &Check) -> Result<Decision, StoreError> {
         let limit = check.quota.limit();
         if limit == 0 {
             return Ok(Decision::denied(0, 0, Duration::ZERO, None));
@@ -146,7 +136,7 @@ impl MemoryRateStore {
         let window = check.quota.window_ms() * 1000;
         let verdict = self
             .counters
-            .with_state(KeyRef::of(check), real_now, 2 * window, |state| {
+            .with_state(&check.key, real_now, 2 * window, |state| {
                 decide(state, check.algorithm, now, check.quota, check.cost)
             })
             .map_err(|source| StoreError::Failed {
@@ -230,84 +220,9 @@ struct Shard {
     decisions: u32,
 }
 
-/// A key as a check names it.
-#[derive(Clone, Copy)]
-enum KeyRef<'a> {
-    Text(&'a str),
-    Parts(KeyParts<'a>),
-}
-
-impl<'a> KeyRef<'a> {
-    fn of(check: &Check<'a>) -> Self {
-        check.parts.map_or(Self::Text(check.key), Self::Parts)
-    }
-
-    fn hash(self, hasher: &foldhash::fast::RandomState) -> u64 {
-        match self {
-            Self::Text(key) => hasher.hash_one(key),
-            Self::Parts(parts) => {
-                // Written field by field: cheaper than the derived `Hash` of a tuple, and the
-                // separator keeps tenant and scope apart.
-                let mut state = hasher.build_hasher();
-                state.write(parts.tenant.as_str().as_bytes());
-                state.write_u8(0xff);
-                state.write(parts.scope.as_bytes());
-                match parts.address {
-                    IpAddr::V4(ip) => state.write_u32(ip.to_bits()),
-                    IpAddr::V6(ip) => state.write_u128(ip.to_bits()),
-                }
-                state.finish()
-            }
-        }
-    }
-
-    fn owned(self) -> Key {
-        match self {
-            Self::Text(key) => Key::Text(Box::from(key)),
-            Self::Parts(parts) => Key::Parts {
-                tenant: parts.tenant.clone(),
-                scope: Arc::clone(parts.scope),
-                address: parts.address,
-            },
-        }
-    }
-}
-
-/// A key as the table holds it. A key given in parts never equals a text key: the layer names
-/// each of its counters always the one way or always the other.
-enum Key {
-    Text(Box<str>),
-    Parts {
-        tenant: Tenant,
-        scope: Arc<str>,
-        address: IpAddr,
-    },
-}
-
-impl Key {
-    fn is(&self, other: KeyRef<'_>) -> bool {
-        match (self, other) {
-            (Self::Text(held), KeyRef::Text(key)) => **held == *key,
-            (
-                Self::Parts {
-                    tenant,
-                    scope,
-                    address,
-                },
-                KeyRef::Parts(parts),
-            ) => {
-                *address == parts.address
-                    && tenant == parts.tenant
-                    && (Arc::ptr_eq(scope, parts.scope) || **scope == **parts.scope)
-            }
-            _ => false,
-        }
-    }
-}
-
 /// One key: the algorithm's state and when it may be forgotten.
 struct Entry {
-    key: Key,
+    key: CounterKey,
     /// The key's hash, kept so that growing the table never hashes again.
     hash: u64,
     state: State,
@@ -335,20 +250,20 @@ impl Counters {
     /// Runs `f` on the state of `key` under its shard's lock, creating the key if needed.
     fn with_state<T>(
         &self,
-        key: KeyRef<'_>,
+        key: &CounterKey,
         now: u64,
         keep_for: u64,
         f: impl FnOnce(&mut State) -> T,
     ) -> T {
         // One hash picks the shard (high bits) and the bucket within it.
-        let hash = key.hash(&self.hasher);
+        let hash = self.hasher.hash_one(key);
         let shard = &self.shards[((hash >> 32) as usize) & (self.shards.len() - 1)];
         let mut shard = lock(shard);
         shard.decisions = shard.decisions.wrapping_add(1);
         if shard.decisions.is_multiple_of(SWEEP_EVERY) {
             shard.sweep(now);
         }
-        if let Some(entry) = shard.keys.find_mut(hash, |e| e.key.is(key)) {
+        if let Some(entry) = shard.keys.find_mut(hash, |e| e.key == *key) {
             if entry.expires <= now {
                 // Forgotten: what the Redis key's TTL would have done.
                 entry.state = State::Fresh;
@@ -376,7 +291,7 @@ impl Counters {
             }
         }
         let entry = Entry {
-            key: key.owned(),
+            key: key.clone(),
             hash,
             state: State::Fresh,
             expires: now.saturating_add(keep_for),
@@ -842,7 +757,15 @@ impl StateStore for Shifted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::quota::{EXACT, sliding_ticks};
+    use std::net::IpAddr;
+
+    use crate::{
+        ratelimit::{
+            quota::{EXACT, sliding_ticks},
+            store::Client,
+        },
+        tenant::Tenant,
+    };
 
     #[test]
     fn the_cheap_wall_clock_follows_the_system_clock() {
@@ -1109,43 +1032,38 @@ mod tests {
         }
     }
 
-    fn parts_check<'a>(parts: KeyParts<'a>, limit: u64) -> Check<'a> {
+    fn check_of(key: CounterKey, limit: u64) -> Check {
         let quota = crate::ratelimit::Quota::new(limit, Duration::from_secs(60)).unwrap();
-        Check::of_address(parts, quota, Algorithm::SlidingWindow, 1)
+        Check::new(key, quota, Algorithm::SlidingWindow, 1)
     }
 
     #[test]
-    fn address_keys_in_parts_count_per_tenant_policy_and_address() {
+    fn keys_count_per_tenant_scope_and_client() {
         let store = MemoryRateStore::new();
         let (acme, globex) = (Tenant::new("acme").unwrap(), Tenant::new("globex").unwrap());
-        let per_ip: Arc<str> = Arc::from(":rl:per-ip:sw:");
-        // The same text in another allocation: another layer with the same policy.
-        let per_ip_again: Arc<str> = Arc::from(":rl:per-ip:sw:");
-        let login: Arc<str> = Arc::from(":rl:login:sw:");
         let a = IpAddr::from([198, 51, 100, 1]);
         let b = IpAddr::from([198, 51, 100, 2]);
-        let parts = |tenant, scope, address| KeyParts {
-            tenant,
-            scope,
-            address,
+        let key = |tenant: &Tenant, scope: &str, client: Client| {
+            CounterKey::new(tenant.clone(), scope, client)
         };
-        let spend = |parts| store.decide(&parts_check(parts, 2)).unwrap();
+        let spend = |key| store.decide(&check_of(key, 2)).unwrap();
 
-        assert_eq!(spend(parts(&acme, &per_ip, a)).remaining, 1);
-        assert_eq!(spend(parts(&acme, &per_ip_again, a)).remaining, 0);
-        assert!(!spend(parts(&acme, &per_ip, a)).allowed);
-        // Another address, tenant or policy has a count of its own.
-        assert_eq!(spend(parts(&acme, &per_ip, b)).remaining, 1);
-        assert_eq!(spend(parts(&globex, &per_ip, a)).remaining, 1);
-        assert_eq!(spend(parts(&acme, &login, a)).remaining, 1);
-        // So has the text key that would join the same parts.
-        let text = Check::new(
-            "acme:rl:per-ip:sw:198.51.100.1",
-            crate::ratelimit::Quota::new(2, Duration::from_secs(60)).unwrap(),
-            Algorithm::SlidingWindow,
-            1,
+        assert_eq!(spend(key(&acme, "per-ip:sw", a.into())).remaining, 1);
+        // The same parts in other allocations: another layer with the same policy.
+        assert_eq!(
+            spend(key(&acme, &String::from("per-ip:sw"), a.into())).remaining,
+            0
         );
-        assert_eq!(store.decide(&text).unwrap().remaining, 1);
+        assert!(!spend(key(&acme, "per-ip:sw", a.into())).allowed);
+        // Another address, tenant or scope has a count of its own.
+        assert_eq!(spend(key(&acme, "per-ip:sw", b.into())).remaining, 1);
+        assert_eq!(spend(key(&globex, "per-ip:sw", a.into())).remaining, 1);
+        assert_eq!(spend(key(&acme, "login:sw", a.into())).remaining, 1);
+        // So has a text client that reads like the address.
+        assert_eq!(
+            spend(key(&acme, "per-ip:sw", "198.51.100.1".into())).remaining,
+            1
+        );
         assert_eq!(store.len(), 5);
     }
 
@@ -1153,14 +1071,9 @@ mod tests {
     fn a_flood_of_address_keys_stays_within_max_keys() {
         let store = MemoryRateStore::builder().max_keys(64).build();
         let tenant = Tenant::new("acme").unwrap();
-        let scope: Arc<str> = Arc::from(":rl:per-ip:sw:");
         for i in 0..10_000u32 {
-            let parts = KeyParts {
-                tenant: &tenant,
-                scope: &scope,
-                address: IpAddr::from(i.to_be_bytes()),
-            };
-            assert!(store.decide(&parts_check(parts, 5)).unwrap().allowed);
+            let key = CounterKey::new(tenant.clone(), "per-ip:sw", IpAddr::from(i.to_be_bytes()));
+            assert!(store.decide(&check_of(key, 5)).unwrap().allowed);
         }
         assert!(store.len() <= 64, "{} keys held", store.len());
         assert!(!store.is_empty());

@@ -1,13 +1,17 @@
 //! Where rate-limit counts live: the [`RateLimitStore`] trait and its implementations.
 
 use std::{
-    any::Any,
+    fmt,
+    future::Future,
     net::IpAddr,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
-use async_trait::async_trait;
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use sha2::{Digest, Sha256};
 
 pub use crate::error::StoreError;
 
@@ -22,12 +26,154 @@ pub use memory::MemoryRateStore;
 #[cfg(feature = "redis")]
 pub use redis::RedisRateStore;
 
-/// One rate-limit decision to make.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The longest text client key written as it is; longer ones (and odd ones) are written as
+/// their hash, so a client cannot make keys of any size or shape.
+const MAX_RAW_CLIENT: usize = 128;
+
+/// Whose count a check spends: a tenant, a scope (the policy and its algorithm, for the layer)
+/// and a client. Every store gets the key in these parts; each keeps it its own way (the
+/// memory store hashes the parts, the Redis store writes the key as text: see the `Display`
+/// impl).
+///
+/// ```
+/// use tower_turnstile::{ratelimit::CounterKey, tenant::Tenant};
+///
+/// let key = CounterKey::new(Tenant::new("acme")?, "login:sliding_log", "203.0.113.7".parse::<std::net::IpAddr>()?);
+/// assert_eq!(key.to_string(), "acme:rl:login:sliding_log:203.0.113.7");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    tenant: Tenant,
+    scope: Arc<str>,
+    client: Client,
+}
+
+/// The client part of a [`CounterKey`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub struct Check<'a> {
-    /// The full key of the counter (policy, tenant and client key already folded in).
-    pub key: &'a str,
+pub enum Client {
+    /// An address (for IPv6, with the bits past the grouping prefix already cleared).
+    Address(IpAddr),
+    /// Any other key: a user, an API key, a route, several joined.
+    Text(Arc<str>),
+}
+
+impl CounterKey {
+    /// The key of `client`'s counter under `scope`, in `tenant`.
+    pub fn new(tenant: Tenant, scope: impl Into<Arc<str>>, client: impl Into<Client>) -> Self {
+        Self {
+            tenant,
+            scope: scope.into(),
+            client: client.into(),
+        }
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
+    }
+
+    /// The scope (for the layer: `{policy}:{algorithm}`).
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl CounterKey {
+    /// A key of the default tenant with no scope, for a store used on its own.
+    fn of_text(client: &str) -> Self {
+        Self::new(Tenant::default(), "", Client::from(client))
+    }
+}
+
+/// A key of the default tenant with no scope, for a store used on its own.
+impl From<&str> for CounterKey {
+    fn from(client: &str) -> Self {
+        Self::of_text(client)
+    }
+}
+
+/// A key of the default tenant with no scope, for a store used on its own.
+impl From<&String> for CounterKey {
+    fn from(client: &String) -> Self {
+        Self::of_text(client)
+    }
+}
+
+/// A key of the default tenant with no scope, for a store used on its own.
+impl From<String> for CounterKey {
+    fn from(client: String) -> Self {
+        Self::of_text(&client)
+    }
+}
+
+impl fmt::Display for CounterKey {
+    /// `{tenant}:rl:{scope}:{client}`. A text client that is long or holds anything but
+    /// printable ASCII (or `{`, `}`, which Redis Cluster reads as a hash tag) is written as
+    /// `#` and its SHA-256 in base64url.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:rl:{}:", self.tenant, self.scope)?;
+        match &self.client {
+            Client::Address(ip) => write!(f, "{ip}"),
+            Client::Text(text) => {
+                let plain = text.len() <= MAX_RAW_CLIENT
+                    && text
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+                if plain {
+                    f.write_str(text)
+                } else {
+                    write!(
+                        f,
+                        "#{}",
+                        URL_SAFE_NO_PAD.encode(Sha256::digest(text.as_bytes()))
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl From<IpAddr> for Client {
+    fn from(ip: IpAddr) -> Self {
+        Self::Address(ip)
+    }
+}
+
+impl From<&str> for Client {
+    fn from(text: &str) -> Self {
+        Self::Text(text.into())
+    }
+}
+
+impl From<String> for Client {
+    fn from(text: String) -> Self {
+        Self::Text(text.into())
+    }
+}
+
+impl fmt::Display for Client {
+    /// The client as the key extractor gave it (an address in its usual form).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Address(ip) => write!(f, "{ip}"),
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
+/// One rate-limit decision to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Check {
+    /// Whose counter.
+    pub key: CounterKey,
     /// The quota to enforce.
     pub quota: Quota,
     /// How to count.
@@ -37,45 +183,17 @@ pub struct Check<'a> {
     /// The time of the decision; `None` means the store's own clock (Redis `TIME` for the Redis
     /// store, so that instances with skewed clocks agree). Tests replay traces with it.
     pub at: Option<SystemTime>,
-    /// The key in parts, when the layer asks [`MemoryRateStore`] about a client address: the
-    /// parts are hashed and compared as they are, with no string joined per request. `key` is
-    /// then empty.
-    pub(crate) parts: Option<KeyParts<'a>>,
 }
 
-/// A counter key of the rate-limit layer for a client address, in parts: what `key` would
-/// hold joined (`{tenant}{scope}{address}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct KeyParts<'a> {
-    pub(crate) tenant: &'a Tenant,
-    /// `:rl:{policy}:{algorithm}:`.
-    pub(crate) scope: &'a Arc<str>,
-    pub(crate) address: IpAddr,
-}
-
-impl<'a> Check<'a> {
+impl Check {
     /// A check of `cost` against `quota` for `key`, now.
-    pub fn new(key: &'a str, quota: Quota, algorithm: Algorithm, cost: u64) -> Self {
+    pub fn new(key: impl Into<CounterKey>, quota: Quota, algorithm: Algorithm, cost: u64) -> Self {
         Self {
-            key,
+            key: key.into(),
             quota,
             algorithm,
             cost,
             at: None,
-            parts: None,
-        }
-    }
-
-    /// A check of the layer's counter for a client address, given in parts.
-    pub(crate) fn of_address(
-        parts: KeyParts<'a>,
-        quota: Quota,
-        algorithm: Algorithm,
-        cost: u64,
-    ) -> Self {
-        Self {
-            parts: Some(parts),
-            ..Self::new("", quota, algorithm, cost)
         }
     }
 
@@ -137,23 +255,88 @@ impl Decision {
 ///
 /// A check is atomic: concurrent checks of one key never grant more than the quota, and a
 /// denied check spends nothing. One trace of checks (time, key, cost) gives the same decisions
-/// on every store for the sliding-window algorithms; GCRA agrees within one request per window.
-#[async_trait]
-pub trait RateLimitStore: Any + std::fmt::Debug + Send + Sync {
+/// on every store.
+///
+/// A store that decides without I/O answers [`Checking::ready`], which the layer takes as it
+/// is; a networked store answers [`Checking::pending`] with a future that owns what it needs.
+///
+/// ```
+/// use tower_turnstile::ratelimit::{Check, Checking, Decision, RateLimitStore};
+///
+/// /// Lets everything through, and says so.
+/// #[derive(Debug)]
+/// struct Unlimited;
+///
+/// impl RateLimitStore for Unlimited {
+///     fn check(&self, check: &Check) -> Checking {
+///         let limit = check.quota.limit();
+///         Checking::ready(Ok(Decision::allowed(limit, limit, std::time::Duration::ZERO)))
+///     }
+/// }
+/// ```
+pub trait RateLimitStore: fmt::Debug + Send + Sync + 'static {
     /// Decides one check, spending its cost if allowed.
-    async fn check(&self, check: &Check<'_>) -> Result<Decision, StoreError>;
-
-    /// Decides one check without waiting, when the store can (an in-memory store can; a
-    /// networked one cannot and returns `None`, the default). The layer uses it to skip the
-    /// allocation of an async decision on its fast path.
-    fn check_now(&self, check: &Check<'_>) -> Option<Result<Decision, StoreError>> {
-        let _ = check;
-        None
-    }
+    fn check(&self, check: &Check) -> Checking;
 
     /// Whether the store is shared with other instances (Redis) rather than local to this
     /// process. Only shared stores get a fallback and a local cache of denied keys.
     fn is_shared(&self) -> bool {
         false
+    }
+}
+
+type DecisionResult = Result<Decision, StoreError>;
+
+/// A store's answer to a [`Check`]: ready now, or once its future resolves. It is itself a
+/// future, so `store.check(&check).await` works either way.
+#[must_use = "a check decides nothing until its answer is taken or awaited"]
+pub struct Checking(Answer);
+
+enum Answer {
+    Ready(Option<DecisionResult>),
+    Pending(Pin<Box<dyn Future<Output = DecisionResult> + Send>>),
+}
+
+impl Checking {
+    /// An answer known at once.
+    pub fn ready(result: DecisionResult) -> Self {
+        Self(Answer::Ready(Some(result)))
+    }
+
+    /// An answer that needs I/O.
+    pub fn pending(future: impl Future<Output = DecisionResult> + Send + 'static) -> Self {
+        Self(Answer::Pending(Box::pin(future)))
+    }
+
+    /// The answer, if it is known without waiting; otherwise the same `Checking` back.
+    pub fn now(self) -> Result<DecisionResult, Self> {
+        match self.0 {
+            Answer::Ready(Some(result)) => Ok(result),
+            other => Err(Self(other)),
+        }
+    }
+}
+
+impl fmt::Debug for Checking {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Answer::Ready(result) => f.debug_tuple("Checking::Ready").field(result).finish(),
+            Answer::Pending(_) => f.write_str("Checking::Pending(..)"),
+        }
+    }
+}
+
+impl Future for Checking {
+    type Output = DecisionResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Answer::Ready(result) => Poll::Ready(result.take().unwrap_or_else(|| {
+                Err(StoreError::Failed {
+                    source: "rate-limit answer polled after completion".into(),
+                })
+            })),
+            Answer::Pending(future) => future.as_mut().poll(cx),
+        }
     }
 }

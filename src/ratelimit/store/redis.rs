@@ -3,10 +3,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use async_trait::async_trait;
 use redis::Script;
 
-use super::{Check, Decision, RateLimitStore, StoreError};
+use super::{Check, Checking, Decision, RateLimitStore, StoreError};
 use crate::{backend::RedisBackend, ratelimit::Algorithm};
 
 static SLIDING_WINDOW: LazyLock<Script> = LazyLock::new(|| {
@@ -107,13 +106,13 @@ impl RedisRateStore {
     }
 }
 
-#[async_trait]
 impl RateLimitStore for RedisRateStore {
-    async fn check(&self, check: &Check<'_>) -> Result<Decision, StoreError> {
+    /// One round trip: the algorithm's script on the key `{prefix}{key}`.
+    fn check(&self, check: &Check) -> Checking {
         let limit = check.quota.limit();
         if limit == 0 {
             // Denied for good, whatever the key holds: no need to ask Redis.
-            return Ok(Decision::denied(0, 0, Duration::ZERO, None));
+            return Checking::ready(Ok(Decision::denied(0, 0, Duration::ZERO, None)));
         }
         let script = match check.algorithm {
             Algorithm::SlidingWindow => &*SLIDING_WINDOW,
@@ -132,20 +131,22 @@ impl RateLimitStore for RedisRateStore {
             .arg(check.quota.window_ms() * 1000)
             .arg(limit)
             .arg(check.cost);
-        let (allowed, remaining, reset, retry): (i64, i64, i64, i64) = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
+        let (backend, timeout) = (self.backend.clone(), self.timeout);
+        Checking::pending(async move {
+            let (allowed, remaining, reset, retry): (i64, i64, i64, i64) = backend
+                .run(timeout, |mut conn| async move {
+                    invocation.invoke_async(&mut conn).await
+                })
+                .await
+                .map_err(StoreError::from)?;
+            let remaining = u64::try_from(remaining).unwrap_or(0);
+            let reset = micros(reset);
+            Ok(if allowed == 1 {
+                Decision::allowed(limit, remaining, reset)
+            } else {
+                let retry = (retry >= 0).then(|| micros(retry));
+                Decision::denied(limit, remaining, reset, retry)
             })
-            .await
-            .map_err(StoreError::from)?;
-        let remaining = u64::try_from(remaining).unwrap_or(0);
-        let reset = micros(reset);
-        Ok(if allowed == 1 {
-            Decision::allowed(limit, remaining, reset)
-        } else {
-            let retry = (retry >= 0).then(|| micros(retry));
-            Decision::denied(limit, remaining, reset, retry)
         })
     }
 
@@ -155,7 +156,6 @@ impl RateLimitStore for RedisRateStore {
     }
 }
 
-/// Microseconds since the Unix epoch (0 before it), the scripts' time unit.
 fn unix_micros(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).map_or(0, |since| {
         u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
