@@ -179,7 +179,9 @@ impl Config {
         };
         let session_secret = match vars.get("SESSION_SECRET") {
             Some(secret) if secret.is_empty() => {
-                return Err(StartupError::SigningKey(session::ConfigError::EmptySecret));
+                return Err(StartupError::SigningKey(
+                    session::CookieConfigError::EmptySecret,
+                ));
             }
             secret => secret.cloned(),
         };
@@ -235,7 +237,7 @@ pub enum StartupError {
         variable: &'static str,
     },
     /// `SESSION_SECRET` does not make a signing key.
-    SigningKey(session::ConfigError),
+    SigningKey(session::CookieConfigError),
     /// `REDIS_URL` does not make a Redis backend.
     Redis(BackendError),
     /// The listening socket could not be opened.

@@ -291,6 +291,11 @@ async fn a_full_journal_refuses_writes_and_counts_them() {
         StatusCode::SERVICE_UNAVAILABLE,
         "{refused:?}"
     );
+    assert_eq!(
+        refused.headers.get("x-session-unavailable").unwrap(),
+        "WriteLost",
+        "the refusal says why in its extensions"
+    );
     assert_eq!(a.status().dropped, 1);
     assert_eq!(a.status().journal_len, 2);
 

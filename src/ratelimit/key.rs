@@ -169,7 +169,7 @@ impl ClientIp {
 
     /// How many leading bits of an IPv6 address make the key (default 64; 128 keys each
     /// address on its own).
-    pub fn with_ipv6_prefix(mut self, bits: u8) -> Result<Self, KeyConfigError> {
+    pub fn try_with_ipv6_prefix(mut self, bits: u8) -> Result<Self, KeyConfigError> {
         if bits > 128 {
             return Err(KeyConfigError::Ipv6Prefix);
         }
@@ -453,18 +453,18 @@ mod tests {
             key(&ClientIp::peer(), &r).as_deref(),
             Some("2001:db8:1:2::")
         );
-        let wide = ClientIp::peer().with_ipv6_prefix(48).unwrap();
+        let wide = ClientIp::peer().try_with_ipv6_prefix(48).unwrap();
         assert_eq!(key(&wide, &r).as_deref(), Some("2001:db8:1::"));
-        let all = ClientIp::peer().with_ipv6_prefix(0).unwrap();
+        let all = ClientIp::peer().try_with_ipv6_prefix(0).unwrap();
         assert_eq!(key(&all, &r).as_deref(), Some("::"));
-        let exact = ClientIp::peer().with_ipv6_prefix(128).unwrap();
+        let exact = ClientIp::peer().try_with_ipv6_prefix(128).unwrap();
         assert_eq!(key(&exact, &r).as_deref(), Some("2001:db8:1:2:3:4:5:6"));
         let mapped = request("[::ffff:192.0.2.1]:80", &[]);
         assert_eq!(
             key(&ClientIp::peer(), &mapped).as_deref(),
             Some("192.0.2.1")
         );
-        assert!(ClientIp::peer().with_ipv6_prefix(129).is_err());
+        assert!(ClientIp::peer().try_with_ipv6_prefix(129).is_err());
     }
 
     #[test]

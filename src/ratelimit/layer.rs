@@ -11,7 +11,7 @@ use super::{
     headers::policy_value,
     limiter::{Fallback, Limiter},
     policy::Policy,
-    service::RateLimit,
+    service::RateLimitService,
     store::{Decision, RateLimitStore},
 };
 
@@ -196,9 +196,9 @@ impl RateLimitLayer {
 }
 
 impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
+    type Service = RateLimitService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit::new(inner, Arc::clone(&self.shared))
+        RateLimitService::new(inner, Arc::clone(&self.shared))
     }
 }

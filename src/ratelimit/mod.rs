@@ -73,7 +73,7 @@ pub use layer::{RateLimitLayer, RateLimited, Rejection};
 pub use limiter::Fallback;
 pub use policy::{MissingKey, Policy, PolicyError};
 pub use quota::{Quota, QuotaError};
-pub use service::{RateLimit, ResponseFuture};
+pub use service::{RateLimitService, ResponseFuture};
 pub use store::MemoryRateStore;
 #[cfg(feature = "redis")]
 pub use store::RedisRateStore;

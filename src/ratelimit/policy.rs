@@ -81,6 +81,27 @@ impl fmt::Debug for Policy {
 }
 
 impl Policy {
+    /// A policy with a literal name, as `http::HeaderValue::from_static` does for headers.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid policy name (see [`Policy::new`]): meant for literals in code.
+    /// Use [`Policy::new`] for names from configuration.
+    ///
+    /// ```
+    /// use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
+    ///
+    /// let layer = RateLimitLayer::new(Policy::from_static("per-ip", Quota::per_minute(100)));
+    /// # let _ = layer;
+    /// ```
+    #[track_caller]
+    pub fn from_static(name: &'static str, quota: Quota) -> Self {
+        match Self::new(name, quota) {
+            Ok(policy) => policy,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
     /// A policy named `name` enforcing `quota` per client IP (the TCP peer), with the
     /// sliding-window algorithm and a cost of 1 per request.
     pub fn new(name: &str, quota: Quota) -> Result<Self, PolicyError> {

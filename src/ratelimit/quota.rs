@@ -81,6 +81,16 @@ impl Quota {
     }
 
     /// A quota from values already checked.
+    /// A quota of `limit` per `window_ms`, with `Quota::new`'s bound on the limit.
+    #[track_caller]
+    const fn bounded(limit: u32, window_ms: u64) -> Self {
+        assert!(
+            limit as u64 <= MAX_LIMIT,
+            "a quota limit must be at most 1000000000"
+        );
+        Self::of(limit as u64, window_ms)
+    }
+
     const fn of(limit: u64, window_ms: u64) -> Self {
         let (tick, ticks) = sliding_ticks(window_ms * 1000, limit);
         Self {
@@ -92,18 +102,36 @@ impl Quota {
     }
 
     /// `limit` per second.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is over the bound [`Quota::new`] enforces (1 000 000 000): meant for
+    /// literals, where the check runs at compile time in a `const`.
+    #[track_caller]
     pub const fn per_second(limit: u32) -> Self {
-        Self::of(limit as u64, 1000)
+        Self::bounded(limit, 1000)
     }
 
     /// `limit` per minute.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is over the bound [`Quota::new`] enforces (1 000 000 000): meant for
+    /// literals, where the check runs at compile time in a `const`.
+    #[track_caller]
     pub const fn per_minute(limit: u32) -> Self {
-        Self::of(limit as u64, 60_000)
+        Self::bounded(limit, 60_000)
     }
 
     /// `limit` per hour.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is over the bound [`Quota::new`] enforces (1 000 000 000): meant for
+    /// literals, where the check runs at compile time in a `const`.
+    #[track_caller]
     pub const fn per_hour(limit: u32) -> Self {
-        Self::of(limit as u64, 3_600_000)
+        Self::bounded(limit, 3_600_000)
     }
 
     /// How much may be spent per window.
@@ -216,6 +244,14 @@ mod tests {
             Quota::new(MAX_LIMIT + 1, Duration::from_secs(1)),
             Err(QuotaError::Limit)
         );
+    }
+
+    #[test]
+    fn the_per_unit_constructors_keep_the_bound_of_new() {
+        assert_eq!(Quota::per_minute(1_000_000_000).limit(), 1_000_000_000);
+        let over = std::panic::catch_unwind(|| Quota::per_second(1_000_000_001));
+        assert!(over.is_err(), "over the bound that Quota::new refuses");
+        assert!(Quota::new(1_000_000_001, Duration::from_secs(1)).is_err());
     }
 
     #[test]

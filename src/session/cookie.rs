@@ -30,7 +30,7 @@ pub enum SameSite {
 /// Why a session layer setting was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum CookieConfigError {
     /// The cookie name is empty or has characters a cookie name may not have.
     #[error("invalid cookie name {0:?}: use letters, digits and !#$%&'*+-.^_`|~")]
     CookieName(String),
@@ -64,10 +64,10 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// Derives a key from `secret`. Any length works, but the secret should hold at least 32
     /// random bytes: it is all that stands between an attacker and a valid signature.
-    pub fn from_secret(secret: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
+    pub fn from_secret(secret: impl AsRef<[u8]>) -> Result<Self, CookieConfigError> {
         let secret = secret.as_ref();
         if secret.is_empty() {
-            return Err(ConfigError::EmptySecret);
+            return Err(CookieConfigError::EmptySecret);
         }
         // Domain-separated so the same secret used elsewhere in an app yields another key.
         let master = Sha512::new_with_prefix(b"tower-turnstile session cookie v1\0")
@@ -110,21 +110,24 @@ impl Default for CookieConfig {
     }
 }
 
-pub(crate) fn validate_name(name: &str) -> Result<(), ConfigError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), CookieConfigError> {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(token) {
-        return Err(ConfigError::CookieName(name.to_owned()));
+        return Err(CookieConfigError::CookieName(name.to_owned()));
     }
     Ok(())
 }
 
-pub(crate) fn validate_attribute(attribute: &'static str, value: &str) -> Result<(), ConfigError> {
+pub(crate) fn validate_attribute(
+    attribute: &'static str,
+    value: &str,
+) -> Result<(), CookieConfigError> {
     if value.is_empty()
         || value
             .bytes()
             .any(|b| b.is_ascii_control() || b == b' ' || b == b';' || b == b',')
     {
-        return Err(ConfigError::CookieAttribute {
+        return Err(CookieConfigError::CookieAttribute {
             attribute,
             value: value.to_owned(),
         });

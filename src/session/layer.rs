@@ -3,7 +3,9 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower_layer::Layer;
 
 use super::{
-    cookie::{ConfigError, CookieConfig, SameSite, SigningKey, validate_attribute, validate_name},
+    cookie::{
+        CookieConfig, CookieConfigError, SameSite, SigningKey, validate_attribute, validate_name,
+    },
     service::SessionService,
     store::{SessionInfo, SessionStore, StoreError, UserKey},
 };
@@ -104,21 +106,24 @@ impl SessionLayer {
     }
 
     /// The cookie's name. Default: `id`.
-    pub fn try_with_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
+    pub fn try_with_cookie_name(self, name: impl Into<String>) -> Result<Self, CookieConfigError> {
         let name = name.into();
         validate_name(&name)?;
         Ok(self.edit(|s| s.cookie.name = name))
     }
 
     /// The cookie's `Path`. Default: `/`.
-    pub fn try_with_cookie_path(self, path: impl Into<String>) -> Result<Self, ConfigError> {
+    pub fn try_with_cookie_path(self, path: impl Into<String>) -> Result<Self, CookieConfigError> {
         let path = path.into();
         validate_attribute("path", &path)?;
         Ok(self.edit(|s| s.cookie.path = path))
     }
 
     /// The cookie's `Domain`. Default: none (the cookie goes back to the exact host only).
-    pub fn try_with_cookie_domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
+    pub fn try_with_cookie_domain(
+        self,
+        domain: impl Into<String>,
+    ) -> Result<Self, CookieConfigError> {
         let domain = domain.into();
         validate_attribute("domain", &domain)?;
         Ok(self.edit(|s| s.cookie.domain = Some(domain)))

@@ -78,13 +78,13 @@ mod layer;
 mod service;
 pub mod store;
 
-pub use cookie::{ConfigError, SameSite, SigningKey};
+pub use cookie::{CookieConfigError, SameSite, SigningKey};
 pub use expiry::Expiry;
 #[cfg(feature = "axum")]
 pub use extract::MissingSessionLayer;
 pub use handle::{Session, SessionError, SessionEvent};
 pub use layer::{SessionLayer, UserSessions};
-pub use service::{ResponseFuture, SessionService};
+pub use service::{ResponseFuture, SessionService, SessionUnavailable};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
 #[cfg(feature = "redis")]

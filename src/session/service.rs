@@ -36,6 +36,21 @@ impl<S: fmt::Debug> fmt::Debug for SessionService<S> {
 }
 
 impl<S> SessionService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         Self { inner, shared }
     }
@@ -113,7 +128,7 @@ where
                         return Poll::Ready(Ok(response));
                     };
                     if session.shared().fail_closed && session.is_degraded() {
-                        return Poll::Ready(Ok(unavailable()));
+                        return Poll::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)));
                     }
                     if !session.needs_commit() {
                         return Poll::Ready(Ok(response));
@@ -133,14 +148,16 @@ where
                 } => {
                     let committed = ready!(commit.as_mut().poll(cx));
                     let Some(response) = response.take() else {
-                        return Poll::Ready(Ok(unavailable()));
+                        // Only reachable if polled again after completion.
+                        return Poll::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)));
                     };
                     let shared = session.shared();
-                    let lost = committed.event == Some(SessionEvent::Failed);
-                    if (shared.fail_closed && session.is_degraded())
-                        || (shared.fail_closed_on_write && lost)
+                    if shared.fail_closed && session.is_degraded() {
+                        return Poll::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)));
+                    }
+                    if shared.fail_closed_on_write && committed.event == Some(SessionEvent::Failed)
                     {
-                        return Poll::Ready(Ok(unavailable()));
+                        return Poll::Ready(Ok(unavailable(SessionUnavailable::WriteLost)));
                     }
                     return Poll::Ready(Ok(finish(response, committed, shared)));
                 }
@@ -150,11 +167,26 @@ where
     }
 }
 
-fn unavailable<B: RefusalBody>() -> Response<B> {
-    plain_response(
+/// Put into the extensions of every `503` the session layer answers, so outer layers (logging,
+/// metrics) can tell why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionUnavailable {
+    /// The store failed during the request, and the layer is fail-closed
+    /// ([`SessionLayer::with_fail_closed`](super::SessionLayer::with_fail_closed)).
+    StoreFailed,
+    /// The request's session changes could not be kept anywhere
+    /// ([`SessionLayer::with_fail_closed_on_write`](super::SessionLayer::with_fail_closed_on_write)).
+    WriteLost,
+}
+
+fn unavailable<B: RefusalBody>(reason: SessionUnavailable) -> Response<B> {
+    let mut response = plain_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "session store unavailable\n",
-    )
+    );
+    response.extensions_mut().insert(reason);
+    response
 }
 
 fn finish<B>(mut response: Response<B>, committed: Committed, shared: &Shared) -> Response<B> {

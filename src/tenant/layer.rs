@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use super::{
     InvalidTenant, Tenant,
     resolver::{RequestView, Resolution, ResolveTenant, TenantSource},
-    service::TenantScope,
+    service::TenantService,
 };
 use crate::body::RefusalBody;
 
@@ -201,9 +201,9 @@ impl TenantLayer {
 }
 
 impl<S> Layer<S> for TenantLayer {
-    type Service = TenantScope<S>;
+    type Service = TenantService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TenantScope::new(inner, Arc::clone(&self.shared))
+        TenantService::new(inner, Arc::clone(&self.shared))
     }
 }

@@ -103,10 +103,10 @@ mod service;
 pub use extract::MissingTenantLayer;
 pub use layer::{TenantLayer, TenantRejected};
 pub use resolver::{
-    Candidate, ConfigError, HeaderTenant, HostMap, HostSubdomain, PathPrefix, RequestView,
-    Resolution, ResolveTenant, TenantSource,
+    Candidate, HeaderTenant, HostMap, HostSubdomain, PathPrefix, RequestView, Resolution,
+    ResolveTenant, ResolverConfigError, TenantSource,
 };
-pub use service::{ResponseFuture, TenantScope};
+pub use service::{ResponseFuture, TenantService};
 
 use std::{
     fmt,
@@ -139,6 +139,26 @@ pub enum InvalidTenant {
 }
 
 impl Tenant {
+    /// A tenant from a literal name, as `http::HeaderValue::from_static` does for headers.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not a valid tenant name (see [`Tenant::new`]): meant for literals in
+    /// code, where the mistake is the programmer's. Use [`Tenant::new`] for names from input.
+    ///
+    /// ```
+    /// use tower_turnstile::tenant::Tenant;
+    ///
+    /// assert_eq!(Tenant::from_static("acme").as_str(), "acme");
+    /// ```
+    #[track_caller]
+    pub fn from_static(name: &'static str) -> Self {
+        match Self::new(name) {
+            Ok(tenant) => tenant,
+            Err(error) => panic!("invalid tenant name {name:?}: {error}"),
+        }
+    }
+
     /// Validates `name` (ASCII letters are lower-cased) and makes it a tenant.
     pub fn new(name: &str) -> Result<Self, InvalidTenant> {
         if name.is_empty() {

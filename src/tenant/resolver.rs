@@ -163,7 +163,7 @@ where
 /// Why a resolver setting was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum ResolverConfigError {
     /// The base domain is not a DNS name.
     #[error("invalid base domain {0:?}: expected a DNS name such as example.com")]
     BaseDomain(String),
@@ -205,8 +205,28 @@ pub struct HostSubdomain {
 }
 
 impl HostSubdomain {
+    /// [`HostSubdomain::new`] for a literal base domain.
+    ///
+    /// # Panics
+    ///
+    /// If `base_domain` is not a valid domain name: meant for literals in code.
+    ///
+    /// ```
+    /// use tower_turnstile::tenant::{HostSubdomain, TenantLayer};
+    ///
+    /// let layer = TenantLayer::new(HostSubdomain::from_static("example.com"));
+    /// # let _ = layer;
+    /// ```
+    #[track_caller]
+    pub fn from_static(base_domain: &'static str) -> Self {
+        match Self::new(base_domain) {
+            Ok(resolver) => resolver,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
     /// The subdomain directly under `base_domain` (such as `example.com`) is the tenant.
-    pub fn new(base_domain: &str) -> Result<Self, ConfigError> {
+    pub fn new(base_domain: &str) -> Result<Self, ResolverConfigError> {
         let trimmed = base_domain.strip_prefix('.').unwrap_or(base_domain);
         let trimmed = trimmed.strip_suffix('.').unwrap_or(trimmed);
         let valid = !trimmed.is_empty()
@@ -215,7 +235,7 @@ impl HostSubdomain {
                 .split('.')
                 .all(|label| is_host_label(label) && label.len() <= 63);
         if !valid {
-            return Err(ConfigError::BaseDomain(base_domain.to_owned()));
+            return Err(ResolverConfigError::BaseDomain(base_domain.to_owned()));
         }
         Ok(Self {
             base: Some(Arc::from(trimmed.to_ascii_lowercase())),
@@ -284,9 +304,35 @@ impl HostMap {
         Self::default()
     }
 
+    /// [`HostMap::try_with_host`] for literals.
+    ///
+    /// # Panics
+    ///
+    /// If `host` or `tenant` is invalid: meant for literals in code.
+    ///
+    /// ```
+    /// use tower_turnstile::tenant::HostMap;
+    ///
+    /// let hosts = HostMap::new()
+    ///     .with_static_host("shop.acme.test", "acme")
+    ///     .with_static_host("globex.example", "globex");
+    /// # let _ = hosts;
+    /// ```
+    #[track_caller]
+    pub fn with_static_host(self, host: &'static str, tenant: &'static str) -> Self {
+        match self.try_with_host(host, Tenant::from_static(tenant)) {
+            Ok(map) => map,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
     /// Maps `host` (a DNS name or an IP address, without a port) to `tenant`, replacing an
     /// earlier entry for the same host.
-    pub fn try_with_host(mut self, host: &str, tenant: Tenant) -> Result<Self, ConfigError> {
+    pub fn try_with_host(
+        mut self,
+        host: &str,
+        tenant: Tenant,
+    ) -> Result<Self, ResolverConfigError> {
         let key = match parse_host(host) {
             Ok(ParsedHost::Name(name))
                 if !host.contains(':') && name.split('.').all(is_host_label) =>
@@ -294,7 +340,7 @@ impl HostMap {
                 name.to_ascii_lowercase()
             }
             Ok(ParsedHost::Ip(ip)) if !has_port(host) => ip.to_string(),
-            _ => return Err(ConfigError::Host(host.to_owned())),
+            _ => return Err(ResolverConfigError::Host(host.to_owned())),
         };
         Arc::make_mut(&mut self.hosts).insert(key, tenant);
         Ok(self)
@@ -342,8 +388,21 @@ pub struct PathPrefix {
 }
 
 impl PathPrefix {
+    /// [`PathPrefix::new`] for a literal prefix.
+    ///
+    /// # Panics
+    ///
+    /// If `prefix` is not a valid path prefix: meant for literals in code.
+    #[track_caller]
+    pub fn from_static(prefix: &'static str) -> Self {
+        match Self::new(prefix) {
+            Ok(resolver) => resolver,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
     /// The segment after `prefix` (such as `/t`, or `/` for the first segment) is the tenant.
-    pub fn new(prefix: &str) -> Result<Self, ConfigError> {
+    pub fn new(prefix: &str) -> Result<Self, ResolverConfigError> {
         let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
         let valid = prefix.starts_with('/')
             && (trimmed.is_empty()
@@ -354,7 +413,7 @@ impl PathPrefix {
                         })
                 }));
         if !valid {
-            return Err(ConfigError::PathPrefix(prefix.to_owned()));
+            return Err(ResolverConfigError::PathPrefix(prefix.to_owned()));
         }
         Ok(Self {
             prefix: Arc::from(trimmed),

@@ -16,27 +16,42 @@ use crate::body::{RefusalBody, plain_response};
 /// The service of a [`TenantLayer`](super::TenantLayer): puts the request's
 /// [`Tenant`](super::Tenant) into its extensions, or refuses it.
 #[derive(Clone)]
-pub struct TenantScope<S> {
+pub struct TenantService<S> {
     inner: S,
     shared: Arc<Shared>,
 }
 
-impl<S: fmt::Debug> fmt::Debug for TenantScope<S> {
+impl<S: fmt::Debug> fmt::Debug for TenantService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TenantScope")
+        f.debug_struct("TenantService")
             .field("inner", &self.inner)
             .field("config", &self.shared)
             .finish()
     }
 }
 
-impl<S> TenantScope<S> {
+impl<S> TenantService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming this one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         Self { inner, shared }
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantScope<S>
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for TenantService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: RefusalBody,
@@ -69,7 +84,7 @@ where
 }
 
 pin_project! {
-    /// The response future of [`TenantScope`].
+    /// The response future of [`TenantService`].
     pub struct ResponseFuture<F, B> {
         #[pin]
         state: State<F, B>,

@@ -13,7 +13,7 @@ use axum::{
 use http::HeaderValue;
 use tower_turnstile::{
     backend::{BreakerConfig, RedisBackend},
-    session::{Expiry, Session, SessionEvent, SessionLayer},
+    session::{Expiry, Session, SessionEvent, SessionLayer, SessionUnavailable},
     tenant::Tenant,
 };
 
@@ -69,11 +69,18 @@ pub fn routes() -> Router {
         .route("/is-new", get(|s: Session| async move { s.is_new().await.unwrap().to_string() }))
 }
 
-/// Shows the layer's [`SessionEvent`] as a header, as an outer layer would read it.
+/// Shows the layer's [`SessionEvent`] (and the reason of a `503`) as headers, as an outer
+/// layer would read them.
 async fn show_event(mut response: Response) -> Response {
     if let Some(event) = response.extensions().get::<SessionEvent>().copied() {
         let value = HeaderValue::from_str(&format!("{event:?}")).unwrap();
         response.headers_mut().insert("x-session-event", value);
+    }
+    if let Some(reason) = response.extensions().get::<SessionUnavailable>().copied() {
+        let value = HeaderValue::from_str(&format!("{reason:?}")).unwrap();
+        response
+            .headers_mut()
+            .insert("x-session-unavailable", value);
     }
     response
 }
