@@ -166,6 +166,15 @@ where
 }
 
 /// A plain-text response written by a layer.
+/// What every layer's response future answers when it is polled again after it completed (a
+/// caller's mistake): a plain `500`, without touching the inner service's future again.
+pub(crate) fn polled_after_completion<B: RefusalBody>() -> http::Response<B> {
+    plain_response(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "response future polled after completion\n",
+    )
+}
+
 pub(crate) fn plain_response<B: RefusalBody>(
     status: http::StatusCode,
     text: &'static str,

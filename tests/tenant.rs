@@ -897,3 +897,63 @@ async fn redis_same_user_name_in_two_tenants_is_two_users() {
     assert_eq!(acme_again.get("/user").await.body, "alice");
     assert_eq!(acme_again.get("/sessions").await.body, "1");
 }
+
+/// Every layer's response future answers the same when polled again after it completed: a
+/// plain `500`, without polling the inner service's future again.
+#[tokio::test]
+async fn response_futures_polled_after_completion_answer_500_on_every_layer() {
+    use std::{future::Future, pin::pin, task::Context};
+
+    use axum::body::Body;
+    use tower::{Service, ServiceExt};
+    use tower_turnstile::{
+        ratelimit::{Policy, Quota, RateLimitLayer},
+        session::{MemoryStore, SessionLayer},
+        tenant::{HostSubdomain, TenantLayer},
+    };
+
+    async fn twice<S>(mut service: S, request: http::Request<Body>)
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>>,
+        S::Error: std::fmt::Debug,
+    {
+        let service = service.ready().await.unwrap();
+        let mut future = pin!(service.call(request));
+        let first = std::future::poll_fn(|cx| future.as_mut().poll(cx))
+            .await
+            .unwrap();
+        assert_ne!(first.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        let waker = std::task::Waker::noop();
+        let again = match future.as_mut().poll(&mut Context::from_waker(waker)) {
+            std::task::Poll::Ready(response) => response.unwrap(),
+            std::task::Poll::Pending => panic!("a completed future answers at once"),
+        };
+        assert_eq!(again.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(again.into_body(), 1024).await.unwrap();
+        assert_eq!(&body[..], b"response future polled after completion\n");
+    }
+
+    let handler = tower::service_fn(|_: http::Request<Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Body::from("ok")))
+    });
+    let request = || {
+        http::Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "acme.example.com")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let tenants = TenantLayer::new(HostSubdomain::from_static("example.com"));
+    twice(tower::Layer::layer(&tenants, handler), request()).await;
+    // A refusal, answered by the layer itself.
+    let bad_host = http::Request::builder()
+        .uri("/")
+        .header(http::header::HOST, "bad_label.example.com")
+        .body(Body::empty())
+        .unwrap();
+    twice(tower::Layer::layer(&tenants, handler), bad_host).await;
+    let sessions = SessionLayer::new(MemoryStore::new());
+    twice(tower::Layer::layer(&sessions, handler), request()).await;
+    let limits = RateLimitLayer::new(Policy::from_static("all", Quota::per_minute(10)));
+    twice(tower::Layer::layer(&limits, handler), request()).await;
+}

@@ -24,7 +24,7 @@ use super::{
     store::{Check, Client, CounterKey, Decision},
 };
 use crate::{
-    body::{RefusalBody, plain_response},
+    body::{RefusalBody, plain_response, polled_after_completion},
     tenant::Tenant,
 };
 
@@ -308,6 +308,7 @@ pin_project! {
         // Boxed: refusals are the rare path, and the future stays small for the common one.
         Ready { response: Option<Box<Response<B>>> },
         Boxed { future: BoxedResponse<B, E> },
+        Done,
     }
 }
 
@@ -346,23 +347,21 @@ where
 {
     type Output = Result<Response<B>, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { future, headers } => {
-                let mut response = ready!(future.poll(cx))?;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match self.as_mut().project().kind.project() {
+            KindProj::Inner { future, headers } => ready!(future.poll(cx)).map(|mut response| {
                 if let Some(headers) = headers.take() {
                     add_headers(&mut response, headers);
                 }
-                Poll::Ready(Ok(response))
-            }
-            KindProj::Ready { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(*response)),
-                None => Poll::Ready(Ok(plain_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "polled after completion\n",
-                ))),
-            },
-            KindProj::Boxed { future } => future.as_mut().poll(cx),
-        }
+                response
+            }),
+            KindProj::Ready { response } => Ok(response
+                .take()
+                .map_or_else(polled_after_completion, |response| *response)),
+            KindProj::Boxed { future } => ready!(future.as_mut().poll(cx)),
+            KindProj::Done => return Poll::Ready(Ok(polled_after_completion())),
+        };
+        self.project().kind.set(Kind::Done);
+        Poll::Ready(result)
     }
 }

@@ -15,7 +15,7 @@ use super::{
     layer::Shared,
 };
 use crate::{
-    body::{RefusalBody, plain_response},
+    body::{RefusalBody, plain_response, polled_after_completion},
     tenant::Tenant,
 };
 
@@ -81,7 +81,7 @@ where
         ResponseFuture {
             state: State::Inner {
                 future: self.inner.call(request),
-                session: Some(session),
+                session,
             },
         }
     }
@@ -100,9 +100,16 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F, B> {
-        Inner { #[pin] future: F, session: Option<Session> },
+        Inner { #[pin] future: F, session: Session },
         Commit { commit: CommitFuture, session: Session, response: Option<Response<B>> },
+        Done,
     }
+}
+
+/// What one turn of the response future's loop leads to.
+enum Step<F, B, E> {
+    Next(State<F, B>),
+    Ready(Result<Response<B>, E>),
 }
 
 impl<F, B> fmt::Debug for ResponseFuture<F, B> {
@@ -121,48 +128,53 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
             let next = match self.as_mut().project().state.project() {
-                StateProj::Inner { future, session } => {
-                    let response = ready!(future.poll(cx))?;
-                    let Some(session) = session.take() else {
-                        // Only reachable if polled again after completion.
-                        return Poll::Ready(Ok(response));
-                    };
-                    if session.shared().fail_closed && session.is_degraded() {
-                        return Poll::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)));
+                StateProj::Inner { future, session } => match ready!(future.poll(cx)) {
+                    Err(error) => Step::Ready(Err(error)),
+                    Ok(_) if session.shared().fail_closed && session.is_degraded() => {
+                        Step::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)))
                     }
-                    if !session.needs_commit() {
-                        return Poll::Ready(Ok(response));
+                    Ok(response) if !session.needs_commit() => Step::Ready(Ok(response)),
+                    Ok(response) => {
+                        let server_error = response.status().is_server_error();
+                        let committing = session.clone();
+                        Step::Next(State::Commit {
+                            commit: Box::pin(async move { committing.commit(server_error).await }),
+                            session: session.clone(),
+                            response: Some(response),
+                        })
                     }
-                    let server_error = response.status().is_server_error();
-                    let committing = session.clone();
-                    State::Commit {
-                        commit: Box::pin(async move { committing.commit(server_error).await }),
-                        session,
-                        response: Some(response),
-                    }
-                }
+                },
                 StateProj::Commit {
                     commit,
                     session,
                     response,
                 } => {
                     let committed = ready!(commit.as_mut().poll(cx));
-                    let Some(response) = response.take() else {
-                        // Only reachable if polled again after completion.
-                        return Poll::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)));
-                    };
                     let shared = session.shared();
-                    if shared.fail_closed && session.is_degraded() {
-                        return Poll::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)));
-                    }
-                    if shared.fail_closed_on_write && committed.event == Some(SessionEvent::Failed)
-                    {
-                        return Poll::Ready(Ok(unavailable(SessionUnavailable::WriteLost)));
-                    }
-                    return Poll::Ready(Ok(finish(response, committed, shared)));
+                    Step::Ready(Ok(match response.take() {
+                        None => polled_after_completion(),
+                        Some(_) if shared.fail_closed && session.is_degraded() => {
+                            unavailable(SessionUnavailable::StoreFailed)
+                        }
+                        Some(_)
+                            if shared.fail_closed_on_write
+                                && committed.event == Some(SessionEvent::Failed) =>
+                        {
+                            unavailable(SessionUnavailable::WriteLost)
+                        }
+                        Some(response) => finish(response, committed, shared),
+                    }))
                 }
+                StateProj::Done => Step::Ready(Ok(polled_after_completion())),
             };
-            self.as_mut().project().state.set(next);
+            match next {
+                Step::Next(state) => self.as_mut().project().state.set(state),
+                // Nothing is left to do, and a poll after this one answers as such.
+                Step::Ready(result) => {
+                    self.as_mut().project().state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+            }
         }
     }
 }

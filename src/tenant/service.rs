@@ -3,7 +3,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use http::{Request, Response};
@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{layer::Shared, resolver::RequestView};
-use crate::body::{RefusalBody, plain_response};
+use crate::body::{RefusalBody, polled_after_completion};
 
 /// The service of a [`TenantLayer`](super::TenantLayer): puts the request's
 /// [`Tenant`](super::Tenant) into its extensions, or refuses it.
@@ -96,6 +96,7 @@ pin_project! {
     enum State<F, B> {
         Inner { #[pin] future: F },
         Rejected { response: Option<Response<B>> },
+        Done,
     }
 }
 
@@ -112,17 +113,16 @@ where
 {
     type Output = Result<Response<B>, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Inner { future } => future.poll(cx),
-            StateProj::Rejected { response } => {
-                Poll::Ready(Ok(response.take().unwrap_or_else(|| {
-                    plain_response(
-                        http::StatusCode::INTERNAL_SERVER_ERROR,
-                        "polled after completion\n",
-                    )
-                })))
-            }
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = match self.as_mut().project().state.project() {
+            StateProj::Inner { future } => ready!(future.poll(cx)),
+            StateProj::Rejected { response } => match response.take() {
+                Some(response) => Ok(response),
+                None => Ok(polled_after_completion()),
+            },
+            StateProj::Done => return Poll::Ready(Ok(polled_after_completion())),
+        };
+        self.project().state.set(State::Done);
+        Poll::Ready(result)
     }
 }
