@@ -13,7 +13,7 @@
 --
 -- Times are whole microseconds and the emission interval is window / limit rounded down to a
 -- whole microsecond (at least 1), so every number is an integer below 2^53, exact in Lua's
--- doubles. MemoryRateStore (memory.rs) feeds the same integers to governor's GCRA, and both
+-- doubles. The memory store runs the same arithmetic (ratelimit/algorithm/gcra.rs), and both
 -- stores make the same decisions.
 
 -- The arguments, `now`, `window`, `limit`, `cost` and `int` come from prelude.lua.
