@@ -99,6 +99,27 @@
 //! # }
 //! ```
 
+/// `get_ref`, `get_mut` and `into_inner` for a layer's service, whose inner service is its
+/// `inner` field.
+macro_rules! inner_service_accessors {
+    () => {
+        /// The inner service.
+        pub fn get_ref(&self) -> &S {
+            &self.inner
+        }
+
+        /// The inner service, mutably.
+        pub fn get_mut(&mut self) -> &mut S {
+            &mut self.inner
+        }
+
+        /// The inner service, consuming this one.
+        pub fn into_inner(self) -> S {
+            self.inner
+        }
+    };
+}
+
 #[cfg(feature = "redis")]
 pub mod backend;
 mod body;
