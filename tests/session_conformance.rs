@@ -11,7 +11,7 @@ use tower_turnstile::{
     backend::RedisBackend,
     session::{
         FallbackStore, MemoryStore, RedisStore, SessionStore, StoreError,
-        store::{Lifetime, Patch, Record, SessionKey, UserKey, Written},
+        store::{Lifetime, ManualClock, Patch, Record, SessionKey, UserKey, Written},
     },
     tenant::Tenant,
 };
@@ -23,16 +23,21 @@ struct Fixture {
     /// "unavailable" rather than "none", since it cannot know.
     cut_off: bool,
     twin: Box<dyn Fn() -> Arc<dyn SessionStore> + Send + Sync>,
+    /// The store's clock, where the store decides expiry itself; Redis expires keys on its
+    /// own clock, so time there passes for real.
+    clock: Option<ManualClock>,
     _redis: Option<RedisServer>,
 }
 
 impl Fixture {
     fn memory() -> Option<Self> {
-        let store = MemoryStore::new();
+        let clock = ManualClock::new();
+        let store = MemoryStore::builder().clock(clock.clone()).build();
         let shared = store.clone();
         Some(Self {
             store: Arc::new(store),
             twin: Box::new(move || Arc::new(shared.clone())),
+            clock: Some(clock),
             _redis: None,
             cut_off: false,
         })
@@ -50,6 +55,7 @@ impl Fixture {
         Some(Self {
             store: make(),
             twin: Box::new(make),
+            clock: None,
             _redis: Some(server),
             cut_off: false,
         })
@@ -66,6 +72,7 @@ impl Fixture {
         Some(Self {
             store: make(),
             twin: Box::new(make),
+            clock: None,
             _redis: Some(server),
             cut_off: false,
         })
@@ -75,11 +82,14 @@ impl Fixture {
     /// everything, and "another instance" can only be this one.
     fn fallback_down() -> Option<Self> {
         let url = RedisServer::start()?.url(); // dropped here: the port now refuses connections
-        let store = FallbackStore::new(RedisStore::new(RedisBackend::new(&url).expect("backend")));
+        let clock = ManualClock::new();
+        let redis = RedisStore::new(RedisBackend::new(&url).expect("backend"));
+        let store = FallbackStore::builder(redis).clock(clock.clone()).build();
         let shared = store.clone();
         Some(Self {
             store: Arc::new(store),
             twin: Box::new(move || Arc::new(shared.clone())),
+            clock: Some(clock),
             _redis: None,
             cut_off: true,
         })
@@ -100,6 +110,14 @@ impl Fixture {
             Ok(Written::Missing) => {}
             Err(error) if self.cut_off && error.is_outage() => {}
             other => panic!("{why}: expected a missing session, got {other:?}"),
+        }
+    }
+
+    /// Lets `time` pass for the store: on its clock if it has one, else for real.
+    async fn pass(&self, time: Duration) {
+        match &self.clock {
+            Some(clock) => clock.advance(time),
+            None => tokio::time::sleep(time).await,
         }
     }
 
@@ -176,13 +194,13 @@ async fn inactivity_expiry_slides_on_load(f: Fixture) {
     s.create(&key, &rec).await.unwrap();
     // Used every 900 ms, it outlives its 1.5 s timeout: each load restarts the clock.
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
+        f.pass(Duration::from_millis(900)).await;
         assert!(
             s.load(&key).await.unwrap().is_some(),
             "a used session stays alive"
         );
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    f.pass(Duration::from_millis(2500)).await;
     f.assert_absent(s.load(&key).await, "an unused session expires");
 }
 
@@ -193,7 +211,7 @@ async fn inactivity_expiry_slides_on_update(f: Fixture) {
     rec.inactivity_timeout = Duration::from_millis(1500);
     s.create(&key, &rec).await.unwrap();
     for i in 0..3 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
+        f.pass(Duration::from_millis(900)).await;
         let written = s
             .update(&key, &patch(&[("a", &i.to_string())], &[]))
             .await
@@ -209,12 +227,35 @@ async fn absolute_lifetime_is_a_hard_cap(f: Fixture) {
     let mut rec = Record::new(Duration::from_secs(60), Duration::from_millis(1500));
     rec.data.insert("a".into(), "1".into());
     s.create(&key, &rec).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    f.pass(Duration::from_millis(700)).await;
     assert!(s.load(&key).await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    f.pass(Duration::from_millis(1300)).await;
     f.assert_absent(
         s.load(&key).await,
         "however active, the session ends at its absolute end",
+    );
+}
+
+async fn expired_sessions_leave_the_user_listing(f: Fixture) {
+    let s = &f.store;
+    let t = Tenant::default();
+    let (short, long) = (random_key(&t), random_key(&t));
+    let mut rec = record(&[("a", "1")], Some("carol"));
+    rec.inactivity_timeout = Duration::from_millis(1000);
+    s.create(&short, &rec).await.unwrap();
+    rec.inactivity_timeout = Duration::from_secs(3600);
+    s.create(&long, &rec).await.unwrap();
+    let carol = UserKey::new(&t, "carol");
+    assert_eq!(s.list_user_sessions(&carol).await.unwrap().len(), 2);
+    // Listing is not a use: it does not keep the short session alive.
+    f.pass(Duration::from_millis(600)).await;
+    assert_eq!(s.list_user_sessions(&carol).await.unwrap().len(), 2);
+    f.pass(Duration::from_millis(600)).await;
+    let listed = s.list_user_sessions(&carol).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|i| i.key.clone()).collect::<Vec<_>>(),
+        [long],
+        "an expired session is not listed"
     );
 }
 
@@ -435,6 +476,7 @@ macro_rules! suite {
             inactivity_expiry_slides_on_load,
             inactivity_expiry_slides_on_update,
             absolute_lifetime_is_a_hard_cap,
+            expired_sessions_leave_the_user_listing,
             cycle_keeps_data_and_kills_the_old_key,
             destroyed_sessions_stay_destroyed,
             concurrent_patches_of_different_keys_all_survive,

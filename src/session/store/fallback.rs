@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use super::{
-    MemoryStore, Patch, Record, RedisStore, SessionInfo, SessionKey, SessionStore, StoreError,
-    UserKey, Written,
+    Clock, MemoryStore, Patch, Record, RedisStore, SessionInfo, SessionKey, SessionStore,
+    StoreError, UserKey, Written,
+    clock::SharedClock,
     redis::{ReplayMode, ReplayWrite},
     unix_millis,
 };
@@ -94,6 +95,7 @@ pub struct FallbackStoreBuilder {
     max_local_sessions: u64,
     max_local_idle: Duration,
     max_journal: usize,
+    clock: SharedClock,
 }
 
 impl FallbackStoreBuilder {
@@ -117,6 +119,14 @@ impl FallbackStoreBuilder {
         self
     }
 
+    /// Where the local copy reads the time to expire sessions. Default: the system clock; a
+    /// [`ManualClock`](super::ManualClock) lets a test expire them without sleeping. Journaled
+    /// writes are still stamped with the system clock, as Redis's writes are.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
     /// Builds the store. The replay task starts with the first journaled write, on the Tokio
     /// runtime that write runs on, and ends when the journal is empty or the store is dropped.
     pub fn build(self) -> FallbackStore {
@@ -127,6 +137,7 @@ impl FallbackStoreBuilder {
                     .max_sessions(self.max_local_sessions)
                     .max_users(self.max_local_sessions)
                     .max_idle(self.max_local_idle)
+                    .shared_clock(self.clock)
                     .build(),
                 journal: Mutex::new(Journal::default()),
                 journaled_now: AtomicBool::new(false),
@@ -313,6 +324,7 @@ impl FallbackStore {
             max_local_sessions: 100_000,
             max_local_idle: Duration::from_secs(24 * 3600),
             max_journal: 100_000,
+            clock: SharedClock::default(),
         }
     }
 

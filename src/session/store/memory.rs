@@ -1,15 +1,18 @@
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant, SystemTime},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use moka::{Expiry, sync::Cache};
 
 use super::{
-    Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
-    from_unix_millis, unix_millis,
+    Clock, Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
+    clock::SharedClock, from_unix_millis, millis,
 };
 
 /// Sessions in process memory: bounded in size, expired by time.
@@ -18,7 +21,9 @@ use super::{
 /// is capped (least useful entries are evicted first), so a flood of new visitors cannot
 /// exhaust memory; every session expires on its own inactivity timeout and absolute lifetime.
 ///
-/// Clones share the same sessions.
+/// Clones share the same sessions. Time comes from the system clock, or from the
+/// [`Clock`] given to [`MemoryStoreBuilder::clock`] (a
+/// [`ManualClock`](super::ManualClock) lets a test expire sessions without sleeping).
 ///
 /// ```
 /// use tower_turnstile::session::{MemoryStore, SessionLayer};
@@ -30,7 +35,16 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     sessions: Cache<SessionKey, Arc<Entry>>,
-    users: Cache<UserKey, Arc<Mutex<HashMap<SessionKey, SessionInfo>>>>,
+    users: Cache<UserKey, Arc<Mutex<HashMap<SessionKey, Listed>>>>,
+    clock: SharedClock,
+}
+
+/// A session in a user's index: what listing shows, and the entry, to tell whether it still
+/// lives without counting the look as a use.
+#[derive(Debug)]
+struct Listed {
+    info: SessionInfo,
+    entry: Weak<Entry>,
 }
 
 /// Builds a [`MemoryStore`] with a non-default capacity.
@@ -41,6 +55,7 @@ pub struct MemoryStoreBuilder {
     max_users: u64,
     user_index_idle: Duration,
     max_idle: Option<Duration>,
+    clock: SharedClock,
 }
 
 impl MemoryStoreBuilder {
@@ -63,11 +78,26 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Where the store reads the time. Default: the system clock.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = SharedClock::new(clock);
+        self
+    }
+
+    pub(crate) fn shared_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
+        // The cache's own expiry (on the monotonic clock) reclaims memory; whether a session
+        // is alive is decided on `clock` (see `Entry::alive`). On the system clock both agree.
         let mut sessions = Cache::builder()
             .max_capacity(self.max_sessions)
-            .expire_after(RecordExpiry);
+            .expire_after(RecordExpiry {
+                clock: self.clock.clone(),
+            });
         if let Some(idle) = self.max_idle {
             sessions = sessions.time_to_idle(idle);
         }
@@ -77,6 +107,7 @@ impl MemoryStoreBuilder {
                 .max_capacity(self.max_users)
                 .time_to_idle(self.user_index_idle)
                 .build(),
+            clock: self.clock,
         }
     }
 }
@@ -102,6 +133,7 @@ impl MemoryStore {
             // and an index that is used is kept.
             user_index_idle: Duration::from_secs(31 * 24 * 3600),
             max_idle: None,
+            clock: SharedClock::default(),
         }
     }
 
@@ -116,14 +148,15 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn index(&self, user: &UserKey, key: &SessionKey, record: &Record) {
+    fn index(&self, user: &UserKey, key: &SessionKey, record: &Record, entry: &Arc<Entry>) {
         let index = self.users.get_with(user.clone(), Default::default);
         let info = SessionInfo {
             key: key.clone(),
             created_at: from_unix_millis(record.created_at),
             expires_at: from_unix_millis(record.expires_at),
         };
-        lock(&index).insert(key.clone(), info);
+        let entry = Arc::downgrade(entry);
+        lock(&index).insert(key.clone(), Listed { info, entry });
     }
 
     fn unindex(&self, user: &UserKey, key: &SessionKey) {
@@ -139,6 +172,29 @@ impl MemoryStore {
 #[derive(Debug)]
 struct Entry {
     record: Mutex<Record>,
+    /// When the session was last used, in Unix ms on the store's clock.
+    used: AtomicU64,
+}
+
+impl Entry {
+    fn new(record: &Record, now_ms: u64) -> Self {
+        Self {
+            record: Mutex::new(record.clone()),
+            used: AtomicU64::new(now_ms),
+        }
+    }
+
+    /// Whether the session is alive at `now_ms`: before its absolute end, and used within its
+    /// inactivity timeout.
+    fn alive(&self, now_ms: u64) -> bool {
+        let record = lock(&self.record);
+        let idle = now_ms.saturating_sub(self.used.load(Ordering::Relaxed));
+        now_ms < record.expires_at && idle < millis(record.inactivity_timeout)
+    }
+
+    fn touch(&self, now_ms: u64) {
+        self.used.fetch_max(now_ms, Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,11 +205,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-struct RecordExpiry;
+struct RecordExpiry {
+    clock: SharedClock,
+}
 
 impl RecordExpiry {
-    fn ttl(entry: &Entry) -> Option<Duration> {
-        Some(lock(&entry.record).ttl_at(unix_millis(SystemTime::now())))
+    fn ttl(&self, entry: &Entry) -> Option<Duration> {
+        Some(lock(&entry.record).ttl_at(self.clock.now_ms()))
     }
 }
 
@@ -164,7 +222,7 @@ impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
         entry: &Arc<Entry>,
         _: Instant,
     ) -> Option<Duration> {
-        Self::ttl(entry)
+        self.ttl(entry)
     }
 
     fn expire_after_read(
@@ -175,7 +233,7 @@ impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
         _: Option<Duration>,
         _: Instant,
     ) -> Option<Duration> {
-        Self::ttl(entry)
+        self.ttl(entry)
     }
 
     fn expire_after_update(
@@ -185,7 +243,7 @@ impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
         _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Self::ttl(entry)
+        self.ttl(entry)
     }
 }
 
@@ -193,37 +251,42 @@ impl Expiry<SessionKey, Arc<Entry>> for RecordExpiry {
 impl MemoryStore {
     pub(crate) fn get(&self, key: &SessionKey) -> Option<Record> {
         // `get` restarts the inactivity clock (see `RecordExpiry::expire_after_read`).
-        let entry = self.sessions.get(key)?;
+        let entry = self.live(key)?;
         let record = lock(&entry.record).clone();
-        if record.ttl_at(unix_millis(SystemTime::now())).is_zero() {
-            self.sessions.invalidate(key);
-            return None;
-        }
         Some(record)
     }
 
-    pub(crate) fn put(&self, key: &SessionKey, record: &Record) {
-        if let Some(user) = &record.user {
-            self.index(&UserKey::new(key.tenant(), user.as_str()), key, record);
+    /// The entry of a session alive now, marked as used; a dead one is dropped.
+    fn live(&self, key: &SessionKey) -> Option<Arc<Entry>> {
+        let entry = self.sessions.get(key)?;
+        let now = self.clock.now_ms();
+        if !entry.alive(now) {
+            self.sessions.invalidate(key);
+            return None;
         }
-        self.sessions.insert(
-            key.clone(),
-            Arc::new(Entry {
-                record: Mutex::new(record.clone()),
-            }),
-        );
+        entry.touch(now);
+        Some(entry)
+    }
+
+    pub(crate) fn put(&self, key: &SessionKey, record: &Record) {
+        let entry = Arc::new(Entry::new(record, self.clock.now_ms()));
+        if let Some(user) = &record.user {
+            self.index(
+                &UserKey::new(key.tenant(), user.as_str()),
+                key,
+                record,
+                &entry,
+            );
+        }
+        self.sessions.insert(key.clone(), entry);
     }
 
     pub(crate) fn patch(&self, key: &SessionKey, patch: &Patch) -> Written {
-        let Some(entry) = self.sessions.get(key) else {
+        let Some(entry) = self.live(key) else {
             return Written::Missing;
         };
-        let alive = {
-            let mut record = lock(&entry.record);
-            record.apply(patch);
-            !record.ttl_at(unix_millis(SystemTime::now())).is_zero()
-        };
-        if !alive {
+        lock(&entry.record).apply(patch);
+        if !entry.alive(self.clock.now_ms()) {
             // The change ended the session's life (or it had just run out).
             self.sessions.invalidate(key);
             return Written::Missing;
@@ -242,7 +305,11 @@ impl MemoryStore {
         new: &SessionKey,
         record: &Record,
     ) -> Written {
-        if !self.sessions.contains_key(old) {
+        if !self
+            .sessions
+            .get(old)
+            .is_some_and(|entry| entry.alive(self.clock.now_ms()))
+        {
             return Written::Missing;
         }
         self.put(new, record);
@@ -269,11 +336,15 @@ impl MemoryStore {
         let Some(index) = self.users.get(user) else {
             return Vec::new();
         };
+        let now = self.clock.now_ms();
         let mut index = lock(&index);
-        // `contains_key` does not count as use of the session, so listing a user's sessions
-        // does not keep the idle ones alive.
-        index.retain(|key, _| self.sessions.contains_key(key));
-        index.values().cloned().collect()
+        // Neither `contains_key` nor `alive` counts as use of the session, so listing a user's
+        // sessions does not keep the idle ones alive.
+        index.retain(|key, listed| {
+            self.sessions.contains_key(key)
+                && listed.entry.upgrade().is_some_and(|entry| entry.alive(now))
+        });
+        index.values().map(|listed| listed.info.clone()).collect()
     }
 
     pub(crate) fn remove_user_sessions(&self, user: &UserKey) -> usize {

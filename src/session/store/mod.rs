@@ -11,6 +11,8 @@ use async_trait::async_trait;
 pub use super::id::{SessionKey, UserKey};
 pub use crate::error::StoreError;
 
+#[cfg(feature = "memory")]
+mod clock;
 #[cfg(all(feature = "memory", feature = "redis"))]
 mod fallback;
 #[cfg(feature = "memory")]
@@ -18,6 +20,8 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(feature = "memory")]
+pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(all(feature = "memory", feature = "redis"))]
 pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
 #[cfg(feature = "memory")]
