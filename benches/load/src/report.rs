@@ -1,0 +1,319 @@
+//! The report: medians per scenario, ratios taken within each round, and a plot.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use serde_json::json;
+
+use crate::measure::{RunResult, SCENARIOS};
+
+/// A ratio the issue names: `ours` over `anchor`, on requests/s unless `on` says otherwise.
+struct Comparison {
+    label: &'static str,
+    ours: &'static str,
+    anchor: &'static str,
+    on: Metric,
+    /// The target, and whether a higher ratio is better.
+    target: Option<(f64, bool)>,
+}
+
+#[derive(Clone, Copy)]
+enum Metric {
+    Throughput,
+    RedisCpu,
+}
+
+impl Metric {
+    fn of(self, run: &RunResult) -> f64 {
+        match self {
+            Self::Throughput => run.rps,
+            Self::RedisCpu => run.redis_cpu_us,
+        }
+    }
+}
+
+const COMPARISONS: &[Comparison] = &[
+    Comparison {
+        label: "session read (slides) / tower-sessions read (no slide)",
+        ours: "ours-session/read",
+        anchor: "ts-session/read",
+        on: Metric::Throughput,
+        target: Some((1.2, true)),
+    },
+    Comparison {
+        label: "session read / tower-sessions `always_save` read",
+        ours: "ours-session/read",
+        anchor: "ts-session-always-save/read",
+        on: Metric::Throughput,
+        target: Some((2.0, true)),
+    },
+    Comparison {
+        label: "session write / tower-sessions write",
+        ours: "ours-session/write",
+        anchor: "ts-session/write",
+        on: Metric::Throughput,
+        target: Some((1.2, true)),
+    },
+    Comparison {
+        label: "Redis CPU per session read / tower-sessions'",
+        ours: "ours-session/read",
+        anchor: "ts-session/read",
+        on: Metric::RedisCpu,
+        target: Some((1.0, false)),
+    },
+    Comparison {
+        label: "Redis CPU per session write / tower-sessions'",
+        ours: "ours-session/write",
+        anchor: "ts-session/write",
+        on: Metric::RedisCpu,
+        target: Some((1.0, false)),
+    },
+    Comparison {
+        label: "rate limit on Redis, allowed / plain axum",
+        ours: "ours-ratelimit/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: None,
+    },
+    Comparison {
+        label: "tower_governor allowed / plain axum",
+        ours: "governor-allow/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: None,
+    },
+    Comparison {
+        label: "whole stack (Redis rate limit + tenant + Redis session read) / plain axum",
+        ours: "ours-stack/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: Some((0.4, true)),
+    },
+    Comparison {
+        label: "tower-sessions + tower_governor / plain axum",
+        ours: "ts-stack/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: None,
+    },
+    Comparison {
+        label: "whole stack / tower-sessions + tower_governor",
+        ours: "ours-stack/read",
+        anchor: "ts-stack/read",
+        on: Metric::Throughput,
+        target: None,
+    },
+    Comparison {
+        label: "denied flood / plain axum",
+        ours: "ours-deny/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: Some((0.9, true)),
+    },
+    Comparison {
+        label: "denied flood / tower_governor deny",
+        ours: "ours-deny/read",
+        anchor: "governor-deny/read",
+        on: Metric::Throughput,
+        target: None,
+    },
+];
+
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn find<'a>(round: &'a [RunResult], name: &str) -> Option<&'a RunResult> {
+    round.iter().find(|r| r.scenario == name)
+}
+
+/// Writes `results.json`, `report.md` and `ratios.svg` into `out`.
+pub fn write(
+    out: &Path,
+    rounds: &[Vec<RunResult>],
+    versions: &BTreeMap<String, String>,
+    command: &str,
+) {
+    let names: Vec<String> = SCENARIOS
+        .iter()
+        .map(|s| s.name())
+        .filter(|name| rounds.iter().any(|round| find(round, name).is_some()))
+        .collect();
+    let json = json!({
+        "command": command,
+        "versions": versions,
+        "rounds": rounds.iter().map(|round| round.iter().map(RunResult::to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .expect("write results.json");
+
+    let mut md = String::new();
+    let _ = writeln!(md, "Command: `{command}`\n");
+    let _ = writeln!(md, "| | |\n| --- | --- |");
+    for (name, version) in versions {
+        let _ = writeln!(md, "| {name} | {version} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nMedians over {} rounds; each run in a fresh server process.\n",
+        rounds.len()
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | req/s | p50 µs | p99 µs | server CPU µs/req | Redis CPU µs/req | Redis cmds/req | non-2xx | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    let mut ratio_to_plain = Vec::new();
+    for name in &names {
+        let runs: Vec<&RunResult> = rounds.iter().filter_map(|r| find(r, name)).collect();
+        let med = |f: &dyn Fn(&RunResult) -> f64| {
+            median(&mut runs.iter().map(|r| f(r)).collect::<Vec<_>>())
+        };
+        let non_2xx: u64 = runs.iter().map(|r| r.non_2xx).sum();
+        let requests: u64 = runs.iter().map(|r| r.requests).sum();
+        let _ = writeln!(
+            md,
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.1}% | {:.1} |",
+            med(&|r| r.rps),
+            med(&|r| r.p50_us),
+            med(&|r| r.p99_us),
+            med(&|r| r.server_cpu_us),
+            med(&|r| r.redis_cpu_us),
+            med(&|r| r.redis_commands),
+            100.0 * non_2xx as f64 / requests.max(1) as f64,
+            med(&|r| r.peak_rss_mib),
+        );
+        let mut per_round: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| Some(find(round, name)?.rps / find(round, "plain/read")?.rps))
+            .collect();
+        if !per_round.is_empty() {
+            ratio_to_plain.push((name.clone(), median(&mut per_round)));
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "\nRatios taken within each round (ours / anchor), then the median:\n\n| comparison | per round | median | target | met |\n| --- | --- | ---: | ---: | --- |"
+    );
+    for c in COMPARISONS {
+        let mut per_round: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| {
+                Some(c.on.of(find(round, c.ours)?) / c.on.of(find(round, c.anchor)?))
+            })
+            .collect();
+        if per_round.is_empty() {
+            continue;
+        }
+        let listed: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+        let med = median(&mut per_round);
+        let (target, met) = match c.target {
+            Some((t, higher)) => (
+                format!("{} {t}", if higher { "≥" } else { "≤" }),
+                if (higher && med >= t) || (!higher && med <= t) {
+                    "yes"
+                } else {
+                    "**no**"
+                },
+            ),
+            None => ("—".into(), ""),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {med:.2} | {target} | {met} |",
+            c.label,
+            listed.join(", ")
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\nRedis commands per request as `INFO commandstats` counts them (the commands a script runs are counted too; calls per request × Redis µs per call), medians:\n\n| scenario | commands |\n| --- | --- |"
+    );
+    for name in &names {
+        let runs: Vec<&RunResult> = rounds.iter().filter_map(|r| find(r, name)).collect();
+        let mut commands: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        for run in &runs {
+            for (command, (calls, usec)) in &run.redis_by_command {
+                let entry = commands.entry(command).or_default();
+                entry.0.push(*calls);
+                entry.1.push(*usec);
+            }
+        }
+        let listed: Vec<String> = commands
+            .into_iter()
+            .filter_map(|(command, (mut calls, mut usec))| {
+                let calls = median(&mut calls);
+                (calls >= 0.005)
+                    .then(|| format!("`{command}` {calls:.2} × {:.2} µs", median(&mut usec)))
+            })
+            .collect();
+        if !listed.is_empty() {
+            let _ = writeln!(md, "| {name} | {} |", listed.join(", "));
+        }
+    }
+    std::fs::write(out.join("report.md"), md).expect("write report.md");
+    std::fs::write(out.join("ratios.svg"), svg(&ratio_to_plain)).expect("write ratios.svg");
+}
+
+/// Horizontal bars: each scenario's requests/s as a share of plain axum's, same round.
+fn svg(bars: &[(String, f64)]) -> String {
+    let (label_w, bar_w, row_h, top) = (230.0, 420.0, 26.0, 40.0);
+    let max = bars.iter().map(|(_, r)| *r).fold(1.0_f64, f64::max);
+    let height = top + row_h * bars.len() as f64 + 30.0;
+    let width = label_w + bar_w + 70.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="22" font-size="14">Requests/s as a share of plain axum (median of per-round ratios)</text>"#
+    );
+    for (i, (name, ratio)) in bars.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let w = bar_w * ratio / max;
+        let colour = if name.starts_with("ours") {
+            "#2b6cb0"
+        } else {
+            "#a0aec0"
+        };
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{name}</text><rect x="{label_w}" y="{}" width="{w:.1}" height="{}" fill="{colour}"/><text x="{}" y="{}">{ratio:.2}</text>"#,
+            label_w - 8.0,
+            y + 15.0,
+            y + 3.0,
+            row_h - 8.0,
+            label_w + w + 6.0,
+            y + 15.0
+        );
+    }
+    let x1 = label_w + bar_w / max;
+    let _ = writeln!(
+        s,
+        r##"<line x1="{x1:.1}" y1="{}" x2="{x1:.1}" y2="{}" stroke="#c53030" stroke-dasharray="4 3"/>"##,
+        top - 4.0,
+        height - 26.0
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="{}" fill="#555">blue: tower-turnstile; grey: peers and plain axum; dashed line: plain axum (1.0)</text>"##,
+        height - 8.0
+    );
+    s.push_str("</svg>\n");
+    s
+}
