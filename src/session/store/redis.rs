@@ -1,7 +1,17 @@
-use std::{collections::BTreeMap, fmt, sync::LazyLock, time::Duration};
+#[cfg(feature = "memory")]
+use std::sync::LazyLock;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
-use redis::{Pipeline, Script, Value};
+use redis::{Pipeline, Value};
 
 use super::{
     Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
@@ -9,19 +19,13 @@ use super::{
 };
 use crate::backend::RedisBackend;
 
-static LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/load.lua")));
-static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/update.lua")));
-static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/create.lua")));
-/// Sent as `EVAL` in a pipeline (with the user-index commands), like `CREATE_INLINE`.
+/// Sent as `EVAL` in a pipeline (with the user-index commands): there a `NOSCRIPT` reply (after
+/// a Redis restart) could not be retried without repeating the pipeline's other commands.
 #[cfg(feature = "memory")]
 static REPLAY_INLINE: LazyLock<String> =
     LazyLock::new(|| without_comments(include_str!("lua/replay.lua")));
-/// The create script without its comments, sent as `EVAL` inside pipelines: there a `NOSCRIPT`
-/// reply (after a Redis restart) could not be retried without repeating the pipeline's other
-/// commands, such as the removal of the old record in a cycle.
-static CREATE_INLINE: LazyLock<String> =
-    LazyLock::new(|| without_comments(include_str!("lua/create.lua")));
 
+#[cfg(feature = "memory")]
 fn without_comments(script: &str) -> String {
     script
         .lines()
@@ -37,6 +41,12 @@ const ABSOLUTE: &str = "m:abs";
 const IDLE: &str = "m:idle";
 const TENANT: &str = "m:tenant";
 const PERSISTENT: &str = "m:persist";
+/// Prefix of a field's write time (see `lua/replay.lua`).
+const WRITTEN: &str = "t:";
+
+/// The inactivity timeout a read or write assumes before it knows the session's own: the
+/// session layer's default.
+const DEFAULT_IDLE_MS: u64 = 24 * 3600 * 1000;
 
 /// Sessions in Redis, shared by every instance that uses the same Redis.
 ///
@@ -45,9 +55,19 @@ const PERSISTENT: &str = "m:persist";
 /// revoked from any instance. Keys are `{prefix}{tenant}:session:{hash of id}` and
 /// `{prefix}{tenant}:user:{hash of user id}`.
 ///
-/// Round trips: a load is one (`EVALSHA` that also restarts the inactivity clock); a save is
-/// one (`EVALSHA` of the changed fields only), and none when nothing changed; a new session is
-/// one; a login (`set_user`, which moves the session to a new id) is one after the load.
+/// Round trips: a load is one (`TIME`, `HGETALL` and the `PEXPIRE` that restarts the
+/// inactivity clock, pipelined); a save is one (`MULTI` … `EXEC` writing the changed fields
+/// only), and none when nothing changed; a new session is one; a login (`set_user`, which moves
+/// the session to a new id) is one after the load. No Lua runs on these paths: a script costs
+/// Redis several times the commands it sequences.
+///
+/// The `PEXPIRE` of a load or save is sent before the session's own inactivity timeout is
+/// known: it uses the timeout most sessions this store has read and created lately have had
+/// (a running majority vote; before the first, 24 hours, the layer's default). When the
+/// session's own timeout differs (a minority set with
+/// [`Session::set_expiry`](crate::session::Session::set_expiry), say), or its absolute end is
+/// nearer than its inactivity timeout, a second round trip sets the right TTL. Absolute ends
+/// are checked against Redis's clock (`TIME`), never the instance's.
 ///
 /// Requires Redis 7.0 or newer.
 ///
@@ -67,6 +87,47 @@ pub struct RedisStore {
     backend: RedisBackend,
     prefix: String,
     timeout: Duration,
+    /// The inactivity timeout most sessions seen lately have had. Shared by clones.
+    idle_vote: Arc<IdleVote>,
+}
+
+/// A running majority vote (Boyer–Moore) over the inactivity timeouts of the sessions a store
+/// reads and creates: if one timeout is held by most of them, it wins. One atomic word (the
+/// candidate's milliseconds above a 16-bit count), so the request path takes no lock; a race
+/// between two votes loses one of them, which only makes the guess a little slower to change.
+#[derive(Debug, Default)]
+struct IdleVote(AtomicU64);
+
+impl IdleVote {
+    const COUNT_BITS: u32 = 16;
+    const MAX_COUNT: u64 = 64;
+
+    /// The winning inactivity timeout (ms), or `None` before any vote.
+    fn winner(&self) -> Option<u64> {
+        match self.0.load(Ordering::Relaxed) >> Self::COUNT_BITS {
+            0 => None,
+            idle => Some(idle),
+        }
+    }
+
+    fn vote(&self, idle_ms: u64) {
+        // Timeouts past 2^48 ms (8900 years) vote as that.
+        let idle_ms = idle_ms.clamp(1, u64::MAX >> Self::COUNT_BITS);
+        let mask = (1 << Self::COUNT_BITS) - 1;
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (candidate, count) = (word >> Self::COUNT_BITS, word & mask);
+                let (candidate, count) = if candidate == idle_ms {
+                    (candidate, (count + 1).min(Self::MAX_COUNT))
+                } else if count == 0 {
+                    (idle_ms, 1)
+                } else {
+                    (candidate, count - 1)
+                };
+                Some(candidate << Self::COUNT_BITS | count)
+            });
+    }
 }
 
 impl RedisStore {
@@ -76,6 +137,7 @@ impl RedisStore {
             backend,
             prefix: "turnstile:".to_owned(),
             timeout: Duration::from_millis(250),
+            idle_vote: Arc::default(),
         }
     }
 
@@ -106,14 +168,9 @@ impl RedisStore {
         format!("{}{}:user:{}", self.prefix, user.tenant(), user.hash())
     }
 
-    /// The arguments of the create script for `record`: inactivity, absolute end, then fields.
-    fn create_args(key: &SessionKey, record: &Record) -> Vec<String> {
-        let mut args = vec![
-            millis(record.inactivity_timeout).to_string(),
-            record.expires_at.to_string(),
-        ];
-        args.extend(Self::record_fields(key, record));
-        args
+    /// The TTL (ms) a load or save sends before it knows the session's inactivity timeout.
+    fn idle_guess(&self) -> u64 {
+        self.idle_vote.winner().unwrap_or(DEFAULT_IDLE_MS)
     }
 
     /// Every field of `record`'s hash, as field, value, field, value, ...
@@ -166,16 +223,27 @@ impl RedisStore {
         (set, remove)
     }
 
-    /// Adds the commands that write `record` under `key` and index it under its user.
+    /// Adds the commands that write `record` under `key` and index it under its user. The hash
+    /// gets its TTL in the same transaction (callers make the pipeline atomic): the inactivity
+    /// timeout, cut short by the absolute end (`PEXPIREAT … LT`, on Redis's clock; an end
+    /// already past removes the hash at once).
     fn push_create(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
-        let mut create = redis::cmd("EVAL");
-        create
-            .arg(CREATE_INLINE.as_str())
-            .arg(1)
-            .arg(self.session_key(key))
-            .arg(Self::create_args(key, record));
-        pipe.add_command(create).ignore();
+        let redis_key = self.session_key(key);
+        pipe.cmd("HSET")
+            .arg(&redis_key)
+            .arg(Self::record_fields(key, record))
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&redis_key)
+            .arg(millis(record.inactivity_timeout).max(1))
+            .ignore();
+        pipe.cmd("PEXPIREAT")
+            .arg(&redis_key)
+            .arg(record.expires_at)
+            .arg("LT")
+            .ignore();
         self.push_index(pipe, key, record);
+        self.idle_vote.vote(millis(record.inactivity_timeout));
     }
 
     /// Adds the commands that index `key` under the record's user, if it has one.
@@ -220,19 +288,99 @@ impl RedisStore {
             .map_err(StoreError::from)
     }
 
-    /// One round trip of the load script (see `lua/load.lua` for the reply's shape).
-    async fn invoke_load(&self, key: &SessionKey) -> Result<Vec<Value>, StoreError> {
-        let redis_key = self.session_key(key);
-        let tenant = key.tenant().as_str().to_owned();
+    /// Runs `pipe`, answering `None` when Redis refuses one of its commands because the key
+    /// holds something that is not a hash (`WRONGTYPE`): a corrupted record, not an outage.
+    async fn query_hash<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        mut pipe: Pipeline,
+    ) -> Result<Option<T>, StoreError> {
+        pipe.ignore_errors();
         self.backend
             .run(self.timeout, |mut conn| async move {
-                LOAD.key(&redis_key)
-                    .arg(tenant)
-                    .invoke_async(&mut conn)
-                    .await
+                let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                let wrong_type = |reply: &Value| {
+                    matches!(reply, Value::ServerError(error) if error.code() == "WRONGTYPE")
+                };
+                if replies.iter().any(wrong_type) {
+                    return Ok(None);
+                }
+                Ok(Some(redis::from_redis_value(Value::Array(replies))?))
             })
             .await
             .map_err(StoreError::from)
+    }
+
+    /// Reads a session and restarts its inactivity clock: one round trip, and a second only
+    /// when the TTL sent with the read was not the session's (see the type's docs).
+    async fn fetch(&self, key: &SessionKey) -> Result<Fetched, StoreError> {
+        let redis_key = self.session_key(key);
+        let guess = self.idle_guess();
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        pipe.cmd("HGETALL").arg(&redis_key);
+        pipe.cmd("PEXPIRE").arg(&redis_key).arg(guess).ignore();
+        let Some(((seconds, micros), hash)) = self.query_hash::<((u64, u64), Value)>(pipe).await?
+        else {
+            return Ok(Fetched::Corrupt(Corrupt::Shape));
+        };
+        let now = seconds * 1000 + micros / 1000;
+        let fields = match hash_fields(hash) {
+            Ok(fields) if fields.is_empty() => return Ok(Fetched::Missing),
+            // What a save to a gone session left, read within its millisecond (and given a
+            // longer TTL by this read): no session, removed.
+            Ok(fields) if !fields.iter().any(|(name, _)| name.starts_with("m:")) => {
+                self.remove_dead(&redis_key).await;
+                return Ok(Fetched::Missing);
+            }
+            Ok(fields) => fields,
+            Err(problem) => return Ok(Fetched::Corrupt(problem)),
+        };
+        let record = match parse_record(&fields) {
+            Ok(record) => record,
+            Err(problem) => return Ok(Fetched::Corrupt(problem)),
+        };
+        // The key already carries the tenant; this guards against a record copied under
+        // another one.
+        if field(&fields, TENANT) != Some(key.tenant().as_str()) {
+            return Ok(Fetched::Missing);
+        }
+        self.idle_vote.vote(millis(record.inactivity_timeout));
+        match millis(record.ttl_at(now)) {
+            0 => {
+                self.remove_dead(&redis_key).await;
+                Ok(Fetched::Missing)
+            }
+            ttl => {
+                self.set_ttl(&redis_key, ttl, guess).await;
+                Ok(Fetched::Live { fields, record })
+            }
+        }
+    }
+
+    /// Corrects the TTL sent as `guess` with a read or write to the session's own `ttl`.
+    async fn set_ttl(&self, redis_key: &str, ttl: u64, guess: u64) {
+        if ttl == guess {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("PEXPIRE").arg(redis_key).arg(ttl).ignore();
+        if let Err(error) = self.query::<()>(pipe).await {
+            // The read or write itself succeeded; the session keeps the TTL sent with it
+            // until its next use.
+            tracing::warn!(
+                target: "tower_turnstile::session",
+                %error,
+                "could not set a session's TTL to its own inactivity timeout"
+            );
+        }
+    }
+
+    /// Removes a hash that is no live session (past its absolute end, or corrupted). Best
+    /// effort: such a hash is never served.
+    async fn remove_dead(&self, redis_key: &str) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(redis_key).ignore();
+        let _ = self.query::<()>(pipe).await;
     }
 
     async fn members(&self, index: &str) -> Result<Vec<String>, StoreError> {
@@ -278,18 +426,12 @@ impl RedisStore {
         &self,
         key: &SessionKey,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        let mut reply = self.invoke_load(key).await?.into_iter();
-        if !matches!(reply.next(), Some(Value::Int(1))) {
-            return Ok(None);
-        }
-        Ok(Some(
-            reply
-                .filter_map(|value| match value {
-                    Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-                    _ => None,
-                })
-                .collect(),
-        ))
+        Ok(match self.fetch(key).await? {
+            Fetched::Live { fields, .. } => {
+                Some(fields.into_iter().flat_map(|(n, v)| [n, v]).collect())
+            }
+            Fetched::Missing | Fetched::Corrupt(_) => None,
+        })
     }
 
     /// The fields of `record` as the base of a replayed create.
@@ -297,10 +439,10 @@ impl RedisStore {
         Self::record_fields(key, record)
     }
 
-    /// Whether `key` holds anything.
+    /// Whether `key` holds a session (a hash with metadata).
     pub(crate) async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("EXISTS").arg(self.session_key(key));
+        pipe.cmd("HEXISTS").arg(self.session_key(key)).arg(TENANT);
         let (found,): (i64,) = self.query(pipe).await?;
         Ok(found == 1)
     }
@@ -389,35 +531,75 @@ impl fmt::Display for Corrupt {
     }
 }
 
-fn parse_record(fields: Vec<Value>) -> Result<Record, Corrupt> {
+/// What a read found under a session's key.
+enum Fetched {
+    Missing,
+    Corrupt(Corrupt),
+    Live {
+        /// Every field of the hash, write times included.
+        fields: Vec<(String, String)>,
+        record: Record,
+    },
+}
+
+/// The field, value pairs of an `HGETALL` reply (flat in RESP2, a map in RESP3).
+fn hash_fields(reply: Value) -> Result<Vec<(String, String)>, Corrupt> {
+    let text = |value: Value| match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| Corrupt::Shape),
+        _ => Err(Corrupt::Shape),
+    };
+    match reply {
+        Value::Array(items) => {
+            let mut items = items.into_iter();
+            let mut fields = Vec::with_capacity(items.len() / 2);
+            while let Some(name) = items.next() {
+                let value = items.next().ok_or(Corrupt::Shape)?;
+                fields.push((text(name)?, text(value)?));
+            }
+            Ok(fields)
+        }
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(name, value)| Ok((text(name)?, text(value)?)))
+            .collect(),
+        Value::Nil => Ok(Vec::new()),
+        _ => Err(Corrupt::Shape),
+    }
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find_map(|(n, v)| (n == name).then_some(v.as_str()))
+}
+
+fn parse_record(fields: &[(String, String)]) -> Result<Record, Corrupt> {
     let mut data = BTreeMap::new();
-    let (mut user, mut created, mut absolute, mut idle) = (None, None, None, None);
+    let (mut user, mut created, mut absolute, mut idle, mut tenant) =
+        (None, None, None, None, None);
     // Records written before the cookie kind was stored had persistent cookies.
     let mut persistent = true;
-    let mut fields = fields.into_iter();
-    while let (Some(Value::BulkString(name)), Some(Value::BulkString(value))) =
-        (fields.next(), fields.next())
-    {
-        let (Ok(name), Ok(value)) = (String::from_utf8(name), String::from_utf8(value)) else {
-            return Err(Corrupt::Shape);
-        };
+    for (name, value) in fields {
         if let Some(key) = name.strip_prefix(DATA) {
-            if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
+            if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
                 return Err(Corrupt::Value(key.to_owned()));
             }
-            data.insert(key.to_owned(), value);
+            data.insert(key.to_owned(), value.clone());
             continue;
         }
         match name.as_str() {
-            USER => user = Some(value),
+            USER => user = Some(value.clone()),
             CREATED => created = value.parse::<u64>().ok(),
             ABSOLUTE => absolute = value.parse::<u64>().ok(),
             IDLE => idle = value.parse::<u64>().ok(),
+            TENANT => tenant = Some(()),
             PERSISTENT => persistent = value != flag(false),
             _ => {}
         }
     }
-    let (Some(created_at), Some(expires_at), Some(idle)) = (created, absolute, idle) else {
+    let (Some(created_at), Some(expires_at), Some(idle), Some(())) =
+        (created, absolute, idle, tenant)
+    else {
         return Err(Corrupt::Metadata);
     };
     Ok(Record {
@@ -437,14 +619,10 @@ fn flag(on: bool) -> &'static str {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
-        let mut reply = self.invoke_load(key).await?.into_iter();
-        let problem = match reply.next() {
-            Some(Value::Int(0)) => return Ok(None),
-            Some(Value::Int(1)) => match parse_record(reply.collect()) {
-                Ok(record) => return Ok(Some(record)),
-                Err(problem) => problem,
-            },
-            _ => Corrupt::Shape,
+        let problem = match self.fetch(key).await? {
+            Fetched::Missing => return Ok(None),
+            Fetched::Live { record, .. } => return Ok(Some(record)),
+            Fetched::Corrupt(problem) => problem,
         };
         tracing::warn!(
             target: "tower_turnstile::session",
@@ -460,47 +638,76 @@ impl SessionStore for RedisStore {
     }
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
-        if record.user.is_some() {
-            let mut pipe = redis::pipe();
-            self.push_create(&mut pipe, key, record);
-            return self.query::<()>(pipe).await;
-        }
-        // The common case, a new anonymous session, is one cached-script call.
-        let mut invocation = CREATE.key(self.session_key(key));
-        invocation.arg(Self::create_args(key, record));
-        self.backend
-            .run(self.timeout, |mut conn| async move {
-                invocation.invoke_async::<i64>(&mut conn).await
-            })
-            .await
-            .map(drop)
-            .map_err(StoreError::from)
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.push_create(&mut pipe, key, record);
+        self.query::<()>(pipe).await
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
         let redis_key = self.session_key(key);
-        let mut invocation = UPDATE.key(redis_key);
         let (set, remove) = Self::patch_fields(patch);
-        invocation
-            .arg(set.len())
-            .arg(remove.len())
-            .arg(super::unix_millis(std::time::SystemTime::now()));
+        // Every field written or removed gets its write time, the writer's (see
+        // `lua/replay.lua`).
+        let written = super::unix_millis(std::time::SystemTime::now());
+        let guess = patch
+            .lifetime
+            .map_or_else(|| self.idle_guess(), |l| millis(l.inactivity_timeout));
+        // One transaction: whether the session existed (a session is a hash with metadata),
+        // the write, its TTL and Redis's time.
+        // Without a script the write cannot be made conditional: on a session that is gone it
+        // leaves a hash without metadata and without a TTL (every session has one). That hash
+        // is never served as a session, and the second PEXPIRE (NX: only a key without a TTL)
+        // makes it vanish within a millisecond.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HEXISTS").arg(&redis_key).arg(TENANT);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&redis_key);
         for (name, value) in &set {
-            invocation.arg(name).arg(value);
+            hset.arg(name)
+                .arg(value)
+                .arg(format!("{WRITTEN}{name}"))
+                .arg(written);
         }
-        invocation.arg(remove);
-        let applied: i64 = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                invocation.invoke_async(&mut conn).await
-            })
-            .await
-            .map_err(StoreError::from)?;
-        Ok(if applied == 1 {
-            Written::Applied
-        } else {
-            Written::Missing
-        })
+        for name in &remove {
+            hset.arg(format!("{WRITTEN}{name}")).arg(written);
+        }
+        if !set.is_empty() || !remove.is_empty() {
+            pipe.add_command(hset).ignore();
+        }
+        if !remove.is_empty() {
+            pipe.cmd("HDEL").arg(&redis_key).arg(&remove).ignore();
+        }
+        pipe.cmd("HMGET").arg(&redis_key).arg(ABSOLUTE).arg(IDLE);
+        pipe.cmd("PEXPIRE")
+            .arg(&redis_key)
+            .arg(guess)
+            .arg("XX")
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&redis_key)
+            .arg(1)
+            .arg("NX")
+            .ignore();
+        pipe.cmd("TIME");
+        type Reply = (i64, (Option<u64>, Option<u64>), (u64, u64));
+        let ttl = match self.query_hash::<Reply>(pipe).await? {
+            // Gone before the write: what it left vanishes by itself.
+            Some((0, _, _)) => return Ok(Written::Missing),
+            Some((_, (Some(abs), Some(idle)), (seconds, micros))) => {
+                abs.saturating_sub(seconds * 1000 + micros / 1000).min(idle)
+            }
+            // Not a session: no metadata, or not a hash.
+            _ => 0,
+        };
+        if ttl == 0 {
+            // Ended by the write (or just now by its absolute end), or corrupted.
+            self.remove_dead(&redis_key).await;
+            return Ok(Written::Missing);
+        }
+        self.set_ttl(&redis_key, ttl, guess).await;
+        Ok(Written::Applied)
     }
 
     async fn cycle(
@@ -510,12 +717,14 @@ impl SessionStore for RedisStore {
         new: &SessionKey,
         record: &Record,
     ) -> Result<Written, StoreError> {
-        // One round trip, in order: the new record exists before the old one goes.
+        // One transaction: the new record is written and the old one removed together.
         let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("HEXISTS").arg(self.session_key(old)).arg(TENANT);
         self.push_create(&mut pipe, new, record);
         self.push_delete(&mut pipe, old, old_user);
-        let (removed,): (i64,) = self.query(pipe).await?;
-        if removed == 1 {
+        let (live, _removed): (i64, i64) = self.query(pipe).await?;
+        if live == 1 {
             return Ok(Written::Applied);
         }
         // The old session was destroyed meanwhile (say, by "log out everywhere"): the copy
@@ -592,5 +801,40 @@ impl SessionStore for RedisStore {
         pipe.cmd("SREM").arg(&index).arg(&members).ignore();
         let removed: Vec<i64> = self.query(pipe).await?;
         Ok(removed.into_iter().filter(|&n| n == 1).count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdleVote;
+
+    #[test]
+    fn the_idle_vote_follows_the_majority() {
+        let vote = IdleVote::default();
+        assert_eq!(vote.winner(), None);
+        // Two sessions in three have the default; the rest a "remember me" timeout.
+        for _ in 0..100 {
+            vote.vote(1_800_000);
+            vote.vote(1_800_000);
+            vote.vote(2_592_000_000);
+        }
+        assert_eq!(vote.winner(), Some(1_800_000));
+        // The population changes: the long timeout becomes the majority, and wins.
+        for _ in 0..200 {
+            vote.vote(2_592_000_000);
+            vote.vote(2_592_000_000);
+            vote.vote(1_800_000);
+        }
+        assert_eq!(vote.winner(), Some(2_592_000_000));
+    }
+
+    #[test]
+    fn the_idle_vote_takes_any_timeout() {
+        let vote = IdleVote::default();
+        vote.vote(0);
+        assert_eq!(vote.winner(), Some(1));
+        vote.vote(u64::MAX);
+        vote.vote(u64::MAX);
+        assert_eq!(vote.winner(), Some(u64::MAX >> IdleVote::COUNT_BITS));
     }
 }

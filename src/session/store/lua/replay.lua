@@ -1,6 +1,6 @@
 -- Replays one write that an instance journaled while Redis was unreachable. Each field is
 -- written only if Redis holds no newer write of it: a field's last write time is its
--- 't:<field>' (set by update.lua), or the session's creation time when it has none. Replaying
+-- 't:<field>' (set by every save), or the session's creation time when it has none. Replaying
 -- the same write twice leaves the same state, so a replay cut short can simply run again.
 --
 -- KEYS[1]  the session's hash
@@ -15,7 +15,8 @@
 --
 -- Returns 1 when applied (fields older than Redis's are skipped), 0 when the session is gone
 -- (or the replayed change ends its life: it is then deleted).
-local exists = redis.call('EXISTS', KEYS[1]) == 1
+-- A session is a hash with metadata: what a save to a gone session leaves is not one.
+local exists = redis.call('HEXISTS', KEYS[1], 'm:tenant') == 1
 if not exists and ARGV[1] ~= 'create' then
   return 0
 end
