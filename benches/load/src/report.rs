@@ -293,7 +293,7 @@ fn svg(bars: &[(String, f64)]) -> String {
         };
         let _ = writeln!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="end">{name}</text><rect x="{label_w}" y="{}" width="{w:.1}" height="{}" fill="{colour}"/><text x="{}" y="{}">{ratio:.2}</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="end">{name}</text><rect x="{label_w}" y="{}" width="{w:.1}" height="{}" fill="{colour}"/><text x="{:.1}" y="{}">{ratio:.2}</text>"#,
             label_w - 8.0,
             y + 15.0,
             y + 3.0,
