@@ -119,7 +119,11 @@ impl IdleVote {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
                 let (candidate, count) = (word >> Self::COUNT_BITS, word & mask);
                 let (candidate, count) = if candidate == idle_ms {
-                    (candidate, (count + 1).min(Self::MAX_COUNT))
+                    if count == Self::MAX_COUNT {
+                        // Settled: no write, so reads on every core share the word unmodified.
+                        return None;
+                    }
+                    (candidate, count + 1)
                 } else if count == 0 {
                     (idle_ms, 1)
                 } else {
@@ -311,8 +315,9 @@ impl RedisStore {
     }
 
     /// Reads a session and restarts its inactivity clock: one round trip, and a second only
-    /// when the TTL sent with the read was not the session's (see the type's docs).
-    async fn fetch(&self, key: &SessionKey) -> Result<Fetched, StoreError> {
+    /// when the TTL sent with the read was not the session's (see the type's docs). The hash's
+    /// fields are kept beside the record only when `keep_fields` (the fallback's replays).
+    async fn fetch(&self, key: &SessionKey, keep_fields: bool) -> Result<Fetched, StoreError> {
         let redis_key = self.session_key(key);
         let guess = self.idle_guess();
         let mut pipe = redis::pipe();
@@ -335,13 +340,14 @@ impl RedisStore {
             Ok(fields) => fields,
             Err(problem) => return Ok(Fetched::Corrupt(problem)),
         };
-        let record = match parse_record(&fields) {
-            Ok(record) => record,
+        let kept = keep_fields.then(|| fields.clone());
+        let (record, tenant) = match parse_record(fields) {
+            Ok(parsed) => parsed,
             Err(problem) => return Ok(Fetched::Corrupt(problem)),
         };
         // The key already carries the tenant; this guards against a record copied under
         // another one.
-        if field(&fields, TENANT) != Some(key.tenant().as_str()) {
+        if tenant != key.tenant().as_str() {
             return Ok(Fetched::Missing);
         }
         self.idle_vote.vote(millis(record.inactivity_timeout));
@@ -352,7 +358,10 @@ impl RedisStore {
             }
             ttl => {
                 self.set_ttl(&redis_key, ttl, guess).await;
-                Ok(Fetched::Live { fields, record })
+                Ok(Fetched::Live {
+                    record,
+                    fields: kept,
+                })
             }
         }
     }
@@ -426,9 +435,9 @@ impl RedisStore {
         &self,
         key: &SessionKey,
     ) -> Result<Option<Vec<String>>, StoreError> {
-        Ok(match self.fetch(key).await? {
+        Ok(match self.fetch(key, true).await? {
             Fetched::Live { fields, .. } => {
-                Some(fields.into_iter().flat_map(|(n, v)| [n, v]).collect())
+                fields.map(|fields| fields.into_iter().flat_map(|(n, v)| [n, v]).collect())
             }
             Fetched::Missing | Fetched::Corrupt(_) => None,
         })
@@ -536,9 +545,9 @@ enum Fetched {
     Missing,
     Corrupt(Corrupt),
     Live {
-        /// Every field of the hash, write times included.
-        fields: Vec<(String, String)>,
         record: Record,
+        /// Every field of the hash, write times included, when asked for.
+        fields: Option<Vec<(String, String)>>,
     },
 }
 
@@ -567,13 +576,8 @@ fn hash_fields(reply: Value) -> Result<Vec<(String, String)>, Corrupt> {
     }
 }
 
-fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    fields
-        .iter()
-        .find_map(|(n, v)| (n == name).then_some(v.as_str()))
-}
-
-fn parse_record(fields: &[(String, String)]) -> Result<Record, Corrupt> {
+/// The record in a session hash's fields, and the tenant it was written for.
+fn parse_record(fields: Vec<(String, String)>) -> Result<(Record, String), Corrupt> {
     let mut data = BTreeMap::new();
     let (mut user, mut created, mut absolute, mut idle, mut tenant) =
         (None, None, None, None, None);
@@ -581,35 +585,36 @@ fn parse_record(fields: &[(String, String)]) -> Result<Record, Corrupt> {
     let mut persistent = true;
     for (name, value) in fields {
         if let Some(key) = name.strip_prefix(DATA) {
-            if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
+            if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
                 return Err(Corrupt::Value(key.to_owned()));
             }
-            data.insert(key.to_owned(), value.clone());
+            data.insert(key.to_owned(), value);
             continue;
         }
         match name.as_str() {
-            USER => user = Some(value.clone()),
+            USER => user = Some(value),
             CREATED => created = value.parse::<u64>().ok(),
             ABSOLUTE => absolute = value.parse::<u64>().ok(),
             IDLE => idle = value.parse::<u64>().ok(),
-            TENANT => tenant = Some(()),
+            TENANT => tenant = Some(value),
             PERSISTENT => persistent = value != flag(false),
             _ => {}
         }
     }
-    let (Some(created_at), Some(expires_at), Some(idle), Some(())) =
+    let (Some(created_at), Some(expires_at), Some(idle), Some(tenant)) =
         (created, absolute, idle, tenant)
     else {
         return Err(Corrupt::Metadata);
     };
-    Ok(Record {
+    let record = Record {
         data,
         user,
         created_at,
         expires_at,
         inactivity_timeout: Duration::from_millis(idle),
         persistent,
-    })
+    };
+    Ok((record, tenant))
 }
 
 fn flag(on: bool) -> &'static str {
@@ -619,7 +624,7 @@ fn flag(on: bool) -> &'static str {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
-        let problem = match self.fetch(key).await? {
+        let problem = match self.fetch(key, false).await? {
             Fetched::Missing => return Ok(None),
             Fetched::Live { record, .. } => return Ok(Some(record)),
             Fetched::Corrupt(problem) => problem,
