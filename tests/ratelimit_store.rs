@@ -624,6 +624,31 @@ async fn redis_keys_expire_once_their_counts_no_longer_matter() {
             .unwrap();
         assert!(ttl > 0 && ttl <= longest_ms, "{algorithm:?}: PTTL {ttl}");
     }
+    // The sliding window's deadline is its window's end plus one more window: set once per
+    // window, not moved by later checks in the same window.
+    let hourly = Quota::per_hour(60);
+    let key = "ttl:once-per-window";
+    let deadline = || -> i64 {
+        server
+            .cli(&["PEXPIRETIME", &format!("app:{}", CounterKey::from(key))])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    decide(&store, Check::new(key, hourly, Algorithm::SlidingWindow, 1)).await;
+    let first = deadline();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    decide(&store, Check::new(key, hourly, Algorithm::SlidingWindow, 1)).await;
+    assert_eq!(deadline(), first);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        first > now_ms + 3_600_000 && first <= now_ms + 7_200_000,
+        "{first} vs {now_ms}"
+    );
+
     // A denied check writes nothing.
     let check = Check::new("denied", quota, Algorithm::Gcra, 61);
     assert!(!decide(&store, check).await.allowed);

@@ -45,9 +45,15 @@ local overlap = ticks - math.floor((now - start) / tick)
 local allowed = cost <= limit and previous * overlap + (current + cost) * ticks <= limit * ticks
 if allowed and cost > 0 then
   current = current + cost
-  redis.call('HSET', KEYS[1], 'w', int(index), 'c', int(current), 'p', int(previous))
-  -- Past the end of the next window, neither count matters any more.
-  redis.call('PEXPIRE', KEYS[1], int(math.ceil((start + 2 * window - now) / 1000)))
+  if counted == index then
+    -- Same window: only its count changes, and the key's deadline stays.
+    redis.call('HSET', KEYS[1], 'c', int(current))
+  else
+    redis.call('HSET', KEYS[1], 'w', int(index), 'c', int(current), 'p', int(previous))
+    -- Past the end of the next window, neither count matters any more: a deadline that
+    -- depends on the window alone, so it is set once per window.
+    redis.call('PEXPIRE', KEYS[1], int(math.ceil((start + 2 * window - now) / 1000)))
+  end
 end
 
 local remaining = limit - current - math.floor((previous * overlap + ticks - 1) / ticks)
