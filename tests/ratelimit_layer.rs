@@ -18,8 +18,8 @@ use support::{
 use tower_turnstile::{
     backend::{BreakerConfig, RedisBackend},
     ratelimit::{
-        Algorithm, ClientIp, Fallback, HeaderKey, MemoryRateStore, MissingKey, Policy, Quota,
-        RateLimitLayer, RateLimitStore, RateLimited, RedisRateStore,
+        Algorithm, Check, ClientIp, CounterKey, Fallback, HeaderKey, Lease, MemoryRateStore,
+        MissingKey, Policy, Quota, RateLimitLayer, RateLimitStore, RateLimited, RedisRateStore,
     },
     tenant::Tenant,
 };
@@ -576,6 +576,262 @@ async fn redis_down_fail_open_and_fail_closed() {
         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(reply.body, "rate limiter unavailable\n");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis with a local quota lease.
+
+fn leased_layer(
+    backend: &RedisBackend,
+    quota: Quota,
+    algorithm: Algorithm,
+    lease: Lease,
+) -> RateLimitLayer {
+    RateLimitLayer::new(
+        Policy::new("test", quota)
+            .unwrap()
+            .with_algorithm(algorithm),
+    )
+    .with_redis(backend.clone())
+    .with_lease(lease)
+}
+
+/// Decisions Redis made: each `EVALSHA`, less those refused because the script was not loaded
+/// yet (each followed by a `SCRIPT LOAD` and the same `EVALSHA` again).
+fn decisions(commands: &[String]) -> usize {
+    let count = |name: &str| commands.iter().filter(|c| c.starts_with(name)).count();
+    count("EVALSHA") - count("SCRIPT LOAD")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_takes_the_quota_in_batches() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let quota = Quota::per_minute(1000);
+    let app = app(leased_layer(
+        &backend,
+        quota,
+        Algorithm::SlidingWindow,
+        Lease::new(10),
+    ));
+    let monitor = server.monitor();
+    for served in 1..=100 {
+        let reply = hit(&app, "198.51.100.1").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        // What Redis has left plus what this instance holds: the same as without a lease.
+        let state = header(&reply, "ratelimit").unwrap();
+        assert!(
+            state.starts_with(&format!("\"test\";r={};t=", 1000 - served)),
+            "request {served}: {state}"
+        );
+    }
+    assert_eq!(
+        decisions(&monitor.take()),
+        10,
+        "100 requests, batches of 10"
+    );
+    // Redis counted exactly the ten batches.
+    let store = RedisRateStore::new(backend);
+    let key = CounterKey::new(
+        Tenant::default(),
+        "test:sliding-window",
+        "198.51.100.1".parse::<std::net::IpAddr>().unwrap(),
+    );
+    let counted = store
+        .check(&Check::new(key, quota, Algorithm::SlidingWindow, 0))
+        .await
+        .unwrap();
+    assert_eq!(counted.remaining, 900);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_grants_the_last_units_one_by_one() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    for algorithm in [
+        Algorithm::SlidingWindow,
+        Algorithm::SlidingLog,
+        Algorithm::Gcra,
+    ] {
+        server.cli(&["FLUSHALL"]);
+        let app = app(leased_layer(
+            &backend,
+            Quota::per_minute(12),
+            algorithm,
+            Lease::new(5),
+        ));
+        let monitor = server.monitor();
+        let mut allowed = 0;
+        for _ in 0..12 {
+            let reply = hit(&app, "198.51.100.1").await;
+            assert_eq!(reply.status, StatusCode::OK, "{algorithm:?}");
+            allowed += 1;
+        }
+        assert_eq!(allowed, 12);
+        let denied = hit(&app, "198.51.100.1").await;
+        assert_eq!(
+            denied.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{algorithm:?}"
+        );
+        // The retry time is the one of a single request, not of a batch.
+        let retry: u64 = header(&denied, "retry-after").unwrap().parse().unwrap();
+        let expected = match algorithm {
+            // GCRA frees one unit every 5 s.
+            Algorithm::Gcra => 1..=5,
+            _ => 1..=120,
+        };
+        assert!(expected.contains(&retry), "{algorithm:?}: {retry}");
+        // Two batches, then two units one by one (a refused batch and a check each), then
+        // the refused batch and the refused check; the denial is then remembered.
+        for _ in 0..5 {
+            assert_eq!(
+                hit(&app, "198.51.100.1").await.status,
+                StatusCode::TOO_MANY_REQUESTS
+            );
+        }
+        assert_eq!(decisions(&monitor.take()), 2 + 2 * 2 + 2, "{algorithm:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_overshoot_stays_within_its_bound() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // Two instances, each with its own connection; an exact algorithm, so that every grant
+    // past the quota is the lease's.
+    let window = Duration::from_millis(400);
+    let (limit, units) = (20_u64, 4_u64);
+    let quota = Quota::new(limit, window).unwrap();
+    let lease = Lease::new(units);
+    let layers: Vec<RateLimitLayer> = (0..2)
+        .map(|_| {
+            // A deadline no stall of this busy machine reaches: a timed-out check would be
+            // decided by the local fallback, with a quota of its own.
+            let store = RedisRateStore::new(RedisBackend::new(&server.url()).unwrap())
+                .with_timeout(Duration::from_secs(5));
+            RateLimitLayer::new(
+                Policy::new("test", quota)
+                    .unwrap()
+                    .with_algorithm(Algorithm::SlidingLog),
+            )
+            .with_store(store)
+            .with_lease(lease)
+        })
+        .collect();
+    let instances: Vec<Router> = layers.iter().cloned().map(app).collect();
+    let start = Instant::now();
+    let run = Duration::from_millis(1600);
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let app = instances[client % 2].clone();
+        clients.push(tokio::spawn(async move {
+            let mut granted = Vec::new();
+            while start.elapsed() < run {
+                let sent = start.elapsed();
+                if hit(&app, "198.51.100.1").await.status == StatusCode::OK {
+                    // Decided (in Redis or from the lease) somewhere in between.
+                    granted.push((sent, start.elapsed()));
+                }
+            }
+            granted
+        }));
+    }
+    let mut granted = Vec::new();
+    for client in clients {
+        granted.extend(client.await.unwrap());
+    }
+    granted.sort();
+    // Only grants certainly decided within a window-long span are counted in it: the count
+    // is never more than the true one, so passing proves the bound, whatever the latencies.
+    let bound = limit + 2 * (units - 1);
+    let busiest = granted
+        .iter()
+        .map(|&(from, _)| {
+            granted
+                .iter()
+                .filter(|&&(sent, received)| sent >= from && received < from + window)
+                .count() as u64
+        })
+        .max()
+        .unwrap_or(0);
+    let span = window;
+    eprintln!(
+        "lease drill: {} grants in {run:?}, busiest {span:?} span {busiest} (quota {limit}, bound {bound}), fallback decisions {}",
+        granted.len(),
+        layers
+            .iter()
+            .map(RateLimitLayer::fallback_decisions)
+            .sum::<u64>()
+    );
+    assert!(
+        busiest <= bound,
+        "{busiest} grants in one window, bound {bound}"
+    );
+    // Lost units are bounded too: 4 windows at the quota, less what expiring batches waste.
+    assert!(
+        granted.len() as u64 >= 3 * (limit - 2 * (units - 1)),
+        "{}",
+        granted.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_falls_back_while_redis_is_down() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let layer = leased_layer(
+        &backend,
+        Quota::per_minute(3),
+        Algorithm::SlidingWindow,
+        Lease::new(2),
+    );
+    let app = app(layer.clone());
+    server.stop();
+    let statuses: Vec<StatusCode> = futures_statuses(&app, 5).await;
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ],
+        "the local fallback's quota"
+    );
+    assert!(layer.fallback_decisions() >= 5);
+}
+
+async fn futures_statuses(app: &Router, n: usize) -> Vec<StatusCode> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        statuses.push(hit(app, "198.51.100.1").await.status);
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lease_keeps_tenants_apart() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let app = app(leased_layer(
+        &backend,
+        Quota::per_minute(6),
+        Algorithm::SlidingWindow,
+        Lease::new(4),
+    ));
+    assert_eq!(allowed_of(&app, "acme", "198.51.100.1", 10).await, 6);
+    assert_eq!(allowed_of(&app, "globex", "198.51.100.1", 10).await, 6);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use tower_layer::Layer;
 
 use super::{
     headers::policy_value,
+    lease::Lease,
     limiter::{Fallback, Limiter},
     policy::Policy,
     service::RateLimitService,
@@ -162,6 +163,13 @@ impl RateLimitLayer {
     /// whole quota.
     pub fn with_fallback(self, fallback: Fallback) -> Self {
         self.edit(|s| s.limiter.fallback = fallback)
+    }
+
+    /// Takes the quota from a shared store in batches and spends them locally (see [`Lease`]
+    /// for the bound on the error this allows). Default: no lease, every request is checked
+    /// in the store. Has no effect on an in-memory store.
+    pub fn with_lease(self, lease: Lease) -> Self {
+        self.edit(|s| s.limiter = s.limiter.with_lease(Some(lease)))
     }
 
     /// Whether responses carry the `RateLimit` and `RateLimit-Policy` fields. Default: `true`.

@@ -10,9 +10,11 @@ use std::{
 };
 
 use moka::sync::Cache;
+use tokio::sync::Mutex;
 
 use super::{
     Quota,
+    lease::{Grant, Lease},
     store::{Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, StoreError},
 };
 
@@ -80,12 +82,18 @@ struct Denial {
 pub(crate) struct Limiter {
     pub(crate) store: Arc<dyn RateLimitStore>,
     pub(crate) fallback: Fallback,
+    lease: Option<Lease>,
     state: Arc<State>,
 }
+
+/// One key's batch. The lock is held across the round trip that takes a new batch, so the
+/// requests of one key on this instance wait for that batch instead of each taking their own.
+type Slot = Arc<Mutex<Grant>>;
 
 struct State {
     local: MemoryRateStore,
     denied: Cache<CounterKey, Denial>,
+    leases: Cache<CounterKey, Slot>,
     falling_back: AtomicBool,
     fallback_decisions: AtomicU64,
 }
@@ -95,6 +103,7 @@ impl fmt::Debug for Limiter {
         f.debug_struct("Limiter")
             .field("store", &self.store)
             .field("fallback", &self.fallback)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -105,12 +114,28 @@ impl Default for Limiter {
         Self {
             store: Arc::new(MemoryRateStore::new()),
             fallback: Fallback::default(),
-            state: Arc::new(State {
-                local: MemoryRateStore::new(),
-                denied: Cache::builder().max_capacity(100_000).build(),
-                falling_back: AtomicBool::new(false),
-                fallback_decisions: AtomicU64::new(0),
-            }),
+            lease: None,
+            state: Arc::new(State::with_lease(None)),
+        }
+    }
+}
+
+impl State {
+    fn with_lease(lease: Option<Lease>) -> Self {
+        let leases = match lease {
+            // A slot unused for a while holds an expired batch at most.
+            Some(lease) => Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(lease.lifetime().max(Duration::from_secs(1)) * 2)
+                .build(),
+            None => Cache::builder().max_capacity(0).build(),
+        };
+        Self {
+            local: MemoryRateStore::new(),
+            denied: Cache::builder().max_capacity(100_000).build(),
+            leases,
+            falling_back: AtomicBool::new(false),
+            fallback_decisions: AtomicU64::new(0),
         }
     }
 }
@@ -122,7 +147,19 @@ impl Limiter {
         Self {
             store,
             fallback: self.fallback,
-            ..Self::default()
+            lease: self.lease,
+            state: Arc::new(State::with_lease(self.lease)),
+        }
+    }
+
+    /// The same store and fallback, taking batches of quota as `lease` says, with state of its
+    /// own.
+    pub(crate) fn with_lease(&self, lease: Option<Lease>) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            fallback: self.fallback,
+            lease,
+            state: Arc::new(State::with_lease(lease)),
         }
     }
 
@@ -132,6 +169,13 @@ impl Limiter {
         let shared = self.store.is_shared();
         if shared && let Some(denial) = self.remembered(&check) {
             return Deciding::Now(Verdict::Decided(denial));
+        }
+        if shared
+            && let Some(lease) = self.lease
+            && check.cost <= lease.units()
+            && check.at.is_none()
+        {
+            return self.decide_leased(check, lease);
         }
         match self.store.check(&check).now() {
             Ok(result) => Deciding::Now(self.settle(&check, result, shared)),
@@ -143,6 +187,50 @@ impl Limiter {
                 }))
             }
         }
+    }
+
+    /// Decides `check` from this instance's batch of the key's quota, taking a new batch from
+    /// the store when it is spent or expired.
+    fn decide_leased(&self, check: Check, lease: Lease) -> Deciding {
+        let slot = match self.state.leases.get(&check.key) {
+            Some(slot) => slot,
+            None => self
+                .state
+                .leases
+                .get_with(check.key.clone(), || Arc::new(Mutex::new(Grant::none()))),
+        };
+        // Uncontended and not spent: served here, with no I/O.
+        if let Ok(mut grant) = slot.try_lock()
+            && let Some(decision) = grant.spend(check.cost)
+        {
+            return Deciding::Now(Verdict::Decided(decision));
+        }
+        let limiter = self.clone();
+        Deciding::Later(Box::pin(async move {
+            let mut grant = slot.lock().await;
+            // Another request of this key may have taken a batch meanwhile.
+            if let Some(decision) = grant.spend(check.cost) {
+                return Verdict::Decided(decision);
+            }
+            let mut batch = check.clone();
+            batch.cost = lease.units();
+            match limiter.store.check(&batch).await {
+                Ok(decision) if decision.allowed => {
+                    limiter.settle(&batch, Ok(decision), true);
+                    let lifetime = lease.lifetime().min(check.quota.window());
+                    *grant = Grant::new(decision, lease.units(), check.cost, lifetime);
+                    Verdict::Decided(grant.answer(Instant::now()))
+                }
+                // Fewer than a batch left: this request alone, exactly (its denial is
+                // remembered with its own retry time).
+                Ok(_) => {
+                    drop(grant);
+                    let result = limiter.store.check(&check).await;
+                    limiter.settle(&check, result, true)
+                }
+                Err(error) => limiter.fall_back(&check, &error),
+            }
+        }))
     }
 
     fn settle(&self, check: &Check, result: Result<Decision, StoreError>, shared: bool) -> Verdict {

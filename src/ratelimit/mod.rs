@@ -8,6 +8,9 @@
 //!   Redis's clock, so N instances together grant exactly the quota, whatever their clocks say.
 //! - **Cheap floods**: a key denied until time T is answered from memory until T, with no Redis
 //!   round trip.
+//! - **Cheaper still, if you accept a stated error**: with a [`Lease`], an instance takes a
+//!   batch of a hot key's quota in one round trip and spends it locally; the overshoot across
+//!   instances is bounded by `instances × (units − 1)`.
 //! - **Degrades, never breaks**: when Redis is unreachable (or its breaker is open), a local
 //!   limiter takes over, with a share of the quota you choose, or requests pass, or are refused
 //!   with `503` — see [`Fallback`]. Back to Redis by itself when it answers.
@@ -58,6 +61,7 @@ mod algorithm;
 mod headers;
 mod key;
 mod layer;
+mod lease;
 mod limiter;
 mod policy;
 mod quota;
@@ -70,6 +74,7 @@ pub use key::{
     RequestView, RouteKey, SessionUser,
 };
 pub use layer::{RateLimitLayer, RateLimited, Rejection};
+pub use lease::Lease;
 pub use limiter::Fallback;
 pub use policy::{MissingKey, Policy, PolicyError};
 pub use quota::{Quota, QuotaError};
