@@ -20,8 +20,9 @@ use super::store::Decision;
 ///   the request is checked on its own (a second round trip), so the last units of a quota are
 ///   granted one by one and a denial carries the exact retry time.
 ///
-/// Leases apply only to shared stores (Redis), and only to requests costing at most `units`;
-/// others are checked one by one as without a lease. While the store is unreachable the
+/// Leases apply only to shared stores (Redis), and only to requests costing less than a batch
+/// (`units`, or the whole quota when that is smaller); others are checked one by one as
+/// without a lease. While the store is unreachable the
 /// fallback decides, as without a lease.
 ///
 /// Good for high limits on hot keys (per tenant, per API key): with `units` at 1 % of the

@@ -172,10 +172,13 @@ impl Limiter {
         }
         if shared
             && let Some(lease) = self.lease
-            && check.cost <= lease.units()
+            // A batch is at most the whole quota, and is worth taking only if it holds more
+            // than this request.
+            && let units = lease.units().min(check.quota.limit())
+            && check.cost < units
             && check.at.is_none()
         {
-            return self.decide_leased(check, lease);
+            return self.decide_leased(check, lease, units);
         }
         match self.store.check(&check).now() {
             Ok(result) => Deciding::Now(self.settle(&check, result, shared)),
@@ -191,7 +194,7 @@ impl Limiter {
 
     /// Decides `check` from this instance's batch of the key's quota, taking a new batch from
     /// the store when it is spent or expired.
-    fn decide_leased(&self, check: Check, lease: Lease) -> Deciding {
+    fn decide_leased(&self, check: Check, lease: Lease, units: u64) -> Deciding {
         let slot = match self.state.leases.get(&check.key) {
             Some(slot) => slot,
             None => self
@@ -213,12 +216,12 @@ impl Limiter {
                 return Verdict::Decided(decision);
             }
             let mut batch = check.clone();
-            batch.cost = lease.units();
+            batch.cost = units;
             match limiter.store.check(&batch).await {
                 Ok(decision) if decision.allowed => {
                     limiter.settle(&batch, Ok(decision), true);
                     let lifetime = lease.lifetime().min(check.quota.window());
-                    *grant = Grant::new(decision, lease.units(), check.cost, lifetime);
+                    *grant = Grant::new(decision, units, check.cost, lifetime);
                     Verdict::Decided(grant.answer(Instant::now()))
                 }
                 // Fewer than a batch left: this request alone, exactly (its denial is
