@@ -87,10 +87,17 @@ fn main() {
         }
         rounds.push(results);
     }
+    let ceiling = harness.ceiling();
     let versions = harness.versions();
     drop(harness);
     std::fs::create_dir_all(&options.out).expect("create the output directory");
-    report::write(&options.out, &rounds, &versions, &command_line(&args));
+    report::write(
+        &options.out,
+        &rounds,
+        &ceiling,
+        &versions,
+        &command_line(&args),
+    );
     eprintln!("written to {}", options.out.display());
 }
 

@@ -42,7 +42,7 @@ impl Scenario {
     }
 
     fn has_sessions(&self) -> bool {
-        self.stack.contains("session") || self.stack.ends_with("-stack")
+        self.stack.contains("session") || self.stack.contains("-stack")
     }
 
     /// Whether the stack answers `429` to (nearly) every request of the run.
@@ -64,6 +64,8 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario::new("ours-deny", Route::Read),
     Scenario::new("governor-deny", Route::Read),
     Scenario::new("ours-stack", Route::Read),
+    Scenario::new("ours-ratelimit-lease", Route::Read),
+    Scenario::new("ours-stack-lease", Route::Read),
     Scenario::new("ts-stack", Route::Read),
 ];
 
@@ -123,6 +125,14 @@ impl RunResult {
             "peak_rss_mib": self.peak_rss_mib,
         })
     }
+}
+
+/// One line of Redis's ceiling: a command alone, as fast as `redis-benchmark` sends it.
+#[derive(Debug, Clone)]
+pub struct Ceiling {
+    pub command: String,
+    pub rps: f64,
+    pub usec_per_call: f64,
 }
 
 /// The harness's own Redis, and how it runs scenarios against it.
@@ -341,6 +351,90 @@ end
             p50_us: fields[4],
             p99_us: fields[5],
         }
+    }
+
+    /// Redis's own ceiling on this machine, in the same run: `redis-benchmark -c <connections>`
+    /// for each command our stacks and the peers' send, with Redis µs per call from
+    /// `INFO commandstats`.
+    pub fn ceiling(&self) -> Vec<Ceiling> {
+        self.redis_cli(&["FLUSHALL"]);
+        // A tower-sessions record (a JSON string) and a session hash like ours.
+        self.redis_cli(&["SET", "ts:record", &format!("{{\"id\":\"{}\",\"data\":{{\"n\":\"7\"}},\"expiry_date\":[2026,335,0,0,0,0,0,0,0]}}", "x".repeat(22))]);
+        self.redis_cli(&[
+            "HSET",
+            "ours:session",
+            "m:tenant",
+            "default",
+            "m:created",
+            "1764547200000",
+            "m:abs",
+            "0",
+            "m:idle",
+            "86400000",
+            "n",
+            "7",
+        ]);
+        self.redis_cli(&["PEXPIRE", "ours:session", "86400000"]);
+        let sliding_window = concat!(
+            include_str!("../../../src/ratelimit/store/lua/prelude.lua"),
+            include_str!("../../../src/ratelimit/store/lua/sliding_window.lua")
+        );
+        let sha = self.redis_cli(&["SCRIPT", "LOAD", sliding_window]);
+        let sha = sha.trim();
+        let commands: Vec<(&str, Vec<&str>)> = vec![
+            ("GET (tower-sessions' read)", vec!["GET", "ts:record"]),
+            (
+                "SET .. EX (tower-sessions' save)",
+                vec!["SET", "ts:saved", "x", "EX", "86400"],
+            ),
+            ("HGETALL (our read)", vec!["HGETALL", "ours:session"]),
+            (
+                "PEXPIRE (our slide)",
+                vec!["PEXPIRE", "ours:session", "86400000"],
+            ),
+            ("TIME", vec!["TIME"]),
+            (
+                "EVALSHA sliding window (our rate-limit decision)",
+                vec![
+                    "EVALSHA",
+                    sha,
+                    "1",
+                    "rl:key",
+                    "",
+                    "1000000000000",
+                    "1000000000",
+                    "1",
+                ],
+            ),
+        ];
+        let mut ceiling = Vec::new();
+        for (label, command) in commands {
+            self.redis_cli(&["CONFIG", "RESETSTAT"]);
+            let output = Command::new("redis-benchmark")
+                .args(["-p", &self.redis_port.to_string()])
+                .args(["-c", &self.connections.to_string(), "-n", "200000", "--csv"])
+                .args(&command)
+                .output()
+                .expect("run redis-benchmark");
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let rps = stdout
+                .lines()
+                .filter_map(|line| line.split("\",\"").nth(1))
+                .find_map(|value| value.trim_matches('"').parse::<f64>().ok())
+                .unwrap_or(f64::NAN);
+            let name = command[0].to_ascii_lowercase();
+            let usec_per_call = self
+                .redis_commands()
+                .get(&name)
+                .map_or(f64::NAN, |&(calls, usec)| usec as f64 / calls.max(1) as f64);
+            eprintln!("ceiling: {label}: {rps:.0} requests/s, {usec_per_call:.2} µs per call");
+            ceiling.push(Ceiling {
+                command: label.to_owned(),
+                rps,
+                usec_per_call,
+            });
+        }
+        ceiling
     }
 
     /// Versions of what the run used, for the report.

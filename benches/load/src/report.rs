@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use serde_json::json;
 
-use crate::measure::{RunResult, SCENARIOS};
+use crate::measure::{Ceiling, RunResult, SCENARIOS};
 
 /// A ratio the issue names: `ours` over `anchor`, on requests/s unless `on` says otherwise.
 struct Comparison {
@@ -89,6 +89,20 @@ const COMPARISONS: &[Comparison] = &[
         target: Some((0.4, true)),
     },
     Comparison {
+        label: "rate limit on Redis with a lease of 100, allowed / plain axum",
+        ours: "ours-ratelimit-lease/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: None,
+    },
+    Comparison {
+        label: "whole stack with the lease / plain axum",
+        ours: "ours-stack-lease/read",
+        anchor: "plain/read",
+        on: Metric::Throughput,
+        target: Some((0.6, true)),
+    },
+    Comparison {
         label: "tower-sessions + tower_governor / plain axum",
         ours: "ts-stack/read",
         anchor: "plain/read",
@@ -139,6 +153,7 @@ fn find<'a>(round: &'a [RunResult], name: &str) -> Option<&'a RunResult> {
 pub fn write(
     out: &Path,
     rounds: &[Vec<RunResult>],
+    ceiling: &[Ceiling],
     versions: &BTreeMap<String, String>,
     command: &str,
 ) {
@@ -151,6 +166,7 @@ pub fn write(
         "command": command,
         "versions": versions,
         "rounds": rounds.iter().map(|round| round.iter().map(RunResult::to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "ceiling": ceiling.iter().map(|c| json!({"command": c.command, "rps": c.rps, "usec_per_call": c.usec_per_call})).collect::<Vec<_>>(),
     });
     std::fs::write(
         out.join("results.json"),
@@ -262,6 +278,17 @@ pub fn write(
         if !listed.is_empty() {
             let _ = writeln!(md, "| {name} | {} |", listed.join(", "));
         }
+    }
+    let _ = writeln!(
+        md,
+        "\nRedis's own ceiling in the same run (`redis-benchmark -c 32 -n 200000`, one command at a time, on the harness's Redis):\n\n| command | requests/s | Redis µs per call |\n| --- | ---: | ---: |"
+    );
+    for c in ceiling {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.2} |",
+            c.command, c.rps, c.usec_per_call
+        );
     }
     std::fs::write(out.join("report.md"), md).expect("write report.md");
     std::fs::write(out.join("ratios.svg"), svg(&ratio_to_plain)).expect("write ratios.svg");

@@ -11,7 +11,7 @@ use axum::{
 };
 use tower_turnstile::{
     backend::RedisBackend,
-    ratelimit::{Policy, Quota, RateLimitLayer},
+    ratelimit::{Lease, Policy, Quota, RateLimitLayer},
     session::{RedisStore, Session, SessionLayer},
     tenant::{HostSubdomain, TenantLayer},
 };
@@ -27,6 +27,8 @@ pub const STACKS: &[&str] = &[
     "governor-allow",
     "governor-deny",
     "ours-stack",
+    "ours-ratelimit-lease",
+    "ours-stack-lease",
     "ts-stack",
 ];
 
@@ -43,6 +45,12 @@ pub async fn serve(stack: &str, port: u16, redis_url: &str) {
         "governor-deny" => with_governor(plain(), true),
         "ours-stack" => ours_sessions(redis_url)
             .layer(ours_rate_limit(redis_url, allow_all()))
+            .layer(TenantLayer::new(HostSubdomain::first_label())),
+        "ours-ratelimit-lease" => {
+            plain().layer(ours_rate_limit(redis_url, allow_all()).with_lease(lease()))
+        }
+        "ours-stack-lease" => ours_sessions(redis_url)
+            .layer(ours_rate_limit(redis_url, allow_all()).with_lease(lease()))
             .layer(TenantLayer::new(HostSubdomain::first_label())),
         "ts-stack" => with_governor(ts_sessions(redis_url, false).await, false),
         other => panic!("unknown stack {other:?}; known: {STACKS:?}"),
@@ -93,6 +101,11 @@ fn allow_all() -> Quota {
 
 fn deny_all() -> Quota {
     Quota::new(1, Duration::from_secs(3600)).expect("a valid quota")
+}
+
+/// Batches of 100 units (of a quota of 10^9/s), each spent for at most 1 s.
+fn lease() -> Lease {
+    Lease::new(100)
 }
 
 /// Our rate limit per client IP, counted in Redis (sliding window, the default).
