@@ -84,6 +84,8 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// The fallback store's local copy shares its clock (see `FallbackStoreBuilder::clock`).
+    #[cfg(feature = "redis")]
     pub(crate) fn shared_clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
