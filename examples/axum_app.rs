@@ -19,8 +19,9 @@
 //! stop waits up to five seconds for journaled writes to reach Redis.
 //!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
-//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`. `REDIS_CLUSTER_URLS`
-//! and `REDIS_SENTINEL_URLS` are refused at startup until the crate supports them.
+//! `REDIS_SENTINEL_MASTER` with `REDIS_SENTINEL_URLS` (a Sentinel-managed master, used instead
+//! of `REDIS_URL`), `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`.
+//! `REDIS_CLUSTER_URLS` is refused at startup until the crate supports it.
 //!
 //! The file doubles as a module of `tests/reference_app.rs`, which drives [`app`] directly.
 
@@ -74,6 +75,9 @@ pub struct Config {
     pub bind: String,
     /// `REDIS_URL`: where sessions live; `None` keeps them in process memory.
     pub redis_url: Option<String>,
+    /// `REDIS_SENTINEL_MASTER` and `REDIS_SENTINEL_URLS`: a Sentinel-managed master, used
+    /// instead of `REDIS_URL` when set.
+    pub redis_sentinel: Option<SentinelConfig>,
     /// `SESSION_SECRET`: when set, cookies are signed with a key derived from it.
     pub session_secret: Option<String>,
     /// `COOKIE_SECURE`: whether the cookie carries `Secure`.
@@ -90,6 +94,7 @@ impl Default for Config {
         Self {
             bind: "127.0.0.1:3000".to_owned(),
             redis_url: None,
+            redis_sentinel: None,
             session_secret: None,
             cookie_secure: false,
             rate_limit: Quota::per_minute(100),
@@ -105,10 +110,33 @@ impl fmt::Debug for Config {
             .field("bind", &self.bind)
             .field("redis", &self.redis_url.as_ref().map(|_| ".."))
             .field(
+                "redis_sentinel",
+                &self.redis_sentinel.as_ref().map(|s| &s.master),
+            )
+            .field(
                 "session_secret",
                 &self.session_secret.as_ref().map(|_| ".."),
             )
             .field("cookie_secure", &self.cookie_secure)
+            .finish()
+    }
+}
+
+/// A Sentinel-managed Redis master: its name and the sentinels' URLs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelConfig {
+    /// `REDIS_SENTINEL_MASTER`.
+    pub master: String,
+    /// `REDIS_SENTINEL_URLS`, split at commas.
+    pub urls: Vec<String>,
+}
+
+impl fmt::Debug for SentinelConfig {
+    // The URLs may hold the sentinels' passwords: only their number is shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("master", &self.master)
+            .field("sentinels", &self.urls.len())
             .finish()
     }
 }
@@ -119,8 +147,9 @@ impl Config {
     /// `SESSION_SECRET`: an empty secret is refused rather than quietly leaving cookies
     /// unsigned.
     ///
-    /// Variables for features this app does not have yet (Redis Cluster and Sentinel) are
-    /// refused, so a deployment never runs on a topology it did not ask for.
+    /// Variables for features this app does not have yet (Redis Cluster) are refused, so a
+    /// deployment never runs on a topology it did not ask for; so is one of
+    /// `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER` without the other.
     pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, StartupError>
     where
         K: AsRef<str>,
@@ -132,15 +161,37 @@ impl Config {
             .collect();
         let set = |name: &str| vars.get(name).filter(|value| !value.is_empty()).cloned();
 
-        for variable in [
-            "REDIS_CLUSTER_URLS",
-            "REDIS_SENTINEL_URLS",
-            "REDIS_SENTINEL_MASTER",
-        ] {
-            if set(variable).is_some() {
-                return Err(StartupError::Unsupported { variable });
-            }
+        if set("REDIS_CLUSTER_URLS").is_some() {
+            return Err(StartupError::Unsupported {
+                variable: "REDIS_CLUSTER_URLS",
+            });
         }
+        let redis_sentinel = match (set("REDIS_SENTINEL_MASTER"), set("REDIS_SENTINEL_URLS")) {
+            (None, None) => None,
+            (Some(master), Some(urls)) => Some(SentinelConfig {
+                master,
+                urls: urls
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|url| !url.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            }),
+            (None, Some(_)) => {
+                return Err(StartupError::Invalid {
+                    variable: "REDIS_SENTINEL_MASTER",
+                    value: String::new(),
+                    expected: "the master's name, with REDIS_SENTINEL_URLS",
+                });
+            }
+            (Some(master), None) => {
+                return Err(StartupError::Invalid {
+                    variable: "REDIS_SENTINEL_URLS",
+                    value: master,
+                    expected: "comma-separated sentinel URLs, with REDIS_SENTINEL_MASTER",
+                });
+            }
+        };
         let rate_limit = match set("RATE_LIMIT") {
             None => Config::default().rate_limit,
             Some(text) => text.parse::<Quota>().map_err(|_| StartupError::Invalid {
@@ -189,6 +240,7 @@ impl Config {
         Ok(Self {
             bind: set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: set("REDIS_URL"),
+            redis_sentinel,
             session_secret,
             cookie_secure,
             rate_limit,
@@ -238,7 +290,7 @@ pub enum StartupError {
     },
     /// `SESSION_SECRET` does not make a signing key.
     SigningKey(session::CookieConfigError),
-    /// `REDIS_URL` does not make a Redis backend.
+    /// `REDIS_URL` (or the Sentinel variables) do not make a Redis backend.
     Redis(BackendError),
     /// The listening socket could not be opened.
     Bind {
@@ -261,13 +313,15 @@ impl fmt::Display for StartupError {
             Self::Unsupported { variable } => write!(
                 f,
                 "{variable} is set, but this version of the reference app supports a single Redis \
-                 server only (REDIS_URL); Redis Cluster and Sentinel are not supported yet. Unset \
-                 {variable} and set REDIS_URL instead"
+                 server (REDIS_URL) or Sentinel (REDIS_SENTINEL_URLS); Redis Cluster is not \
+                 supported yet. Unset {variable} and set REDIS_URL instead"
             ),
             Self::SigningKey(_) => f.write_str(
                 "SESSION_SECRET is set but unusable (empty?); unset it to run with unsigned cookies",
             ),
-            Self::Redis(_) => f.write_str("REDIS_URL is unusable"),
+            Self::Redis(_) => {
+                f.write_str("REDIS_URL (or REDIS_SENTINEL_URLS) is unusable")
+            }
             Self::Bind { address, .. } => write!(f, "cannot listen on {address} (BIND)"),
             Self::Serve(_) => f.write_str("the server failed"),
         }
@@ -314,7 +368,15 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
 
 /// [`build`], also handing back the session fallback store (to flush it on shutdown).
 pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
-    let (sessions, health) = match &config.redis_url {
+    let redis = match (&config.redis_sentinel, &config.redis_url) {
+        (Some(sentinel), _) => Some(
+            RedisBackend::sentinel(&sentinel.master, sentinel.urls.iter().cloned())
+                .map_err(StartupError::Redis)?,
+        ),
+        (None, Some(url)) => Some(RedisBackend::new(url).map_err(StartupError::Redis)?),
+        (None, None) => None,
+    };
+    let (sessions, health) = match redis {
         None => {
             info!("sessions are kept in memory (REDIS_URL is unset): one instance only");
             (
@@ -322,8 +384,7 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
                 HealthSource::Disabled,
             )
         }
-        Some(url) => {
-            let backend = RedisBackend::new(url).map_err(StartupError::Redis)?;
+        Some(backend) => {
             let target = backend.health().snapshot().target;
             match backend.ping().await {
                 Ok(()) => info!(%target, "sessions are kept in Redis"),

@@ -1235,20 +1235,46 @@ fn config_reads_the_environment_contract() {
         "{error:?}"
     );
 
-    for variable in ["REDIS_CLUSTER_URLS", "REDIS_SENTINEL_URLS"] {
-        let error = Config::from_vars([
-            (variable, "redis://10.0.0.1:6379"),
-            ("REDIS_URL", "redis://127.0.0.1"),
-        ])
-        .unwrap_err();
+    let variable = "REDIS_CLUSTER_URLS";
+    let error = Config::from_vars([
+        (variable, "redis://10.0.0.1:6379"),
+        ("REDIS_URL", "redis://127.0.0.1"),
+    ])
+    .unwrap_err();
+    assert!(
+        matches!(error, StartupError::Unsupported { variable: v } if v == variable),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(variable) && message.contains("not supported"),
+        "{message}"
+    );
+
+    // Sentinel: both variables, or neither.
+    let config = Config::from_vars([
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+        (
+            "REDIS_SENTINEL_URLS",
+            "redis://10.0.0.1:26379, redis://10.0.0.2:26379",
+        ),
+        ("REDIS_URL", "redis://127.0.0.1"),
+    ])
+    .unwrap();
+    let sentinel = config.redis_sentinel.unwrap();
+    assert_eq!(sentinel.master, "mymaster");
+    assert_eq!(
+        sentinel.urls,
+        ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379"]
+    );
+    for (set, missing) in [
+        ("REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_URLS"),
+        ("REDIS_SENTINEL_URLS", "REDIS_SENTINEL_MASTER"),
+    ] {
+        let error = Config::from_vars([(set, "x")]).unwrap_err();
         assert!(
-            matches!(error, StartupError::Unsupported { variable: v } if v == variable),
+            matches!(error, StartupError::Invalid { variable, .. } if variable == missing),
             "{error:?}"
-        );
-        let message = error.to_string();
-        assert!(
-            message.contains(variable) && message.contains("not supported"),
-            "{message}"
         );
     }
 

@@ -9,8 +9,8 @@ use std::{
 };
 
 use redis::{
-    Client, ErrorKind, RedisError, RedisResult, ServerErrorKind,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
 };
 
 use super::{
@@ -19,22 +19,72 @@ use super::{
 };
 use crate::metrics;
 
-/// A shared handle to one Redis server: cheap to clone, every clone shares the connection,
-/// the circuit breaker and the counters.
+/// A shared handle to Redis: cheap to clone, every clone shares the connection, the circuit
+/// breaker and the counters.
+///
+/// Redis is one server ([`RedisBackend::new`]) or, with the `sentinel` feature, the master of
+/// a Sentinel-managed group ([`RedisBackend::sentinel`]), found again by asking the sentinels
+/// whenever the connection to it fails, so a failover needs no restart. The stores and layers
+/// work the same on either.
 ///
 /// The connection is multiplexed (concurrent commands are pipelined on one socket) and
 /// reconnects by itself. It is opened lazily, so building a backend never waits for Redis and
 /// a service can start while Redis is down; [`RedisBackend::ping`] checks it on demand.
+///
+/// Credentials in URLs never reach logs, `Debug` output or the health report: those name the
+/// server as `host:port/db` (or the Sentinel master's name and the sentinels' addresses).
 #[derive(Clone)]
 pub struct RedisBackend {
     pub(crate) inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
-    connection: ConnectionManager,
+    servers: Servers,
     pub(crate) breaker: Arc<Breaker>,
     pub(crate) round_trips: AtomicU64,
     pub(crate) target: String,
+}
+
+/// Which Redis the backend talks to, and how it finds it.
+enum Servers {
+    /// One server, at one address.
+    Node(ConnectionManager),
+    /// The master of a Sentinel-managed group, wherever it is now.
+    #[cfg(feature = "sentinel")]
+    Sentinel(Box<SentinelMaster>),
+}
+
+/// What [`RedisBackend::run`] hands a store: a connection to the server that holds its keys.
+/// The stores write their commands against this one type, whatever kind of Redis is behind it.
+#[derive(Clone)]
+pub(crate) enum Connection {
+    /// A server (or the master a Sentinel named).
+    Node(ConnectionManager),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(connection) => connection.get_db(),
+        }
+    }
 }
 
 impl fmt::Debug for RedisBackend {
@@ -47,12 +97,42 @@ impl fmt::Debug for RedisBackend {
 }
 
 /// Builds a [`RedisBackend`] with non-default timeouts or breaker settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct RedisBackendBuilder {
-    url: String,
+    source: Source,
     connect_timeout: Duration,
     breaker: BreakerConfig,
+}
+
+/// Where the builder finds Redis.
+#[derive(Clone)]
+enum Source {
+    Url(String),
+    #[cfg(feature = "sentinel")]
+    Sentinel {
+        master: String,
+        sentinels: Vec<String>,
+        username: Option<String>,
+        password: Option<String>,
+        db: i64,
+    },
+}
+
+impl fmt::Debug for RedisBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs may hold passwords: never printed.
+        let source = match &self.source {
+            Source::Url(_) => "url",
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel { .. } => "sentinel",
+        };
+        f.debug_struct("RedisBackendBuilder")
+            .field("source", &source)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("breaker", &self.breaker)
+            .finish()
+    }
 }
 
 impl RedisBackendBuilder {
@@ -68,17 +148,41 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// For a Sentinel-managed master: the user (ACL) and password of the master and its
+    /// replicas. The sentinels' own credentials go in their URLs. Default: none.
+    #[cfg(feature = "sentinel")]
+    pub fn master_auth(mut self, username: Option<&str>, password: &str) -> Self {
+        if let Source::Sentinel {
+            username: user,
+            password: secret,
+            ..
+        } = &mut self.source
+        {
+            *user = username.map(str::to_owned);
+            *secret = Some(password.to_owned());
+        }
+        self
+    }
+
+    /// For a Sentinel-managed master: the database number on it. Default: 0.
+    #[cfg(feature = "sentinel")]
+    pub fn master_db(mut self, db: i64) -> Self {
+        if let Source::Sentinel { db: number, .. } = &mut self.source {
+            *number = db;
+        }
+        self
+    }
+
     /// Builds the backend. It does not connect yet: the first command does.
     ///
-    /// Fails if the URL is invalid or if called outside a Tokio runtime.
+    /// Fails if a URL is invalid or if called outside a Tokio runtime.
     pub fn build(self) -> Result<RedisBackend, BackendError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BackendError::NoRuntime);
         }
-        let client = Client::open(self.url.as_str()).map_err(|e| BackendError::InvalidUrl {
+        let invalid = |e: RedisError| BackendError::InvalidUrl {
             source: Box::new(e),
-        })?;
-        let target = describe(&client);
+        };
         // The deadline of each call is ours (see `RedisBackend::run`); the manager only needs to
         // give up on a connection attempt quickly and to try again on the next command.
         let config = ConnectionManagerConfig::new()
@@ -86,13 +190,31 @@ impl RedisBackendBuilder {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
-        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
-            BackendError::InvalidUrl {
-                source: Box::new(e),
+        let (servers, target) = match self.source {
+            Source::Url(url) => {
+                let client = Client::open(url.as_str()).map_err(invalid)?;
+                let target = describe(&client);
+                let connection =
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?;
+                (Servers::Node(connection), target)
             }
-        })?;
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel {
+                master,
+                sentinels,
+                username,
+                password,
+                db,
+            } => {
+                let master =
+                    SentinelMaster::new(&master, &sentinels, username, password, db, config)
+                        .map_err(invalid)?;
+                let target = master.describe();
+                (Servers::Sentinel(Box::new(master)), target)
+            }
+        };
         let inner = Arc::new(Inner {
-            connection,
+            servers,
             breaker: Arc::new(Breaker::new(self.breaker)),
             round_trips: AtomicU64::new(0),
             target,
@@ -128,6 +250,114 @@ fn describe(client: &Client) -> String {
     format!("{}/{}", info.addr(), info.redis_settings().db())
 }
 
+/// The master of a Sentinel-managed group: asked of the sentinels when first needed and again
+/// after any call that finds it gone (a broken connection, or a server that has become a
+/// read-only replica).
+#[cfg(feature = "sentinel")]
+struct SentinelMaster {
+    name: String,
+    sentinels: Vec<String>,
+    db: i64,
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    current: std::sync::Mutex<Option<ConnectionManager>>,
+    config: ConnectionManagerConfig,
+}
+
+#[cfg(feature = "sentinel")]
+impl SentinelMaster {
+    fn new(
+        name: &str,
+        sentinels: &[String],
+        username: Option<String>,
+        password: Option<String>,
+        db: i64,
+        config: ConnectionManagerConfig,
+    ) -> RedisResult<Self> {
+        use redis::{
+            RedisConnectionInfo,
+            sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+        };
+        let mut settings = RedisConnectionInfo::default().set_db(db);
+        if let Some(username) = username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = password {
+            settings = settings.set_password(password);
+        }
+        let nodes = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+        let mut described = Vec::with_capacity(sentinels.len());
+        for url in sentinels {
+            described.push(describe(&Client::open(url.as_str())?));
+        }
+        let client = SentinelClient::build(
+            sentinels.iter().map(String::as_str).collect(),
+            name.to_owned(),
+            Some(nodes),
+            SentinelServerType::Master,
+        )?;
+        Ok(Self {
+            name: name.to_owned(),
+            sentinels: described,
+            db,
+            client: tokio::sync::Mutex::new(client),
+            current: std::sync::Mutex::new(None),
+            config,
+        })
+    }
+
+    fn describe(&self) -> String {
+        // The sentinels' addresses without their database suffix, which means nothing there.
+        let sentinels: Vec<&str> = self
+            .sentinels
+            .iter()
+            .map(|s| s.rsplit_once('/').map_or(s.as_str(), |(addr, _)| addr))
+            .collect();
+        format!(
+            "sentinel master {} via {} /{}",
+            self.name,
+            sentinels.join(","),
+            self.db
+        )
+    }
+
+    /// The connection to the master the sentinels last named, asking them if there is none.
+    async fn connection(&self) -> RedisResult<ConnectionManager> {
+        if let Some(connection) = self.known() {
+            return Ok(connection);
+        }
+        let mut client = self.client.lock().await;
+        // Another call may have asked while this one waited.
+        if let Some(connection) = self.known() {
+            return Ok(connection);
+        }
+        let master = client.async_get_client().await?;
+        tracing::info!(
+            target: "tower_turnstile::backend",
+            master = %self.name,
+            address = %describe(&master),
+            "Sentinel named the Redis master"
+        );
+        let connection = ConnectionManager::new_lazy_with_config(master, self.config.clone())?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn known(&self) -> Option<ConnectionManager> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forgets the master: the next call asks the sentinels again.
+    fn forget(&self) {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
 impl RedisBackend {
     /// A backend for `url` (`redis://[user:password@]host[:port][/db]`) with default settings.
     ///
@@ -140,7 +370,59 @@ impl RedisBackend {
     /// A builder for a backend with custom timeouts or breaker settings.
     pub fn builder(url: impl Into<String>) -> RedisBackendBuilder {
         RedisBackendBuilder {
-            url: url.into(),
+            source: Source::Url(url.into()),
+            connect_timeout: Duration::from_millis(500),
+            breaker: BreakerConfig::default(),
+        }
+    }
+
+    /// A backend for the master named `master` of a Sentinel-managed group, found through the
+    /// sentinels at `sentinels` (`redis://[user:password@]host:port`, the sentinels' own
+    /// credentials), with default settings. On a failover the backend asks the sentinels for
+    /// the new master by itself; until it answers, calls fail as an outage (the layers fall
+    /// back as they do when Redis is down).
+    ///
+    /// ```no_run
+    /// use tower_turnstile::backend::RedisBackend;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let redis = RedisBackend::sentinel(
+    ///     "mymaster",
+    ///     ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"],
+    /// )?;
+    /// // Or with the master's own credentials:
+    /// let redis = RedisBackend::sentinel_builder("mymaster", ["redis://10.0.0.1:26379"])
+    ///     .master_auth(Some("app"), "s3cret")
+    ///     .build()?;
+    /// # let _ = redis;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel<I, U>(master: &str, sentinels: I) -> Result<Self, BackendError>
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        Self::sentinel_builder(master, sentinels).build()
+    }
+
+    /// A builder for a Sentinel-managed master (see [`RedisBackend::sentinel`]).
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel_builder<I, U>(master: &str, sentinels: I) -> RedisBackendBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        RedisBackendBuilder {
+            source: Source::Sentinel {
+                master: master.to_owned(),
+                sentinels: sentinels.into_iter().map(Into::into).collect(),
+                username: None,
+                password: None,
+                db: 0,
+            },
             connect_timeout: Duration::from_millis(500),
             breaker: BreakerConfig::default(),
         }
@@ -165,7 +447,7 @@ impl RedisBackend {
     /// (and the per-request budgets the tests check) stay true.
     pub(crate) async fn run<T, F, Fut>(&self, deadline: Duration, op: F) -> Result<T, BackendError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let Some(permit) = self.inner.breaker.admit() else {
@@ -174,40 +456,71 @@ impl RedisBackend {
         };
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let (outcome, result) =
-            match tokio::time::timeout(deadline, op(self.inner.connection.clone())).await {
-                Ok(Ok(value)) => {
-                    permit.success();
-                    ("ok", Ok(value))
-                }
-                Ok(Err(error)) if is_outage(&error) => {
-                    permit.failure(&error.to_string());
-                    let error = BackendError::Unreachable {
-                        source: Box::new(error),
-                    };
-                    ("outage", Err(error))
-                }
-                Ok(Err(error)) => {
-                    // Redis answered, so it is up: a bad reply says nothing about availability.
-                    permit.success();
-                    let error = BackendError::Command {
-                        source: Box::new(error),
-                    };
-                    ("error", Err(error))
-                }
-                Err(_elapsed) => {
-                    permit.failure(&format!("no answer within {deadline:?}"));
-                    ("outage", Err(BackendError::Timeout(deadline)))
-                }
-            };
+        let call = async {
+            let connection = self.connection().await?;
+            op(connection).await
+        };
+        let (outcome, result) = match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(value)) => {
+                permit.success();
+                ("ok", Ok(value))
+            }
+            Ok(Err(error)) if is_outage(&error) => {
+                permit.failure(&error.to_string());
+                self.lost_server();
+                let error = BackendError::Unreachable {
+                    source: Box::new(error),
+                };
+                ("outage", Err(error))
+            }
+            Ok(Err(error)) => {
+                // Redis answered, so it is up: a bad reply says nothing about availability.
+                permit.success();
+                let error = BackendError::Command {
+                    source: Box::new(error),
+                };
+                ("error", Err(error))
+            }
+            Err(_elapsed) => {
+                permit.failure(&format!("no answer within {deadline:?}"));
+                self.lost_server();
+                ("outage", Err(BackendError::Timeout(deadline)))
+            }
+        };
         metrics::redis_call(outcome, start.elapsed());
         result
+    }
+
+    /// The connection for one call.
+    async fn connection(&self) -> RedisResult<Connection> {
+        match &self.inner.servers {
+            Servers::Node(connection) => Ok(Connection::Node(connection.clone())),
+            #[cfg(feature = "sentinel")]
+            Servers::Sentinel(master) => master.connection().await.map(Connection::Node),
+        }
+    }
+
+    /// After an outage: a Sentinel-managed backend asks the sentinels for the master again
+    /// on its next call (it may have moved); a single server is simply reconnected.
+    fn lost_server(&self) {
+        match &self.inner.servers {
+            Servers::Node(_) => {}
+            #[cfg(feature = "sentinel")]
+            Servers::Sentinel(master) => master.forget(),
+        }
     }
 }
 
 /// Whether `error` says Redis is unavailable, rather than that it refused one command.
 fn is_outage(error: &RedisError) -> bool {
     if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+        return true;
+    }
+    // A transaction whose commands a server that has become a replica refused as they were
+    // queued: the master is gone from there.
+    if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort)
+        && error.to_string().contains("READONLY")
+    {
         return true;
     }
     matches!(

@@ -30,6 +30,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Where a persistent server keeps its append-only file.
     dir: Option<std::path::PathBuf>,
+    /// Further `redis-server` arguments (a replica's `--replicaof`), kept for restarts.
+    extra: Vec<String>,
 }
 
 /// Whether Redis tests must run (CI) rather than skip.
@@ -57,7 +59,21 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// Starts a server that replicates `master`.
+    pub fn start_replica_of(master: &RedisServer) -> Option<Self> {
+        let extra = vec![
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            master.port.to_string(),
+        ];
+        Self::start_with_args(false, extra)
+    }
+
     fn start_with(persistent: bool) -> Option<Self> {
+        Self::start_with_args(persistent, Vec::new())
+    }
+
+    fn start_with_args(persistent: bool, extra: Vec<String>) -> Option<Self> {
         for _ in 0..5 {
             let port = free_port();
             let dir = persistent.then(|| {
@@ -70,6 +86,7 @@ impl RedisServer {
                 port,
                 child: None,
                 dir,
+                extra: extra.clone(),
             };
             match server.launch() {
                 Ok(()) => return Some(server),
@@ -107,6 +124,7 @@ impl RedisServer {
         };
         let child = command
             .args(["--protected-mode", "yes", "--loglevel", "warning"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -317,5 +335,137 @@ impl Drop for Monitor {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Sentinel-managed group on loopback: a master, one replica and one sentinel (quorum 1,
+/// the master judged down after 500 ms without answers), monitoring the master as `turnstile`.
+#[derive(Debug)]
+pub struct SentinelGroup {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    sentinel: Option<Child>,
+    sentinel_port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl SentinelGroup {
+    pub const MASTER: &str = "turnstile";
+
+    /// Starts the group and waits until the sentinel knows the replica (so a failover can
+    /// happen), or returns `None` when `redis-server` is missing and Redis is not required.
+    pub fn start() -> Option<Self> {
+        let master = RedisServer::start()?;
+        let replica = RedisServer::start_replica_of(&master)?;
+        let sentinel_port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "turnstile-sentinel-{}-{sentinel_port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        let config = dir.join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {name} 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds {name} 500\n\
+                 sentinel failover-timeout {name} 5000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                dir = dir.display(),
+                name = Self::MASTER,
+                master = master.port(),
+            ),
+        )
+        .expect("write the sentinel's configuration");
+        let sentinel = Command::new("redis-server")
+            .arg(&config)
+            .args(["--sentinel", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs as a sentinel");
+        let group = Self {
+            master,
+            replica,
+            sentinel: Some(sentinel),
+            sentinel_port,
+            dir,
+        };
+        group.wait_until("the replica is in sync and known to the sentinel", || {
+            group
+                .replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+                && group
+                    .sentinel_cli(&["SENTINEL", "REPLICAS", Self::MASTER])
+                    .contains(&group.replica.port().to_string())
+        });
+        Some(group)
+    }
+
+    /// The sentinel's URL, for `RedisBackend::sentinel`.
+    pub fn sentinel_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.sentinel_port)
+    }
+
+    pub fn sentinel_cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.sentinel_port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The port of the server the sentinel names as master now.
+    pub fn master_port(&self) -> Option<u16> {
+        let reply = self.sentinel_cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER]);
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|port| port.trim().parse().ok())
+    }
+
+    /// Waits until every write the master took has reached the replica.
+    pub fn sync(&self) {
+        let acked = self.master.cli(&["WAIT", "1", "2000"]);
+        assert_eq!(
+            acked.trim(),
+            "1",
+            "the replica did not acknowledge the writes"
+        );
+    }
+
+    /// Has the sentinel fail over to the replica, and waits until it names it.
+    pub fn fail_over(&self) {
+        self.sentinel_cli(&["SENTINEL", "FAILOVER", Self::MASTER]);
+        self.wait_for_replica_promotion();
+    }
+
+    /// Waits until the sentinel names the replica as master.
+    pub fn wait_for_replica_promotion(&self) {
+        let replica = self.replica.port();
+        self.wait_until("the sentinel names the replica as master", || {
+            self.master_port() == Some(replica) && self.replica.cli(&["ROLE"]).starts_with("master")
+        });
+    }
+
+    fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for SentinelGroup {
+    fn drop(&mut self) {
+        if let Some(mut sentinel) = self.sentinel.take() {
+            let _ = sentinel.kill();
+            let _ = sentinel.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

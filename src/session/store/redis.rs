@@ -302,6 +302,13 @@ impl RedisStore {
         self.backend
             .run(self.timeout, |mut conn| async move {
                 let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+                // A server that refuses writes has become a replica (a failover): an outage of
+                // the master, not a bad record.
+                if let Some(Value::ServerError(error)) = replies.iter().find(|reply| {
+                    matches!(reply, Value::ServerError(error) if error.code() == "READONLY")
+                }) {
+                    return Err(redis::RedisError::from(error.clone()));
+                }
                 let wrong_type = |reply: &Value| {
                     matches!(reply, Value::ServerError(error) if error.code() == "WRONGTYPE")
                 };
@@ -547,6 +554,10 @@ enum Fetched {
     Live {
         record: Record,
         /// Every field of the hash, write times included, when asked for.
+        #[cfg_attr(
+            not(feature = "memory"),
+            expect(dead_code, reason = "only the fallback store's replays read them")
+        )]
         fields: Option<Vec<(String, String)>>,
     },
 }

@@ -1,0 +1,229 @@
+//! A Sentinel-managed Redis (a master, a replica, a sentinel) on loopback: the layers keep
+//! working through a failover and through the master's death, on the new master, without a
+//! restart.
+
+mod support;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+use http::{Request, StatusCode};
+use support::{
+    SentinelGroup,
+    http::{Client, send},
+    session_app::app,
+};
+use tower_turnstile::{
+    backend::{BreakerConfig, RedisBackend},
+    ratelimit::{Policy, Quota, RateLimitLayer, RedisRateStore},
+    session::{FallbackStore, RedisStore, SessionLayer},
+};
+
+/// A backend on the group's master, found through its sentinel, that gives up fast.
+fn backend(group: &SentinelGroup) -> RedisBackend {
+    RedisBackend::sentinel_builder(SentinelGroup::MASTER, [group.sentinel_url()])
+        .connect_timeout(Duration::from_millis(200))
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(2)
+                .open_for(Duration::from_millis(200)),
+        )
+        .build()
+        .unwrap()
+}
+
+fn sessions(backend: &RedisBackend) -> (Router, FallbackStore) {
+    let store = FallbackStore::new(
+        RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(300)),
+    );
+    (app(SessionLayer::new(store.clone())), store)
+}
+
+fn limited(backend: &RedisBackend, limit: u32) -> (Router, RateLimitLayer) {
+    let store = RedisRateStore::new(backend.clone()).with_timeout(Duration::from_millis(300));
+    let layer = RateLimitLayer::new(Policy::new("test", Quota::per_minute(limit)).unwrap())
+        .with_store(store);
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer.clone());
+    (app, layer)
+}
+
+async fn hit(app: &Router) -> StatusCode {
+    let mut request = Request::get("/").body(Body::empty()).unwrap();
+    let peer: SocketAddr = "198.51.100.1:40000".parse().unwrap();
+    request.extensions_mut().insert(ConnectInfo(peer));
+    send(app, request).await.status
+}
+
+/// Keys in a server's database 0.
+fn keys(server: &support::RedisServer) -> Vec<String> {
+    server.cli(&["--scan"]).lines().map(str::to_owned).collect()
+}
+
+/// Polls `until` (with requests of its own) for up to 20 s.
+async fn eventually<F, Fut>(what: &str, mut until: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !until().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_limits_follow_a_failover() {
+    let Some(group) = SentinelGroup::start() else {
+        return;
+    };
+    let backend = backend(&group);
+    let (app, store) = sessions(&backend);
+    let (limited, limiter) = limited(&backend, 5);
+    let mut alice = Client::new(app.clone());
+    assert_eq!(alice.post("/set/colour/teal").await.status, StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(hit(&limited).await, StatusCode::OK);
+    }
+    assert!(
+        keys(&group.master).len() >= 2,
+        "the session and the count are on the master"
+    );
+    group.sync();
+
+    group.fail_over();
+
+    // Through the switch, nothing fails: the fallback answers until the backend has found
+    // the new master by itself.
+    let mut statuses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = alice.post("/set/shape/square").await;
+        statuses.push(reply.status);
+        let landed = group
+            .replica
+            .cli(&["--scan", "--pattern", "*session*"])
+            .lines()
+            .any(|key| {
+                group
+                    .replica
+                    .cli(&["HGET", key, "d:shape"])
+                    .contains("square")
+            });
+        if landed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write reached the new master: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(statuses.iter().all(StatusCode::is_success), "{statuses:?}");
+    // Written during the switch or after: every write is in the new master once the fallback
+    // has replayed its journal.
+    store.flush(Duration::from_secs(5)).await;
+    let read = alice.get("/get/colour").await;
+    assert_eq!(
+        read.body, "\"teal\"",
+        "the session made before the failover"
+    );
+    assert_eq!(alice.get("/get/shape").await.body, "\"square\"");
+    assert_eq!(
+        backend.health().snapshot().state,
+        tower_turnstile::backend::BreakerState::Closed
+    );
+
+    // The count made before the failover was carried over: 3 spent, 2 left, decided on the
+    // new master (not by the local fallback, which would grant a full quota).
+    eventually("the backend answers on the new master", || {
+        let backend = backend.clone();
+        async move { backend.ping().await.is_ok() }
+    })
+    .await;
+    let fallbacks = limiter.fallback_decisions();
+    let mut allowed = 0;
+    for _ in 0..5 {
+        allowed += usize::from(hit(&limited).await == StatusCode::OK);
+    }
+    assert_eq!(limiter.fallback_decisions(), fallbacks, "decided in Redis");
+    assert_eq!(allowed, 2, "3 of 5 were spent before the failover");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layers_survive_the_master_dying() {
+    let Some(mut group) = SentinelGroup::start() else {
+        return;
+    };
+    let backend = backend(&group);
+    let (app, store) = sessions(&backend);
+    let mut alice = Client::new(app.clone());
+    assert_eq!(alice.post("/set/colour/teal").await.status, StatusCode::OK);
+    group.sync();
+
+    group.master.stop();
+    // Until the sentinel has judged the master down and promoted the replica, requests are
+    // served from the fallback; none fails.
+    for n in 0..20 {
+        let reply = alice.post(&format!("/set/n/{n}")).await;
+        assert!(reply.status.is_success(), "{n}: {}", reply.status);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    group.wait_for_replica_promotion();
+    eventually("the backend writes to the new master", || {
+        let backend = backend.clone();
+        async move { backend.ping().await.is_ok() }
+    })
+    .await;
+    assert!(
+        store.flush(Duration::from_secs(5)).await == 0,
+        "the journal replays into the new master"
+    );
+    assert_eq!(alice.get("/get/colour").await.body, "\"teal\"");
+    assert_eq!(
+        alice.get("/get/n").await.body,
+        "\"19\"",
+        "the last write made during the outage"
+    );
+    // The writes made while there was no master are in the new one (replayed there).
+    let on_new_master = keys(&group.replica);
+    assert!(
+        on_new_master
+            .iter()
+            .filter(|key| key.contains(":session:"))
+            .any(|key| group.replica.cli(&["HGET", key, "d:n"]).trim() == "\"19\""),
+        "{on_new_master:?}"
+    );
+}
+
+#[tokio::test]
+async fn credentials_never_show() {
+    let Some(group) = SentinelGroup::start() else {
+        return;
+    };
+    let url = group
+        .sentinel_url()
+        .replace("redis://", "redis://watcher:sentinel-secret@");
+    let backend = RedisBackend::sentinel_builder(SentinelGroup::MASTER, [url])
+        .master_auth(Some("app"), "master-secret");
+    let builder = format!("{backend:?}");
+    let backend = backend.build().unwrap();
+    let shown = [
+        builder,
+        format!("{backend:?}"),
+        format!("{:?}", backend.health().snapshot()),
+        backend.health().snapshot().target,
+    ];
+    for text in &shown {
+        assert!(
+            !text.contains("secret") && !text.contains("watcher"),
+            "{text}"
+        );
+    }
+    assert!(shown[3].contains(SentinelGroup::MASTER), "{}", shown[3]);
+}
