@@ -6,7 +6,7 @@ mod support;
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 use tower_turnstile::{
     backend::RedisBackend,
     session::{
@@ -27,6 +27,7 @@ struct Fixture {
     /// own clock, so time there passes for real.
     clock: Option<ManualClock>,
     _redis: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
 }
 
 impl Fixture {
@@ -39,6 +40,25 @@ impl Fixture {
             twin: Box::new(move || Arc::new(shared.clone())),
             clock: Some(clock),
             _redis: None,
+            _cluster: None,
+            cut_off: false,
+        })
+    }
+
+    /// A Redis Cluster of three masters; every instance connects through all of them as seeds.
+    fn cluster() -> Option<Self> {
+        let cluster = RedisCluster::start_masters_only()?;
+        let urls = cluster.urls();
+        let make = move || -> Arc<dyn SessionStore> {
+            let backend = RedisBackend::cluster(urls.clone()).expect("backend");
+            Arc::new(RedisStore::new(backend).with_key_prefix("conf:"))
+        };
+        Some(Self {
+            store: make(),
+            twin: Box::new(make),
+            clock: None,
+            _redis: None,
+            _cluster: Some(cluster),
             cut_off: false,
         })
     }
@@ -57,6 +77,7 @@ impl Fixture {
             twin: Box::new(make),
             clock: None,
             _redis: Some(server),
+            _cluster: None,
             cut_off: false,
         })
     }
@@ -74,6 +95,7 @@ impl Fixture {
             twin: Box::new(make),
             clock: None,
             _redis: Some(server),
+            _cluster: None,
             cut_off: false,
         })
     }
@@ -91,6 +113,7 @@ impl Fixture {
             twin: Box::new(move || Arc::new(shared.clone())),
             clock: Some(clock),
             _redis: None,
+            _cluster: None,
             cut_off: true,
         })
     }
@@ -487,4 +510,4 @@ macro_rules! suite {
     };
 }
 
-suite!(memory, redis, fallback, fallback_down);
+suite!(memory, redis, cluster, fallback, fallback_down);

@@ -52,6 +52,9 @@ enum Servers {
     /// The master of a Sentinel-managed group, wherever it is now.
     #[cfg(feature = "sentinel")]
     Sentinel(Box<SentinelMaster>),
+    /// A Redis Cluster, through its seed nodes.
+    #[cfg(feature = "cluster")]
+    Cluster(Box<ClusterNodes>),
 }
 
 /// What [`RedisBackend::run`] hands a store: a connection to the server that holds its keys.
@@ -60,12 +63,18 @@ enum Servers {
 pub(crate) enum Connection {
     /// A server (or the master a Sentinel named).
     Node(ConnectionManager),
+    /// A cluster: each command or pipeline goes to the node that holds its slot (a pipeline's
+    /// keys must share one slot).
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Node(connection) => connection.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
         }
     }
 
@@ -77,12 +86,16 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Node(connection) => connection.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Node(connection) => connection.get_db(),
+            #[cfg(feature = "cluster")]
+            Self::Cluster(connection) => connection.get_db(),
         }
     }
 }
@@ -117,6 +130,8 @@ enum Source {
         password: Option<String>,
         db: i64,
     },
+    #[cfg(feature = "cluster")]
+    Cluster(Vec<String>),
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -126,6 +141,8 @@ impl fmt::Debug for RedisBackendBuilder {
             Source::Url(_) => "url",
             #[cfg(feature = "sentinel")]
             Source::Sentinel { .. } => "sentinel",
+            #[cfg(feature = "cluster")]
+            Source::Cluster(_) => "cluster",
         };
         f.debug_struct("RedisBackendBuilder")
             .field("source", &source)
@@ -212,6 +229,12 @@ impl RedisBackendBuilder {
                 let target = master.describe();
                 (Servers::Sentinel(Box::new(master)), target)
             }
+            #[cfg(feature = "cluster")]
+            Source::Cluster(seeds) => {
+                let nodes = ClusterNodes::new(&seeds, self.connect_timeout).map_err(invalid)?;
+                let target = nodes.target.clone();
+                (Servers::Cluster(Box::new(nodes)), target)
+            }
         };
         let inner = Arc::new(Inner {
             servers,
@@ -248,6 +271,41 @@ async fn probe_while_open(backend: Weak<Inner>) {
 fn describe(client: &Client) -> String {
     let info = client.get_connection_info();
     format!("{}/{}", info.addr(), info.redis_settings().db())
+}
+
+/// A Redis Cluster: the client (seed nodes, credentials) and its connection, opened on first
+/// use. The connection follows the cluster's topology by itself (`MOVED`, `ASK`, a failover).
+#[cfg(feature = "cluster")]
+struct ClusterNodes {
+    client: redis::cluster::ClusterClient,
+    connection: tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>,
+    target: String,
+}
+
+#[cfg(feature = "cluster")]
+impl ClusterNodes {
+    fn new(seeds: &[String], connect_timeout: Duration) -> RedisResult<Self> {
+        let mut described = Vec::with_capacity(seeds.len());
+        for url in seeds {
+            let client = Client::open(url.as_str())?;
+            described.push(client.get_connection_info().addr().to_string());
+        }
+        let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            .connection_timeout(connect_timeout)
+            .build()?;
+        Ok(Self {
+            client,
+            connection: tokio::sync::OnceCell::new(),
+            target: format!("cluster via {}", described.join(",")),
+        })
+    }
+
+    async fn connection(&self) -> RedisResult<redis::cluster_async::ClusterConnection> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
 }
 
 /// The master of a Sentinel-managed group: asked of the sentinels when first needed and again
@@ -376,6 +434,57 @@ impl RedisBackend {
         }
     }
 
+    /// A backend for the Redis Cluster that `seeds` belong to (`redis://[user:password@]host:port`
+    /// of one or more of its nodes; the rest are discovered), with default settings.
+    ///
+    /// Every command or pipeline the stores send touches keys of one hash slot, so each goes to
+    /// one node; the connection follows `MOVED` and `ASK` redirections and topology changes by
+    /// itself. While a master is down and until its replica is promoted, calls to its slots
+    /// fail as an outage (the layers fall back as they do when Redis is down).
+    ///
+    /// ```no_run
+    /// use tower_turnstile::backend::RedisBackend;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let redis = RedisBackend::cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])?;
+    /// # let _ = redis;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I, U>(seeds: I) -> Result<Self, BackendError>
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        Self::cluster_builder(seeds).build()
+    }
+
+    /// A builder for a Redis Cluster backend (see [`RedisBackend::cluster`]).
+    #[cfg(feature = "cluster")]
+    pub fn cluster_builder<I, U>(seeds: I) -> RedisBackendBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        RedisBackendBuilder {
+            source: Source::Cluster(seeds.into_iter().map(Into::into).collect()),
+            connect_timeout: Duration::from_millis(500),
+            breaker: BreakerConfig::default(),
+        }
+    }
+
+    /// Whether this backend talks to a Redis Cluster, where one pipeline may only touch keys
+    /// of one hash slot.
+    pub(crate) fn is_cluster(&self) -> bool {
+        match &self.inner.servers {
+            #[cfg(feature = "cluster")]
+            Servers::Cluster(_) => true,
+            _ => false,
+        }
+    }
+
     /// A backend for the master named `master` of a Sentinel-managed group, found through the
     /// sentinels at `sentinels` (`redis://[user:password@]host:port`, the sentinels' own
     /// credentials), with default settings. On a failover the backend asks the sentinels for
@@ -497,6 +606,8 @@ impl RedisBackend {
             Servers::Node(connection) => Ok(Connection::Node(connection.clone())),
             #[cfg(feature = "sentinel")]
             Servers::Sentinel(master) => master.connection().await.map(Connection::Node),
+            #[cfg(feature = "cluster")]
+            Servers::Cluster(nodes) => nodes.connection().await.map(Connection::Cluster),
         }
     }
 
@@ -504,9 +615,10 @@ impl RedisBackend {
     /// on its next call (it may have moved); a single server is simply reconnected.
     fn lost_server(&self) {
         match &self.inner.servers {
-            Servers::Node(_) => {}
             #[cfg(feature = "sentinel")]
             Servers::Sentinel(master) => master.forget(),
+            // A server is reconnected by its manager; a cluster follows its topology itself.
+            _ => {}
         }
     }
 }

@@ -469,3 +469,155 @@ impl Drop for SentinelGroup {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A Redis Cluster on loopback: three masters, each with one replica, created with
+/// `redis-cli --cluster create`. Nodes judge a peer failed after 1 s; the cluster keeps serving
+/// the slots of its live masters while one is down (`cluster-require-full-coverage no`).
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl RedisCluster {
+    /// Starts and creates the cluster and waits until every node reports `cluster_state:ok`,
+    /// or returns `None` when `redis-server` is missing and Redis is not required.
+    pub fn start() -> Option<Self> {
+        Self::start_with(true)
+    }
+
+    /// The same cluster without replicas: three masters.
+    pub fn start_masters_only() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    fn start_with(replicas: bool) -> Option<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let mut nodes = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..if replicas { 6 } else { 3 } {
+            let dir = std::env::temp_dir().join(format!(
+                "turnstile-cluster-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&dir).expect("temporary directory");
+            let extra = vec![
+                "--cluster-enabled".to_owned(),
+                "yes".to_owned(),
+                "--cluster-config-file".to_owned(),
+                dir.join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout".to_owned(),
+                "1000".to_owned(),
+                "--cluster-require-full-coverage".to_owned(),
+                "no".to_owned(),
+                "--dir".to_owned(),
+                dir.display().to_string(),
+            ];
+            nodes.push(RedisServer::start_with_args(false, extra)?);
+            dirs.push(dir);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", if replicas { "1" } else { "0" }])
+            .arg("--cluster-yes")
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes, dirs };
+        cluster.wait_until_ok();
+        Some(cluster)
+    }
+
+    /// Seed URLs (every node's).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes that are masters now (by `ROLE`).
+    pub fn masters(&self) -> Vec<&RedisServer> {
+        self.nodes
+            .iter()
+            .filter(|node| node.child.is_some() && node.cli(&["ROLE"]).starts_with("master"))
+            .collect()
+    }
+
+    /// The number of keys on each master, in the order of [`RedisCluster::masters`].
+    pub fn keys_per_master(&self) -> Vec<usize> {
+        self.masters()
+            .iter()
+            .map(|node| node.cli(&["DBSIZE"]).trim().parse().unwrap_or(0))
+            .collect()
+    }
+
+    /// Every key on every master.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .masters()
+            .iter()
+            .flat_map(|node| {
+                node.cli(&["--scan"])
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and sees three masters.
+    pub fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                && self.masters().len() == 3;
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the master at `index` of [`RedisCluster::masters`] and returns its port.
+    pub fn kill_master(&mut self, index: usize) -> u16 {
+        let port = self.masters()[index].port();
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|node| node.port() == port)
+            .expect("a node");
+        node.stop();
+        port
+    }
+
+    /// Flushes every master.
+    pub fn flush(&self) {
+        for node in self.masters() {
+            node.cli(&["FLUSHALL"]);
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -232,6 +232,12 @@ impl RedisStore {
     /// timeout, cut short by the absolute end (`PEXPIREAT … LT`, on Redis's clock; an end
     /// already past removes the hash at once).
     fn push_create(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
+        self.push_record(pipe, key, record);
+        self.push_index(pipe, key, record);
+    }
+
+    /// Adds the commands that write `record`'s hash under `key`, with its TTL.
+    fn push_record(&self, pipe: &mut Pipeline, key: &SessionKey, record: &Record) {
         let redis_key = self.session_key(key);
         pipe.cmd("HSET")
             .arg(&redis_key)
@@ -246,7 +252,6 @@ impl RedisStore {
             .arg(record.expires_at)
             .arg("LT")
             .ignore();
-        self.push_index(pipe, key, record);
         self.idle_vote.vote(millis(record.inactivity_timeout));
     }
 
@@ -273,11 +278,16 @@ impl RedisStore {
     fn push_delete(&self, pipe: &mut Pipeline, key: &SessionKey, user: Option<&str>) {
         pipe.cmd("DEL").arg(self.session_key(key));
         if let Some(user) = user {
-            pipe.cmd("SREM")
-                .arg(self.user_key(&UserKey::new(key.tenant(), user)))
-                .arg(key.hash())
-                .ignore();
+            self.push_unindex(pipe, key, user);
         }
+    }
+
+    /// Adds the command that removes `key` from `user`'s index.
+    fn push_unindex(&self, pipe: &mut Pipeline, key: &SessionKey, user: &str) {
+        pipe.cmd("SREM")
+            .arg(self.user_key(&UserKey::new(key.tenant(), user)))
+            .arg(key.hash())
+            .ignore();
     }
 
     async fn query<T: redis::FromRedisValue + Send + 'static>(
@@ -290,6 +300,18 @@ impl RedisStore {
             })
             .await
             .map_err(StoreError::from)
+    }
+
+    /// Runs `pipes` at the same time, each in its own round trip: on a Redis Cluster, where
+    /// one pipeline may touch one hash slot only, the parts of an operation that touch keys
+    /// of different slots (a session and its user's index, the sessions of a user) are sent
+    /// this way, so the operation still waits for one round trip. Fails if any part fails.
+    async fn query_each<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        pipes: Vec<Pipeline>,
+    ) -> Result<Vec<T>, StoreError> {
+        futures_util::future::try_join_all(pipes.into_iter().map(|pipe| self.query::<T>(pipe)))
+            .await
     }
 
     /// Runs `pipe`, answering `None` when Redis refuses one of its commands because the key
@@ -493,13 +515,26 @@ impl RedisStore {
         script.arg(remove);
         let mut pipe = redis::pipe();
         pipe.add_command(script);
+        let mut index = redis::pipe();
         if let Some((user, expires_at)) = write.index {
             let mut record = Record::new(Duration::ZERO, Duration::ZERO);
             record.user = Some(user.to_owned());
             record.expires_at = expires_at;
-            self.push_index(&mut pipe, key, &record);
+            // On a cluster the index is another slot: its own pipeline, sent at the same time.
+            let to = if self.backend.is_cluster() {
+                &mut index
+            } else {
+                &mut pipe
+            };
+            self.push_index(to, key, &record);
         }
-        let (applied,): (i64,) = self.query(pipe).await?;
+        let applied = if index.cmd_iter().next().is_some() {
+            let mut replies = self.query_each::<Vec<i64>>(vec![pipe, index]).await?;
+            replies.swap_remove(0).first().copied().unwrap_or(0)
+        } else {
+            let (applied,): (i64,) = self.query(pipe).await?;
+            applied
+        };
         Ok(applied == 1)
     }
 
@@ -521,12 +556,120 @@ impl RedisStore {
         if ended.is_empty() {
             return Ok(0);
         }
+        if self.backend.is_cluster() {
+            let hashes: Vec<String> = ended.iter().map(SessionKey::hash).collect();
+            return self
+                .delete_on_cluster(&self.user_key(user), &ended, &hashes)
+                .await;
+        }
         let mut pipe = redis::pipe();
         for key in &ended {
             self.push_delete(&mut pipe, key, Some(user.user()));
         }
         let removed: Vec<i64> = self.query(pipe).await?;
         Ok(removed.into_iter().filter(|&n| n == 1).count())
+    }
+}
+
+/// The operations whose keys hash to different slots, as a Redis Cluster needs them: one
+/// pipeline per slot, sent at the same time.
+impl RedisStore {
+    /// A new session bound to a user: the index entry and the record at once. A record must
+    /// never be left out of its user's index (it could not be revoked), so when either part
+    /// fails the record is removed again.
+    async fn create_on_cluster(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        let mut index = redis::pipe();
+        self.push_index(&mut index, key, record);
+        let mut hash = redis::pipe();
+        hash.atomic();
+        self.push_record(&mut hash, key, record);
+        if let Err(error) = self.query_each::<()>(vec![index, hash]).await {
+            self.remove_dead(&self.session_key(key)).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// A new id for a session, in two round trips: first the new record and the index
+    /// changes, then the old record's removal, which says whether it was still live. An old
+    /// session destroyed meanwhile takes the new one with it (a third round trip). A failure
+    /// between the two leaves the old id valid until its own expiry; the new record is removed
+    /// again.
+    async fn cycle_on_cluster(
+        &self,
+        old: &SessionKey,
+        old_user: Option<&str>,
+        new: &SessionKey,
+        record: &Record,
+    ) -> Result<Written, StoreError> {
+        let mut hash = redis::pipe();
+        hash.atomic();
+        self.push_record(&mut hash, new, record);
+        let mut parts = vec![hash];
+        let new_user = record.user.as_deref();
+        if new_user.is_some() || old_user.is_some() {
+            let mut index = redis::pipe();
+            self.push_index(&mut index, new, record);
+            if let Some(old_user) = old_user {
+                if new_user == Some(old_user) {
+                    self.push_unindex(&mut index, old, old_user);
+                } else {
+                    let mut other = redis::pipe();
+                    self.push_unindex(&mut other, old, old_user);
+                    parts.push(other);
+                }
+            }
+            parts.push(index);
+        }
+        let undo = |this: &Self| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("DEL").arg(this.session_key(new)).ignore();
+            pipe
+        };
+        if let Err(error) = self.query_each::<()>(parts).await {
+            let _ = self.query::<()>(undo(self)).await;
+            return Err(error);
+        }
+        let mut retire = redis::pipe();
+        retire.atomic();
+        retire.cmd("HEXISTS").arg(self.session_key(old)).arg(TENANT);
+        retire.cmd("DEL").arg(self.session_key(old)).ignore();
+        match self.query::<(i64,)>(retire).await {
+            Ok((1,)) => Ok(Written::Applied),
+            Ok(_) => {
+                // The old session was destroyed meanwhile: the copy must not outlive it.
+                self.delete(new, new_user).await?;
+                Ok(Written::Missing)
+            }
+            Err(error) => {
+                let _ = self.query::<()>(undo(self)).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Removes `keys` (one pipeline each) and the index members `members`, all at once;
+    /// returns how many sessions were removed.
+    async fn delete_on_cluster(
+        &self,
+        index: &str,
+        keys: &[SessionKey],
+        members: &[String],
+    ) -> Result<usize, StoreError> {
+        let mut parts: Vec<Pipeline> = keys
+            .iter()
+            .map(|key| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("DEL").arg(self.session_key(key));
+                pipe
+            })
+            .collect();
+        let mut unindex = redis::pipe();
+        // Only the members seen are removed: a session indexed meanwhile keeps its entry.
+        unindex.cmd("SREM").arg(index).arg(members).ignore();
+        parts.push(unindex);
+        let removed: Vec<Vec<i64>> = self.query_each(parts).await?;
+        Ok(removed.into_iter().flatten().filter(|&n| n == 1).count())
     }
 }
 
@@ -654,6 +797,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        if self.backend.is_cluster() && record.user.is_some() {
+            return self.create_on_cluster(key, record).await;
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.push_create(&mut pipe, key, record);
@@ -733,6 +879,9 @@ impl SessionStore for RedisStore {
         new: &SessionKey,
         record: &Record,
     ) -> Result<Written, StoreError> {
+        if self.backend.is_cluster() {
+            return self.cycle_on_cluster(old, old_user, new, record).await;
+        }
         // One transaction: the new record is written and the old one removed together.
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -752,6 +901,15 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
+        if self.backend.is_cluster()
+            && let Some(user) = user
+        {
+            let mut record = redis::pipe();
+            record.cmd("DEL").arg(self.session_key(key)).ignore();
+            let mut index = redis::pipe();
+            self.push_unindex(&mut index, key, user);
+            return self.query_each::<()>(vec![record, index]).await.map(drop);
+        }
         let mut pipe = redis::pipe();
         self.push_delete(&mut pipe, key, user);
         self.query::<(i64,)>(pipe).await.map(drop)
@@ -767,15 +925,33 @@ impl SessionStore for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for key in &keys {
+        let row = |pipe: &mut Pipeline, key: &SessionKey| {
             pipe.cmd("HMGET")
                 .arg(self.session_key(key))
                 .arg(CREATED)
                 .arg(ABSOLUTE)
                 .arg(USER);
-        }
-        let rows: Vec<(Option<u64>, Option<u64>, Option<String>)> = self.query(pipe).await?;
+        };
+        type Row = (Option<u64>, Option<u64>, Option<String>);
+        let rows: Vec<Row> = if self.backend.is_cluster() {
+            // Each session hashes to its own slot: one read each, all at once.
+            let pipes = keys
+                .iter()
+                .map(|key| {
+                    let mut pipe = redis::pipe();
+                    row(&mut pipe, key);
+                    pipe
+                })
+                .collect();
+            let rows: Vec<(Row,)> = self.query_each(pipes).await?;
+            rows.into_iter().map(|(row,)| row).collect()
+        } else {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                row(&mut pipe, key);
+            }
+            self.query(pipe).await?
+        };
         let mut live = Vec::new();
         let mut gone = Vec::new();
         for (key, row) in keys.into_iter().zip(rows) {
@@ -808,6 +984,9 @@ impl SessionStore for RedisStore {
             .collect();
         if members.is_empty() {
             return Ok(0);
+        }
+        if self.backend.is_cluster() {
+            return self.delete_on_cluster(&index, &keys, &members).await;
         }
         let mut pipe = redis::pipe();
         for key in &keys {
