@@ -19,9 +19,9 @@
 //! stop waits up to five seconds for journaled writes to reach Redis.
 //!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
-//! `REDIS_SENTINEL_MASTER` with `REDIS_SENTINEL_URLS` (a Sentinel-managed master, used instead
-//! of `REDIS_URL`), `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`.
-//! `REDIS_CLUSTER_URLS` is refused at startup until the crate supports it.
+//! `REDIS_CLUSTER_URLS` (seed nodes of a Redis Cluster) or `REDIS_SENTINEL_MASTER` with
+//! `REDIS_SENTINEL_URLS` (a Sentinel-managed master), each used instead of `REDIS_URL`,
+//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`.
 //!
 //! The file doubles as a module of `tests/reference_app.rs`, which drives [`app`] directly.
 
@@ -78,6 +78,9 @@ pub struct Config {
     /// `REDIS_SENTINEL_MASTER` and `REDIS_SENTINEL_URLS`: a Sentinel-managed master, used
     /// instead of `REDIS_URL` when set.
     pub redis_sentinel: Option<SentinelConfig>,
+    /// `REDIS_CLUSTER_URLS`: seed nodes of a Redis Cluster, used instead of `REDIS_URL` when
+    /// set.
+    pub redis_cluster: Option<Vec<String>>,
     /// `SESSION_SECRET`: when set, cookies are signed with a key derived from it.
     pub session_secret: Option<String>,
     /// `COOKIE_SECURE`: whether the cookie carries `Secure`.
@@ -95,6 +98,7 @@ impl Default for Config {
             bind: "127.0.0.1:3000".to_owned(),
             redis_url: None,
             redis_sentinel: None,
+            redis_cluster: None,
             session_secret: None,
             cookie_secure: false,
             rate_limit: Quota::per_minute(100),
@@ -113,6 +117,7 @@ impl fmt::Debug for Config {
                 "redis_sentinel",
                 &self.redis_sentinel.as_ref().map(|s| &s.master),
             )
+            .field("redis_cluster", &self.redis_cluster.as_ref().map(Vec::len))
             .field(
                 "session_secret",
                 &self.session_secret.as_ref().map(|_| ".."),
@@ -147,9 +152,9 @@ impl Config {
     /// `SESSION_SECRET`: an empty secret is refused rather than quietly leaving cookies
     /// unsigned.
     ///
-    /// Variables for features this app does not have yet (Redis Cluster) are refused, so a
-    /// deployment never runs on a topology it did not ask for; so is one of
-    /// `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER` without the other.
+    /// One of `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER` without the other is refused,
+    /// and so are Sentinel and Cluster variables together, so a deployment never runs on a
+    /// topology it did not ask for.
     pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, StartupError>
     where
         K: AsRef<str>,
@@ -161,21 +166,19 @@ impl Config {
             .collect();
         let set = |name: &str| vars.get(name).filter(|value| !value.is_empty()).cloned();
 
-        if set("REDIS_CLUSTER_URLS").is_some() {
-            return Err(StartupError::Unsupported {
-                variable: "REDIS_CLUSTER_URLS",
-            });
-        }
+        let list = |text: String| -> Vec<String> {
+            text.split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let redis_cluster = set("REDIS_CLUSTER_URLS").map(list);
         let redis_sentinel = match (set("REDIS_SENTINEL_MASTER"), set("REDIS_SENTINEL_URLS")) {
             (None, None) => None,
             (Some(master), Some(urls)) => Some(SentinelConfig {
                 master,
-                urls: urls
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|url| !url.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
+                urls: list(urls),
             }),
             (None, Some(_)) => {
                 return Err(StartupError::Invalid {
@@ -192,6 +195,13 @@ impl Config {
                 });
             }
         };
+        if redis_cluster.is_some() && redis_sentinel.is_some() {
+            return Err(StartupError::Invalid {
+                variable: "REDIS_CLUSTER_URLS",
+                value: String::new(),
+                expected: "either a cluster or a Sentinel-managed master, not both",
+            });
+        }
         let rate_limit = match set("RATE_LIMIT") {
             None => Config::default().rate_limit,
             Some(text) => text.parse::<Quota>().map_err(|_| StartupError::Invalid {
@@ -241,6 +251,7 @@ impl Config {
             bind: set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: set("REDIS_URL"),
             redis_sentinel,
+            redis_cluster,
             session_secret,
             cookie_secure,
             rate_limit,
@@ -283,11 +294,6 @@ pub enum StartupError {
         /// What it should look like.
         expected: &'static str,
     },
-    /// A variable asks for something this app cannot do yet.
-    Unsupported {
-        /// The variable.
-        variable: &'static str,
-    },
     /// `SESSION_SECRET` does not make a signing key.
     SigningKey(session::CookieConfigError),
     /// `REDIS_URL` (or the Sentinel variables) do not make a Redis backend.
@@ -310,18 +316,12 @@ impl fmt::Display for StartupError {
             Self::Invalid { variable, value, expected } => {
                 write!(f, "{variable}={value:?} is invalid: expected {expected}")
             }
-            Self::Unsupported { variable } => write!(
-                f,
-                "{variable} is set, but this version of the reference app supports a single Redis \
-                 server (REDIS_URL) or Sentinel (REDIS_SENTINEL_URLS); Redis Cluster is not \
-                 supported yet. Unset {variable} and set REDIS_URL instead"
-            ),
             Self::SigningKey(_) => f.write_str(
                 "SESSION_SECRET is set but unusable (empty?); unset it to run with unsigned cookies",
             ),
-            Self::Redis(_) => {
-                f.write_str("REDIS_URL (or REDIS_SENTINEL_URLS) is unusable")
-            }
+            Self::Redis(_) => f.write_str(
+                "the Redis settings (REDIS_URL, REDIS_CLUSTER_URLS or REDIS_SENTINEL_URLS) are unusable",
+            ),
             Self::Bind { address, .. } => write!(f, "cannot listen on {address} (BIND)"),
             Self::Serve(_) => f.write_str("the server failed"),
         }
@@ -334,7 +334,7 @@ impl StdError for StartupError {
             Self::SigningKey(e) => Some(e),
             Self::Redis(e) => Some(e),
             Self::Bind { source, .. } | Self::Serve(source) => Some(source),
-            Self::NotUnicode { .. } | Self::Invalid { .. } | Self::Unsupported { .. } => None,
+            Self::NotUnicode { .. } | Self::Invalid { .. } => None,
         }
     }
 }
@@ -368,14 +368,21 @@ pub async fn build(config: &Config) -> Result<Router, StartupError> {
 
 /// [`build`], also handing back the session fallback store (to flush it on shutdown).
 pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
-    let redis = match (&config.redis_sentinel, &config.redis_url) {
-        (Some(sentinel), _) => Some(
-            RedisBackend::sentinel(&sentinel.master, sentinel.urls.iter().cloned())
-                .map_err(StartupError::Redis)?,
-        ),
-        (None, Some(url)) => Some(RedisBackend::new(url).map_err(StartupError::Redis)?),
-        (None, None) => None,
-    };
+    let redis = match (
+        &config.redis_cluster,
+        &config.redis_sentinel,
+        &config.redis_url,
+    ) {
+        (Some(seeds), _, _) => Some(RedisBackend::cluster(seeds.iter().cloned())),
+        (None, Some(sentinel), _) => Some(RedisBackend::sentinel(
+            &sentinel.master,
+            sentinel.urls.iter().cloned(),
+        )),
+        (None, None, Some(url)) => Some(RedisBackend::new(url)),
+        (None, None, None) => None,
+    }
+    .transpose()
+    .map_err(StartupError::Redis)?;
     let (sessions, health) = match redis {
         None => {
             info!("sessions are kept in memory (REDIS_URL is unset): one instance only");

@@ -17,7 +17,7 @@ use proptest::{
     prelude::*,
     test_runner::{Config, TestCaseError, TestRunner},
 };
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 use tower_turnstile::{
     backend::RedisBackend,
     ratelimit::{
@@ -111,6 +111,34 @@ async fn four_redis_instances_grant_exactly_the_limit() {
         let allowed = concurrent_allowed(&stores, &key, quota, algorithm, 400).await;
         assert_eq!(allowed, 100, "{algorithm:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_on_a_cluster_grant_exactly_the_limit() {
+    let Some(cluster) = RedisCluster::start_masters_only() else {
+        return;
+    };
+    let stores: Vec<Arc<dyn RateLimitStore>> = (0..4)
+        .map(|_| {
+            let backend = RedisBackend::cluster(cluster.urls()).expect("backend");
+            Arc::new(RedisRateStore::new(backend).with_timeout(Duration::from_secs(2)))
+                as Arc<dyn RateLimitStore>
+        })
+        .collect();
+    let quota = Quota::per_hour(100);
+    // Keys on every master: each decision goes to the node of its key's slot.
+    for algorithm in ALGORITHMS {
+        for n in 0..6 {
+            let key = format!("exact:{}:{n}", algorithm.as_str());
+            let allowed = concurrent_allowed(&stores, &key, quota, algorithm, 150).await;
+            assert_eq!(allowed, 100, "{algorithm:?} {key}");
+        }
+    }
+    let spread = cluster.keys_per_master();
+    assert!(
+        spread.iter().all(|&keys| keys > 0),
+        "keys per master: {spread:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -298,7 +326,20 @@ fn traces() -> impl Strategy<Value = Trace> {
 /// tolerance is none: both stores run it on the same whole-microsecond integers.)
 #[test]
 fn memory_and_redis_decide_a_trace_identically() {
-    replay_traces(1, &ALGORITHMS);
+    replay_traces(1, &ALGORITHMS, On::Server);
+}
+
+/// The same traces against a Redis Cluster of three masters.
+#[test]
+fn memory_and_a_cluster_decide_a_trace_identically() {
+    replay_traces(1, &ALGORITHMS, On::Cluster);
+}
+
+/// Where a trace's Redis decisions are made.
+#[derive(Clone, Copy)]
+enum On {
+    Server,
+    Cluster,
 }
 
 /// The same with limits and costs scaled up to a billion per window, where the sliding window
@@ -306,19 +347,41 @@ fn memory_and_redis_decide_a_trace_identically() {
 /// sits this one out.
 #[test]
 fn memory_and_redis_decide_a_trace_of_huge_quotas_identically() {
-    replay_traces(125_000_000, &[Algorithm::SlidingWindow, Algorithm::Gcra]);
+    replay_traces(
+        125_000_000,
+        &[Algorithm::SlidingWindow, Algorithm::Gcra],
+        On::Server,
+    );
 }
 
 /// Replays random traces on both stores, limits and costs multiplied by `scale`.
-fn replay_traces(scale: u64, algorithms: &[Algorithm]) {
-    let Some(server) = RedisServer::start() else {
-        return;
+fn replay_traces(scale: u64, algorithms: &[Algorithm], on: On) {
+    let (server, cluster, urls) = match on {
+        On::Server => {
+            let Some(server) = RedisServer::start() else {
+                return;
+            };
+            let url = vec![server.url()];
+            (Some(server), None, url)
+        }
+        On::Cluster => {
+            let Some(cluster) = RedisCluster::start_masters_only() else {
+                return;
+            };
+            let urls = cluster.urls();
+            (None, Some(cluster), urls)
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let backend = runtime.block_on(async { RedisBackend::new(&server.url()).expect("backend") });
+    let backend = runtime.block_on(async {
+        match on {
+            On::Server => RedisBackend::new(&urls[0]).expect("backend"),
+            On::Cluster => RedisBackend::cluster(urls.clone()).expect("backend"),
+        }
+    });
     let cases = AtomicU64::new(0);
     let mut runner = TestRunner::new(Config {
         cases: 32,
@@ -363,6 +426,14 @@ fn replay_traces(scale: u64, algorithms: &[Algorithm]) {
     if let Err(failure) = outcome {
         panic!("{failure}");
     }
+    if let Some(cluster) = &cluster {
+        let spread = cluster.keys_per_master();
+        assert!(
+            spread.iter().all(|&keys| keys > 0),
+            "keys per master: {spread:?}"
+        );
+    }
+    drop(server);
 }
 
 /// Quotas so large that `limit × window` would pass 2^53: the sliding window coarsens its

@@ -1235,20 +1235,35 @@ fn config_reads_the_environment_contract() {
         "{error:?}"
     );
 
-    let variable = "REDIS_CLUSTER_URLS";
-    let error = Config::from_vars([
-        (variable, "redis://10.0.0.1:6379"),
+    // A cluster: its seed URLs.
+    let config = Config::from_vars([
+        (
+            "REDIS_CLUSTER_URLS",
+            "redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+        ),
         ("REDIS_URL", "redis://127.0.0.1"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.redis_cluster.unwrap(),
+        ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]
+    );
+    // A cluster and a Sentinel at once is ambiguous: refused.
+    let error = Config::from_vars([
+        ("REDIS_CLUSTER_URLS", "redis://10.0.0.1:6379"),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+        ("REDIS_SENTINEL_URLS", "redis://10.0.0.1:26379"),
     ])
     .unwrap_err();
     assert!(
-        matches!(error, StartupError::Unsupported { variable: v } if v == variable),
+        matches!(
+            error,
+            StartupError::Invalid {
+                variable: "REDIS_CLUSTER_URLS",
+                ..
+            }
+        ),
         "{error:?}"
-    );
-    let message = error.to_string();
-    assert!(
-        message.contains(variable) && message.contains("not supported"),
-        "{message}"
     );
 
     // Sentinel: both variables, or neither.
@@ -1401,5 +1416,81 @@ async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
     assert_eq!(
         via("203.0.113.1", "198.51.100.10").await,
         StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// On a Redis Cluster and on Sentinel: two instances share sessions and limits.
+
+/// Two instances of the app on the same Redis: a session made on one is used and changed on
+/// the other, and a limit of 8 per client and tenant lets exactly 8 through over both.
+async fn two_instances_share_sessions_and_limits(one: &Router, two: &Router) {
+    let mut alice = Client::new(one, "acme.localhost");
+    alice.post("/counter").await.assert(StatusCode::OK, "1");
+    alice.login("alice").await.assert(StatusCode::OK, "alice");
+    let mut on_two = Client {
+        app: two.clone(),
+        host: alice.host.clone(),
+        cookie: alice.cookie.clone(),
+    };
+    on_two.get("/counter").await.assert(StatusCode::OK, "1");
+    on_two.get("/me").await.assert(StatusCode::OK, "alice");
+    on_two.post("/counter").await.assert(StatusCode::OK, "2");
+    alice.get("/counter").await.assert(StatusCode::OK, "2");
+
+    for tenant in ["acme.localhost", "globex.localhost"] {
+        let mut allowed = 0;
+        for attempt in 0..20 {
+            let app = if attempt % 2 == 0 { one } else { two };
+            let (status, _, _) = get_from(app, "198.51.100.9", tenant, "/").await;
+            allowed += usize::from(status == StatusCode::OK);
+        }
+        assert_eq!(
+            allowed, 8,
+            "{tenant}: exactly the limit over both instances"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_a_redis_cluster() {
+    let Some(cluster) = support::RedisCluster::start_masters_only() else {
+        return;
+    };
+    let config = Config::from_vars([
+        ("REDIS_CLUSTER_URLS", cluster.urls().join(",")),
+        ("RATE_LIMIT", "8/60s".to_owned()),
+    ])
+    .unwrap();
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    two_instances_share_sessions_and_limits(&one, &two).await;
+    let keys = cluster.keys();
+    assert!(keys.iter().any(|k| k.contains(":session:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains(":user:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains("acme:rl:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains("globex:rl:")), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_sentinel() {
+    let Some(group) = support::SentinelGroup::start() else {
+        return;
+    };
+    let config = Config::from_vars([
+        (
+            "REDIS_SENTINEL_MASTER",
+            support::SentinelGroup::MASTER.to_owned(),
+        ),
+        ("REDIS_SENTINEL_URLS", group.sentinel_urls().join(",")),
+        ("RATE_LIMIT", "8/60s".to_owned()),
+    ])
+    .unwrap();
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    two_instances_share_sessions_and_limits(&one, &two).await;
+    assert!(
+        group.master.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap() >= 4,
+        "sessions, the index and the counts are on the master"
     );
 }

@@ -6,13 +6,17 @@ mod support;
 
 use std::{
     net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
 use http::{Request, StatusCode};
 use support::{
-    SentinelGroup,
+    SentinelGroup, drill,
     http::{Client, send},
     session_app::app,
 };
@@ -24,7 +28,7 @@ use tower_turnstile::{
 
 /// A backend on the group's master, found through its sentinel, that gives up fast.
 fn backend(group: &SentinelGroup) -> RedisBackend {
-    RedisBackend::sentinel_builder(SentinelGroup::MASTER, [group.sentinel_url()])
+    RedisBackend::sentinel_builder(SentinelGroup::MASTER, group.sentinel_urls())
         .connect_timeout(Duration::from_millis(200))
         .breaker(
             BreakerConfig::default()
@@ -156,49 +160,68 @@ async fn sessions_and_limits_follow_a_failover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_layers_survive_the_master_dying() {
+async fn the_layers_survive_the_master_dying_mid_load() {
     let Some(mut group) = SentinelGroup::start() else {
         return;
     };
     let backend = backend(&group);
     let (app, store) = sessions(&backend);
-    let mut alice = Client::new(app.clone());
-    assert_eq!(alice.post("/set/colour/teal").await.status, StatusCode::OK);
+    let (limited, limiter) = limited(&backend, 1_000_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(drill::run(app.clone(), limited, 8, Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // What the old master acknowledged before it dies is what the replica has.
     group.sync();
 
+    let killed = Instant::now();
     group.master.stop();
-    // Until the sentinel has judged the master down and promoted the replica, requests are
-    // served from the fallback; none fails.
-    for n in 0..20 {
-        let reply = alice.post(&format!("/set/n/{n}")).await;
-        assert!(reply.status.is_success(), "{n}: {}", reply.status);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     group.wait_for_replica_promotion();
-    eventually("the backend writes to the new master", || {
+    let promoted = killed.elapsed();
+    eventually("the backend is healthy on the new master", || {
         let backend = backend.clone();
-        async move { backend.ping().await.is_ok() }
+        async move { backend.ping().await.is_ok() && backend.health().snapshot().healthy }
     })
     .await;
-    assert!(
-        store.flush(Duration::from_secs(5)).await == 0,
-        "the journal replays into the new master"
+    let recovered = killed.elapsed();
+    let fallbacks = limiter.fallback_decisions();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "sentinel drill: {} requests, {} server errors, longest {:?}; replica promoted {:?} \
+         and the backend healthy {:?} after the kill; {} rate-limit decisions by the fallback",
+        report.requests(),
+        report.server_errors(),
+        report.longest(),
+        promoted,
+        recovered,
+        fallbacks
     );
-    assert_eq!(alice.get("/get/colour").await.body, "\"teal\"");
+    assert_eq!(report.server_errors(), 0);
+    assert!(fallbacks > 0, "the outage was bridged by the local limiter");
     assert_eq!(
-        alice.get("/get/n").await.body,
-        "\"19\"",
-        "the last write made during the outage"
+        limiter.fallback_decisions(),
+        fallbacks,
+        "after recovery the limiter decides in Redis again"
     );
-    // The writes made while there was no master are in the new one (replayed there).
+    // Every client's last acknowledged write is in the new master once the journal has
+    // replayed: nothing acknowledged was lost.
+    assert_eq!(
+        store.flush(Duration::from_secs(5)).await,
+        0,
+        "the journal drains"
+    );
+    for record in &report.clients {
+        let mut client = drill::client_of(record, app.clone());
+        let expected = format!("\"{}\"", record.last_written.expect("a write"));
+        assert_eq!(client.get("/get/n").await.body, expected);
+    }
     let on_new_master = keys(&group.replica);
-    assert!(
-        on_new_master
-            .iter()
-            .filter(|key| key.contains(":session:"))
-            .any(|key| group.replica.cli(&["HGET", key, "d:n"]).trim() == "\"19\""),
-        "{on_new_master:?}"
-    );
+    let sessions_there = on_new_master
+        .iter()
+        .filter(|key| key.contains(":session:"))
+        .count();
+    assert_eq!(sessions_there, report.clients.len(), "{on_new_master:?}");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 //! makes a missing server a failure (CI sets it).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod drill;
 pub mod http;
 pub mod proxy;
 pub mod session_app;
@@ -338,87 +339,101 @@ impl Drop for Monitor {
     }
 }
 
-/// A Sentinel-managed group on loopback: a master, one replica and one sentinel (quorum 1,
+/// A Sentinel-managed group on loopback: a master, one replica and three sentinels (quorum 2,
 /// the master judged down after 500 ms without answers), monitoring the master as `turnstile`.
 #[derive(Debug)]
 pub struct SentinelGroup {
     pub master: RedisServer,
     pub replica: RedisServer,
-    sentinel: Option<Child>,
-    sentinel_port: u16,
+    sentinels: Vec<(Child, u16)>,
     dir: std::path::PathBuf,
 }
 
 impl SentinelGroup {
     pub const MASTER: &str = "turnstile";
 
-    /// Starts the group and waits until the sentinel knows the replica (so a failover can
-    /// happen), or returns `None` when `redis-server` is missing and Redis is not required.
+    /// Starts the group and waits until every sentinel knows the replica and the other
+    /// sentinels (so a failover can happen), or returns `None` when `redis-server` is missing
+    /// and Redis is not required.
     pub fn start() -> Option<Self> {
         let master = RedisServer::start()?;
         let replica = RedisServer::start_replica_of(&master)?;
-        let sentinel_port = free_port();
         let dir = std::env::temp_dir().join(format!(
-            "turnstile-sentinel-{}-{sentinel_port}",
-            std::process::id()
+            "turnstile-sentinel-{}-{}",
+            std::process::id(),
+            master.port()
         ));
         std::fs::create_dir_all(&dir).expect("temporary directory");
-        let config = dir.join("sentinel.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "port {sentinel_port}\nbind 127.0.0.1\ndir {dir}\n\
-                 sentinel monitor {name} 127.0.0.1 {master} 1\n\
-                 sentinel down-after-milliseconds {name} 500\n\
-                 sentinel failover-timeout {name} 5000\n\
-                 sentinel parallel-syncs {name} 1\n",
-                dir = dir.display(),
-                name = Self::MASTER,
-                master = master.port(),
-            ),
-        )
-        .expect("write the sentinel's configuration");
-        let sentinel = Command::new("redis-server")
-            .arg(&config)
-            .args(["--sentinel", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs as a sentinel");
+        let mut sentinels = Vec::new();
+        for n in 0..3 {
+            let port = free_port();
+            let config = dir.join(format!("sentinel-{n}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {name} 127.0.0.1 {master} 2\n\
+                     sentinel down-after-milliseconds {name} 500\n\
+                     sentinel failover-timeout {name} 5000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir = dir.display(),
+                    name = Self::MASTER,
+                    master = master.port(),
+                ),
+            )
+            .expect("write a sentinel's configuration");
+            let child = Command::new("redis-server")
+                .arg(&config)
+                .args(["--sentinel", "--loglevel", "warning"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs as a sentinel");
+            sentinels.push((child, port));
+        }
         let group = Self {
             master,
             replica,
-            sentinel: Some(sentinel),
-            sentinel_port,
+            sentinels,
             dir,
         };
-        group.wait_until("the replica is in sync and known to the sentinel", || {
-            group
-                .replica
-                .cli(&["INFO", "replication"])
-                .contains("master_link_status:up")
-                && group
-                    .sentinel_cli(&["SENTINEL", "REPLICAS", Self::MASTER])
-                    .contains(&group.replica.port().to_string())
-        });
+        group.wait_until(
+            "the replica is in sync and every sentinel knows the group",
+            || {
+                group
+                    .replica
+                    .cli(&["INFO", "replication"])
+                    .contains("master_link_status:up")
+                    && group.sentinels.iter().all(|&(_, port)| {
+                        let replicas = sentinel_cli(port, &["SENTINEL", "REPLICAS", Self::MASTER]);
+                        let peers = sentinel_cli(port, &["SENTINEL", "SENTINELS", Self::MASTER]);
+                        replicas.contains(&group.replica.port().to_string())
+                            && peers.matches("name").count() == 2
+                    })
+            },
+        );
         Some(group)
     }
 
-    /// The sentinel's URL, for `RedisBackend::sentinel`.
+    /// The first sentinel's URL.
     pub fn sentinel_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.sentinel_port)
+        format!("redis://127.0.0.1:{}", self.sentinels[0].1)
     }
 
+    /// Every sentinel's URL, for `RedisBackend::sentinel`.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(_, port)| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// Runs `redis-cli` against the first sentinel.
     pub fn sentinel_cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.sentinel_port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        sentinel_cli(self.sentinels[0].1, args)
     }
 
-    /// The port of the server the sentinel names as master now.
+    /// The port of the server the sentinels name as master now.
     pub fn master_port(&self) -> Option<u16> {
         let reply = self.sentinel_cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER]);
         reply
@@ -437,16 +452,16 @@ impl SentinelGroup {
         );
     }
 
-    /// Has the sentinel fail over to the replica, and waits until it names it.
+    /// Has the sentinels fail over to the replica, and waits until they name it.
     pub fn fail_over(&self) {
         self.sentinel_cli(&["SENTINEL", "FAILOVER", Self::MASTER]);
         self.wait_for_replica_promotion();
     }
 
-    /// Waits until the sentinel names the replica as master.
+    /// Waits until the sentinels name the replica as master.
     pub fn wait_for_replica_promotion(&self) {
         let replica = self.replica.port();
-        self.wait_until("the sentinel names the replica as master", || {
+        self.wait_until("the sentinels name the replica as master", || {
             self.master_port() == Some(replica) && self.replica.cli(&["ROLE"]).starts_with("master")
         });
     }
@@ -460,11 +475,20 @@ impl SentinelGroup {
     }
 }
 
+fn sentinel_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl Drop for SentinelGroup {
     fn drop(&mut self) {
-        if let Some(mut sentinel) = self.sentinel.take() {
-            let _ = sentinel.kill();
-            let _ = sentinel.wait();
+        for (child, _) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -1,0 +1,103 @@
+//! A load drill for failovers: concurrent clients writing their sessions and spending a rate
+//! limit while the test breaks Redis, with a record of every answer.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, body::Body, extract::ConnectInfo};
+use http::Request;
+
+use super::http::{Client, send};
+
+/// What one client of the drill saw.
+#[derive(Debug, Default)]
+pub struct ClientRecord {
+    /// The cookie of its session, once it has one.
+    pub cookie: Option<String>,
+    /// The last value of `n` whose write was answered 2xx.
+    pub last_written: Option<u64>,
+    pub requests: u64,
+    pub server_errors: u64,
+    pub longest: Duration,
+}
+
+/// Every client's record, and the drill's totals.
+#[derive(Debug)]
+pub struct DrillReport {
+    pub clients: Vec<ClientRecord>,
+}
+
+impl DrillReport {
+    pub fn requests(&self) -> u64 {
+        self.clients.iter().map(|c| c.requests).sum()
+    }
+
+    pub fn server_errors(&self) -> u64 {
+        self.clients.iter().map(|c| c.server_errors).sum()
+    }
+
+    pub fn longest(&self) -> Duration {
+        self.clients
+            .iter()
+            .map(|c| c.longest)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// Runs `clients` clients until `stop` is set: each writes `n` = 1, 2, 3, ... into its session
+/// on `sessions` (`POST /set/n/{n}`) and spends one unit on `limited` (`GET /`) per round.
+pub async fn run(
+    sessions: Router,
+    limited: Router,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> DrillReport {
+    let mut tasks = Vec::new();
+    for id in 0..clients {
+        let (sessions, limited, stop) = (sessions.clone(), limited.clone(), Arc::clone(&stop));
+        tasks.push(tokio::spawn(async move {
+            let mut record = ClientRecord::default();
+            let mut client = Client::new(sessions);
+            let peer: SocketAddr = format!("198.51.100.{}:40000", id + 1).parse().unwrap();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let started = Instant::now();
+                let reply = client.post(&format!("/set/n/{n}")).await;
+                let mut statuses = vec![reply.status];
+                if reply.status.is_success() {
+                    record.last_written = Some(n);
+                }
+                let mut request = Request::get("/").body(Body::empty()).unwrap();
+                request.extensions_mut().insert(ConnectInfo(peer));
+                statuses.push(send(&limited, request).await.status);
+                record.longest = record.longest.max(started.elapsed());
+                record.requests += 2;
+                record.server_errors +=
+                    statuses.iter().filter(|s| s.is_server_error()).count() as u64;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            record.cookie = client.cookie.clone();
+            record
+        }));
+    }
+    let mut records = Vec::new();
+    for task in tasks {
+        records.push(task.await.expect("a drill client"));
+    }
+    DrillReport { clients: records }
+}
+
+/// A `Client` with `record`'s cookie, on `app`.
+pub fn client_of(record: &ClientRecord, app: Router) -> Client {
+    let mut client = Client::new(app);
+    client.cookie = record.cookie.clone();
+    client
+}
