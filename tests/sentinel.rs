@@ -211,6 +211,12 @@ async fn the_layers_survive_the_master_dying_mid_load() {
         0,
         "the journal drains"
     );
+    let status = store.status();
+    eprintln!(
+        "  session writes journaled during the outage {}, replayed {}, superseded {}, dropped {}",
+        status.journaled, status.replayed, status.superseded, status.dropped
+    );
+    assert_eq!((status.superseded, status.dropped), (0, 0), "no write lost");
     for record in &report.clients {
         let mut client = drill::client_of(record, app.clone());
         let expected = format!("\"{}\"", record.last_written.expect("a write"));

@@ -535,6 +535,13 @@ impl RedisCluster {
                 "1000".to_owned(),
                 "--cluster-require-full-coverage".to_owned(),
                 "no".to_owned(),
+                // A replica of a fresh, idle cluster counts its data as too old to fail over
+                // unless this check is off.
+                "--cluster-replica-validity-factor".to_owned(),
+                "0".to_owned(),
+                // Replicas sync at once instead of after the default 5 s wait for company.
+                "--repl-diskless-sync-delay".to_owned(),
+                "0".to_owned(),
                 "--dir".to_owned(),
                 dir.display().to_string(),
             ];
@@ -599,20 +606,42 @@ impl RedisCluster {
         keys
     }
 
-    /// Waits until every live node says `cluster_state:ok` and sees three masters.
+    /// Waits until every live node says `cluster_state:ok`, three are masters, and every
+    /// live replica is in sync with its master (so that what a master acknowledged from now
+    /// on reaches its replica within milliseconds).
     pub fn wait_until_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let ok = self
-                .nodes
-                .iter()
-                .filter(|n| n.child.is_some())
-                .all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-                && self.masters().len() == 3;
+            let live = || self.nodes.iter().filter(|n| n.child.is_some());
+            let ok = live().all(|node| node.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                && self.masters().len() == 3
+                && live().all(|node| {
+                    let replication = node.cli(&["INFO", "replication"]);
+                    replication.contains("role:master")
+                        || replication.contains("master_link_status:up")
+                });
             if ok {
                 return;
             }
-            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            if Instant::now() >= deadline {
+                let states: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.child.is_some())
+                    .map(|node| {
+                        let info = node.cli(&["CLUSTER", "INFO"]);
+                        let state = info
+                            .lines()
+                            .find(|l| l.starts_with("cluster_state"))
+                            .unwrap_or("?")
+                            .trim()
+                            .to_owned();
+                        let role = node.cli(&["ROLE"]).lines().next().unwrap_or("?").to_owned();
+                        format!("{}: {role} {state}", node.port())
+                    })
+                    .collect();
+                panic!("the cluster did not become ok: {states:?}");
+            }
             thread::sleep(Duration::from_millis(100));
         }
     }

@@ -1,0 +1,151 @@
+//! A Redis Cluster on loopback (three masters, a replica each): the layers spread their keys
+//! over every master, and carry requests through a master's death until its replica is
+//! promoted, then continue on it without a restart.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{Router, routing::get};
+use http::StatusCode;
+use support::{RedisCluster, drill, http::Client, session_app::app};
+use tower_turnstile::{
+    backend::{BreakerConfig, RedisBackend},
+    ratelimit::{Policy, Quota, RateLimitLayer, RedisRateStore},
+    session::{FallbackStore, RedisStore, SessionLayer},
+};
+
+fn backend(cluster: &RedisCluster) -> RedisBackend {
+    RedisBackend::cluster_builder(cluster.urls())
+        .connect_timeout(Duration::from_millis(200))
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(2)
+                .open_for(Duration::from_millis(200)),
+        )
+        .build()
+        .unwrap()
+}
+
+fn sessions(backend: &RedisBackend) -> (Router, FallbackStore) {
+    let store = FallbackStore::new(
+        RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(300)),
+    );
+    (app(SessionLayer::new(store.clone())), store)
+}
+
+fn limited(backend: &RedisBackend, limit: u32) -> (Router, RateLimitLayer) {
+    let store = RedisRateStore::new(backend.clone()).with_timeout(Duration::from_millis(300));
+    let layer = RateLimitLayer::new(Policy::new("test", Quota::per_minute(limit)).unwrap())
+        .with_store(store);
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer.clone());
+    (app, layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_listing_and_revocation_work_across_slots() {
+    let Some(cluster) = RedisCluster::start_masters_only() else {
+        return;
+    };
+    let (app, _) = sessions(&backend(&cluster));
+    // Several sessions of one user: each hashes to its own slot, the index to another.
+    let mut devices = Vec::new();
+    for device in 0..6 {
+        let mut client = Client::new(app.clone());
+        client.post(&format!("/set/device/{device}")).await;
+        assert_eq!(client.post("/login/alice").await.status, StatusCode::OK);
+        devices.push(client);
+    }
+    let spread = cluster.keys_per_master();
+    assert!(
+        spread.iter().filter(|&&keys| keys > 0).count() >= 2,
+        "keys per master: {spread:?}"
+    );
+    assert_eq!(devices[0].get("/sessions").await.body, "6");
+    assert_eq!(devices[3].get("/get/device").await.body, "\"3\"");
+    assert_eq!(devices[0].post("/logout-all").await.body, "6");
+    for device in &mut devices[1..] {
+        assert_eq!(device.get("/user").await.body, "anonymous", "revoked");
+    }
+    let left: Vec<String> = cluster
+        .keys()
+        .into_iter()
+        .filter(|key| key.contains(":session:") || key.contains(":user:"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layers_survive_a_master_dying_mid_load() {
+    let Some(mut cluster) = RedisCluster::start() else {
+        return;
+    };
+    let backend = backend(&cluster);
+    let (app, store) = sessions(&backend);
+    let (limited, limiter) = limited(&backend, 1_000_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(drill::run(app.clone(), limited, 12, Arc::clone(&stop)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spread = cluster.keys_per_master();
+    assert!(
+        spread.iter().all(|&keys| keys > 0),
+        "keys on every master before the kill: {spread:?}"
+    );
+
+    let killed = Instant::now();
+    cluster.kill_master(0);
+    cluster.wait_until_ok();
+    let promoted = killed.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(backend.ping().await.is_ok() && backend.health().snapshot().healthy) {
+        assert!(Instant::now() < deadline, "the backend did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered = killed.elapsed();
+    // Let the clients run on the new topology for a while.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "cluster drill: {} requests, {} server errors, longest {:?}; replica promoted {:?} and \
+         the backend healthy {:?} after the kill; {} rate-limit decisions by the fallback",
+        report.requests(),
+        report.server_errors(),
+        report.longest(),
+        promoted,
+        recovered,
+        limiter.fallback_decisions()
+    );
+    assert_eq!(report.server_errors(), 0);
+    // Every client's last acknowledged write is in the cluster once the journal has replayed.
+    assert_eq!(
+        store.flush(Duration::from_secs(5)).await,
+        0,
+        "the journal drains"
+    );
+    let status = store.status();
+    eprintln!(
+        "  session writes journaled during the outage {}, replayed {}, superseded {}, dropped {}",
+        status.journaled, status.replayed, status.superseded, status.dropped
+    );
+    assert_eq!((status.superseded, status.dropped), (0, 0), "no write lost");
+    for record in &report.clients {
+        let mut client = drill::client_of(record, app.clone());
+        let expected = format!("\"{}\"", record.last_written.expect("a write"));
+        assert_eq!(client.get("/get/n").await.body, expected);
+    }
+    let sessions_in_cluster = cluster
+        .keys()
+        .iter()
+        .filter(|key| key.contains(":session:"))
+        .count();
+    assert_eq!(sessions_in_cluster, report.clients.len());
+}
