@@ -34,12 +34,26 @@
 //! |----------|---------|--------------|
 //! | `memory` | yes     | [`session::MemoryStore`]: bounded in-memory sessions with TTL |
 //! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health), [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
+//! | `sentinel` | yes   | [`backend::RedisBackend::sentinel`]: the master of a Sentinel-managed group, found again after a failover |
+//! | `cluster` | yes    | [`backend::RedisBackend::cluster`]: a Redis Cluster, every command routed by hash slot |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
 //!
 //! With `memory` and `redis` together, [`session::FallbackStore`] keeps sessions working through
 //! a Redis outage: a local copy serves them, writes are journaled and replayed once Redis is
 //! back, and [`backend::HealthService`] reports it.
+//!
+//! # Running on Redis Cluster or Sentinel
+//!
+//! Build the [`backend::RedisBackend`] with [`RedisBackend::cluster`](backend::RedisBackend::cluster)
+//! or [`RedisBackend::sentinel`](backend::RedisBackend::sentinel) instead of
+//! [`RedisBackend::new`](backend::RedisBackend::new); every store and layer works unchanged on
+//! it. On a cluster each rate-limit decision touches one key, and the session store sends the
+//! parts of an operation that touch keys of different slots (a session and its user's index)
+//! as separate pipelines at the same time, so keys spread over every master and no slot is hot.
+//! During a failover the layers fall back as when Redis is down; writes a master acknowledged
+//! but had not replicated when it died are lost from Redis (the README says exactly what is
+//! kept).
 //!
 //! # Metrics
 //!

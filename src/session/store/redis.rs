@@ -69,6 +69,11 @@ const DEFAULT_IDLE_MS: u64 = 24 * 3600 * 1000;
 /// nearer than its inactivity timeout, a second round trip sets the right TTL. Absolute ends
 /// are checked against Redis's clock (`TIME`), never the instance's.
 ///
+/// On a Redis Cluster ([`RedisBackend::cluster`]) a session and its user's index hash to
+/// different slots, so the parts of an operation that touch both are sent as separate
+/// pipelines at the same time: a login then takes two round trips after the read (the new
+/// record and the index, then the old record's removal), and is no longer one transaction.
+///
 /// Requires Redis 7.0 or newer.
 ///
 /// ```no_run
