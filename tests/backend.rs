@@ -156,3 +156,30 @@ async fn credentials_never_show_in_health() {
     assert_eq!(snapshot.target, "127.0.0.1:1/3");
     assert!(!format!("{backend:?}").contains("hunter2"));
 }
+
+#[tokio::test]
+async fn passwords_and_acl_users_authenticate() {
+    let Some(server) = RedisServer::start_with_password(
+        "default-secret",
+        &["--user", "app", "on", ">app-secret", "~*", "&*", "+@all"],
+    ) else {
+        return;
+    };
+    let port = server.port();
+    for url in [
+        format!("redis://:default-secret@127.0.0.1:{port}"),
+        format!("redis://app:app-secret@127.0.0.1:{port}"),
+    ] {
+        let backend = RedisBackend::new(&url).unwrap();
+        backend.ping().await.expect("authenticated");
+        let shown = format!("{backend:?} {:?}", backend.health().snapshot());
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+    // A wrong password is an outage (the server cannot be used), said without the password.
+    let backend = RedisBackend::new(&format!("redis://app:wrong-secret@127.0.0.1:{port}")).unwrap();
+    let error = backend.ping().await.unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+    let snapshot = backend.health().snapshot();
+    let said = format!("{error} {:?}", snapshot.last_error);
+    assert!(!said.contains("wrong-secret"), "{said}");
+}

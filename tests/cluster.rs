@@ -149,3 +149,59 @@ async fn the_layers_survive_a_master_dying_mid_load() {
         .count();
     assert_eq!(sessions_in_cluster, report.clients.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_wants_a_password() {
+    let Some(cluster) = RedisCluster::start_masters_only_with_password("cluster-secret") else {
+        return;
+    };
+    let seeds: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|node| format!("redis://:cluster-secret@127.0.0.1:{}", node.port()))
+        .collect();
+    let backend = RedisBackend::cluster(seeds).unwrap();
+    let (app, _) = sessions(&backend);
+    let mut client = Client::new(app);
+    client.post("/set/colour/teal").await;
+    assert_eq!(client.post("/login/alice").await.status, StatusCode::OK);
+    assert_eq!(client.get("/get/colour").await.body, "\"teal\"");
+    assert_eq!(client.get("/sessions").await.body, "1");
+    let (limited, limiter) = limited(&backend, 3);
+    let statuses = [
+        drill_hit(&limited).await,
+        drill_hit(&limited).await,
+        drill_hit(&limited).await,
+        drill_hit(&limited).await,
+    ];
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(limiter.fallback_decisions(), 0, "decided in the cluster");
+    let shown = format!("{backend:?} {:?}", backend.health().snapshot());
+    assert!(!shown.contains("secret"), "{shown}");
+    assert!(shown.contains("cluster via 127.0.0.1:"), "{shown}");
+
+    // Without the password the cluster cannot be used: the layers fall back.
+    let urls = cluster.urls();
+    let anonymous = RedisBackend::cluster(urls).unwrap();
+    let error = anonymous.ping().await.unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+}
+
+async fn drill_hit(app: &Router) -> StatusCode {
+    let mut request = http::Request::get("/")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let peer: std::net::SocketAddr = "198.51.100.1:40000".parse().unwrap();
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    support::http::send(app, request).await.status
+}

@@ -256,3 +256,30 @@ async fn credentials_never_show() {
     }
     assert!(shown[3].contains(SentinelGroup::MASTER), "{}", shown[3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_wants_a_password() {
+    let Some(group) = SentinelGroup::start_with_password("master-secret") else {
+        return;
+    };
+    let backend = RedisBackend::sentinel_builder(SentinelGroup::MASTER, group.sentinel_urls())
+        .master_auth(None, "master-secret")
+        .build()
+        .unwrap();
+    let (app, _) = sessions(&backend);
+    let mut client = Client::new(app);
+    assert_eq!(client.post("/set/colour/teal").await.status, StatusCode::OK);
+    assert_eq!(client.get("/get/colour").await.body, "\"teal\"");
+    assert!(backend.health().snapshot().healthy);
+    assert!(
+        keys(&group.master)
+            .iter()
+            .any(|key| key.contains(":session:"))
+    );
+
+    let wrong = RedisBackend::sentinel_builder(SentinelGroup::MASTER, group.sentinel_urls())
+        .master_auth(None, "wrong")
+        .build()
+        .unwrap();
+    assert!(wrong.ping().await.unwrap_err().is_outage());
+}

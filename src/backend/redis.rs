@@ -628,6 +628,11 @@ fn is_outage(error: &RedisError) -> bool {
     if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
         return true;
     }
+    // A server that wants credentials this client did not send (or that no longer match)
+    // cannot be used at all until the configuration is fixed.
+    if matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
+        return true;
+    }
     // A transaction whose commands a server that has become a replica refused as they were
     // queued: the master is gone from there.
     if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort)

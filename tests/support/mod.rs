@@ -33,6 +33,8 @@ pub struct RedisServer {
     dir: Option<std::path::PathBuf>,
     /// Further `redis-server` arguments (a replica's `--replicaof`), kept for restarts.
     extra: Vec<String>,
+    /// The default user's password, when the server requires one (`redis-cli` sends it).
+    password: Option<String>,
 }
 
 /// Whether Redis tests must run (CI) rather than skip.
@@ -74,7 +76,17 @@ impl RedisServer {
         Self::start_with_args(persistent, Vec::new())
     }
 
-    fn start_with_args(persistent: bool, extra: Vec<String>) -> Option<Self> {
+    /// Starts a server whose default user needs `password`, with `extra` arguments (more ACL
+    /// users, say).
+    pub fn start_with_password(password: &str, extra: &[&str]) -> Option<Self> {
+        let mut args = vec!["--requirepass".to_owned(), password.to_owned()];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let mut server = Self::start_with_args(false, args)?;
+        server.password = Some(password.to_owned());
+        Some(server)
+    }
+
+    pub(crate) fn start_with_args(persistent: bool, extra: Vec<String>) -> Option<Self> {
         for _ in 0..5 {
             let port = free_port();
             let dir = persistent.then(|| {
@@ -88,6 +100,7 @@ impl RedisServer {
                 child: None,
                 dir,
                 extra: extra.clone(),
+                password: None,
             };
             match server.launch() {
                 Ok(()) => return Some(server),
@@ -146,8 +159,9 @@ impl RedisServer {
     }
 
     fn ping(&self) -> bool {
+        // A server that wants a password is up too.
         self.raw("PING")
-            .is_some_and(|reply| reply.starts_with("+PONG"))
+            .is_some_and(|reply| reply.starts_with("+PONG") || reply.starts_with("-NOAUTH"))
     }
 
     /// Sends one inline command and returns the first reply line.
@@ -162,11 +176,12 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if let Some(password) = &self.password {
+            command.args(["-a", password, "--no-auth-warning"]);
+        }
+        let out = command.args(args).output().expect("redis-cli runs");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -356,8 +371,35 @@ impl SentinelGroup {
     /// sentinels (so a failover can happen), or returns `None` when `redis-server` is missing
     /// and Redis is not required.
     pub fn start() -> Option<Self> {
-        let master = RedisServer::start()?;
-        let replica = RedisServer::start_replica_of(&master)?;
+        Self::start_with(None)
+    }
+
+    /// The same group, its master and replica requiring `password` (the sentinels know it).
+    pub fn start_with_password(password: &str) -> Option<Self> {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Option<Self> {
+        let (master, replica) = match password {
+            None => {
+                let master = RedisServer::start()?;
+                let replica = RedisServer::start_replica_of(&master)?;
+                (master, replica)
+            }
+            Some(password) => {
+                let master =
+                    RedisServer::start_with_password(password, &["--masterauth", password])?;
+                let port = master.port().to_string();
+                let replica = RedisServer::start_with_password(
+                    password,
+                    &["--masterauth", password, "--replicaof", "127.0.0.1", &port],
+                )?;
+                (master, replica)
+            }
+        };
+        let auth = password
+            .map(|password| format!("sentinel auth-pass {} {password}\n", Self::MASTER))
+            .unwrap_or_default();
         let dir = std::env::temp_dir().join(format!(
             "turnstile-sentinel-{}-{}",
             std::process::id(),
@@ -375,7 +417,7 @@ impl SentinelGroup {
                      sentinel monitor {name} 127.0.0.1 {master} 2\n\
                      sentinel down-after-milliseconds {name} 500\n\
                      sentinel failover-timeout {name} 5000\n\
-                     sentinel parallel-syncs {name} 1\n",
+                     sentinel parallel-syncs {name} 1\n{auth}",
                     dir = dir.display(),
                     name = Self::MASTER,
                     master = master.port(),
@@ -507,15 +549,20 @@ impl RedisCluster {
     /// Starts and creates the cluster and waits until every node reports `cluster_state:ok`,
     /// or returns `None` when `redis-server` is missing and Redis is not required.
     pub fn start() -> Option<Self> {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
     /// The same cluster without replicas: three masters.
     pub fn start_masters_only() -> Option<Self> {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
-    fn start_with(replicas: bool) -> Option<Self> {
+    /// Three masters whose default user needs `password`.
+    pub fn start_masters_only_with_password(password: &str) -> Option<Self> {
+        Self::start_with(false, Some(password))
+    }
+
+    fn start_with(replicas: bool, password: Option<&str>) -> Option<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let mut nodes = Vec::new();
         let mut dirs = Vec::new();
@@ -545,14 +592,26 @@ impl RedisCluster {
                 "--dir".to_owned(),
                 dir.display().to_string(),
             ];
-            nodes.push(RedisServer::start_with_args(false, extra)?);
+            let mut extra = extra;
+            if let Some(password) = password {
+                extra.extend(
+                    ["--requirepass", password, "--masterauth", password].map(str::to_owned),
+                );
+            }
+            let mut node = RedisServer::start_with_args(false, extra)?;
+            node.password = password.map(str::to_owned);
+            nodes.push(node);
             dirs.push(dir);
         }
         let addresses: Vec<String> = nodes
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port()))
             .collect();
-        let created = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(password) = password {
+            create.args(["-a", password, "--no-auth-warning"]);
+        }
+        let created = create
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", if replicas { "1" } else { "0" }])
