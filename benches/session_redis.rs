@@ -53,9 +53,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let cluster = support::RedisCluster::start_masters_only();
     let contenders = runtime.block_on(async {
         let redis = RedisBackend::new(&server.url()).unwrap();
-        [
+        let mut contenders = vec![
             (
                 "redis",
                 app(SessionLayer::new(RedisStore::new(redis.clone()))),
@@ -66,7 +67,12 @@ fn main() {
                     redis,
                 )))),
             ),
-        ]
+        ];
+        if let Some(cluster) = &cluster {
+            let backend = RedisBackend::cluster(cluster.urls()).unwrap();
+            contenders.push(("cluster", app(SessionLayer::new(RedisStore::new(backend)))));
+        }
+        contenders
     });
     let mut criterion = Criterion::default().configure_from_args();
     for path in ["read", "write"] {
@@ -95,6 +101,16 @@ fn main() {
                 "ratio {path:<5}: FallbackStore / RedisStore = {:.3}  ({:.1} µs vs {:.1} µs, same commands)",
                 fallback / redis,
                 fallback / 1000.0,
+                redis / 1000.0
+            );
+        }
+        if let (Some(cluster), Some(redis)) =
+            (estimate(&group, "cluster"), estimate(&group, "redis"))
+        {
+            println!(
+                "ratio {path:<5}: RedisStore on a cluster of 3 masters / on one server = {:.3}  ({:.1} µs vs {:.1} µs, one round trip each)",
+                cluster / redis,
+                cluster / 1000.0,
                 redis / 1000.0
             );
         }

@@ -36,6 +36,7 @@
 //! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health), [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
 //! | `sentinel` | yes   | [`backend::RedisBackend::sentinel`]: the master of a Sentinel-managed group, found again after a failover |
 //! | `cluster` | yes    | [`backend::RedisBackend::cluster`]: a Redis Cluster, every command routed by hash slot |
+//! | `tls`    | no      | `rediss://` URLs on every kind of backend (rustls with ring; the system's roots, or `RedisBackendBuilder::tls_root_certificates`) |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
 //!

@@ -183,3 +183,115 @@ async fn passwords_and_acl_users_authenticate() {
     let said = format!("{error} {:?}", snapshot.last_error);
     assert!(!said.contains("wrong-secret"), "{said}");
 }
+
+/// A certificate authority and a server certificate for `localhost` and 127.0.0.1 it signed,
+/// made with `openssl` in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=turnstile test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test]
+async fn tls_with_the_roots_given() {
+    let dir = std::env::temp_dir().join(format!("turnstile-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certificates(&dir);
+    let file = |name: &str| dir.join(name).display().to_string();
+    let tls_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // The plain port serves the harness's own checks; clients use the TLS one.
+    let Some(server) = RedisServer::start_with_password(
+        "tls-secret",
+        &[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &file("server.crt"),
+            "--tls-key-file",
+            &file("server.key"),
+            "--tls-ca-cert-file",
+            &file("ca.crt"),
+            "--tls-auth-clients",
+            "no",
+        ],
+    ) else {
+        return;
+    };
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    let url = format!("rediss://:tls-secret@127.0.0.1:{tls_port}");
+    let backend = RedisBackend::builder(&url)
+        .tls_root_certificates(ca)
+        .build()
+        .unwrap();
+    backend.ping().await.expect("TLS with the given roots");
+    let shown = format!("{backend:?} {:?}", backend.health().snapshot());
+    assert!(!shown.contains("tls-secret"), "{shown}");
+
+    // The system's roots do not know this authority: no connection, an outage.
+    let untrusted = RedisBackend::new(&url).unwrap();
+    assert!(untrusted.ping().await.unwrap_err().is_outage());
+    // Plain text to the TLS port is no connection either.
+    let plain = RedisBackend::new(&format!("redis://:tls-secret@127.0.0.1:{tls_port}")).unwrap();
+    assert!(plain.ping().await.unwrap_err().is_outage());
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

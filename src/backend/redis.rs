@@ -116,6 +116,9 @@ pub struct RedisBackendBuilder {
     source: Source,
     connect_timeout: Duration,
     breaker: BreakerConfig,
+    /// Root certificates (PEM) to trust instead of the system's, for `rediss://` URLs.
+    #[cfg(feature = "tls")]
+    tls_roots: Option<Vec<u8>>,
 }
 
 /// Where the builder finds Redis.
@@ -165,6 +168,15 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// For `rediss://` URLs (TLS): trust the certificate authorities in `pem` (one or more
+    /// PEM certificates) instead of the system's roots. Applies to a single server and to a
+    /// cluster's nodes; a Sentinel-managed backend uses the system's roots.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_roots = Some(pem.into());
+        self
+    }
+
     /// For a Sentinel-managed master: the user (ACL) and password of the master and its
     /// replicas. The sentinels' own credentials go in their URLs. Default: none.
     #[cfg(feature = "sentinel")]
@@ -209,6 +221,13 @@ impl RedisBackendBuilder {
             .set_max_delay(Duration::from_millis(100));
         let (servers, target) = match self.source {
             Source::Url(url) => {
+                #[cfg(feature = "tls")]
+                let client = match self.tls_roots.clone() {
+                    Some(roots) => Client::build_with_tls(url.as_str(), trusting(roots)),
+                    None => Client::open(url.as_str()),
+                }
+                .map_err(invalid)?;
+                #[cfg(not(feature = "tls"))]
                 let client = Client::open(url.as_str()).map_err(invalid)?;
                 let target = describe(&client);
                 let connection =
@@ -231,7 +250,12 @@ impl RedisBackendBuilder {
             }
             #[cfg(feature = "cluster")]
             Source::Cluster(seeds) => {
-                let nodes = ClusterNodes::new(&seeds, self.connect_timeout).map_err(invalid)?;
+                #[cfg(feature = "tls")]
+                let roots = self.tls_roots.clone();
+                #[cfg(not(feature = "tls"))]
+                let roots = None;
+                let nodes =
+                    ClusterNodes::new(&seeds, self.connect_timeout, roots).map_err(invalid)?;
                 let target = nodes.target.clone();
                 (Servers::Cluster(Box::new(nodes)), target)
             }
@@ -267,6 +291,15 @@ async fn probe_while_open(backend: Weak<Inner>) {
     }
 }
 
+/// Trust `pem`'s certificate authorities instead of the system's.
+#[cfg(feature = "tls")]
+fn trusting(pem: Vec<u8>) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }
+}
+
 /// `host:port/db` of the client, without credentials, for logs and health reports.
 fn describe(client: &Client) -> String {
     let info = client.get_connection_info();
@@ -284,15 +317,26 @@ struct ClusterNodes {
 
 #[cfg(feature = "cluster")]
 impl ClusterNodes {
-    fn new(seeds: &[String], connect_timeout: Duration) -> RedisResult<Self> {
+    fn new(
+        seeds: &[String],
+        connect_timeout: Duration,
+        tls_roots: Option<Vec<u8>>,
+    ) -> RedisResult<Self> {
         let mut described = Vec::with_capacity(seeds.len());
         for url in seeds {
             let client = Client::open(url.as_str())?;
             described.push(client.get_connection_info().addr().to_string());
         }
-        let client = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
-            .connection_timeout(connect_timeout)
-            .build()?;
+        let builder = redis::cluster::ClusterClient::builder(seeds.iter().map(String::as_str))
+            .connection_timeout(connect_timeout);
+        #[cfg(feature = "tls")]
+        let builder = match tls_roots {
+            Some(roots) => builder.certs(trusting(roots)),
+            None => builder,
+        };
+        #[cfg(not(feature = "tls"))]
+        let _: Option<Vec<u8>> = tls_roots;
+        let client = builder.build()?;
         Ok(Self {
             client,
             connection: tokio::sync::OnceCell::new(),
@@ -342,19 +386,25 @@ impl SentinelMaster {
         if let Some(password) = password {
             settings = settings.set_password(password);
         }
-        let nodes = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+        let mut nodes = SentinelNodeConnectionInfo::default().set_redis_connection_info(settings);
+        // Sentinels reached over TLS name masters reached over TLS too.
+        if sentinels.iter().any(|url| url.starts_with("rediss://")) {
+            nodes = nodes.set_tls_mode(redis::TlsMode::Secure);
+        }
         let mut described = Vec::with_capacity(sentinels.len());
         for url in sentinels {
             described.push(describe(&Client::open(url.as_str())?));
         }
+        // An owned name: the redis crate takes a `String` here, or any `AsRef<str>` with TLS.
+        let name = name.to_owned();
         let client = SentinelClient::build(
             sentinels.iter().map(String::as_str).collect(),
-            name.to_owned(),
+            name.clone(),
             Some(nodes),
             SentinelServerType::Master,
         )?;
         Ok(Self {
-            name: name.to_owned(),
+            name,
             sentinels: described,
             db,
             client: tokio::sync::Mutex::new(client),
@@ -431,6 +481,8 @@ impl RedisBackend {
             source: Source::Url(url.into()),
             connect_timeout: Duration::from_millis(500),
             breaker: BreakerConfig::default(),
+            #[cfg(feature = "tls")]
+            tls_roots: None,
         }
     }
 
@@ -472,6 +524,8 @@ impl RedisBackend {
             source: Source::Cluster(seeds.into_iter().map(Into::into).collect()),
             connect_timeout: Duration::from_millis(500),
             breaker: BreakerConfig::default(),
+            #[cfg(feature = "tls")]
+            tls_roots: None,
         }
     }
 
@@ -534,6 +588,8 @@ impl RedisBackend {
             },
             connect_timeout: Duration::from_millis(500),
             breaker: BreakerConfig::default(),
+            #[cfg(feature = "tls")]
+            tls_roots: None,
         }
     }
 
