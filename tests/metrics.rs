@@ -64,7 +64,7 @@ async fn an_outage_drill_leaves_its_counts() {
         "{healthy:?}"
     );
 
-    proxy.cut();
+    proxy.cut().await;
     let mut statuses = Vec::new();
     for i in 1..=8 {
         statuses.push(client.post(&format!("/set/k/{i}")).await.status);

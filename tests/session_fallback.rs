@@ -187,7 +187,7 @@ async fn replay_never_resurrects_and_never_overwrites_newer_writes() {
     ok(&doomed.post("/set/x/before").await, "ok");
     doomed.post("/login/bob").await;
 
-    proxy.cut();
+    proxy.cut().await;
     // On the cut-off instance: writes to both sessions, journaled.
     ok(&kept.post("/set/x/outage").await, "ok");
     ok(&kept.post("/set/only/outage").await, "ok");
@@ -240,7 +240,7 @@ async fn logins_and_destroys_during_an_outage_are_replayed() {
     ok(&leaving.post("/set/a/1").await, "ok");
     let leaving_cookie = leaving.cookie.clone();
 
-    proxy.cut();
+    proxy.cut().await;
     c.post("/login/carol").await;
     ok(&c.post("/bump/n").await, "2");
     c.post("/cycle").await;
@@ -282,7 +282,7 @@ async fn a_full_journal_refuses_writes_and_counts_them() {
     let mut c = a.client();
     ok(&c.post("/set/k/0").await, "ok");
 
-    proxy.cut();
+    proxy.cut().await;
     ok(&c.post("/set/k/1").await, "ok");
     ok(&c.post("/set/k/2").await, "ok");
     let refused = c.post("/set/k/3").await;
@@ -609,7 +609,7 @@ async fn flush_waits_for_the_journal_and_counts_what_is_left() {
     let a = Instance::new(&proxy.url());
     let mut c = a.client();
     ok(&c.post("/set/k/0").await, "ok");
-    proxy.cut();
+    proxy.cut().await;
     ok(&c.post("/set/k/1").await, "ok");
     ok(&c.post("/set/k/2").await, "ok");
     assert_eq!(

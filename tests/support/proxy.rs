@@ -5,8 +5,9 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use tokio::{
@@ -22,6 +23,8 @@ pub struct Proxy {
     cut: Arc<AtomicBool>,
     /// Bumped on each cut: every open connection watches it and closes.
     generation: watch::Sender<u64>,
+    /// Connections being forwarded now.
+    open: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -33,6 +36,8 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let (generation, watcher) = watch::channel(0u64);
         let refusing = Arc::clone(&cut);
+        let open = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&open);
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -42,13 +47,21 @@ impl Proxy {
                     drop(client); // cut off: the client sees its connection closed at once
                     continue;
                 }
-                tokio::spawn(forward(client, target, watcher.clone()));
+                counted.fetch_add(1, Ordering::AcqRel);
+                tokio::spawn(forward(
+                    client,
+                    target,
+                    watcher.clone(),
+                    Arc::clone(&refusing),
+                    Arc::clone(&counted),
+                ));
             }
         });
         Self {
             address,
             cut,
             generation,
+            open,
             accept,
         }
     }
@@ -58,10 +71,14 @@ impl Proxy {
         format!("redis://{}", self.address)
     }
 
-    /// Closes every open connection and refuses new ones until [`Proxy::heal`].
-    pub fn cut(&self) {
+    /// Closes every open connection and refuses new ones until [`Proxy::heal`]; returns once
+    /// every connection is closed, so nothing sent afterwards gets through.
+    pub async fn cut(&self) {
         self.cut.store(true, Ordering::Release);
         self.generation.send_modify(|g| *g += 1);
+        while self.open.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// Lets connections through again.
@@ -77,13 +94,26 @@ impl Drop for Proxy {
     }
 }
 
-async fn forward(mut client: TcpStream, target: u16, mut cut: watch::Receiver<u64>) {
-    let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", target)).await else {
-        return;
-    };
-    cut.mark_unchanged();
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-        _ = cut.changed() => {}
+async fn forward(
+    mut client: TcpStream,
+    target: u16,
+    mut cut: watch::Receiver<u64>,
+    refusing: Arc<AtomicBool>,
+    open: Arc<AtomicUsize>,
+) {
+    if let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", target)).await {
+        cut.mark_unchanged();
+        // A cut made while this connection was being opened closes it too.
+        if refusing.load(Ordering::Acquire) {
+            open.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+            _ = cut.changed() => {}
+        }
     }
+    // Both sockets are closed when this returns.
+    drop(client);
+    open.fetch_sub(1, Ordering::AcqRel);
 }
