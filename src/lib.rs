@@ -140,6 +140,7 @@ pub mod backend;
 mod body;
 mod error;
 mod metrics;
+mod peer;
 pub mod ratelimit;
 mod request;
 pub mod session;
@@ -147,4 +148,5 @@ pub mod tenant;
 
 pub use body::{RefusalBody, ResponseBody};
 pub use error::StoreError;
+pub use peer::{PeerAddr, PeerAddrLayer};
 pub use request::RequestView;
