@@ -6,7 +6,8 @@
 //! Redis is unreachable the layers degrade (in-memory fallback, logged) instead of failing
 //! requests, unless you ask them to fail closed.
 //!
-//! ```no_run
+#![cfg_attr(all(feature = "redis", feature = "axum"), doc = "```no_run")]
+#![cfg_attr(not(all(feature = "redis", feature = "axum")), doc = "```ignore")]
 //! use axum::{Router, routing::post};
 //! use tower_turnstile::{backend::RedisBackend, session::{RedisStore, Session, SessionLayer}};
 //!
@@ -88,7 +89,8 @@
 //! tenant is known before anything keyed by it; a per-user limit comes after the session layer,
 //! which it needs to find the user.
 //!
-//! ```no_run
+#![cfg_attr(all(feature = "redis", feature = "axum"), doc = "```no_run")]
+#![cfg_attr(not(all(feature = "redis", feature = "axum")), doc = "```ignore")]
 //! use tower::ServiceBuilder;
 //! use tower_turnstile::{
 //!     backend::RedisBackend,

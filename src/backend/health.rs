@@ -170,7 +170,8 @@ pub struct RateLimitStatus {
 /// would turn a degraded service into no service. For probes that should fail while
 /// degraded, set [`with_degraded_status`](Self::with_degraded_status).
 ///
-/// ```no_run
+#[cfg_attr(all(feature = "memory", feature = "axum"), doc = "```no_run")]
+#[cfg_attr(not(all(feature = "memory", feature = "axum")), doc = "```ignore")]
 /// use axum::{Router, http::StatusCode, routing::get_service};
 /// use tower_turnstile::{
 ///     backend::RedisBackend,

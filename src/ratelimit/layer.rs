@@ -77,7 +77,8 @@ impl fmt::Debug for Shared {
 /// (draft-ietf-httpapi-ratelimit-headers); refusals also carry `Retry-After` in whole seconds
 /// (at least 1).
 ///
-/// ```
+#[cfg_attr(feature = "axum", doc = "```")]
+#[cfg_attr(not(feature = "axum"), doc = "```ignore")]
 /// use axum::{Router, routing::get};
 /// use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
 ///
@@ -91,7 +92,8 @@ impl fmt::Debug for Shared {
 /// Shared by every instance through Redis, behind a load balancer, with a quarter of the quota
 /// per instance (four instances) while Redis is down:
 ///
-/// ```no_run
+#[cfg_attr(feature = "redis", doc = "```no_run")]
+#[cfg_attr(not(feature = "redis"), doc = "```ignore")]
 /// use tower_turnstile::{
 ///     backend::RedisBackend,
 ///     ratelimit::{ClientIp, Fallback, Policy, Quota, RateLimitLayer},

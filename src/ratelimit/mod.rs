@@ -25,7 +25,8 @@
 //!
 //! 100 requests a minute per client IP, in memory:
 //!
-//! ```
+#![cfg_attr(feature = "axum", doc = "```")]
+#![cfg_attr(not(feature = "axum"), doc = "```ignore")]
 //! use axum::{Router, routing::get};
 //! use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
 //!
@@ -39,7 +40,8 @@
 //! Across instances through Redis, an exact sliding log for logins keyed by client and route
 //! behind a load balancer, refusing with `503` while Redis is down:
 //!
-//! ```no_run
+#![cfg_attr(feature = "redis", doc = "```no_run")]
+#![cfg_attr(not(feature = "redis"), doc = "```ignore")]
 //! use tower_turnstile::{
 //!     backend::RedisBackend,
 //!     ratelimit::{Algorithm, ClientIp, Fallback, Policy, Quota, RateLimitLayer, RouteKey},

@@ -61,7 +61,8 @@ impl fmt::Debug for Shared {
 /// | store failure | fail open | the request goes on with an empty session and a log line; [`with_fail_closed`](Self::with_fail_closed) answers `503` |
 /// | after a `5xx` | nothing saved | a failed request does not half-write a session; see [`with_save_on_server_error`](Self::with_save_on_server_error) |
 ///
-/// ```
+#[cfg_attr(feature = "memory", doc = "```")]
+#[cfg_attr(not(feature = "memory"), doc = "```ignore")]
 /// use std::time::Duration;
 /// use tower_turnstile::session::{MemoryStore, SessionLayer, SigningKey};
 ///

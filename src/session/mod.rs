@@ -33,7 +33,8 @@
 //!
 //! In memory, with the defaults:
 //!
-//! ```
+#![cfg_attr(all(feature = "memory", feature = "axum"), doc = "```")]
+#![cfg_attr(not(all(feature = "memory", feature = "axum")), doc = "```ignore")]
 //! use axum::{Router, routing::post};
 //! use tower_turnstile::session::{MemoryStore, Session, SessionLayer};
 //!
@@ -51,7 +52,8 @@
 //!
 //! In Redis, shared by every instance, with signed cookies and a short inactivity timeout:
 //!
-//! ```no_run
+#![cfg_attr(all(feature = "redis", feature = "axum"), doc = "```no_run")]
+#![cfg_attr(not(all(feature = "redis", feature = "axum")), doc = "```ignore")]
 //! use std::time::Duration;
 //! use axum::{Router, routing::get};
 //! use tower_turnstile::{backend::RedisBackend, session::{RedisStore, SessionLayer, SigningKey}};

@@ -44,7 +44,8 @@
 //! The first label of the host is the tenant (`acme.localhost:3000` → `acme`); a bare host or
 //! an IP address is the `default` tenant:
 //!
-//! ```
+#![cfg_attr(all(feature = "memory", feature = "axum"), doc = "```")]
+#![cfg_attr(not(all(feature = "memory", feature = "axum")), doc = "```ignore")]
 //! use axum::{Router, routing::get};
 //! use tower_turnstile::{
 //!     session::{MemoryStore, Session, SessionLayer},
@@ -69,7 +70,8 @@
 //! is refused, and every refusal is a `404`. Stripping must happen before routing, so the layer wraps the whole
 //! router rather than going through `Router::layer`:
 //!
-//! ```no_run
+#![cfg_attr(feature = "axum", doc = "```no_run")]
+#![cfg_attr(not(feature = "axum"), doc = "```ignore")]
 //! use axum::{Router, routing::get};
 //! use http::StatusCode;
 //! use tower::Layer;
