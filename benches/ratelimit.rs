@@ -124,6 +124,33 @@ where
     started.elapsed()
 }
 
+/// Decisions on `store` from 32 concurrent tasks, over `keys` keys.
+fn bench_store(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    runtime: &Runtime,
+    store: &Arc<RedisRateStore>,
+    quota: Quota,
+    keys: u64,
+) {
+    group.bench_function(name, |b| {
+        b.to_async(runtime).iter_custom(|iterations| {
+            let store = Arc::clone(store);
+            concurrent(iterations, move |i| {
+                let store = Arc::clone(&store);
+                async move {
+                    let key = format!("bench:{}", i % keys);
+                    let decision = store
+                        .check(&Check::new(&key, quota, Algorithm::SlidingWindow, 1))
+                        .await
+                        .unwrap();
+                    black_box(decision);
+                }
+            })
+        });
+    });
+}
+
 fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisServer> {
     let server = support::RedisServer::start()?;
     let url = server.url();
@@ -150,22 +177,7 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
     let mut group = c.benchmark_group("ratelimit/redis");
     group.sample_size(20);
     let keys = 1024;
-    group.bench_function("tower-turnstile", |b| {
-        b.to_async(runtime).iter_custom(|iterations| {
-            let store = Arc::clone(&store);
-            concurrent(iterations, move |i| {
-                let store = Arc::clone(&store);
-                async move {
-                    let key = format!("bench:{}", i % keys);
-                    let decision = store
-                        .check(&Check::new(&key, quota, Algorithm::SlidingWindow, 1))
-                        .await
-                        .unwrap();
-                    black_box(decision);
-                }
-            })
-        });
-    });
+    bench_store(&mut group, "tower-turnstile", runtime, &store, quota, keys);
     group.bench_function("raw-evalsha", |b| {
         b.to_async(runtime).iter_custom(|iterations| {
             let (raw, script) = (raw.clone(), Arc::clone(&script));
@@ -194,22 +206,14 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
                 .unwrap();
             store
         });
-        group.bench_function("tower-turnstile-cluster", |b| {
-            b.to_async(runtime).iter_custom(|iterations| {
-                let store = Arc::clone(&store);
-                concurrent(iterations, move |i| {
-                    let store = Arc::clone(&store);
-                    async move {
-                        let key = format!("bench:{}", i % keys);
-                        let decision = store
-                            .check(&Check::new(&key, quota, Algorithm::SlidingWindow, 1))
-                            .await
-                            .unwrap();
-                        black_box(decision);
-                    }
-                })
-            });
-        });
+        bench_store(
+            &mut group,
+            "tower-turnstile-cluster",
+            runtime,
+            &store,
+            quota,
+            keys,
+        );
     }
     group.finish();
     drop(cluster);

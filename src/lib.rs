@@ -45,6 +45,21 @@
 //! a Redis outage: a local copy serves them, writes are journaled and replayed once Redis is
 //! back, and [`backend::HealthService`] reports it.
 //!
+//! # Behaviour when Redis is down
+//!
+//! Nothing fails by default. Every Redis call has a deadline, and a circuit breaker shared by
+//! every user of one [`backend::RedisBackend`] stops calling a Redis that keeps failing, then
+//! probes it until it answers.
+//!
+//! - **Sessions on [`session::FallbackStore`]** are served from a local copy while Redis is
+//!   unreachable. Writes are journaled and replayed in order once it answers, never bringing
+//!   back a session destroyed elsewhere.
+//! - **Sessions on a bare [`session::RedisStore`]** degrade to an empty session and a log
+//!   line, or to `503` with `with_fail_closed(true)`.
+//! - **Rate limits** fall back to a local limiter with a share of the quota, or let requests
+//!   through, or refuse them with `503` (see [`ratelimit::Fallback`]).
+//! - **Health**: [`backend::HealthService`] reports all of it as JSON.
+//!
 //! # Running on Redis Cluster or Sentinel
 //!
 //! Build the [`backend::RedisBackend`] with [`RedisBackend::cluster`](backend::RedisBackend::cluster)
@@ -87,7 +102,11 @@
 //!
 //! The full stack, outermost first: a per-IP limit refuses floods before anything else runs; the
 //! tenant is known before anything keyed by it; a per-user limit comes after the session layer,
-//! which it needs to find the user.
+//! which it needs to find the user. (That is `ServiceBuilder`'s order. axum's `Router::layer`
+//! wraps everything added before it, so on a router the same stack is written the other way
+//! round, innermost first; or hand the router the whole `ServiceBuilder` in one `.layer(..)`.)
+//! On a server without axum, [`PeerAddrLayer`] puts the connection's peer address where the
+//! rate limiter looks for it; `examples/hyper_server.rs` shows a hyper server.
 //!
 #![cfg_attr(all(feature = "redis", feature = "axum"), doc = "```no_run")]
 #![cfg_attr(not(all(feature = "redis", feature = "axum")), doc = "```ignore")]

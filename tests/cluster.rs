@@ -12,42 +12,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, routing::get};
 use http::StatusCode;
-use support::{RedisCluster, drill, http::Client, session_app::app};
-use tower_turnstile::{
-    backend::{BreakerConfig, RedisBackend},
-    ratelimit::{Policy, Quota, RateLimitLayer, RedisRateStore},
-    session::{FallbackStore, RedisStore, SessionLayer},
+use support::{
+    RedisCluster,
+    drill::{self, hit, limited, sessions},
+    http::Client,
+    session_app::fast_breaker,
 };
+use tower_turnstile::backend::RedisBackend;
 
 fn backend(cluster: &RedisCluster) -> RedisBackend {
     RedisBackend::cluster_builder(cluster.urls())
         .connect_timeout(Duration::from_millis(200))
-        .breaker(
-            BreakerConfig::default()
-                .failure_threshold(2)
-                .open_for(Duration::from_millis(200)),
-        )
+        .breaker(fast_breaker())
         .build()
         .unwrap()
-}
-
-fn sessions(backend: &RedisBackend) -> (Router, FallbackStore) {
-    let store = FallbackStore::new(
-        RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(300)),
-    );
-    (app(SessionLayer::new(store.clone())), store)
-}
-
-fn limited(backend: &RedisBackend, limit: u32) -> (Router, RateLimitLayer) {
-    let store = RedisRateStore::new(backend.clone()).with_timeout(Duration::from_millis(300));
-    let layer = RateLimitLayer::new(Policy::new("test", Quota::per_minute(limit)).unwrap())
-        .with_store(store);
-    let app = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .layer(layer.clone());
-    (app, layer)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,10 +148,10 @@ async fn a_cluster_that_wants_a_password() {
     assert_eq!(client.get("/sessions").await.body, "1");
     let (limited, limiter) = limited(&backend, 3);
     let statuses = [
-        drill_hit(&limited).await,
-        drill_hit(&limited).await,
-        drill_hit(&limited).await,
-        drill_hit(&limited).await,
+        hit(&limited).await,
+        hit(&limited).await,
+        hit(&limited).await,
+        hit(&limited).await,
     ];
     assert_eq!(
         statuses,
@@ -193,15 +172,4 @@ async fn a_cluster_that_wants_a_password() {
     let anonymous = RedisBackend::cluster(urls).unwrap();
     let error = anonymous.ping().await.unwrap_err();
     assert!(error.is_outage(), "{error:?}");
-}
-
-async fn drill_hit(app: &Router) -> StatusCode {
-    let mut request = http::Request::get("/")
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let peer: std::net::SocketAddr = "198.51.100.1:40000".parse().unwrap();
-    request
-        .extensions_mut()
-        .insert(axum::extract::ConnectInfo(peer));
-    support::http::send(app, request).await.status
 }

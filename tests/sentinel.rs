@@ -1,11 +1,10 @@
-//! A Sentinel-managed Redis (a master, a replica, a sentinel) on loopback: the layers keep
+//! A Sentinel-managed Redis (a master, a replica, three sentinels) on loopback: the layers keep
 //! working through a failover and through the master's death, on the new master, without a
 //! restart.
 
 mod support;
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -13,54 +12,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
-use http::{Request, StatusCode};
+use http::StatusCode;
 use support::{
-    SentinelGroup, drill,
-    http::{Client, send},
-    session_app::app,
+    SentinelGroup,
+    drill::{self, hit, limited, sessions},
+    http::Client,
+    session_app::fast_breaker,
 };
-use tower_turnstile::{
-    backend::{BreakerConfig, RedisBackend},
-    ratelimit::{Policy, Quota, RateLimitLayer, RedisRateStore},
-    session::{FallbackStore, RedisStore, SessionLayer},
-};
+use tower_turnstile::backend::RedisBackend;
 
 /// A backend on the group's master, found through its sentinel, that gives up fast.
 fn backend(group: &SentinelGroup) -> RedisBackend {
     RedisBackend::sentinel_builder(SentinelGroup::MASTER, group.sentinel_urls())
         .connect_timeout(Duration::from_millis(200))
-        .breaker(
-            BreakerConfig::default()
-                .failure_threshold(2)
-                .open_for(Duration::from_millis(200)),
-        )
+        .breaker(fast_breaker())
         .build()
         .unwrap()
-}
-
-fn sessions(backend: &RedisBackend) -> (Router, FallbackStore) {
-    let store = FallbackStore::new(
-        RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(300)),
-    );
-    (app(SessionLayer::new(store.clone())), store)
-}
-
-fn limited(backend: &RedisBackend, limit: u32) -> (Router, RateLimitLayer) {
-    let store = RedisRateStore::new(backend.clone()).with_timeout(Duration::from_millis(300));
-    let layer = RateLimitLayer::new(Policy::new("test", Quota::per_minute(limit)).unwrap())
-        .with_store(store);
-    let app = Router::new()
-        .route("/", get(|| async { "ok" }))
-        .layer(layer.clone());
-    (app, layer)
-}
-
-async fn hit(app: &Router) -> StatusCode {
-    let mut request = Request::get("/").body(Body::empty()).unwrap();
-    let peer: SocketAddr = "198.51.100.1:40000".parse().unwrap();
-    request.extensions_mut().insert(ConnectInfo(peer));
-    send(app, request).await.status
 }
 
 /// Keys in a server's database 0.

@@ -10,10 +10,47 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{Router, body::Body, extract::ConnectInfo};
-use http::Request;
+use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
+use http::{Request, StatusCode};
+use tower_turnstile::{
+    backend::RedisBackend,
+    ratelimit::{Policy, Quota, RateLimitLayer, RedisRateStore},
+    session::{FallbackStore, RedisStore, SessionLayer},
+};
 
-use super::http::{Client, send};
+use super::{
+    http::{Client, send},
+    session_app::app,
+};
+
+/// The session routes on a `FallbackStore` over `backend`, with a 300 ms deadline per round
+/// trip, and the store (to flush it and read its counters).
+pub fn sessions(backend: &RedisBackend) -> (Router, FallbackStore) {
+    let store = FallbackStore::new(
+        RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(300)),
+    );
+    (app(SessionLayer::new(store.clone())), store)
+}
+
+/// `GET /` behind a Redis rate limit of `limit` a minute per client address (300 ms deadline),
+/// and the layer (to read its fallback counter).
+pub fn limited(backend: &RedisBackend, limit: u32) -> (Router, RateLimitLayer) {
+    let store = RedisRateStore::new(backend.clone()).with_timeout(Duration::from_millis(300));
+    let layer = RateLimitLayer::new(Policy::new("test", Quota::per_minute(limit)).unwrap())
+        .with_store(store);
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(layer.clone());
+    (app, layer)
+}
+
+/// One `GET /` from 198.51.100.1.
+pub async fn hit(app: &Router) -> StatusCode {
+    let mut request = Request::get("/").body(Body::empty()).unwrap();
+    let peer: SocketAddr = "198.51.100.1:40000".parse().unwrap();
+    request.extensions_mut().insert(ConnectInfo(peer));
+    send(app, request).await.status
+}
 
 /// What one client of the drill saw.
 #[derive(Debug, Default)]

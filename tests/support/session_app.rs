@@ -127,11 +127,14 @@ pub fn app(layer: SessionLayer) -> Router {
 pub fn fast_failing_backend(url: &str) -> RedisBackend {
     RedisBackend::builder(url)
         .connect_timeout(Duration::from_millis(100))
-        .breaker(
-            BreakerConfig::default()
-                .failure_threshold(2)
-                .open_for(Duration::from_millis(200)),
-        )
+        .breaker(fast_breaker())
         .build()
         .unwrap()
+}
+
+/// A breaker for fault drills: open after two outages in a row, probing again after 200 ms.
+pub fn fast_breaker() -> BreakerConfig {
+    BreakerConfig::default()
+        .failure_threshold(2)
+        .open_for(Duration::from_millis(200))
 }
