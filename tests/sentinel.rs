@@ -173,22 +173,7 @@ async fn the_layers_survive_the_master_dying_mid_load() {
     );
     // Every client's last acknowledged write is in the new master once the journal has
     // replayed: nothing acknowledged was lost.
-    assert_eq!(
-        store.flush(Duration::from_secs(5)).await,
-        0,
-        "the journal drains"
-    );
-    let status = store.status();
-    eprintln!(
-        "  session writes journaled during the outage {}, replayed {}, superseded {}, dropped {}",
-        status.journaled, status.replayed, status.superseded, status.dropped
-    );
-    assert_eq!((status.superseded, status.dropped), (0, 0), "no write lost");
-    for record in &report.clients {
-        let mut client = drill::client_of(record, app.clone());
-        let expected = format!("\"{}\"", record.last_written.expect("a write"));
-        assert_eq!(client.get("/get/n").await.body, expected);
-    }
+    drill::assert_nothing_lost(&report, &store, &app).await;
     let on_new_master = keys(&group.replica);
     let sessions_there = on_new_master
         .iter()

@@ -132,6 +132,27 @@ pub async fn run(
     DrillReport { clients: records }
 }
 
+/// After a drill: the journal drains, no journaled write was superseded or dropped, and every
+/// client reads back its last acknowledged write through `app`.
+pub async fn assert_nothing_lost(report: &DrillReport, store: &FallbackStore, app: &Router) {
+    assert_eq!(
+        store.flush(Duration::from_secs(5)).await,
+        0,
+        "the journal drains"
+    );
+    let status = store.status();
+    eprintln!(
+        "  session writes journaled during the outage {}, replayed {}, superseded {}, dropped {}",
+        status.journaled, status.replayed, status.superseded, status.dropped
+    );
+    assert_eq!((status.superseded, status.dropped), (0, 0), "no write lost");
+    for record in &report.clients {
+        let mut client = client_of(record, app.clone());
+        let expected = format!("\"{}\"", record.last_written.expect("a write"));
+        assert_eq!(client.get("/get/n").await.body, expected);
+    }
+}
+
 /// A `Client` with `record`'s cookie, on `app`.
 pub fn client_of(record: &ClientRecord, app: Router) -> Client {
     let mut client = Client::new(app);
