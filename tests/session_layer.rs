@@ -1057,3 +1057,134 @@ async fn redis_save_to_a_gone_session_leaves_nothing() {
     assert_eq!(server.cli(&["EXISTS", &name]).trim(), "0");
     assert_eq!(server.cli(&["KEYS", "*"]).trim(), "");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The id in a header instead of a cookie (gRPC metadata, cookie-less clients).
+
+/// One request to `app` carrying `id` in `x-session-id`, if any.
+async fn with_id_header(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    id: Option<&str>,
+) -> support::http::Reply {
+    let mut request = http::Request::builder().method(method).uri(uri);
+    if let Some(id) = id {
+        request = request.header("x-session-id", id);
+    }
+    send(app, request.body(axum::body::Body::empty()).unwrap()).await
+}
+
+fn id_of(reply: &support::http::Reply) -> Option<String> {
+    reply
+        .headers
+        .get("x-session-id")
+        .map(|value| value.to_str().unwrap().to_owned())
+}
+
+async fn the_id_travels_in_a_header(layer: SessionLayer) {
+    let app = app(layer.try_with_id_header("x-session-id").unwrap());
+    let reply = with_id_header(&app, "POST", "/set/colour/teal", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.set_cookies().is_empty(), "no cookie at all");
+    let id = id_of(&reply).expect("the new id in the response header");
+    assert!(!id.is_empty());
+
+    let read = with_id_header(&app, "GET", "/get/colour", Some(&id)).await;
+    assert_eq!(read.body, "\"teal\"");
+    assert_eq!(id_of(&read), None, "an unchanged id is not sent again");
+
+    // The same id as a cookie means nothing to this layer.
+    let mut as_cookie = Client::new(app.clone());
+    as_cookie.cookie = Some(format!("id={id}"));
+    assert_eq!(as_cookie.get("/get/colour").await.body, "none");
+    // Garbage and oversized values are no session, never an error.
+    for bad in ["", "garbage", &"x".repeat(10_000)] {
+        let reply = with_id_header(&app, "GET", "/get/colour", Some(bad)).await;
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (StatusCode::OK, "none")
+        );
+    }
+
+    // A login hands out a new id; the old one is dead.
+    let login = with_id_header(&app, "POST", "/login/alice", Some(&id)).await;
+    let new_id = id_of(&login).expect("a new id after login");
+    assert_ne!(new_id, id);
+    assert_eq!(
+        with_id_header(&app, "GET", "/get/colour", Some(&id))
+            .await
+            .body,
+        "none"
+    );
+    assert_eq!(
+        with_id_header(&app, "GET", "/get/colour", Some(&new_id))
+            .await
+            .body,
+        "\"teal\""
+    );
+    // Ending the session sends an empty id.
+    let destroyed = with_id_header(&app, "POST", "/destroy", Some(&new_id)).await;
+    assert_eq!(id_of(&destroyed).as_deref(), Some(""));
+    assert_eq!(
+        with_id_header(&app, "GET", "/get/colour", Some(&new_id))
+            .await
+            .body,
+        "none"
+    );
+}
+
+#[tokio::test]
+async fn memory_the_id_travels_in_a_header() {
+    the_id_travels_in_a_header(memory_layer()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_the_id_travels_in_a_header() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    the_id_travels_in_a_header(SessionLayer::new(redis_store(&server))).await;
+}
+
+#[tokio::test]
+async fn a_signed_id_in_a_header_refuses_forgeries() {
+    let key = SigningKey::from_secret("shared secret of every instance").unwrap();
+    let layer = memory_layer()
+        .with_signing_key(key)
+        .try_with_id_header("x-session-id")
+        .unwrap();
+    let app = app(layer);
+    let id = id_of(&with_id_header(&app, "POST", "/set/a/1", None).await).unwrap();
+    assert_eq!(
+        with_id_header(&app, "GET", "/get/a", Some(&id)).await.body,
+        "\"1\""
+    );
+    let mut flipped = id.clone().into_bytes();
+    flipped[3] = if flipped[3] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(flipped).unwrap();
+    assert_eq!(
+        with_id_header(&app, "GET", "/get/a", Some(&forged))
+            .await
+            .body,
+        "none"
+    );
+}
+
+#[test]
+fn id_header_names_are_checked() {
+    for bad in [
+        "",
+        "X-Session",
+        "cookie",
+        "set-cookie",
+        "x session",
+        ":path",
+    ] {
+        assert!(
+            memory_layer().try_with_id_header(bad).is_err(),
+            "{bad:?} accepted"
+        );
+    }
+    assert!(memory_layer().try_with_id_header("x-session-id").is_ok());
+}

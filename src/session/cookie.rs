@@ -3,7 +3,7 @@
 use std::{fmt, time::Duration};
 
 use cookie::{Cookie, CookieJar, Key};
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 use sha2::{Digest, Sha512};
 
 use super::id::SessionId;
@@ -45,6 +45,10 @@ pub enum CookieConfigError {
     /// The signing secret is empty.
     #[error("the cookie signing secret is empty")]
     EmptySecret,
+    /// The name given for the id's header is not a valid header name, or names a header with a
+    /// meaning of its own (`cookie`, `set-cookie`, HTTP/2 pseudo-headers).
+    #[error("invalid session header name {0:?}: use lower-case letters, digits and '-'")]
+    HeaderName(String),
 }
 
 /// A key that signs session cookies (HMAC-SHA256), so forged or altered ids are refused before
@@ -93,6 +97,8 @@ pub(crate) struct CookieConfig {
     pub(crate) same_site: SameSite,
     pub(crate) persistent: bool,
     pub(crate) signing: Vec<SigningKey>,
+    /// When set, the id travels in this request and response header instead of a cookie.
+    pub(crate) header: Option<HeaderName>,
 }
 
 impl Default for CookieConfig {
@@ -106,8 +112,20 @@ impl Default for CookieConfig {
             same_site: SameSite::Lax,
             persistent: false,
             signing: Vec::new(),
+            header: None,
         }
     }
+}
+
+/// A header the session id may travel in: a valid, lower-case name that means nothing else.
+pub(crate) fn header_name(name: &str) -> Result<HeaderName, CookieConfigError> {
+    let refused = || CookieConfigError::HeaderName(name.to_owned());
+    let lower = name.bytes().all(|b| !b.is_ascii_uppercase());
+    let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| refused())?;
+    if !lower || parsed == header::COOKIE || parsed == header::SET_COOKIE || name.starts_with(':') {
+        return Err(refused());
+    }
+    Ok(parsed)
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<(), CookieConfigError> {
@@ -139,6 +157,15 @@ impl CookieConfig {
     /// The first valid session id among the request's cookies of our name, if any. Unsigned ids
     /// must be well-formed; signed ones must also verify under the current or a previous key.
     pub(crate) fn read(&self, headers: &HeaderMap) -> Option<SessionId> {
+        if let Some(name) = &self.header {
+            return headers
+                .get_all(name)
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .filter(|value| value.len() <= MAX_COOKIE_VALUE)
+                .take(MAX_CANDIDATES)
+                .find_map(|value| self.decode(value.trim()));
+        }
         headers
             .get_all(header::COOKIE)
             .iter()
@@ -193,9 +220,18 @@ impl CookieConfig {
         cookie
     }
 
-    /// The `Set-Cookie` value that hands `id` to the client: a persistent cookie living
-    /// `max_age`, or a browser-session cookie.
+    /// The response header that carries the id: `Set-Cookie`, or the configured header.
+    pub(crate) fn response_header(&self) -> HeaderName {
+        self.header.clone().unwrap_or(header::SET_COOKIE)
+    }
+
+    /// The value that hands `id` to the client: a `Set-Cookie` for a persistent cookie living
+    /// `max_age` or a browser-session cookie; in a header, the (signed) id alone, the client
+    /// keeping it as long as it likes (the store decides when the session ends).
     pub(crate) fn set(&self, id: &SessionId, max_age: Option<Duration>) -> Option<HeaderValue> {
+        if self.header.is_some() {
+            return HeaderValue::try_from(self.encode(id)).ok();
+        }
         let mut cookie = self.base(self.encode(id));
         if let Some(max_age) = max_age {
             // Rounded up: a cookie of a live session must never read as `Max-Age=0`, which
@@ -209,6 +245,10 @@ impl CookieConfig {
 
     /// The `Set-Cookie` value that makes the client drop the cookie.
     pub(crate) fn removal(&self) -> Option<HeaderValue> {
+        if self.header.is_some() {
+            // An empty id: the client forgets the one it held.
+            return Some(HeaderValue::from_static(""));
+        }
         let mut cookie = self.base(String::new());
         cookie.make_removal();
         HeaderValue::try_from(cookie.to_string()).ok()

@@ -4,7 +4,8 @@ use tower_layer::Layer;
 
 use super::{
     cookie::{
-        CookieConfig, CookieConfigError, SameSite, SigningKey, validate_attribute, validate_name,
+        CookieConfig, CookieConfigError, SameSite, SigningKey, header_name, validate_attribute,
+        validate_name,
     },
     service::SessionService,
     store::{SessionInfo, SessionStore, StoreError, UserKey},
@@ -111,6 +112,28 @@ impl SessionLayer {
         let name = name.into();
         validate_name(&name)?;
         Ok(self.edit(|s| s.cookie.name = name))
+    }
+
+    /// Carries the session id in the header `name` instead of a cookie: read from the request's
+    /// `name` header, handed out in the response's (the id alone, signed when a signing key is
+    /// set; an empty value when the session ends). For clients that keep no cookies: gRPC
+    /// clients (`name` is then a metadata key), mobile apps, scripts. The cookie settings
+    /// (path, domain, `Secure`, `SameSite`, persistence) no longer apply; the store's expiry
+    /// still does.
+    ///
+    /// `name` must be a lower-case header name other than `cookie` and `set-cookie`.
+    ///
+    #[cfg_attr(feature = "memory", doc = "```")]
+    #[cfg_attr(not(feature = "memory"), doc = "```ignore")]
+    /// use tower_turnstile::session::{MemoryStore, SessionLayer};
+    ///
+    /// let layer = SessionLayer::new(MemoryStore::new()).try_with_id_header("x-session-id")?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn try_with_id_header(self, name: &str) -> Result<Self, CookieConfigError> {
+        let name = header_name(name)?;
+        Ok(self.edit(|s| s.cookie.header = Some(name)))
     }
 
     /// The cookie's `Path`. Default: `/`.

@@ -198,7 +198,9 @@ fn finish<B>(mut response: Response<B>, committed: Committed, shared: &Shared) -
         CookieChange::Remove => shared.cookie.removal(),
     };
     if let Some(cookie) = cookie {
-        response.headers_mut().append(header::SET_COOKIE, cookie);
+        response
+            .headers_mut()
+            .append(shared.cookie.response_header(), cookie);
         // A response that sets a session cookie must never be stored by a shared cache.
         response.headers_mut().append(
             header::CACHE_CONTROL,
