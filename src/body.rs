@@ -19,7 +19,8 @@ use pin_project_lite::pin_project;
 ///
 /// A layer's service answers with the inner service's own body type, untouched on the way
 /// through (no wrapper, no second boxing by axum); for its own answers it builds that type
-/// from bytes with this trait. It is implemented for axum's `Body` (feature `axum`),
+/// from bytes with this trait. It is implemented for axum's `Body` (feature `axum`), tonic's
+/// `Body` (feature `tonic`),
 /// [`Full<Bytes>`], [`BoxBody<Bytes, E>`], [`UnsyncBoxBody<Bytes, E>`], `String`, and
 /// [`ResponseBody<B>`], which wraps any other body.
 ///
@@ -70,6 +71,14 @@ impl<E: 'static> RefusalBody for UnsyncBoxBody<Bytes, E> {
         Full::new(bytes)
             .map_err(|never: Infallible| match never {})
             .boxed_unsync()
+    }
+}
+
+/// tonic's body: the layers' gRPC refusals are trailers-only, so this holds no message.
+#[cfg(feature = "tonic")]
+impl RefusalBody for tonic::body::Body {
+    fn from_bytes(bytes: Bytes) -> Self {
+        tonic::body::Body::new(Full::new(bytes))
     }
 }
 

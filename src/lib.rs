@@ -38,6 +38,7 @@
 //! | `sentinel` | yes   | [`backend::RedisBackend::sentinel`]: the master of a Sentinel-managed group, found again after a failover |
 //! | `cluster` | yes    | [`backend::RedisBackend::cluster`]: a Redis Cluster, every command routed by hash slot |
 //! | `tls`    | no      | `rediss://` URLs on every kind of backend (rustls with ring; the system's roots, or `RedisBackendBuilder::tls_root_certificates`) |
+//! | `tonic`  | no      | the layers on tonic servers: [`RefusalBody`] for tonic's body, client addresses from its `TcpConnectInfo` |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
 //!
@@ -106,7 +107,10 @@
 //! wraps everything added before it, so on a router the same stack is written the other way
 //! round, innermost first; or hand the router the whole `ServiceBuilder` in one `.layer(..)`.)
 //! On a server without axum, [`PeerAddrLayer`] puts the connection's peer address where the
-//! rate limiter looks for it; `examples/hyper_server.rs` shows a hyper server.
+//! rate limiter looks for it; `examples/hyper_server.rs` shows a hyper server, and
+//! `examples/tonic_server.rs` a tonic one (feature `tonic`), the session id travelling in a
+//! metadata entry ([`session::SessionLayer::try_with_id_header`]). They are layers rather than
+//! tonic `Interceptor`s because an interceptor cannot wait for Redis.
 //!
 #![cfg_attr(all(feature = "redis", feature = "axum"), doc = "```no_run")]
 #![cfg_attr(not(all(feature = "redis", feature = "axum")), doc = "```ignore")]

@@ -110,7 +110,8 @@ pub enum KeyConfigError {
 
 /// The client's IP address, as the key.
 ///
-/// The address is the TCP peer, from axum's `ConnectInfo<SocketAddr>` or a `SocketAddr`
+/// The address is the TCP peer, from axum's `ConnectInfo<SocketAddr>`, tonic's
+/// `TcpConnectInfo` (feature `tonic`) or a `SocketAddr`
 /// extension (put there by your server). `Forwarded` and `X-Forwarded-For` are believed only
 /// when the peer is a configured trusted proxy: walking the chain from the right, the first
 /// address that is not a trusted proxy is the client. A client therefore cannot choose its own
@@ -240,6 +241,13 @@ fn peer_addr(extensions: &Extensions) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
     if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
         return Some(info.0.ip());
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+    {
+        return Some(addr.ip());
     }
     extensions
         .get::<SocketAddr>()
