@@ -109,6 +109,11 @@ async fn the_session_travels_in_metadata_and_stays_in_its_tenant() {
 
     let status = alice.call("Nope").await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented);
+
+    // A tenant name that is no valid tenant: refused as a gRPC status, not an HTTP 400.
+    let mut invalid = Caller::new(server.channel().await, "not_a-valid--tenant!");
+    let status = invalid.call("Tenant").await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,8 @@ pub(crate) fn grpc_status<B: RefusalBody>(code: u8, message: &'static str) -> Re
     response
 }
 
+/// `INVALID_ARGUMENT`.
+pub(crate) const GRPC_INVALID_ARGUMENT: u8 = 3;
 /// `RESOURCE_EXHAUSTED`.
 pub(crate) const GRPC_RESOURCE_EXHAUSTED: u8 = 8;
 /// `UNAVAILABLE`.

@@ -60,7 +60,7 @@
 //! ```
 
 mod algorithm;
-mod headers;
+pub(crate) mod headers;
 mod key;
 mod layer;
 mod lease;

@@ -80,11 +80,20 @@ impl Shared {
         }
     }
 
-    /// The response refusing a request for `rejected`.
-    pub(crate) fn reject<B: RefusalBody>(&self, rejected: TenantRejected) -> Response<B> {
+    /// The response refusing a request for `rejected`: a gRPC call gets a trailers-only
+    /// `INVALID_ARGUMENT`, anything else the configured status with the reason as text.
+    pub(crate) fn reject<B: RefusalBody>(
+        &self,
+        rejected: TenantRejected,
+        grpc: bool,
+    ) -> Response<B> {
         tracing::debug!(reason = %rejected, "request refused: no valid tenant");
         let mut response = match &self.rejection {
             Some(custom) => custom(&rejected).map(B::from_bytes),
+            None if grpc => crate::ratelimit::headers::grpc_status(
+                crate::ratelimit::headers::GRPC_INVALID_ARGUMENT,
+                "no valid tenant",
+            ),
             None => {
                 let mut response = Response::new(B::from_bytes(format!("{rejected}\n").into()));
                 *response.status_mut() = self.rejection_status;

@@ -62,9 +62,12 @@ where
                     future: self.inner.call(request),
                 }
             }
-            Err(rejected) => State::Rejected {
-                response: Some(self.shared.reject(rejected)),
-            },
+            Err(rejected) => {
+                let grpc = crate::ratelimit::headers::is_grpc(request.headers());
+                State::Rejected {
+                    response: Some(self.shared.reject(rejected, grpc)),
+                }
+            }
         };
         ResponseFuture { state }
     }
