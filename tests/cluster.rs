@@ -49,6 +49,12 @@ async fn logins_listing_and_revocation_work_across_slots() {
         "keys per master: {spread:?}"
     );
     assert_eq!(devices[0].get("/sessions").await.body, "6");
+    // A new id for a logged-in session: still one session of hers, listed once.
+    let before = devices[1].cookie.clone();
+    assert_eq!(devices[1].post("/cycle").await.status, StatusCode::OK);
+    assert_ne!(devices[1].cookie, before);
+    assert_eq!(devices[1].get("/user").await.body, "alice");
+    assert_eq!(devices[0].get("/sessions").await.body, "6");
     assert_eq!(devices[3].get("/get/device").await.body, "\"3\"");
     assert_eq!(devices[0].post("/logout-all").await.body, "6");
     for device in &mut devices[1..] {

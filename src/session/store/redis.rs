@@ -624,7 +624,10 @@ impl RedisStore {
                     parts.push(other);
                 }
             }
-            parts.push(index);
+            // A session cycled out of a login (no user any more) has nothing to index.
+            if index.cmd_iter().next().is_some() {
+                parts.push(index);
+            }
         }
         let undo = |this: &Self| {
             let mut pipe = redis::pipe();
