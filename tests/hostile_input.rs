@@ -1,0 +1,396 @@
+//! Hostile input, as properties: the parsers that read what clients send (cookies, forwarding
+//! headers, hosts, paths, tenant headers) are driven with generated input through the public
+//! layers, and each property says what must hold, not only that nothing panics.
+//!
+//! These are proptest harnesses, which run on the stable toolchain this project builds with
+//! (`cargo fuzz` needs nightly). `HOSTILE_CASES` sets the number of cases per property
+//! (default 256: a few seconds each); a long run is
+//! `HOSTILE_CASES=100000 cargo test --release --test hostile_input`.
+
+mod support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::{Router, body::Body, routing::get};
+use http::{HeaderName, HeaderValue, Request, StatusCode, header};
+use proptest::{
+    prelude::*,
+    test_runner::{Config, TestRunner},
+};
+use support::{http::send, session_app::app};
+use tower::ServiceExt;
+use tower_turnstile::{
+    RequestView,
+    ratelimit::{ClientIp, Extracted, KeyExtractor},
+    session::{MemoryStore, SessionLayer, SigningKey},
+    tenant::{HeaderTenant, HostSubdomain, PathPrefix, Tenant, TenantLayer},
+};
+
+fn runner() -> TestRunner {
+    let cases = std::env::var("HOSTILE_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256);
+    TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Any bytes a client could put in a header value (visible ASCII, spaces, tabs, and the
+/// bytes above 0x7f that `HeaderValue` accepts).
+fn header_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![
+            4 => 0x20u8..0x7f,
+            1 => Just(b'\t'),
+            1 => 0x80u8..=0xff,
+            2 => prop::sample::select(b";=,\" %{}".to_vec()),
+        ],
+        0..max,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cookies → session id
+
+/// Whatever the `Cookie` header holds, the layer answers without a server error and the handler
+/// sees no session: only an id the layer itself issued finds one.
+#[test]
+fn no_cookie_header_finds_a_session_it_was_not_given() {
+    let rt = runtime();
+    let app = app(SessionLayer::new(MemoryStore::new()).with_secure(false));
+    let mut runner = runner();
+    runner
+        .run(&header_bytes(600), |bytes| {
+            let Ok(value) = HeaderValue::from_bytes(&bytes) else {
+                return Ok(());
+            };
+            let reply = rt.block_on(async {
+                let request = Request::get("/get/k")
+                    .header(header::COOKIE, value)
+                    .body(Body::empty())
+                    .unwrap();
+                send(&app, request).await
+            });
+            prop_assert_eq!(reply.status, StatusCode::OK);
+            prop_assert_eq!(reply.body.as_str(), "none");
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A genuine signed cookie, altered in any way (truncated, a character changed, text added,
+/// or signed with a key the layer does not hold), never yields the session; the previous key
+/// of a rotation still does.
+#[test]
+fn an_altered_signed_cookie_never_yields_the_session() {
+    let rt = runtime();
+    let store = MemoryStore::new();
+    let current = SigningKey::from_secret("the current secret of every instance").unwrap();
+    let previous = SigningKey::from_secret("the secret before the rotation").unwrap();
+    let layer = |key: SigningKey| {
+        SessionLayer::new(store.clone())
+            .with_secure(false)
+            .with_signing_key(key)
+    };
+    let signed_by = |key: SigningKey| -> String {
+        rt.block_on(async {
+            let app = app(layer(key));
+            let reply = send(&app, Request::post("/set/k/v").body(Body::empty()).unwrap()).await;
+            let set = reply.set_cookie().expect("a session cookie");
+            set.split(';').next().unwrap().to_owned()
+        })
+    };
+    let genuine = signed_by(current.clone());
+    let old = signed_by(previous.clone());
+    let stranger = signed_by(SigningKey::from_secret("a key nobody configured").unwrap());
+    let checking = app(layer(current).with_previous_signing_key(previous));
+    let read = |cookie: &str| -> String {
+        rt.block_on(async {
+            let request = Request::get("/get/k")
+                .header(header::COOKIE, cookie)
+                .body(Body::empty())
+                .unwrap();
+            send(&checking, request).await.body
+        })
+    };
+    assert_eq!(read(&genuine), "\"v\"");
+    assert_eq!(read(&old), "\"v\"", "the previous key still verifies");
+    assert_eq!(read(&stranger), "none", "an unknown key does not");
+
+    let (name, value) = genuine.split_once('=').unwrap();
+    let (name, value) = (name.to_owned(), value.to_owned());
+    let alterations = (0..value.len(), any::<u8>(), 0usize..3, "[ -~]{1,8}");
+    let mut runner = runner();
+    runner
+        .run(&alterations, |(at, byte, how, extra)| {
+            let mut altered = value.clone().into_bytes();
+            match how {
+                0 => altered.truncate(at),
+                1 => altered[at] = b' ' + byte % 95,
+                _ => altered.splice(at..at, extra.bytes()).for_each(drop),
+            }
+            let Ok(altered) = String::from_utf8(altered) else {
+                return Ok(());
+            };
+            if altered == value {
+                return Ok(());
+            }
+            let body = read(&format!("{name}={altered}"));
+            prop_assert_eq!(body.as_str(), "none", "{} was accepted", altered);
+            Ok(())
+        })
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding headers + trusted proxies → client key
+
+fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
+    // Few enough distinct addresses that chains share hops with the trusted set.
+    (prop::sample::select(vec![10u8, 192, 203]), 0u8..4, 0u8..4)
+        .prop_map(|(a, c, d)| Ipv4Addr::new(a, if a == 192 { 168 } else { 0 }, c, d))
+}
+
+fn key_of(
+    extractor: &ClientIp,
+    peer: Ipv4Addr,
+    headers: &[(HeaderName, String)],
+) -> Option<String> {
+    let mut request = Request::get("/").body(()).unwrap();
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            request.headers_mut().append(name.clone(), value);
+        }
+    }
+    request
+        .extensions_mut()
+        .insert(SocketAddr::new(IpAddr::V4(peer), 40000));
+    match extractor.extract(&RequestView::new(&request)) {
+        Extracted::Ready(key) => key.map(|key| key.to_string()),
+        _ => panic!("ClientIp decides at once"),
+    }
+}
+
+/// The key is the right-most address of the chain (peer last) that is not a trusted proxy, or
+/// the left-most one when all are trusted: so what a client writes to the left of the first
+/// untrusted hop (a forged chain) never changes its key.
+#[test]
+fn a_client_never_chooses_its_own_key() {
+    let trusted_nets = ["10.0.0.0/8", "192.168.0.0/16"];
+    let extractor = ClientIp::trusting(trusted_nets).unwrap();
+    let trusted = |ip: &Ipv4Addr| ip.octets()[0] == 10 || ip.octets()[0] == 192;
+    let chains = (
+        proptest::collection::vec(ipv4(), 0..6),
+        proptest::collection::vec(ipv4(), 0..4),
+        ipv4(),
+        any::<bool>(),
+    );
+    let mut runner = runner();
+    runner
+        .run(&chains, |(hops, forged, peer, forwarded_syntax)| {
+            let render = |chain: &[Ipv4Addr]| -> (HeaderName, String) {
+                if forwarded_syntax {
+                    let parts: Vec<String> = chain.iter().map(|ip| format!("for={ip}")).collect();
+                    (header::FORWARDED, parts.join(", "))
+                } else {
+                    let parts: Vec<String> = chain.iter().map(Ipv4Addr::to_string).collect();
+                    (HeaderName::from_static("x-forwarded-for"), parts.join(", "))
+                }
+            };
+            let headers = if hops.is_empty() {
+                vec![]
+            } else {
+                vec![render(&hops)]
+            };
+            let key = key_of(&extractor, peer, &headers);
+
+            // The model: walk from the peer leftwards through the chain while hops are trusted.
+            let mut path: Vec<Ipv4Addr> = hops.clone();
+            path.push(peer);
+            let expected = if !trusted(&peer) {
+                peer
+            } else {
+                *path
+                    .iter()
+                    .rev()
+                    .find(|ip| !trusted(ip))
+                    .unwrap_or(&path[0])
+            };
+            prop_assert_eq!(key.clone(), Some(expected.to_string()));
+
+            // Forged hops on the left change nothing once an untrusted hop stands right of them.
+            if path.iter().any(|ip| !trusted(ip)) {
+                let mut longer = forged.clone();
+                longer.extend(&hops);
+                let headers = if longer.is_empty() {
+                    vec![]
+                } else {
+                    vec![render(&longer)]
+                };
+                prop_assert_eq!(key_of(&extractor, peer, &headers), key);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Garbage in the forwarding headers never makes a key out of thin air: the key is the peer or
+/// an address that was written in the header.
+#[test]
+fn garbage_forwarding_headers_fall_back_to_a_real_hop() {
+    let extractor = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+    let peer = Ipv4Addr::new(10, 0, 0, 1);
+    let mut runner = runner();
+    runner
+        .run(
+            &(header_bytes(200), header_bytes(200)),
+            |(xff, forwarded)| {
+                let headers = vec![
+                    (
+                        HeaderName::from_static("x-forwarded-for"),
+                        String::from_utf8_lossy(&xff).into_owned(),
+                    ),
+                    (
+                        header::FORWARDED,
+                        String::from_utf8_lossy(&forwarded).into_owned(),
+                    ),
+                ];
+                let key = key_of(&extractor, peer, &headers).expect("a key");
+                let written = format!(
+                    "{} {}",
+                    String::from_utf8_lossy(&xff),
+                    String::from_utf8_lossy(&forwarded)
+                );
+                let address: IpAddr = key.parse().expect("the key is an address");
+                prop_assert!(
+                    key == peer.to_string() || written.contains(&key) || address.is_ipv6(),
+                    "{} from {:?}",
+                    key,
+                    written
+                );
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host / path / header → tenant
+
+/// What a resolved tenant must look like: a lower-case DNS label.
+fn is_tenant_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && Tenant::new(name).is_ok_and(|t| t.as_str() == name)
+}
+
+/// Serves `/` behind `layer`, answering the tenant the handler saw.
+fn tenant_app(layer: TenantLayer) -> Router {
+    Router::new()
+        .fallback(get(|tenant: axum::Extension<Tenant>| async move {
+            tenant.0.as_str().to_owned()
+        }))
+        .layer(layer)
+}
+
+/// Tenant-ish text: mostly near-valid labels (letters of both cases, digits, `-`, `_`, dots,
+/// lengths around the 63-byte limit), sometimes any bytes at all.
+fn tenant_text() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        2 => "[a-z0-9-]{0,70}".prop_map(String::into_bytes),
+        2 => "[a-zA-Z0-9_-]{0,70}(\\.[a-z0-9-]{0,10}){0,3}(:[0-9]{1,5})?".prop_map(String::into_bytes),
+        1 => header_bytes(120),
+    ]
+}
+
+fn tenant_property(layer: TenantLayer, request: impl Fn(&[u8]) -> Option<Request<Body>>) {
+    let rt = runtime();
+    let app = tenant_app(layer);
+    let (accepted, refused) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let mut runner = runner();
+    runner
+        .run(&tenant_text(), |bytes| {
+            let Some(request) = request(&bytes) else {
+                return Ok(());
+            };
+            let (status, body) = rt.block_on(async {
+                let response = app.clone().oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            });
+            prop_assert!(
+                status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
+                "{}",
+                status
+            );
+            if status == StatusCode::OK {
+                prop_assert!(is_tenant_name(&body), "{:?} reached the handler", body);
+                accepted.set(accepted.get() + 1);
+            } else {
+                refused.set(refused.get() + 1);
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Both answers were exercised, or the property proved little.
+    assert!(
+        accepted.get() > 0 && refused.get() > 0,
+        "accepted {}, refused {}",
+        accepted.get(),
+        refused.get()
+    );
+}
+
+#[test]
+fn any_host_gives_a_valid_tenant_or_a_400() {
+    tenant_property(TenantLayer::new(HostSubdomain::first_label()), |bytes| {
+        let value = HeaderValue::from_bytes(bytes).ok()?;
+        Request::get("/")
+            .header(header::HOST, value)
+            .body(Body::empty())
+            .ok()
+    });
+}
+
+#[test]
+fn any_path_gives_a_valid_tenant_or_a_400() {
+    tenant_property(TenantLayer::new(PathPrefix::new("/t").unwrap()), |bytes| {
+        let path: String = bytes
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '%' })
+            .collect();
+        Request::get(format!("/t/{path}")).body(Body::empty()).ok()
+    });
+}
+
+#[test]
+fn any_tenant_header_gives_a_valid_tenant_or_a_400() {
+    tenant_property(
+        TenantLayer::new(HeaderTenant::new(HeaderName::from_static("x-tenant"))),
+        |bytes| {
+            let value = HeaderValue::from_bytes(bytes).ok()?;
+            Request::get("/")
+                .header("x-tenant", value)
+                .body(Body::empty())
+                .ok()
+        },
+    );
+}
