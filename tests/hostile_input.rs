@@ -394,3 +394,206 @@ fn any_tenant_header_gives_a_valid_tenant_or_a_400() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Session records read back from Redis
+
+/// One metadata or data field of a stored session hash, as a corrupted or foreign writer could
+/// leave it.
+fn field_value(kind: u8) -> BoxedStrategy<String> {
+    let hour_ms = 3_600_000u64;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    match kind {
+        // m:created
+        0 => prop_oneof![4 => Just(now_ms.to_string()), 1 => "[ -~]{0,12}"].boxed(),
+        // m:abs: well in the future, well in the past, or garbage
+        1 => prop_oneof![
+            4 => Just((now_ms + hour_ms).to_string()),
+            1 => Just((now_ms - hour_ms).to_string()),
+            1 => "[ -~]{0,12}"
+        ]
+        .boxed(),
+        // m:idle: none, some, or garbage
+        2 => prop_oneof![
+            1 => Just("0".to_owned()),
+            4 => Just("60000".to_owned()),
+            1 => "[ -~]{0,8}"
+        ]
+        .boxed(),
+        // m:tenant
+        3 => prop_oneof![4 => Just("default".to_owned()), 1 => Just("acme".to_owned())].boxed(),
+        // d:*: JSON or not
+        _ => prop_oneof![
+            3 => Just("\"text\"".to_owned()),
+            3 => Just("42".to_owned()),
+            3 => Just("{\"a\":[1,2]}".to_owned()),
+            1 => "[ -~]{0,16}"
+        ]
+        .boxed(),
+    }
+}
+
+/// A stored hash: each metadata field present or not, some data fields, some stray fields.
+fn stored_hash() -> impl Strategy<Value = Vec<(String, String)>> {
+    let meta = [
+        ("m:created", 0u8),
+        ("m:abs", 1),
+        ("m:idle", 2),
+        ("m:tenant", 3),
+    ];
+    let metadata: Vec<BoxedStrategy<Option<(String, String)>>> = meta
+        .iter()
+        .map(|&(name, kind)| {
+            prop::option::weighted(
+                0.9,
+                field_value(kind).prop_map(move |v| (name.to_owned(), v)),
+            )
+            .boxed()
+        })
+        .collect();
+    let data = proptest::collection::vec(("[a-z]{1,6}", field_value(9)), 0..4).prop_map(|fields| {
+        fields
+            .into_iter()
+            .map(|(name, value)| (format!("d:{name}"), value))
+            .collect::<Vec<_>>()
+    });
+    let stray = proptest::collection::vec(("[a-z:]{1,8}", "[ -~]{0,8}"), 0..2);
+    (metadata, data, stray).prop_map(|(metadata, data, stray)| {
+        let mut fields: Vec<(String, String)> = metadata.into_iter().flatten().collect();
+        fields.extend(data);
+        fields.extend(
+            stray
+                .into_iter()
+                .filter(|(n, _)| !n.starts_with("m:") && !n.starts_with("d:")),
+        );
+        fields
+    })
+}
+
+/// Whatever a session's hash holds, a load answers (never an error, never a panic): the
+/// session when its metadata is whole, its tenant the key's, its values JSON and its life not
+/// over; otherwise no session, and a hash that is no live session of this tenant is removed.
+#[test]
+fn any_stored_hash_loads_as_a_session_or_as_none() {
+    use tower_turnstile::{
+        backend::RedisBackend,
+        session::{RedisStore, SessionStore, store::SessionKey},
+    };
+    let Some(server) = support::RedisServer::start() else {
+        return;
+    };
+    let rt = runtime();
+    let (store, connection) = rt.block_on(async {
+        let backend = RedisBackend::new(&server.url()).unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        (
+            RedisStore::new(backend).with_key_prefix("h:"),
+            client.get_multiplexed_async_connection().await.unwrap(),
+        )
+    });
+    let tenant = Tenant::default();
+    let counter = std::cell::Cell::new(0u64);
+    let (served, refused) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let mut runner = runner();
+    runner
+        .run(&stored_hash(), |fields| {
+            if fields.is_empty() {
+                return Ok(());
+            }
+            let mut connection = connection.clone();
+            let n = counter.get();
+            counter.set(n + 1);
+            let mut bytes = [0u8; 32];
+            bytes[..8].copy_from_slice(&n.to_be_bytes());
+            let hash =
+                base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes);
+            let key = SessionKey::from_hash(&tenant, &hash).expect("a valid hash");
+            let redis_key = format!("h:{tenant}:session:{hash}");
+            let loaded = rt.block_on(async {
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&redis_key);
+                for (name, value) in &fields {
+                    hset.arg(name).arg(value);
+                }
+                let _: () = hset.query_async(&mut connection).await.unwrap();
+                let _: () = redis::cmd("PEXPIRE")
+                    .arg(&redis_key)
+                    .arg(60_000)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+                store.load(&key).await
+            });
+            let get = |name: &str| {
+                fields
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
+            let json_ok = fields
+                .iter()
+                .filter(|(n, _)| n.starts_with("d:"))
+                .all(|(_, v)| serde_json::from_str::<serde::de::IgnoredAny>(v).is_ok());
+            let whole = number("m:created").is_some()
+                && number("m:abs").is_some()
+                && number("m:idle").is_some()
+                && get("m:tenant").is_some()
+                && json_ok;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+            let alive = number("m:abs").is_some_and(|abs| abs > now_ms)
+                && number("m:idle").is_some_and(|idle| idle > 0);
+            let ours = get("m:tenant") == Some("default");
+            let loaded = loaded.map_err(|e| TestCaseError::fail(format!("load failed: {e:?}")))?;
+            let exists = rt.block_on(async {
+                redis::cmd("EXISTS")
+                    .arg(&redis_key)
+                    .query_async::<i64>(&mut connection)
+                    .await
+                    .unwrap()
+            });
+            match loaded {
+                Some(record) => {
+                    served.set(served.get() + 1);
+                    prop_assert!(whole && alive && ours, "served: {:?}", fields);
+                    let data: Vec<&String> = record.data.keys().collect();
+                    let mut expected: Vec<String> = fields
+                        .iter()
+                        .filter_map(|(n, _)| n.strip_prefix("d:").map(str::to_owned))
+                        .collect();
+                    expected.sort();
+                    expected.dedup();
+                    prop_assert_eq!(data, expected.iter().collect::<Vec<_>>());
+                }
+                None => {
+                    refused.set(refused.get() + 1);
+                    prop_assert!(
+                        !(whole && alive && ours),
+                        "refused a live session: {:?}",
+                        fields
+                    );
+                    if whole && !ours {
+                        prop_assert_eq!(exists, 1, "another tenant's record is left alone");
+                    } else {
+                        prop_assert_eq!(exists, 0, "not a live session, removed: {:?}", fields);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("stored hashes: served {}, refused {}", served.get(), refused.get());
+    assert!(
+        served.get() > 0 && refused.get() > 0,
+        "served {}, refused {}",
+        served.get(),
+        refused.get()
+    );
+}
