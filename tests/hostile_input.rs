@@ -129,7 +129,9 @@ fn an_altered_signed_cookie_never_yields_the_session() {
 
     let (name, value) = genuine.split_once('=').unwrap();
     let (name, value) = (name.to_owned(), value.to_owned());
-    let alterations = (0..value.len(), any::<u8>(), 0usize..3, "[ -~]{1,8}");
+    // Inserted text has no `;` or space: those would split the header into the genuine cookie
+    // and another one, which is no alteration of the cookie.
+    let alterations = (0..value.len(), any::<u8>(), 0usize..3, "[!-:<-~]{1,8}");
     let mut runner = runner();
     runner
         .run(&alterations, |(at, byte, how, extra)| {
@@ -527,15 +529,14 @@ fn any_stored_hash_loads_as_a_session_or_as_none() {
                     .unwrap();
                 store.load(&key).await
             });
-            let get = |name: &str| {
-                fields
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| v.as_str())
-            };
+            // What Redis holds: a field written twice keeps its last value.
+            let stored: std::collections::BTreeMap<&str, &str> = fields
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let get = |name: &str| stored.get(name).copied();
             let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok());
-            let json_ok = fields
+            let json_ok = stored
                 .iter()
                 .filter(|(n, _)| n.starts_with("d:"))
                 .all(|(_, v)| serde_json::from_str::<serde::de::IgnoredAny>(v).is_ok());
@@ -564,12 +565,10 @@ fn any_stored_hash_loads_as_a_session_or_as_none() {
                     served.set(served.get() + 1);
                     prop_assert!(whole && alive && ours, "served: {:?}", fields);
                     let data: Vec<&String> = record.data.keys().collect();
-                    let mut expected: Vec<String> = fields
-                        .iter()
-                        .filter_map(|(n, _)| n.strip_prefix("d:").map(str::to_owned))
+                    let expected: Vec<String> = stored
+                        .keys()
+                        .filter_map(|n| n.strip_prefix("d:").map(str::to_owned))
                         .collect();
-                    expected.sort();
-                    expected.dedup();
                     prop_assert_eq!(data, expected.iter().collect::<Vec<_>>());
                 }
                 None => {
@@ -589,7 +588,11 @@ fn any_stored_hash_loads_as_a_session_or_as_none() {
             Ok(())
         })
         .unwrap();
-    eprintln!("stored hashes: served {}, refused {}", served.get(), refused.get());
+    eprintln!(
+        "stored hashes: served {}, refused {}",
+        served.get(),
+        refused.get()
+    );
     assert!(
         served.get() > 0 && refused.get() > 0,
         "served {}, refused {}",
