@@ -880,3 +880,88 @@ async fn only_the_memory_store_decides_at_once_and_only_redis_is_shared() {
     );
     assert!(redis.is_shared());
 }
+
+/// A counter key holding what the scripts never write (garbage counts, a window or a TAT far
+/// ahead of Redis's clock, log entries in the future), and no TTL: the next decision on
+/// Redis's clock treats it as nothing counted, rewrites it with a deadline, and never fails.
+#[tokio::test]
+async fn corrupted_counter_keys_heal_by_themselves() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = redis_store(&server).with_key_prefix("app:");
+    let quota = Quota::per_minute(10);
+    let now_us = redis_time(&server);
+    let window_us = 60_000_000;
+    let far = (now_us + 1_000_000_000_000).to_string();
+    let index = now_us / window_us;
+    let key_of = |name: &str| format!("app:{}", CounterKey::from(name));
+    let cases: Vec<(&str, Algorithm, Vec<Vec<String>>)> = vec![
+        (
+            "window-ahead",
+            Algorithm::SlidingWindow,
+            vec![vec![
+                "HSET".into(),
+                key_of("window-ahead"),
+                "w".into(),
+                (index + 1000).to_string(),
+                "c".into(),
+                "10".into(),
+                "p".into(),
+                "10".into(),
+            ]],
+        ),
+        (
+            "garbage-counts",
+            Algorithm::SlidingWindow,
+            vec![vec![
+                "HSET".into(),
+                key_of("garbage-counts"),
+                "w".into(),
+                index.to_string(),
+                "c".into(),
+                "lots".into(),
+                "p".into(),
+                "-3".into(),
+            ]],
+        ),
+        (
+            "tat-ahead",
+            Algorithm::Gcra,
+            vec![vec!["SET".into(), key_of("tat-ahead"), far.clone()]],
+        ),
+        (
+            "log-ahead",
+            Algorithm::SlidingLog,
+            (0..10)
+                .map(|n| {
+                    vec![
+                        "ZADD".into(),
+                        key_of("log-ahead"),
+                        far.clone(),
+                        format!("{far}:{n}"),
+                    ]
+                })
+                .collect(),
+        ),
+    ];
+    for (name, algorithm, commands) in cases {
+        for command in &commands {
+            let args: Vec<&str> = command.iter().map(String::as_str).collect();
+            server.cli(&args);
+        }
+        assert_eq!(
+            server.cli(&["PTTL", &key_of(name)]).trim(),
+            "-1",
+            "{name}: no TTL yet"
+        );
+        let decision = store
+            .check(&Check::new(name, quota, algorithm, 1))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert!(decision.allowed, "{name}: {decision:?}");
+        assert_eq!(decision.remaining, 9, "{name}: nothing else counted");
+        let ttl: i64 = server.cli(&["PTTL", &key_of(name)]).trim().parse().unwrap();
+        assert!(ttl > 0, "{name}: rewritten with a deadline, PTTL {ttl}");
+    }
+}

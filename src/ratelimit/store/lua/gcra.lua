@@ -25,6 +25,11 @@ local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then
   tat = now
 end
+-- On Redis's clock no write of this script leaves the TAT more than a burst ahead: a value
+-- beyond that is corruption (or a foreign write), and counts as a full burst.
+if ARGV[1] == '' and tat > now + burst then
+  tat = now
+end
 
 local allowed = cost <= limit and tat - now + cost * interval <= burst
 if allowed and cost > 0 then

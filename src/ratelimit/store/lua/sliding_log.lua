@@ -18,6 +18,11 @@
 
 -- A unit spent at t counts while now < t + window.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
+-- On Redis's clock no unit is spent in the future: such members are corruption (or a foreign
+-- write) and would block the key for good.
+if ARGV[1] == '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. int(now), '+inf')
+end
 local count = redis.call('ZCARD', KEYS[1])
 local allowed = cost <= limit and count + cost <= limit
 if allowed and cost > 0 then

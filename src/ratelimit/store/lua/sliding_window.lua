@@ -20,17 +20,35 @@
 local stored = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local index = math.floor(now / window)
 local current, previous = 0, 0
+-- A count that is not a whole number at least 0 was not written by this script (a corrupted
+-- or foreign value): it counts as nothing, and the next write rewrites the whole key, deadline
+-- included.
+local repair = false
+local function count(value)
+  local n = tonumber(value)
+  if n and n >= 0 and n == math.floor(n) then
+    return n
+  end
+  repair = repair or value ~= false
+  return 0
+end
 local counted = tonumber(stored[1])
+-- On Redis's clock a stored window more than one window ahead can only be corruption (a clock
+-- stepped back stays within one): the key starts again rather than staying stuck there.
+if counted and ARGV[1] == '' and counted > index + 1 then
+  counted = nil
+  repair = true
+end
 if counted and counted >= index then
-  -- Only an explicit time can be earlier than the stored window; it counts as that window's
-  -- start, so that time never runs backwards for one key.
+  -- Only an explicit time (or Redis's clock stepped back) can be earlier than the stored
+  -- window; it counts as that window's start, so that time never runs backwards for one key.
   if counted > index then
     index = counted
     now = index * window
   end
-  current, previous = tonumber(stored[2]), tonumber(stored[3])
+  current, previous = count(stored[2]), count(stored[3])
 elseif counted and counted == index - 1 then
-  previous = tonumber(stored[2])
+  previous = count(stored[2])
 end
 local start = index * window
 
@@ -45,7 +63,7 @@ local overlap = ticks - math.floor((now - start) / tick)
 local allowed = cost <= limit and previous * overlap + (current + cost) * ticks <= limit * ticks
 if allowed and cost > 0 then
   current = current + cost
-  if counted == index then
+  if counted == index and not repair then
     -- Same window: only its count changes, and the key's deadline stays.
     redis.call('HSET', KEYS[1], 'c', int(current))
   else
