@@ -3,10 +3,13 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use redis::Script;
+use redis::{Script, Value};
 
 use super::{Check, Checking, Decision, RateLimitStore, StoreError};
-use crate::{backend::RedisBackend, ratelimit::Algorithm};
+use crate::{
+    backend::RedisBackend,
+    ratelimit::{Algorithm, algorithm::Counted},
+};
 
 static SLIDING_WINDOW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -133,20 +136,13 @@ impl RateLimitStore for RedisRateStore {
             .arg(check.cost);
         let (backend, timeout) = (self.backend.clone(), self.timeout);
         Checking::pending(async move {
-            let (allowed, remaining, reset, retry): (i64, i64, i64, i64) = backend
+            let reply: Value = backend
                 .run(timeout, |mut conn| async move {
                     invocation.invoke_async(&mut conn).await
                 })
                 .await
                 .map_err(StoreError::from)?;
-            let remaining = u64::try_from(remaining).unwrap_or(0);
-            let reset = micros(reset);
-            Ok(if allowed == 1 {
-                Decision::allowed(limit, remaining, reset)
-            } else {
-                let retry = (retry >= 0).then(|| micros(retry));
-                Decision::denied(limit, remaining, reset, retry)
-            })
+            Ok(read_reply(&reply, limit)?.into_decision(limit))
         })
     }
 
@@ -162,6 +158,129 @@ fn unix_micros(at: SystemTime) -> u64 {
     })
 }
 
-fn micros(value: i64) -> Duration {
-    Duration::from_micros(u64::try_from(value).unwrap_or(0))
+/// The decision a script's reply stands for. The scripts answer `{allowed, remaining, reset,
+/// retry}` (times in µs, a retry of `-1` for none); a reply of any other shape is an error,
+/// which the layer handles as any failed check. A remaining count past the limit is held to it,
+/// and a negative wait reads as none.
+fn read_reply(reply: &Value, limit: u64) -> Result<Counted, StoreError> {
+    let (allowed, remaining, reset, retry): (i64, i64, i64, i64) =
+        redis::from_redis_value_ref(reply).map_err(|error| StoreError::Failed {
+            source: format!("unexpected rate-limit script reply: {error}").into(),
+        })?;
+    let wait = |us: i64| u64::try_from(us).unwrap_or(0);
+    Ok(Counted {
+        allowed: allowed == 1,
+        remaining: u64::try_from(remaining).unwrap_or(0).min(limit),
+        reset: wait(reset),
+        retry: (allowed != 1 && retry >= 0).then(|| wait(retry)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use redis::Value;
+
+    use super::read_reply;
+    use crate::ratelimit::headers::{ratelimit_value, retry_after_secs};
+
+    /// Any reply RESP2 or RESP3 can carry, nested a few levels.
+    fn any_reply() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            Just(Value::Okay),
+            any::<i64>().prop_map(Value::Int),
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string().into_bytes()),
+                proptest::collection::vec(any::<u8>(), 0..24),
+            ]
+            .prop_map(Value::BulkString),
+            "[ -~]{0,12}".prop_map(Value::SimpleString),
+            any::<f64>().prop_map(Value::Double),
+            any::<bool>().prop_map(Value::Boolean),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Set),
+                proptest::collection::vec((inner.clone(), inner), 0..3).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    /// Four integers, as the scripts answer, but with any values: what a corrupted key or a
+    /// foreign script could make them say.
+    fn four_numbers() -> impl Strategy<Value = (Value, [i64; 4])> {
+        proptest::array::uniform4(prop_oneof![any::<i64>(), -1i64..=1, 0i64..200_000_000])
+            .prop_flat_map(|numbers| {
+                let as_text = any::<bool>();
+                (as_text, Just(numbers)).prop_map(|(as_text, numbers)| {
+                    let items = numbers
+                        .iter()
+                        .map(|&n| {
+                            if as_text {
+                                Value::BulkString(n.to_string().into_bytes())
+                            } else {
+                                Value::Int(n)
+                            }
+                        })
+                        .collect();
+                    (Value::Array(items), numbers)
+                })
+            })
+    }
+
+    proptest! {
+        /// Whatever Redis answers, reading it never panics, and a decision read from it stays
+        /// within the quota, and makes valid headers.
+        #[test]
+        fn any_reply_reads_as_a_bounded_decision_or_an_error(
+            reply in any_reply(),
+            limit in 0u64..1_000_000,
+        ) {
+            if let Ok(counted) = read_reply(&reply, limit) {
+                prop_assert!(counted.remaining <= limit);
+                prop_assert!(!(counted.allowed && counted.retry.is_some()));
+                let decision = counted.into_decision(limit);
+                prop_assert!(ratelimit_value("p", &decision).to_str().is_ok());
+                if let Some(wait) = decision.retry_after {
+                    prop_assert!(retry_after_secs(wait) >= 1);
+                }
+            }
+        }
+
+        /// A reply of four integers always reads, and says exactly what its numbers say where
+        /// they are in range: allowed only for `1`, the remaining count, the reset and retry.
+        #[test]
+        fn four_integers_read_as_what_they_say(
+            (reply, [allowed, remaining, reset, retry]) in four_numbers(),
+            limit in 1u64..1_000_000,
+        ) {
+            let counted = read_reply(&reply, limit).expect("four integers read");
+            prop_assert_eq!(counted.allowed, allowed == 1);
+            let non_negative = |n: i64| u64::try_from(n).unwrap_or(0);
+            prop_assert_eq!(counted.remaining, non_negative(remaining).min(limit));
+            prop_assert_eq!(counted.reset, non_negative(reset));
+            let expected_retry = (allowed != 1 && retry >= 0).then(|| non_negative(retry));
+            prop_assert_eq!(counted.retry, expected_retry);
+        }
+
+        /// Fewer or more than four parts, or a part that is no integer, is an error, never a
+        /// decision made up from what is there.
+        #[test]
+        fn other_shapes_are_errors(
+            parts in proptest::collection::vec(any::<i64>(), 0..8),
+            text in "[a-z]{1,6}",
+            at in 0usize..4,
+        ) {
+            let ints = |parts: &[i64]| Value::Array(parts.iter().map(|&n| Value::Int(n)).collect());
+            if parts.len() != 4 {
+                prop_assert!(read_reply(&ints(&parts), 10).is_err());
+            }
+            let mut four = [0i64; 4].map(Value::Int).to_vec();
+            four[at] = Value::BulkString(text.into_bytes());
+            prop_assert!(read_reply(&Value::Array(four), 10).is_err());
+            prop_assert!(read_reply(&Value::Nil, 10).is_err());
+        }
+    }
 }
