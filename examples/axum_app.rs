@@ -14,9 +14,11 @@
 //! route.
 //!
 //! With `REDIS_URL`, sessions go through a `FallbackStore`: during a Redis outage they are
-//! served from this instance's local copy and writes are journaled, then replayed; a write the
-//! app cannot keep answers `503`. `/health` reports it (`fallback_active`, `sessions`), and a
-//! stop waits up to five seconds for journaled writes to reach Redis.
+//! served from this instance's local copy and writes are journaled, then replayed. A session
+//! this instance holds no copy of is treated as no session while Redis is down: its writes
+//! start a new session (a forged id never gets a `5xx`), and only a write the app cannot keep
+//! at all (a full journal) answers `503`. `/health` reports it (`fallback_active`,
+//! `sessions`), and a stop waits up to five seconds for journaled writes to reach Redis.
 //!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
 //! `REDIS_CLUSTER_URLS` (seed nodes of a Redis Cluster) or `REDIS_SENTINEL_MASTER` with
@@ -413,11 +415,14 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
     let rate_limit = rate_limit_layer(config, &health);
     // The anonymous counter keeps a persistent cookie (it survives a browser restart); a login
     // chooses its own cookie kind (`remember=1`).
-    // A write the app cannot keep (Redis down and no local copy of the session) answers `503`,
-    // never a `200` with a value that was not stored.
+    // While Redis is down, a session this instance holds no copy of reads as none, and a write
+    // to it starts a new session, as for a forged id: no input gets a `5xx`. A write the app
+    // cannot keep at all (a full journal) answers `503`, never a `200` with a value that was
+    // not stored.
     let mut sessions = sessions
         .with_secure(config.cookie_secure)
         .with_persistent_cookie(true)
+        .with_restart_when_unavailable(true)
         .with_fail_closed_on_write(true);
     match &config.session_secret {
         Some(secret) => {
@@ -635,7 +640,8 @@ async fn me(session: Session) -> Response {
 async fn list_sessions(session: Session) -> Response {
     match session.user_id().await {
         Ok(Some(_)) => {}
-        Ok(None) if session.is_degraded() => return store_unavailable(),
+        // Also a session this instance cannot read while the store is down: as far as it can
+        // tell, nobody is logged in (as `/me` says).
         Ok(None) => return not_logged_in(),
         Err(error) => return session_failure(error),
     }
@@ -653,7 +659,8 @@ async fn logout(session: Session) -> Response {
 async fn logout_all(session: Session) -> Response {
     match session.user_id().await {
         Ok(Some(_)) => {}
-        Ok(None) if session.is_degraded() => return store_unavailable(),
+        // Also a session this instance cannot read while the store is down: as far as it can
+        // tell, nobody is logged in (as `/me` says).
         Ok(None) => return not_logged_in(),
         Err(error) => return session_failure(error),
     }

@@ -900,8 +900,9 @@ async fn health_without_redis_reports_disabled() {
 
 /// The app on Redis through a Redis outage (two instances, Redis killed, then restarted with
 /// its data): logged-in users stay logged in on the instance that served them, writes are kept
-/// and reach Redis afterwards, a write the app cannot keep answers `503`, and `/health` says
-/// what is going on, then returns to healthy by itself.
+/// and reach Redis afterwards, a session the serving instance never saw reads as none and a
+/// write to it starts a new session (never a `5xx`), and `/health` says what is going on, then
+/// returns to healthy by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_loses_no_session_and_no_write() {
     let Some(mut server) = support::RedisServer::start_persistent() else {
@@ -929,14 +930,21 @@ async fn a_redis_outage_loses_no_session_and_no_write() {
     client.get("/me").await.assert(StatusCode::OK, "alice");
     client.post("/counter").await.assert(StatusCode::OK, "2");
     client.get("/counter").await.assert(StatusCode::OK, "2");
-    // The other instance never saw this session: it reads as none, and a write is refused.
+    // The other instance never saw this session: it reads as none, and a write starts a new
+    // session with a new cookie; the old session is left as it is.
     let mut elsewhere = Client::new(&two, "localhost");
     elsewhere.cookie = client.cookie.clone();
     elsewhere.get("/counter").await.assert(StatusCode::OK, "0");
-    assert_eq!(
-        elsewhere.post("/counter").await.status,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    elsewhere
+        .get("/me")
+        .await
+        .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
+    elsewhere
+        .get("/sessions")
+        .await
+        .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
+    elsewhere.post("/counter").await.assert(StatusCode::OK, "1");
+    assert_ne!(elsewhere.cookie, client.cookie, "a new session");
     let report = health(&one).await;
     assert_eq!(report["redis"], "unhealthy", "{report}");
     assert_eq!(report["fallback_active"], true, "{report}");
@@ -958,9 +966,16 @@ async fn a_redis_outage_loses_no_session_and_no_write() {
         assert!(std::time::Instant::now() < deadline, "{report}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    elsewhere.get("/me").await.assert(StatusCode::OK, "alice");
-    elsewhere.get("/counter").await.assert(StatusCode::OK, "2");
-    elsewhere.post("/counter").await.assert(StatusCode::OK, "3");
+    elsewhere
+        .get("/me")
+        .await
+        .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
+    elsewhere.get("/counter").await.assert(StatusCode::OK, "1");
+    let mut original = Client::new(&two, "localhost");
+    original.cookie = client.cookie.clone();
+    original.get("/me").await.assert(StatusCode::OK, "alice");
+    original.get("/counter").await.assert(StatusCode::OK, "2");
+    original.post("/counter").await.assert(StatusCode::OK, "3");
 }
 
 #[tokio::test]

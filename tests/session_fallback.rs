@@ -30,10 +30,18 @@ impl Instance {
     }
 
     fn with_store(url: &str, build: impl FnOnce(RedisStore) -> FallbackStore) -> Self {
+        Self::with_layer(url, build, |layer| layer)
+    }
+
+    fn with_layer(
+        url: &str,
+        build: impl FnOnce(RedisStore) -> FallbackStore,
+        configure: impl FnOnce(SessionLayer) -> SessionLayer,
+    ) -> Self {
         let backend = fast_failing_backend(url);
         let store =
             build(RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(200)));
-        let layer = SessionLayer::new(store.clone()).with_fail_closed_on_write(true);
+        let layer = configure(SessionLayer::new(store.clone()).with_fail_closed_on_write(true));
         Self {
             app: app(layer),
             store,
@@ -170,6 +178,56 @@ async fn outage_costs_no_session_and_no_write() {
     }
     ok(&newcomer.on(b.app.clone()).get("/get/fresh").await, "\"1\"");
     ok(&a_on_b.get("/sessions").await, "2");
+}
+
+/// `with_restart_when_unavailable`: during an outage, a write with a session this instance never
+/// saw (served elsewhere, or a forged id) starts a new session instead of a `503`; the old one
+/// stays in Redis as it was, and the new one is there after the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_during_an_outage_gets_a_new_session_when_configured() {
+    let Some(mut server) = RedisServer::start_persistent() else {
+        return;
+    };
+    let a = Instance::new(&server.url());
+    let b = Instance::with_layer(&server.url(), FallbackStore::new, |layer| {
+        layer.with_restart_when_unavailable(true)
+    });
+    let mut on_a = a.client();
+    ok(&on_a.post("/bump/n").await, "1");
+    ok(&on_a.post("/bump/n").await, "2");
+
+    server.stop();
+    let mut stranger = on_a.on(b.app.clone());
+    let reply = stranger.get("/get/n").await;
+    assert_eq!(
+        (reply.status, event(&reply)),
+        (StatusCode::OK, None),
+        "{reply:?}"
+    );
+    let reply = stranger.post("/bump/n").await;
+    ok(&reply, "1");
+    assert_eq!(event(&reply), Some("Restarted"));
+    assert!(reply.set_cookie().is_some(), "a new cookie: {reply:?}");
+    ok(&stranger.get("/get/n").await, "1");
+    // A removal alone starts nothing: no new session, and the cookie is left alone.
+    let mut remover = on_a.on(b.app.clone());
+    let reply = remover.post("/remove/n").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert_eq!(reply.set_cookie(), None);
+    // A well-formed id that no one issued: a fresh session too.
+    let mut forger = b.client();
+    forger.cookie = Some(format!("id={}", "A".repeat(22)));
+    let reply = forger.post("/set/k/v").await;
+    ok(&reply, "ok");
+    assert_eq!(event(&reply), Some("Restarted"));
+
+    server.restart();
+    b.settled().await;
+    assert_eq!((b.status().dropped, b.status().superseded), (0, 0));
+    let fresh = Instance::new(&server.url());
+    ok(&on_a.on(fresh.app.clone()).get("/get/n").await, "2");
+    ok(&stranger.on(fresh.app.clone()).get("/get/n").await, "1");
+    ok(&forger.on(fresh.app.clone()).get("/get/k").await, "\"v\"");
 }
 
 /// One instance cut off from Redis while the other still reaches it: the cut-off instance's

@@ -134,7 +134,10 @@ pub enum SessionEvent {
     /// The request's cookie named a session that was gone by the time its changes were
     /// written (expired, unknown, or destroyed elsewhere). The changes went into a new session
     /// under a new id and cookie; nothing of the old session (data, user) was carried over, and
-    /// the old id stays dead.
+    /// the old id stays dead. With
+    /// [`SessionLayer::with_restart_when_unavailable`](super::SessionLayer::with_restart_when_unavailable),
+    /// also a session that could not be read because the store failed; the old session is
+    /// then left as it is.
     Restarted,
     /// The changed fields were written to the existing session.
     Saved,
@@ -470,6 +473,9 @@ impl Session {
         }
         let old = id.key(tenant);
         let record = match &state.loaded {
+            Loaded::Failed if self.may_start_over(&state, &patch) => {
+                return self.start_over(&state, &patch).await;
+            }
             Loaded::Failed => {
                 tracing::warn!(
                     target: "tower_turnstile::session",
@@ -534,9 +540,31 @@ impl Session {
             Ok(Written::Missing) => self.restart(&state, &patch).await,
             Err(error) => {
                 self.store_failed(&error, "save");
+                if self.may_start_over(&state, &patch) {
+                    return self.start_over(&state, &patch).await;
+                }
                 Committed::FAILED
             }
         }
+    }
+
+    /// Whether changes the store could not apply to the cookie's session may go into a new one
+    /// ([`SessionLayer::with_restart_when_unavailable`](super::SessionLayer::with_restart_when_unavailable)):
+    /// only changes that would store something.
+    fn may_start_over(&self, state: &State, patch: &Patch) -> bool {
+        self.inner.shared.restart_when_unavailable
+            && (!patch.set.is_empty() || state.user.is_some())
+    }
+
+    async fn start_over(&self, state: &State, patch: &Patch) -> Committed {
+        let committed = self.create(state, patch, SessionEvent::Restarted).await;
+        if committed.event == Some(SessionEvent::Restarted) {
+            tracing::info!(
+                target: "tower_turnstile::session",
+                "the session was unavailable; the request's changes started a new session"
+            );
+        }
+        committed
     }
 
     /// The cookie named a session that turned out to be gone when its changes were written:

@@ -21,6 +21,7 @@ pub(crate) struct Shared {
     pub(crate) absolute_lifetime: Duration,
     pub(crate) fail_closed: bool,
     pub(crate) fail_closed_on_write: bool,
+    pub(crate) restart_when_unavailable: bool,
     pub(crate) save_on_server_error: bool,
 }
 
@@ -33,6 +34,7 @@ impl fmt::Debug for Shared {
             .field("absolute_lifetime", &self.absolute_lifetime)
             .field("fail_closed", &self.fail_closed)
             .field("fail_closed_on_write", &self.fail_closed_on_write)
+            .field("restart_when_unavailable", &self.restart_when_unavailable)
             .field("save_on_server_error", &self.save_on_server_error)
             .finish()
     }
@@ -97,6 +99,7 @@ impl SessionLayer {
                 absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
                 fail_closed: false,
                 fail_closed_on_write: false,
+                restart_when_unavailable: false,
                 save_on_server_error: false,
             }),
         }
@@ -228,6 +231,38 @@ impl SessionLayer {
     /// keep (a session this instance never saw, a full journal).
     pub fn with_fail_closed_on_write(self, fail_closed: bool) -> Self {
         self.edit(|s| s.fail_closed_on_write = fail_closed)
+    }
+
+    /// When the cookie's session could not be read (the store failed) and the request changed
+    /// it, keep the changes in a new session under a new id and cookie instead of dropping
+    /// them, as for a session that is gone ([`SessionEvent::Restarted`](super::SessionEvent::Restarted)).
+    /// Default: off (the changes are dropped, the request's event is
+    /// [`SessionEvent::Failed`](super::SessionEvent::Failed)).
+    ///
+    /// The trade is the client's old session for an answer. The handler saw an empty session
+    /// (see [`Session::is_degraded`](super::Session::is_degraded)), so its answer is true of
+    /// the new session, which the store keeps. The old session is not touched, but this client
+    /// no longer holds its cookie. With a [`FallbackStore`](super::FallbackStore) this happens
+    /// only during a Redis outage, to a session this instance never saw: a forged or unknown
+    /// id gets a fresh session instead of a `503`, and so does a real session served so far by
+    /// another instance. Changes that hold no data and no user (a removal, an expiry) start
+    /// nothing and are dropped as before. When the new session cannot be stored either, the
+    /// request's event is `Failed`, and
+    /// [`with_fail_closed_on_write`](Self::with_fail_closed_on_write) answers `503`.
+    ///
+    #[cfg_attr(all(feature = "memory", feature = "redis"), doc = "```no_run")]
+    #[cfg_attr(not(all(feature = "memory", feature = "redis")), doc = "```ignore")]
+    /// use tower_turnstile::{backend::RedisBackend, session::{FallbackStore, RedisStore, SessionLayer}};
+    ///
+    /// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+    /// let layer = SessionLayer::new(FallbackStore::new(RedisStore::new(redis)))
+    ///     .with_restart_when_unavailable(true)
+    ///     .with_fail_closed_on_write(true);
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_restart_when_unavailable(self, restart: bool) -> Self {
+        self.edit(|s| s.restart_when_unavailable = restart)
     }
 
     /// Save the session's changes even when the inner service answers `5xx`. Default: off.
