@@ -682,6 +682,7 @@ impl RedisStore {
 }
 
 /// Why a stored hash is not a session.
+#[derive(Debug, PartialEq, Eq)]
 enum Corrupt {
     Shape,
     Metadata,
@@ -1009,7 +1010,140 @@ impl SessionStore for RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::IdleVote;
+    use proptest::prelude::*;
+    use redis::Value;
+
+    use super::{
+        ABSOLUTE, CREATED, DATA, IDLE, IdleVote, PERSISTENT, RedisStore, TENANT, USER, hash_fields,
+        parse_record,
+    };
+    use crate::{session::store::SessionKey, tenant::Tenant};
+
+    /// A hash field name: mostly the names the store writes, some of them data fields.
+    fn field_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![ABSOLUTE, CREATED, IDLE, PERSISTENT, TENANT, USER])
+                .prop_map(str::to_owned),
+            "[a-z:]{0,8}".prop_map(|name| format!("{DATA}{name}")),
+            "[ -~]{0,10}",
+        ]
+    }
+
+    /// A field value: numbers, JSON, tenant names, or any text.
+    fn field_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            Just("\"v\"".to_owned()),
+            Just("{\"a\":[1,2]}".to_owned()),
+            "[a-z]{1,8}",
+            "\\PC{0,16}",
+        ]
+    }
+
+    /// Any fields, after (in most cases) the metadata of a live record, which they may spoil.
+    fn fields() -> impl Strategy<Value = Vec<(String, String)>> {
+        let metadata = (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            "[a-z]{1,8}",
+            any::<bool>(),
+        )
+            .prop_map(|(created, absolute, idle, tenant, persistent)| {
+                vec![
+                    (CREATED.to_owned(), created.to_string()),
+                    (ABSOLUTE.to_owned(), absolute.to_string()),
+                    (IDLE.to_owned(), idle.to_string()),
+                    (TENANT.to_owned(), tenant),
+                    (
+                        PERSISTENT.to_owned(),
+                        if persistent { "1" } else { "0" }.to_owned(),
+                    ),
+                ]
+            });
+        (
+            proptest::option::weighted(0.8, metadata),
+            proptest::collection::vec((field_name(), field_value()), 0..12),
+        )
+            .prop_map(|(metadata, fields)| {
+                metadata
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(fields)
+                    .collect()
+            })
+    }
+
+    fn size(fields: &[(String, String)]) -> usize {
+        fields
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum()
+    }
+
+    proptest! {
+        /// Decoding any hash never panics; a decoded record encodes back to fields that decode
+        /// to the same record and tenant (encode(decode(x)) is stable), and it holds no more
+        /// text than the hash it came from.
+        #[test]
+        fn a_decoded_record_encodes_back_to_itself(fields in fields()) {
+            let input = size(&fields);
+            let Ok((record, tenant)) = parse_record(fields) else {
+                return Ok(());
+            };
+            let held = record.data.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                + record.user.as_ref().map_or(0, String::len);
+            prop_assert!(held <= input, "{held} bytes from {input}");
+            // Only a valid tenant name makes a key; the store refuses a record of any other.
+            let Ok(name) = Tenant::new(&tenant) else {
+                return Ok(());
+            };
+            let key = SessionKey::from_hash(&name, &"A".repeat(43)).expect("a valid hash");
+            let encoded: Vec<(String, String)> = RedisStore::record_fields(&key, &record)
+                .chunks(2)
+                .map(|pair| (pair[0].clone(), pair[1].clone()))
+                .collect();
+            let again = parse_record(encoded.clone());
+            prop_assert_eq!(again, Ok((record.clone(), tenant.clone())));
+            // And encoding once more gives the very same fields.
+            let (record, _) = parse_record(encoded.clone()).expect("decodes");
+            let twice: Vec<String> = RedisStore::record_fields(&key, &record);
+            let encoded_flat: Vec<String> =
+                encoded.into_iter().flat_map(|(name, value)| [name, value]).collect();
+            prop_assert_eq!(twice, encoded_flat);
+        }
+
+        /// Any `HGETALL` reply shape reads as field pairs, each taken from the reply's own
+        /// strings, or as corrupt; never a panic.
+        #[test]
+        fn any_hash_reply_reads_as_its_pairs_or_corrupt(
+            items in proptest::collection::vec(
+                prop_oneof![
+                    "[ -~]{0,8}".prop_map(|t| Value::BulkString(t.into_bytes())),
+                    proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::BulkString),
+                    any::<i64>().prop_map(Value::Int),
+                    Just(Value::Nil),
+                ],
+                0..10,
+            ),
+            as_map in any::<bool>(),
+        ) {
+            let strings = items.iter().filter(|v| matches!(v, Value::BulkString(_))).count();
+            let reply = if as_map {
+                Value::Map(items.chunks(2).map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or(Value::Nil))).collect())
+            } else {
+                Value::Array(items.clone())
+            };
+            if let Ok(pairs) = hash_fields(reply) {
+                prop_assert!(pairs.len() * 2 <= strings.max(1) || pairs.is_empty());
+                for (name, value) in &pairs {
+                    let found = |text: &String| items.contains(&Value::BulkString(text.clone().into_bytes()));
+                    prop_assert!(found(name) && found(value));
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_idle_vote_follows_the_majority() {
