@@ -1,4 +1,5 @@
-//! One conformance suite, written once, run against every session store: memory and Redis.
+//! One conformance suite, written once, run against every session store: memory, Redis
+//! (single, cluster, with fallback) and PostgreSQL.
 //! Each test takes the store through the `SessionStore` trait, and the same promises must hold.
 
 mod support;
@@ -28,6 +29,8 @@ struct Fixture {
     clock: Option<ManualClock>,
     _redis: Option<RedisServer>,
     _cluster: Option<RedisCluster>,
+    #[cfg(feature = "postgres")]
+    _postgres: Option<support::postgres::PgSchema>,
 }
 
 impl Fixture {
@@ -42,6 +45,8 @@ impl Fixture {
             _redis: None,
             _cluster: None,
             cut_off: false,
+            #[cfg(feature = "postgres")]
+            _postgres: None,
         })
     }
 
@@ -60,6 +65,8 @@ impl Fixture {
             _redis: None,
             _cluster: Some(cluster),
             cut_off: false,
+            #[cfg(feature = "postgres")]
+            _postgres: None,
         })
     }
 
@@ -79,6 +86,8 @@ impl Fixture {
             _redis: Some(server),
             _cluster: None,
             cut_off: false,
+            #[cfg(feature = "postgres")]
+            _postgres: None,
         })
     }
 
@@ -97,6 +106,8 @@ impl Fixture {
             _redis: Some(server),
             _cluster: None,
             cut_off: false,
+            #[cfg(feature = "postgres")]
+            _postgres: None,
         })
     }
 
@@ -115,6 +126,33 @@ impl Fixture {
             _redis: None,
             _cluster: None,
             cut_off: true,
+            #[cfg(feature = "postgres")]
+            _postgres: None,
+        })
+    }
+
+    /// PostgreSQL: a schema of its own on the machine's server; "another instance" is another
+    /// pool on it. Expiry runs on the database's clock, so time passes for real.
+    #[cfg(feature = "postgres")]
+    fn postgres() -> Option<Self> {
+        use tower_turnstile::session::PostgresStore;
+        let schema = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(support::postgres::PgSchema::create())
+        })?;
+        let store = PostgresStore::new(schema.pool());
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(store.migrate())
+        })
+        .expect("migrate");
+        let twin_pool = schema.pool();
+        Some(Self {
+            store: Arc::new(store),
+            twin: Box::new(move || Arc::new(PostgresStore::new(twin_pool.clone()))),
+            clock: None,
+            _redis: None,
+            _cluster: None,
+            cut_off: false,
+            _postgres: Some(schema),
         })
     }
 
@@ -511,3 +549,5 @@ macro_rules! suite {
 }
 
 suite!(memory, redis, cluster, fallback, fallback_down);
+#[cfg(feature = "postgres")]
+suite!(postgres);

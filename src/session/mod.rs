@@ -89,6 +89,8 @@ pub use layer::{SessionLayer, UserSessions};
 pub use service::{ResponseFuture, SessionService, SessionUnavailable};
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 #[cfg(all(feature = "memory", feature = "redis"))]

@@ -9,6 +9,8 @@
 
 pub mod drill;
 pub mod http;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod proxy;
 pub mod session_app;
 

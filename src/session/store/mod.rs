@@ -17,6 +17,8 @@ mod clock;
 mod fallback;
 #[cfg(feature = "memory")]
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
@@ -26,6 +28,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "postgres")]
+pub use postgres::{CleanupTask, PostgresStore, TableNameError};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 
@@ -165,7 +169,7 @@ pub struct SessionInfo {
     pub expires_at: SystemTime,
 }
 
-/// Where sessions live. Implemented by [`MemoryStore`] and [`RedisStore`]; implement it to keep
+/// Where sessions live. Implemented by `MemoryStore`, `RedisStore` and `PostgresStore`; implement it to keep
 /// sessions anywhere else.
 ///
 /// Every method is one unit of work for the store (one round trip for a networked store), and
@@ -221,7 +225,7 @@ pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-#[cfg(any(feature = "memory", feature = "redis"))]
+#[cfg(any(feature = "memory", feature = "redis", feature = "postgres"))]
 pub(crate) fn from_unix_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
