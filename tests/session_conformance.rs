@@ -140,10 +140,8 @@ impl Fixture {
             tokio::runtime::Handle::current().block_on(support::postgres::PgSchema::create())
         })?;
         let store = PostgresStore::new(schema.pool());
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(store.migrate())
-        })
-        .expect("migrate");
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(store.migrate()))
+            .expect("migrate");
         let twin_pool = schema.pool();
         Some(Self {
             store: Arc::new(store),

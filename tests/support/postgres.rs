@@ -32,11 +32,9 @@ impl PgSchema {
     pub async fn create() -> Option<Self> {
         let url = admin_url();
         let options: PgConnectOptions = url.parse().expect("POSTGRES_URL parses");
-        let connected = tokio::time::timeout(
-            Duration::from_secs(5),
-            PgConnection::connect_with(&options),
-        )
-        .await;
+        let connected =
+            tokio::time::timeout(Duration::from_secs(5), PgConnection::connect_with(&options))
+                .await;
         let mut conn = match connected {
             Ok(Ok(conn)) => conn,
             other => {

@@ -280,9 +280,7 @@ impl Statements {
         let base = table.rsplit('.').next().unwrap_or(table);
         let columns = "tenant, id, user_id, data, created_at, expires_at, idle_ms, idle_until, \
                        persistent";
-        let insert_values = format!(
-            "$1, $2, $3, $4::jsonb, $5, $6, $7, LEAST({NOW} + $7, $6), $8"
-        );
+        let insert_values = format!("$1, $2, $3, $4::jsonb, $5, $6, $7, LEAST({NOW} + $7, $6), $8");
         let on_conflict = format!(
             "ON CONFLICT (tenant, id) DO UPDATE SET user_id = EXCLUDED.user_id, \
              data = EXCLUDED.data, created_at = EXCLUDED.created_at, \
