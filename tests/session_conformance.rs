@@ -154,6 +154,36 @@ impl Fixture {
         })
     }
 
+    /// Redis in front of PostgreSQL; "another instance" has its own Redis connection, pool and
+    /// generation.
+    #[cfg(feature = "postgres")]
+    fn chain() -> Option<Self> {
+        use tower_turnstile::session::{ChainStore, PostgresStore};
+        let server = RedisServer::start()?;
+        let schema = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(support::postgres::PgSchema::create())
+        })?;
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(PostgresStore::new(schema.pool()).migrate())
+        })
+        .expect("migrate");
+        let (url, pool) = (server.url(), schema.pool());
+        let make = move || -> Arc<dyn SessionStore> {
+            let redis =
+                RedisStore::new(RedisBackend::new(&url).expect("backend")).with_key_prefix("conf:");
+            Arc::new(ChainStore::new(redis, PostgresStore::new(pool.clone())))
+        };
+        Some(Self {
+            store: make(),
+            twin: Box::new(make),
+            clock: None,
+            _redis: Some(server),
+            _cluster: None,
+            cut_off: false,
+            _postgres: Some(schema),
+        })
+    }
+
     /// How a store says a session is not there: `None`, or, cut off, an outage.
     fn assert_absent(&self, answer: Result<Option<Record>, StoreError>, why: &str) {
         match answer {
@@ -548,4 +578,4 @@ macro_rules! suite {
 
 suite!(memory, redis, cluster, fallback, fallback_down);
 #[cfg(feature = "postgres")]
-suite!(postgres);
+suite!(postgres, chain);

@@ -87,6 +87,8 @@ pub use extract::MissingSessionLayer;
 pub use handle::{Session, SessionError, SessionEvent};
 pub use layer::{SessionLayer, UserSessions};
 pub use service::{ResponseFuture, SessionService, SessionUnavailable};
+#[cfg(all(feature = "redis", feature = "postgres"))]
+pub use store::ChainStore;
 #[cfg(feature = "memory")]
 pub use store::MemoryStore;
 #[cfg(feature = "postgres")]

@@ -72,6 +72,19 @@ impl PgSchema {
             .connect_lazy_with(self.options.clone())
     }
 
+    /// A pool on this schema that connects through another loopback port (a proxy's).
+    pub fn pool_through(&self, port: u16) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_millis(500))
+            .connect_lazy_with(self.options.clone().host("127.0.0.1").port(port))
+    }
+
+    /// The port of the server.
+    pub fn port(&self) -> u16 {
+        self.options.get_port()
+    }
+
     /// The URL of the server, with this schema as the search path.
     pub fn url(&self) -> String {
         let base = admin_url();

@@ -66,6 +66,11 @@ impl Proxy {
         }
     }
 
+    /// The proxy's loopback port.
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+
     /// `redis://` URL of the proxy.
     pub fn url(&self) -> String {
         format!("redis://{}", self.address)

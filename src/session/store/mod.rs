@@ -11,6 +11,8 @@ use async_trait::async_trait;
 pub use super::id::{SessionKey, UserKey};
 pub use crate::error::StoreError;
 
+#[cfg(all(feature = "redis", feature = "postgres"))]
+mod chain;
 #[cfg(feature = "memory")]
 mod clock;
 #[cfg(all(feature = "memory", feature = "redis"))]
@@ -22,6 +24,8 @@ mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
+#[cfg(all(feature = "redis", feature = "postgres"))]
+pub use chain::ChainStore;
 #[cfg(feature = "memory")]
 pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(all(feature = "memory", feature = "redis"))]

@@ -226,6 +226,58 @@ impl PostgresStore {
         }
     }
 
+    /// [`SessionStore::load`], with the row's version (one more at every write).
+    pub(crate) async fn load_versioned(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<(Record, i64)>, StoreError> {
+        let row = self
+            .deadline(
+                sqlx::query(&self.sql.load)
+                    .bind(key.tenant().as_str())
+                    .bind(key.hash())
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        match read_record(&row).map_err(error)? {
+            Some(record) => Ok(Some((record, row.try_get("version").map_err(error)?))),
+            None => {
+                self.remove_bad_row(key).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The version of a live session, without reading or sliding it.
+    pub(crate) async fn version(&self, key: &SessionKey) -> Result<Option<i64>, StoreError> {
+        self.deadline(
+            sqlx::query_scalar(&self.sql.version)
+                .bind(key.tenant().as_str())
+                .bind(key.hash())
+                .fetch_optional(&self.pool),
+        )
+        .await
+    }
+
+    /// The generation of the session copies kept in front of this store.
+    pub(crate) async fn cache_generation(&self) -> Result<i64, StoreError> {
+        let generation: Option<i64> = self
+            .deadline(sqlx::query_scalar(&self.sql.generation).fetch_one(&self.pool))
+            .await?;
+        Ok(generation.unwrap_or(0))
+    }
+
+    /// Makes every copy kept in front of this store stale; returns the new generation.
+    pub(crate) async fn bump_cache_generation(&self) -> Result<i64, StoreError> {
+        let generation: Option<i64> = self
+            .deadline(sqlx::query_scalar(&self.sql.bump_generation).fetch_optional(&self.pool))
+            .await?;
+        Ok(generation.unwrap_or(0))
+    }
+
     async fn remove_bad_row(&self, key: &SessionKey) {
         tracing::warn!(
             target: "tower_turnstile::session",
@@ -271,6 +323,9 @@ struct Statements {
     list: String,
     delete_user: String,
     cleanup: String,
+    version: String,
+    generation: String,
+    bump_generation: String,
 }
 
 impl Statements {
@@ -306,14 +361,18 @@ impl Statements {
                  );\n\
                  CREATE INDEX IF NOT EXISTS {base}_user ON {t} (tenant, user_id) \
                  WHERE user_id IS NOT NULL;\n\
-                 CREATE INDEX IF NOT EXISTS {base}_idle_until ON {t} (idle_until);\n"
+                 CREATE INDEX IF NOT EXISTS {base}_idle_until ON {t} (idle_until);\n\
+                 -- One row: the generation of the session copies a Redis chain keeps.\n\
+                 CREATE TABLE IF NOT EXISTS {t}_cache (generation bigint NOT NULL);\n\
+                 INSERT INTO {t}_cache (generation) \
+                 SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM {t}_cache);\n"
             ),
             // The slide is a data-modifying CTE: it runs once whether or not the SELECT reads
             // it, and writes only when the deadline fell behind by more than idle_ms / 16.
             load: format!(
                 "WITH live AS (\
                    SELECT user_id, data, created_at, expires_at, idle_ms, idle_until, \
-                          persistent, {WELL_FORMED} AS well_formed \
+                          persistent, version, {WELL_FORMED} AS well_formed \
                    FROM {t} WHERE tenant = $1 AND id = $2 AND idle_until > {NOW}), \
                  slid AS (\
                    UPDATE {t} SET idle_until = LEAST({NOW} + {t}.idle_ms, {t}.expires_at) \
@@ -321,7 +380,7 @@ impl Statements {
                      AND LEAST({NOW} + live.idle_ms, live.expires_at) - live.idle_until \
                          > live.idle_ms / 16) \
                  SELECT user_id, data::text AS data, created_at, expires_at, idle_ms, \
-                        persistent, well_formed FROM live"
+                        persistent, well_formed, version FROM live"
             ),
             create: format!("INSERT INTO {t} ({columns}) VALUES ({insert_values}) {on_conflict}"),
             // $3 the keys to set (a JSON object), $4 the keys to remove, $5..$7 a new
@@ -369,6 +428,13 @@ impl Statements {
                    SELECT tenant, id FROM {t} WHERE idle_until <= {NOW} \
                    LIMIT $1 FOR UPDATE SKIP LOCKED) AS expired \
                  WHERE {t}.tenant = expired.tenant AND {t}.id = expired.id"
+            ),
+            version: format!(
+                "SELECT version FROM {t} WHERE tenant = $1 AND id = $2 AND idle_until > {NOW}"
+            ),
+            generation: format!("SELECT max(generation) FROM {t}_cache"),
+            bump_generation: format!(
+                "UPDATE {t}_cache SET generation = generation + 1 RETURNING generation"
             ),
         }
     }
@@ -451,24 +517,7 @@ fn error(error: sqlx::Error) -> StoreError {
 #[async_trait]
 impl SessionStore for PostgresStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
-        let row = self
-            .deadline(
-                sqlx::query(&self.sql.load)
-                    .bind(key.tenant().as_str())
-                    .bind(key.hash())
-                    .fetch_optional(&self.pool),
-            )
-            .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        match read_record(&row).map_err(error)? {
-            Some(record) => Ok(Some(record)),
-            None => {
-                self.remove_bad_row(key).await;
-                Ok(None)
-            }
-        }
+        Ok(self.load_versioned(key).await?.map(|(record, _)| record))
     }
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {

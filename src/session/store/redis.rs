@@ -169,6 +169,11 @@ impl RedisStore {
         &self.backend
     }
 
+    #[cfg(feature = "postgres")]
+    pub(crate) fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn session_key(&self, key: &SessionKey) -> String {
         format!("{}{}:session:{}", self.prefix, key.tenant(), key.hash())
     }
