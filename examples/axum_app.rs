@@ -44,12 +44,15 @@ use tower_turnstile::{
     backend::{BackendError, Health, RedisBackend},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{
-        self, Expiry, FallbackStore, MemoryStore, RedisStore, Session, SessionError, SessionLayer,
-        SigningKey,
+        self, ChainStore, Expiry, FallbackStore, MemoryStore, PostgresStore, RedisStore, Session,
+        SessionError, SessionLayer, SigningKey, store::CleanupTask,
     },
     tenant::{HostSubdomain, TenantLayer},
 };
 use tracing::{error, info, warn};
+
+/// How often expired sessions are deleted from PostgreSQL.
+const CLEANUP_EVERY: Duration = Duration::from_secs(300);
 
 /// How long a stop waits for journaled session writes to reach Redis.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
@@ -58,9 +61,10 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 const COUNTER: &str = "counter";
 
 /// Every environment variable the app reads, or refuses.
-const VARIABLES: [&str; 9] = [
+const VARIABLES: [&str; 10] = [
     "BIND",
     "REDIS_URL",
+    "DATABASE_URL",
     "REDIS_CLUSTER_URLS",
     "REDIS_SENTINEL_URLS",
     "REDIS_SENTINEL_MASTER",
@@ -77,6 +81,9 @@ pub struct Config {
     pub bind: String,
     /// `REDIS_URL`: where sessions live; `None` keeps them in process memory.
     pub redis_url: Option<String>,
+    /// `DATABASE_URL`: a PostgreSQL URL; sessions live there (behind Redis when Redis is set
+    /// too).
+    pub database_url: Option<String>,
     /// `REDIS_SENTINEL_MASTER` and `REDIS_SENTINEL_URLS`: a Sentinel-managed master, used
     /// instead of `REDIS_URL` when set.
     pub redis_sentinel: Option<SentinelConfig>,
@@ -99,6 +106,7 @@ impl Default for Config {
         Self {
             bind: "127.0.0.1:3000".to_owned(),
             redis_url: None,
+            database_url: None,
             redis_sentinel: None,
             redis_cluster: None,
             session_secret: None,
@@ -115,6 +123,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("bind", &self.bind)
             .field("redis", &self.redis_url.as_ref().map(|_| ".."))
+            .field("database", &self.database_url.as_ref().map(|_| ".."))
             .field(
                 "redis_sentinel",
                 &self.redis_sentinel.as_ref().map(|s| &s.master),
@@ -252,6 +261,7 @@ impl Config {
         Ok(Self {
             bind: set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: set("REDIS_URL"),
+            database_url: set("DATABASE_URL"),
             redis_sentinel,
             redis_cluster,
             session_secret,
@@ -300,6 +310,8 @@ pub enum StartupError {
     SigningKey(session::CookieConfigError),
     /// `REDIS_URL` (or the Sentinel variables) do not make a Redis backend.
     Redis(BackendError),
+    /// `DATABASE_URL` is not a PostgreSQL URL.
+    Database(sqlx::Error),
     /// The listening socket could not be opened.
     Bind {
         /// The address from `BIND`.
@@ -324,6 +336,7 @@ impl fmt::Display for StartupError {
             Self::Redis(_) => f.write_str(
                 "the Redis settings (REDIS_URL, REDIS_CLUSTER_URLS or REDIS_SENTINEL_URLS) are unusable",
             ),
+            Self::Database(_) => f.write_str("DATABASE_URL is not a usable PostgreSQL URL"),
             Self::Bind { address, .. } => write!(f, "cannot listen on {address} (BIND)"),
             Self::Serve(_) => f.write_str("the server failed"),
         }
@@ -335,6 +348,7 @@ impl StdError for StartupError {
         match self {
             Self::SigningKey(e) => Some(e),
             Self::Redis(e) => Some(e),
+            Self::Database(e) => Some(e),
             Self::Bind { source, .. } | Self::Serve(source) => Some(source),
             Self::NotUnicode { .. } | Self::Invalid { .. } => None,
         }
@@ -348,6 +362,20 @@ pub enum HealthSource {
     Disabled,
     /// The Redis backend the sessions use, and their fallback store when the app built one.
     Redis(Health, Option<FallbackStore>),
+    /// Sessions in PostgreSQL, rate limits in memory.
+    Postgres(PostgresStore),
+    /// Sessions in PostgreSQL with copies in Redis, rate limits in Redis.
+    Chain(Health, PostgresStore),
+}
+
+impl HealthSource {
+    /// The Redis backend's health, when Redis is used.
+    fn redis(&self) -> Option<&Health> {
+        match self {
+            Self::Redis(health, _) | Self::Chain(health, _) => Some(health),
+            Self::Disabled | Self::Postgres(_) => None,
+        }
+    }
 }
 
 /// The app and what its shutdown needs.
@@ -355,8 +383,10 @@ pub enum HealthSource {
 pub struct Built {
     /// The routes with every layer.
     pub router: Router,
-    /// The session store that journals writes during a Redis outage, when Redis is used.
+    /// The session store that journals writes during a Redis outage, when Redis alone is used.
     pub fallback: Option<FallbackStore>,
+    /// The deletion of expired sessions from PostgreSQL, while the app runs.
+    pub cleanup: Option<CleanupTask>,
 }
 
 /// Builds the app `config` describes: picks and logs the session storage, then wires [`app`].
@@ -385,31 +415,62 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
     }
     .transpose()
     .map_err(StartupError::Redis)?;
-    let (sessions, health) = match redis {
-        None => {
-            info!("sessions are kept in memory (REDIS_URL is unset): one instance only");
+    let database = match &config.database_url {
+        None => None,
+        Some(url) => Some(postgres_store(url).await?),
+    };
+    let (sessions, health) = match (redis, database) {
+        (None, None) => {
+            info!(
+                "sessions are kept in memory (REDIS_URL and DATABASE_URL are unset): one instance only"
+            );
             (
                 SessionLayer::new(MemoryStore::new()),
                 HealthSource::Disabled,
             )
         }
-        Some(backend) => {
+        (None, Some(database)) => {
+            info!(
+                "sessions are kept in PostgreSQL (DATABASE_URL); rate limits are counted in memory, \
+                 per instance (set REDIS_URL to share them)"
+            );
+            (
+                SessionLayer::new(database.clone()),
+                HealthSource::Postgres(database),
+            )
+        }
+        (Some(backend), database) => {
             let target = backend.health().snapshot().target;
             match backend.ping().await {
-                Ok(()) => info!(%target, "sessions are kept in Redis"),
+                Ok(()) => info!(%target, "Redis answers"),
                 Err(error) => warn!(
                     %target,
                     error = %error_chain(&error),
-                    "sessions are kept in Redis, which does not answer yet; requests degrade to \
-                     empty sessions until it does"
+                    "Redis does not answer yet; the app serves without it until it does"
                 ),
             }
-            let store = FallbackStore::new(RedisStore::new(backend.clone()));
-            info!(
-                "while Redis is unreachable, sessions are served from a local copy and writes are journaled"
-            );
-            let health = HealthSource::Redis(backend.health(), Some(store.clone()));
-            (SessionLayer::new(store), health)
+            match database {
+                Some(database) => {
+                    info!(
+                        "sessions are kept in PostgreSQL with copies in Redis; while Redis is \
+                         unreachable they are served from PostgreSQL alone"
+                    );
+                    let store = ChainStore::new(RedisStore::new(backend.clone()), database.clone());
+                    (
+                        SessionLayer::new(store),
+                        HealthSource::Chain(backend.health(), database),
+                    )
+                }
+                None => {
+                    info!(
+                        "sessions are kept in Redis; while it is unreachable, they are served from \
+                         a local copy and writes are journaled"
+                    );
+                    let store = FallbackStore::new(RedisStore::new(backend.clone()));
+                    let health = HealthSource::Redis(backend.health(), Some(store.clone()));
+                    (SessionLayer::new(store), health)
+                }
+            }
         }
     };
     let rate_limit = rate_limit_layer(config, &health);
@@ -437,12 +498,58 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
     }
     let fallback = match &health {
         HealthSource::Redis(_, fallback) => fallback.clone(),
-        HealthSource::Disabled => None,
+        _ => None,
+    };
+    let cleanup = match &health {
+        HealthSource::Postgres(database) | HealthSource::Chain(_, database) => {
+            Some(database.spawn_cleanup(CLEANUP_EVERY))
+        }
+        _ => None,
     };
     Ok(Built {
         router: app(sessions, rate_limit, health),
         fallback,
+        cleanup,
     })
+}
+
+/// The session store on `DATABASE_URL`. The connection is made on first use, so a database
+/// that is down at start is logged and retried, as Redis is: its table is created as soon as
+/// the database answers.
+async fn postgres_store(url: &str) -> Result<PostgresStore, StartupError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StartupError::Invalid {
+            variable: "DATABASE_URL",
+            value: url.split('@').next_back().unwrap_or_default().to_owned(),
+            expected: "a postgres:// or postgresql:// URL",
+        });
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy(url)
+        .map_err(StartupError::Database)?;
+    let store = PostgresStore::new(pool);
+    match store.migrate().await {
+        Ok(()) => info!("PostgreSQL answers; the session table is ready"),
+        Err(error) => {
+            warn!(
+                error = %error_chain(&error),
+                "PostgreSQL does not answer yet; sessions degrade until it does"
+            );
+            let retrying = store.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if retrying.migrate().await.is_ok() {
+                        info!("PostgreSQL answers; the session table is ready");
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    Ok(store)
 }
 
 /// The per-client-IP limit of every route but `/health`, counted in Redis when the sessions
@@ -455,9 +562,9 @@ fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
         .with_key(key);
     let layer = RateLimitLayer::new(policy);
     info!(quota = %config.rate_limit, trusted_proxies = ?config.trusted_proxies, "rate limit per client IP");
-    match health {
-        HealthSource::Redis(health, _) => layer.with_redis(health.backend().clone()),
-        HealthSource::Disabled => layer,
+    match health.redis() {
+        Some(health) => layer.with_redis(health.backend().clone()),
+        None => layer,
     }
 }
 
@@ -684,6 +791,12 @@ async fn health_report(State(state): State<HealthState>) -> Response {
             "fallback_active": false,
             "storage": "memory",
         }),
+        HealthSource::Postgres(database) => serde_json::json!({
+            "redis": "disabled",
+            "fallback_active": false,
+            "storage": "postgres",
+            "postgres": postgres_health(&database).await,
+        }),
         HealthSource::Redis(health, fallback) => {
             let mut service = health.service().with_rate_limit(&state.rate_limit);
             if let Some(fallback) = fallback {
@@ -695,8 +808,24 @@ async fn health_report(State(state): State<HealthState>) -> Response {
             report["breaker"] = report["state"].clone();
             report
         }
+        HealthSource::Chain(health, database) => {
+            let service = health.service().with_rate_limit(&state.rate_limit);
+            let mut report = serde_json::to_value(service.report().await)
+                .unwrap_or_else(|_| serde_json::json!({}));
+            report["storage"] = "redis+postgres".into();
+            report["breaker"] = report["state"].clone();
+            report["postgres"] = postgres_health(&database).await.into();
+            report
+        }
     };
     (StatusCode::OK, Json(report)).into_response()
+}
+
+async fn postgres_health(database: &PostgresStore) -> &'static str {
+    match database.ping().await {
+        Ok(()) => "healthy",
+        Err(_) => "unhealthy",
+    }
 }
 
 /// `error` and its sources, joined with `: `, for one log line.
@@ -749,6 +878,7 @@ async fn run() -> Result<(), StartupError> {
     let Built {
         router: app,
         fallback,
+        cleanup: _cleanup,
     } = build_parts(&config).await?;
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await

@@ -1509,3 +1509,159 @@ async fn two_instances_on_sentinel() {
         "sessions, the index and the counts are on the master"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// On PostgreSQL (`DATABASE_URL`), alone and behind Redis.
+
+/// `DATABASE_URL` alone: two instances share sessions (a login, the listing, "log out
+/// everywhere"), a rebuilt instance keeps them, `/health` says where they are, and the rate
+/// limit is each instance's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_postgres_share_sessions() {
+    let Some(schema) = support::postgres::PgSchema::create().await else {
+        return;
+    };
+    let config = Config {
+        database_url: Some(schema.url()),
+        rate_limit: Quota::per_minute(8),
+        ..Config::default()
+    };
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    let mut alice = Client::new(&one, "acme.localhost");
+    alice.post("/counter").await.assert(StatusCode::OK, "1");
+    alice.login("alice").await.assert(StatusCode::OK, "alice");
+    let mut on_two = Client {
+        app: two.clone(),
+        host: alice.host.clone(),
+        cookie: alice.cookie.clone(),
+    };
+    on_two.get("/me").await.assert(StatusCode::OK, "alice");
+    on_two.post("/counter").await.assert(StatusCode::OK, "2");
+    let mut laptop = Client::new(&two, "acme.localhost");
+    laptop.login("alice").await.assert(StatusCode::OK, "alice");
+    alice.get("/sessions").await.assert(StatusCode::OK, "2");
+    // A cookie replayed on another tenant finds nothing.
+    alice
+        .on_host("globex.localhost")
+        .get("/me")
+        .await
+        .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
+
+    let rebuilt = build(&config).await.unwrap();
+    let mut again = Client {
+        app: rebuilt.clone(),
+        host: alice.host.clone(),
+        cookie: alice.cookie.clone(),
+    };
+    again.get("/counter").await.assert(StatusCode::OK, "2");
+    again.post("/logout-all").await.assert(StatusCode::OK, "2");
+    laptop
+        .get("/me")
+        .await
+        .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
+
+    let reply = send(&one, Method::GET, "/health", "localhost", None, None).await;
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["redis"], "disabled", "{json}");
+    assert_eq!(json["fallback_active"], false, "{json}");
+    assert_eq!(json["storage"], "postgres", "{json}");
+    assert_eq!(json["postgres"], "healthy", "{json}");
+
+    // Limits are counted per instance: 8 on each.
+    let mut allowed = 0;
+    for attempt in 0..20 {
+        let app = if attempt % 2 == 0 { &one } else { &two };
+        let (status, _, _) = get_from(app, "198.51.100.7", "initech.localhost", "/").await;
+        allowed += usize::from(status == StatusCode::OK);
+    }
+    assert_eq!(allowed, 16, "8 per instance");
+}
+
+/// `DATABASE_URL` and `REDIS_URL`: two instances share sessions and one limit; with Redis
+/// killed, every route still answers from PostgreSQL and `/health` says so; back, Redis serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_serves_through_a_redis_outage() {
+    let Some(mut server) = support::RedisServer::start() else {
+        return;
+    };
+    let Some(schema) = support::postgres::PgSchema::create().await else {
+        return;
+    };
+    let config = Config {
+        database_url: Some(schema.url()),
+        redis_url: Some(server.url()),
+        rate_limit: Quota::per_minute(8),
+        ..Config::default()
+    };
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    two_instances_share_sessions_and_limits(&one, &two).await;
+
+    let mut client = Client::new(&one, "localhost");
+    client.login("bob").await.assert(StatusCode::OK, "bob");
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+    server.stop();
+    let mut on_two = Client {
+        app: two.clone(),
+        host: client.host.clone(),
+        cookie: client.cookie.clone(),
+    };
+    on_two.get("/me").await.assert(StatusCode::OK, "bob");
+    on_two.post("/counter").await.assert(StatusCode::OK, "2");
+    client.get("/counter").await.assert(StatusCode::OK, "2");
+    client.get("/sessions").await.assert(StatusCode::OK, "1");
+    let mut newcomer = Client::new(&two, "localhost");
+    newcomer.post("/counter").await.assert(StatusCode::OK, "1");
+    let reply = send(&one, Method::GET, "/health", "localhost", None, None).await;
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["redis"], "unhealthy", "{json}");
+    assert_eq!(json["storage"], "redis+postgres", "{json}");
+    assert_eq!(json["postgres"], "healthy", "{json}");
+
+    server.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for app in [&one, &two] {
+        loop {
+            let reply = send(app, Method::GET, "/health", "localhost", None, None).await;
+            let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            if json["redis"] == "healthy" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{json}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    client.get("/counter").await.assert(StatusCode::OK, "2");
+    // The writes during the outage moved the generation of Redis copies on; an instance takes
+    // up to the refresh interval (250 ms) to follow, and may serve its older copies until then.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    client.get("/counter").await.assert(StatusCode::OK, "2");
+    on_two.post("/counter").await.assert(StatusCode::OK, "3");
+    client.get("/counter").await.assert(StatusCode::OK, "3");
+    let copies = server.cli(&["--scan", "--pattern", "*:session:*"]);
+    assert!(!copies.trim().is_empty(), "Redis holds copies again");
+}
+
+#[tokio::test]
+async fn an_invalid_database_url_is_refused_at_build() {
+    let config = Config {
+        database_url: Some("mysql://127.0.0.1/app".to_owned()),
+        ..Config::default()
+    };
+    assert!(matches!(
+        build(&config).await,
+        Err(StartupError::Invalid {
+            variable: "DATABASE_URL",
+            ..
+        })
+    ));
+    let config = Config {
+        database_url: Some("postgres://[bad".to_owned()),
+        ..Config::default()
+    };
+    assert!(matches!(
+        build(&config).await,
+        Err(StartupError::Database(_))
+    ));
+}

@@ -146,17 +146,25 @@ impl PostgresStore {
     /// Creates the table and its indexes unless they exist. Safe to run from several instances
     /// at once (they take turns on an advisory lock).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(error)?;
-        // The lock is released with the transaction.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tower-turnstile migration'))")
-            .execute(&mut *tx)
+        // Several statements in one simple query run as one transaction, so the advisory lock
+        // is held until the last of them is done.
+        let script = format!(
+            "SELECT pg_advisory_xact_lock(hashtext('tower-turnstile migration'));\n{}",
+            self.sql.migration
+        );
+        sqlx::raw_sql(&script)
+            .execute(&self.pool)
             .await
             .map_err(error)?;
-        sqlx::raw_sql(&self.sql.migration)
-            .execute(&mut *tx)
+        Ok(())
+    }
+
+    /// Asks the database for one trivial answer, within the store's deadline: for health
+    /// checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.deadline(sqlx::query("SELECT 1").execute(&self.pool))
             .await
-            .map_err(error)?;
-        tx.commit().await.map_err(error)
+            .map(|_| ())
     }
 
     /// Deletes at most one batch of expired rows; returns how many went.
