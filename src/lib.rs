@@ -40,11 +40,14 @@
 //! | `tls`    | no      | `rediss://` URLs on every kind of backend (rustls with ring; the system's roots, or `RedisBackendBuilder::tls_root_certificates`) |
 //! | `tonic`  | no      | the layers on tonic servers: [`RefusalBody`] for tonic's body, client addresses from its `TcpConnectInfo` |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
+//! | `postgres` | yes   | `session::PostgresStore`: sessions in PostgreSQL on a `sqlx` pool; with `redis`, `session::ChainStore` (Redis in front of PostgreSQL) |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
 //!
 //! With `memory` and `redis` together, [`session::FallbackStore`] keeps sessions working through
 //! a Redis outage: a local copy serves them, writes are journaled and replayed once Redis is
-//! back, and [`backend::HealthService`] reports it.
+//! back, and [`backend::HealthService`] reports it. With `postgres` and `redis`,
+//! `session::ChainStore` keeps every session in PostgreSQL with copies in Redis, and serves
+//! from PostgreSQL alone while Redis is down.
 //!
 //! # Behaviour when Redis is down
 //!
