@@ -11,7 +11,7 @@ use support::{RedisCluster, RedisServer};
 use tower_turnstile::{
     backend::RedisBackend,
     session::{
-        FallbackStore, MemoryStore, RedisStore, SessionStore, StoreError,
+        FallbackStore, MemoryStore, MigrationStore, RedisStore, SessionStore, StoreError,
         store::{Lifetime, ManualClock, Patch, Record, SessionKey, UserKey, Written},
     },
     tenant::Tenant,
@@ -41,6 +41,27 @@ impl Fixture {
         Some(Self {
             store: Arc::new(store),
             twin: Box::new(move || Arc::new(shared.clone())),
+            clock: Some(clock),
+            _redis: None,
+            _cluster: None,
+            cut_off: false,
+            #[cfg(feature = "postgres")]
+            _postgres: None,
+        })
+    }
+
+    /// A move between two memory stores on one clock: the suite's sessions are written to both
+    /// and read from the new one.
+    fn migration() -> Option<Self> {
+        let clock = ManualClock::new();
+        let old = MemoryStore::builder().clock(clock.clone()).build();
+        let new = MemoryStore::builder().clock(clock.clone()).build();
+        let (old_twin, new_twin) = (old.clone(), new.clone());
+        Some(Self {
+            store: Arc::new(MigrationStore::new(old, new)),
+            twin: Box::new(move || {
+                Arc::new(MigrationStore::new(old_twin.clone(), new_twin.clone()))
+            }),
             clock: Some(clock),
             _redis: None,
             _cluster: None,
@@ -576,6 +597,6 @@ macro_rules! suite {
     };
 }
 
-suite!(memory, redis, cluster, fallback, fallback_down);
+suite!(memory, redis, cluster, fallback, fallback_down, migration);
 #[cfg(feature = "postgres")]
 suite!(postgres, chain);

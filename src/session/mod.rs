@@ -97,4 +97,4 @@ pub use store::PostgresStore;
 pub use store::RedisStore;
 #[cfg(all(feature = "memory", feature = "redis"))]
 pub use store::{FallbackStatus, FallbackStore};
-pub use store::{SessionInfo, SessionStore, StoreError};
+pub use store::{MigrationStore, SessionInfo, SessionStore, StoreError};

@@ -19,6 +19,7 @@ mod clock;
 mod fallback;
 #[cfg(feature = "memory")]
 mod memory;
+mod migration;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
@@ -32,6 +33,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use migration::MigrationStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{CleanupTask, PostgresStore, TableNameError};
 #[cfg(feature = "redis")]
