@@ -27,21 +27,24 @@ const WELL_FORMED: &str = "jsonb_typeof(data) = 'object'";
 /// - **Field-level saves**: the data is one `jsonb` object, and a save sends only the changed
 ///   keys (`data || changes - removed`) under the row's lock, so two requests changing
 ///   different keys of one session both keep their change.
-/// - **One round trip** for a read (its inactivity slide included), a save, a create, a login
-///   (`cycle`: the old row removed and the new one written in one statement, so an id that is
-///   gone stays gone), a destroy, listing and revoking a user's sessions.
-/// - **Expiry on the database's clock.** A read never returns an expired session. It moves the
-///   inactivity deadline when it has fallen behind by more than a sixteenth of the timeout, so
-///   most reads write nothing: a session in use never expires, and an unused one expires
-///   between 15/16 of its timeout and its timeout after its last use. Saves always move it.
+/// - **One round trip** for a save, a create, a login (`cycle`: the old row removed and the
+///   new one written in one statement, so an id that is gone stays gone), a destroy, listing
+///   and revoking a user's sessions, and for a read: a `SELECT` that also says whether the
+///   inactivity deadline is due to move.
+/// - **Expiry on the database's clock.** A read never returns an expired session. The deadline
+///   is due to move once it has fallen behind by more than a sixteenth of the timeout; the read
+///   then sends one `UPDATE` more. So most reads write nothing (a plain `SELECT` is about a
+///   third faster than one that may write), a session in use never expires, and an unused one
+///   expires between 15/16 of its timeout and its timeout after its last use. Saves always
+///   move it.
 /// - **Cleanup**: expired rows stay invisible until [`cleanup`](Self::cleanup) (or the task of
 ///   [`spawn_cleanup`](Self::spawn_cleanup)) deletes them, in batches of at most
 ///   [`with_cleanup_batch`](Self::with_cleanup_batch) rows, each its own short statement.
 /// - **Bad rows** (data that is not a JSON object) read as no session and are deleted; a save
 ///   to one answers [`Written::Missing`], so the layer starts a new session.
 ///
-/// Values are kept as `jsonb`: they come back as equal JSON, with object keys possibly in
-/// another order and numbers in their shortest form.
+/// Values are kept as `jsonb`: they come back as equal JSON, in its compact form, with object
+/// keys possibly in another order.
 ///
 /// The table is created by [`migrate`](Self::migrate), or by the SQL of
 /// [`migration_sql`](Self::migration_sql) for teams that manage their schema themselves.
@@ -251,7 +254,18 @@ impl PostgresStore {
             return Ok(None);
         };
         match read_record(&row).map_err(error)? {
-            Some(record) => Ok(Some((record, row.try_get("version").map_err(error)?))),
+            Some(record) => {
+                if row.try_get::<bool, _>("due").map_err(error)? {
+                    self.deadline(
+                        sqlx::query(&self.sql.slide)
+                            .bind(key.tenant().as_str())
+                            .bind(key.hash())
+                            .execute(&self.pool),
+                    )
+                    .await?;
+                }
+                Ok(Some((record, row.try_get("version").map_err(error)?)))
+            }
             None => {
                 self.remove_bad_row(key).await;
                 Ok(None)
@@ -324,6 +338,7 @@ struct Statements {
     table: String,
     migration: String,
     load: String,
+    slide: String,
     create: String,
     update: String,
     cycle: String,
@@ -375,20 +390,17 @@ impl Statements {
                  INSERT INTO {t}_cache (generation) \
                  SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM {t}_cache);\n"
             ),
-            // The slide is a data-modifying CTE: it runs once whether or not the SELECT reads
-            // it, and writes only when the deadline fell behind by more than idle_ms / 16.
+            // A plain read, which also says whether the slide is due: it is, once the deadline
+            // fell behind by more than idle_ms / 16, and then `slide` moves it.
             load: format!(
-                "WITH live AS (\
-                   SELECT user_id, data, created_at, expires_at, idle_ms, idle_until, \
-                          persistent, version, {WELL_FORMED} AS well_formed \
-                   FROM {t} WHERE tenant = $1 AND id = $2 AND idle_until > {NOW}), \
-                 slid AS (\
-                   UPDATE {t} SET idle_until = LEAST({NOW} + {t}.idle_ms, {t}.expires_at) \
-                   FROM live WHERE {t}.tenant = $1 AND {t}.id = $2 AND live.well_formed \
-                     AND LEAST({NOW} + live.idle_ms, live.expires_at) - live.idle_until \
-                         > live.idle_ms / 16) \
-                 SELECT user_id, data::text AS data, created_at, expires_at, idle_ms, \
-                        persistent, well_formed, version FROM live"
+                "SELECT user_id, data::text AS data, created_at, expires_at, idle_ms, persistent, \
+                        version, {WELL_FORMED} AS well_formed, \
+                        LEAST({NOW} + idle_ms, expires_at) - idle_until > idle_ms / 16 AS due \
+                 FROM {t} WHERE tenant = $1 AND id = $2 AND idle_until > {NOW}"
+            ),
+            slide: format!(
+                "UPDATE {t} SET idle_until = LEAST({NOW} + idle_ms, expires_at) \
+                 WHERE tenant = $1 AND id = $2 AND idle_until > {NOW}"
             ),
             create: format!("INSERT INTO {t} ({columns}) VALUES ({insert_values}) {on_conflict}"),
             // $3 the keys to set (a JSON object), $4 the keys to remove, $5..$7 a new
