@@ -20,7 +20,13 @@
 //! at all (a full journal) answers `503`. `/health` reports it (`fallback_active`,
 //! `sessions`), and a stop waits up to five seconds for journaled writes to reach Redis.
 //!
+//! With `DATABASE_URL` (a PostgreSQL URL), sessions live in PostgreSQL: alone, with rate limits
+//! counted in memory per instance; with a Redis setting as well, in a `ChainStore` (Redis copies
+//! in front of the database, which serves alone while Redis is down). The app creates its table
+//! and deletes expired rows every five minutes.
+//!
 //! Configuration comes from the environment (see [`Config::from_vars`]): `BIND`, `REDIS_URL`,
+//! `DATABASE_URL`,
 //! `REDIS_CLUSTER_URLS` (seed nodes of a Redis Cluster) or `REDIS_SENTINEL_MASTER` with
 //! `REDIS_SENTINEL_URLS` (a Sentinel-managed master), each used instead of `REDIS_URL`,
 //! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`.
