@@ -40,7 +40,13 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Form, State, rejection::FormRejection},
+    extract::{
+        Form, State,
+        rejection::FormRejection,
+        ws::{
+            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+        },
+    },
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -48,12 +54,13 @@ use axum::{
 use serde::Deserialize;
 use tower_turnstile::{
     backend::{BackendError, Health, RedisBackend},
+    connection::{Event, RegisterError, Registration, Registry, RegistryError},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{
         self, ChainStore, Expiry, FallbackStore, MemoryStore, PostgresStore, RedisStore, Session,
         SessionError, SessionLayer, SigningKey, store::CleanupTask,
     },
-    tenant::{HostSubdomain, TenantLayer},
+    tenant::{HostSubdomain, Tenant, TenantLayer},
 };
 use tracing::{error, info, warn};
 
@@ -67,7 +74,7 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 const COUNTER: &str = "counter";
 
 /// Every environment variable the app reads, or refuses.
-const VARIABLES: [&str; 10] = [
+const VARIABLES: [&str; 11] = [
     "BIND",
     "REDIS_URL",
     "DATABASE_URL",
@@ -78,6 +85,7 @@ const VARIABLES: [&str; 10] = [
     "COOKIE_SECURE",
     "RATE_LIMIT",
     "TRUSTED_PROXIES",
+    "WS_MAX_PER_USER",
 ];
 
 /// Settings read from the environment.
@@ -104,6 +112,8 @@ pub struct Config {
     pub rate_limit: Quota,
     /// `TRUSTED_PROXIES`: the proxies whose `X-Forwarded-For` / `Forwarded` are believed.
     pub trusted_proxies: Vec<String>,
+    /// `WS_MAX_PER_USER`: live `/ws` connections allowed per user, across all instances.
+    pub ws_max_per_user: u32,
 }
 
 impl Default for Config {
@@ -119,6 +129,7 @@ impl Default for Config {
             cookie_secure: false,
             rate_limit: Quota::per_minute(100),
             trusted_proxies: Vec::new(),
+            ws_max_per_user: 5,
         }
     }
 }
@@ -264,7 +275,22 @@ impl Config {
             secret => secret.cloned(),
         };
 
+        let ws_max_per_user = match set("WS_MAX_PER_USER") {
+            None => Config::default().ws_max_per_user,
+            Some(text) => match text.parse::<u32>() {
+                Ok(max) if max > 0 => max,
+                _ => {
+                    return Err(StartupError::Invalid {
+                        variable: "WS_MAX_PER_USER",
+                        value: text,
+                        expected: "a whole number of connections, at least 1",
+                    });
+                }
+            },
+        };
+
         Ok(Self {
+            ws_max_per_user,
             bind: set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: set("REDIS_URL"),
             database_url: set("DATABASE_URL"),
@@ -318,6 +344,8 @@ pub enum StartupError {
     Redis(BackendError),
     /// `DATABASE_URL` is not a PostgreSQL URL.
     Database(sqlx::Error),
+    /// The registry of live connections could not start.
+    Registry(RegistryError),
     /// The listening socket could not be opened.
     Bind {
         /// The address from `BIND`.
@@ -343,6 +371,7 @@ impl fmt::Display for StartupError {
                 "the Redis settings (REDIS_URL, REDIS_CLUSTER_URLS or REDIS_SENTINEL_URLS) are unusable",
             ),
             Self::Database(_) => f.write_str("DATABASE_URL is not a usable PostgreSQL URL"),
+            Self::Registry(_) => f.write_str("the registry of live connections could not start"),
             Self::Bind { address, .. } => write!(f, "cannot listen on {address} (BIND)"),
             Self::Serve(_) => f.write_str("the server failed"),
         }
@@ -355,6 +384,7 @@ impl StdError for StartupError {
             Self::SigningKey(e) => Some(e),
             Self::Redis(e) => Some(e),
             Self::Database(e) => Some(e),
+            Self::Registry(e) => Some(e),
             Self::Bind { source, .. } | Self::Serve(source) => Some(source),
             Self::NotUnicode { .. } | Self::Invalid { .. } => None,
         }
@@ -393,6 +423,8 @@ pub struct Built {
     pub fallback: Option<FallbackStore>,
     /// The deletion of expired sessions from PostgreSQL, while the app runs.
     pub cleanup: Option<CleanupTask>,
+    /// The live `/ws` connections, to drain on shutdown.
+    pub connections: Registry,
 }
 
 /// Builds the app `config` describes: picks and logs the session storage, then wires [`app`].
@@ -512,10 +544,25 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
         }
         _ => None,
     };
+    let registry = match health.redis() {
+        Some(health) => {
+            info!("live /ws connections are registered in Redis, across instances");
+            Registry::new(health.backend().clone()).map_err(StartupError::Registry)?
+        }
+        None => {
+            info!("live /ws connections are known to this instance only (no Redis)");
+            Registry::local()
+        }
+    };
+    let connections = Connections {
+        registry: registry.clone(),
+        max_per_user: config.ws_max_per_user,
+    };
     Ok(Built {
-        router: app(sessions, rate_limit, health),
+        router: app_with(sessions, rate_limit, health, connections),
         fallback,
         cleanup,
+        connections: registry,
     })
 }
 
@@ -580,7 +627,33 @@ fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
 /// session to the tenant it finds in the request. `/health` sits outside both, so a probe with
 /// an odd `Host` still gets its answer.
 pub fn app(sessions: SessionLayer, rate_limit: RateLimitLayer, health: HealthSource) -> Router {
+    let connections = Connections {
+        registry: Registry::local(),
+        max_per_user: Config::default().ws_max_per_user,
+    };
+    app_with(sessions, rate_limit, health, connections)
+}
+
+/// The live connections `/ws` registers and `/notify` reaches.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// Where they are registered.
+    pub registry: Registry,
+    /// `WS_MAX_PER_USER`.
+    pub max_per_user: u32,
+}
+
+/// [`app`], with the registry of live connections `/ws` and `/notify` use.
+pub fn app_with(
+    sessions: SessionLayer,
+    rate_limit: RateLimitLayer,
+    health: HealthSource,
+    connections: Connections,
+) -> Router {
     let session_routes = Router::new()
+        .route("/ws", get(websocket))
+        .route("/notify", post(notify))
+        .with_state(connections)
         .route("/", get(index))
         .route("/counter", get(show_counter).post(increment_counter))
         .route("/login", post(login))
@@ -665,6 +738,9 @@ async fn index() -> Response {
          GET  /sessions    how many live sessions this user has, or 401\n\
          POST /logout      ends this session\n\
          POST /logout-all  ends every session of this user, or 401\n\
+         GET  /ws          WebSocket for a logged-in session: receives /notify messages\n\
+         POST /notify      form body user=<name>[&message=<text>]: sends the message to every\n\
+                           live /ws connection of that user; the body is how many\n\
          GET  /health      JSON: Redis health and whether the fallback is in use\n\
          \n\
          The tenant is the first label of the host: acme.localhost:3000 is tenant acme.\n",
@@ -783,6 +859,120 @@ async fn logout_all(session: Session) -> Response {
     }
 }
 
+/// `GET /ws`: a WebSocket for a logged-in session, registered across instances; it receives
+/// the `/notify` messages of its user as text frames, and closes with 1012 when the instance
+/// stops.
+async fn websocket(
+    State(connections): State<Connections>,
+    tenant: Tenant,
+    session: Session,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let user = match session.user_id().await {
+        Ok(Some(user)) => user,
+        _ => return not_logged_in(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let max = connections.max_per_user;
+    match connections
+        .registry
+        .register_capped(&tenant, &user, "ws", max)
+        .await
+    {
+        Ok(registration) => upgrade.on_upgrade(move |socket| serve_socket(socket, registration)),
+        Err(RegisterError::AtCapacity { limit, .. }) => {
+            let mut response = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("at most {limit} live connections per user\n"),
+            );
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            if let Ok(policy) =
+                HeaderValue::try_from(format!("\"ws\";q={limit};qu=\"concurrent-requests\""))
+            {
+                headers.insert("ratelimit-policy", policy);
+            }
+            headers.insert("ratelimit", HeaderValue::from_static("\"ws\";r=0"));
+            response
+        }
+        Err(_) => {
+            let mut response = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this instance is stopping; connect again\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+async fn serve_socket(mut socket: WebSocket, mut registration: Registration) {
+    loop {
+        tokio::select! {
+            event = registration.next() => match event {
+                Some(Event::Message(message)) => {
+                    if socket.send(Message::Text(message.into())).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    let close = CloseFrame {
+                        code: 1012,
+                        reason: "service restart".into(),
+                    };
+                    let _ = socket.send(Message::Close(Some(close))).await;
+                    return;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_) | Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct NotifyForm {
+    user: Option<String>,
+    message: Option<String>,
+}
+
+/// `POST /notify`: sends `message` (default `ping`) to every live `/ws` connection of `user`
+/// in this tenant, on every instance; the body is how many connections it reached.
+async fn notify(
+    State(connections): State<Connections>,
+    tenant: Tenant,
+    form: Result<Form<NotifyForm>, FormRejection>,
+) -> Response {
+    let (user, message) = match form {
+        Ok(Form(NotifyForm {
+            user: Some(user),
+            message,
+        })) if !user.trim().is_empty() => (user, message.unwrap_or_else(|| "ping".to_owned())),
+        Ok(_) => return text(StatusCode::BAD_REQUEST, "missing form field: user=<name>\n"),
+        Err(rejection) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}; expected form body user=<name>\n",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    let reached = connections
+        .registry
+        .send_to_user(&tenant, &user, &message)
+        .await;
+    text(StatusCode::OK, reached.to_string())
+}
+
 /// What `/health` looks at.
 #[derive(Debug, Clone)]
 struct HealthState {
@@ -885,6 +1075,7 @@ async fn run() -> Result<(), StartupError> {
         router: app,
         fallback,
         cleanup: _cleanup,
+        connections,
     } = build_parts(&config).await?;
     let listener = tokio::net::TcpListener::bind(&config.bind)
         .await
@@ -898,7 +1089,16 @@ async fn run() -> Result<(), StartupError> {
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        // Live /ws connections are told to reconnect elsewhere (close 1012), and leave the
+        // registry at once, so the server's graceful stop does not wait on them.
+        let told = connections.drain().await;
+        info!(
+            connections = told,
+            "live connections told to reconnect elsewhere"
+        );
+    })
     .await
     .map_err(StartupError::Serve)?;
     if let Some(fallback) = fallback {

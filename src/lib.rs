@@ -41,6 +41,7 @@
 //! | `tonic`  | no      | the layers on tonic servers: [`RefusalBody`] for tonic's body, client addresses from its `TcpConnectInfo` |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
 //! | `postgres` | yes   | `session::PostgresStore`: sessions in PostgreSQL on a `sqlx` pool; with `redis`, `session::ChainStore` (Redis in front of PostgreSQL) |
+//! | `connections` | yes | `connection::Registry`: live connections registered in Redis across instances, delivery to a user's connections everywhere, caps per user |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
 //!
 //! With `memory` and `redis` together, [`session::FallbackStore`] keeps sessions working through
@@ -166,6 +167,8 @@ macro_rules! inner_service_accessors {
 #[cfg(feature = "redis")]
 pub mod backend;
 mod body;
+#[cfg(feature = "connections")]
+pub mod connection;
 mod error;
 mod metrics;
 mod peer;

@@ -1,0 +1,464 @@
+//! Live connections across instances: the registry on a real `redis-server`, and the
+//! reference app's `/ws` and `/notify` over real TCP with a real WebSocket client
+//! (tokio-tungstenite).
+
+mod support;
+
+#[path = "../examples/axum_app.rs"]
+pub mod axum_app;
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::{Body, to_bytes},
+    http::{Method, Request, StatusCode, header},
+};
+use axum_app::{Config, build_parts};
+use futures_util::StreamExt;
+use support::RedisServer;
+use tokio::net::TcpListener;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream, connect_async,
+    tungstenite::{self, Message, client::IntoClientRequest, protocol::frame::coding::CloseCode},
+};
+use tower::ServiceExt;
+use tower_turnstile::{
+    backend::RedisBackend,
+    connection::{Event, RegisterError, Registry},
+    ratelimit::Quota,
+    tenant::Tenant,
+};
+
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One instance of the reference app, served on a loopback port.
+struct Instance {
+    router: Router,
+    address: SocketAddr,
+    registry: Registry,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn instance(config: &Config) -> Instance {
+    let built = build_parts(config).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let served = built.router.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            served.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    Instance {
+        router: built.router,
+        address,
+        registry: built.connections,
+        server,
+    }
+}
+
+fn config(redis: &RedisServer, max_per_user: u32) -> Config {
+    Config {
+        redis_url: Some(redis.url()),
+        rate_limit: Quota::per_second(100_000),
+        ws_max_per_user: max_per_user,
+        ..Config::default()
+    }
+}
+
+/// `POST` a form in process; returns the status, the body and the session cookie set.
+async fn post(
+    app: &Router,
+    host: &str,
+    path: &str,
+    form: &str,
+) -> (StatusCode, String, Option<String>) {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::HOST, host)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_owned()))
+        .unwrap();
+    let response = app.clone().oneshot(request).await.unwrap();
+    let cookie = response
+        .headers()
+        .get(header::SET_COOKIE)
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+    let status = response.status();
+    let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    (status, String::from_utf8(body.to_vec()).unwrap(), cookie)
+}
+
+async fn login(app: &Router, host: &str, user: &str) -> String {
+    let (status, _, cookie) = post(app, host, "/login", &format!("user={user}")).await;
+    assert_eq!(status, StatusCode::OK);
+    cookie.expect("a login sets the cookie")
+}
+
+async fn notify(app: &Router, host: &str, user: &str, message: &str) -> String {
+    let (status, body, _) = post(
+        app,
+        host,
+        "/notify",
+        &format!("user={user}&message={message}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn connect(
+    at: &Instance,
+    host: &str,
+    cookie: Option<&str>,
+) -> Result<Socket, tungstenite::Error> {
+    let mut request = format!("ws://{}/ws", at.address)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert(header::HOST, host.parse().unwrap());
+    if let Some(cookie) = cookie {
+        request
+            .headers_mut()
+            .insert(header::COOKIE, cookie.parse().unwrap());
+    }
+    let (socket, _) = connect_async(request).await?;
+    Ok(socket)
+}
+
+/// The next text frame, or `None` within `wait`.
+async fn next_text(socket: &mut Socket, wait: Duration) -> Option<String> {
+    loop {
+        match tokio::time::timeout(wait, socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return Some(text.to_string()),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            _ => return None,
+        }
+    }
+}
+
+fn status_of(error: &tungstenite::Error) -> Option<u16> {
+    match error {
+        tungstenite::Error::Http(response) => Some(response.status().as_u16()),
+        _ => None,
+    }
+}
+
+/// A user connected to A gets a `/notify` sent through B; with connections on both, both get
+/// it; another tenant's user of the same name gets nothing. Without a login, `/ws` is `401`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_through_one_instance_reaches_every_connection_of_the_user() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(&config(&redis, 5)).await,
+        instance(&config(&redis, 5)).await,
+    );
+    let acme = "acme.localhost";
+    let cookie = login(&a.router, acme, "alice").await;
+    let mut on_a = connect(&a, acme, Some(&cookie)).await.unwrap();
+    assert_eq!(notify(&b.router, acme, "alice", "hello").await, "1");
+    assert_eq!(
+        next_text(&mut on_a, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("hello")
+    );
+
+    let mut on_b = connect(&b, acme, Some(&cookie)).await.unwrap();
+    let other = login(&a.router, "globex.localhost", "alice").await;
+    let mut elsewhere = connect(&a, "globex.localhost", Some(&other)).await.unwrap();
+    assert_eq!(notify(&b.router, acme, "alice", "both").await, "2");
+    assert_eq!(
+        next_text(&mut on_a, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("both")
+    );
+    assert_eq!(
+        next_text(&mut on_b, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("both")
+    );
+    assert_eq!(
+        next_text(&mut elsewhere, Duration::from_millis(300)).await,
+        None,
+        "another tenant"
+    );
+    assert_eq!(notify(&a.router, acme, "nobody", "x").await, "0");
+
+    let refused = connect(&a, acme, None).await.unwrap_err();
+    assert_eq!(status_of(&refused), Some(401));
+}
+
+/// At most `WS_MAX_PER_USER` live connections per user across both instances under
+/// concurrent connects; a slot frees when a connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_holds_across_instances_and_frees_on_close() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(&config(&redis, 3)).await,
+        instance(&config(&redis, 3)).await,
+    );
+    let host = "acme.localhost";
+    let cookie = login(&a.router, host, "bob").await;
+    let attempts = (0..8).map(|i| {
+        let at = if i % 2 == 0 { &a } else { &b };
+        connect(at, host, Some(&cookie))
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let mut open: Vec<Socket> = Vec::new();
+    for result in results {
+        match result {
+            Ok(socket) => open.push(socket),
+            Err(error) => assert_eq!(status_of(&error), Some(429), "{error}"),
+        }
+    }
+    assert_eq!(open.len(), 3, "exactly the cap");
+    let refused = connect(&a, host, Some(&cookie)).await.unwrap_err();
+    assert_eq!(status_of(&refused), Some(429));
+
+    let mut closing = open.pop().unwrap();
+    closing.close(None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match connect(&b, host, Some(&cookie)).await {
+            Ok(socket) => {
+                open.push(socket);
+                break;
+            }
+            Err(error) => {
+                assert_eq!(status_of(&error), Some(429));
+                assert!(Instant::now() < deadline, "the slot never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(open.len(), 3);
+}
+
+/// A graceful stop (drain) closes the instance's sockets with 1012 and removes its entries at
+/// once; the client reconnecting to the other instance is found there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_instance_closes_with_1012_and_leaves_the_registry() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(&config(&redis, 5)).await,
+        instance(&config(&redis, 5)).await,
+    );
+    let host = "acme.localhost";
+    let cookie = login(&a.router, host, "carol").await;
+    let mut socket = connect(&a, host, Some(&cookie)).await.unwrap();
+    let tenant = Tenant::new("acme").unwrap();
+    assert_eq!(b.registry.connections_of(&tenant, "carol").await.len(), 1);
+
+    assert_eq!(a.registry.drain().await, 1);
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(2), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Restart));
+    assert!(
+        b.registry.connections_of(&tenant, "carol").await.is_empty(),
+        "gone at once"
+    );
+    let refused = connect(&a, host, Some(&cookie)).await.unwrap_err();
+    assert_eq!(status_of(&refused), Some(503));
+
+    let mut again = connect(&b, host, Some(&cookie)).await.unwrap();
+    assert_eq!(b.registry.connections_of(&tenant, "carol").await.len(), 1);
+    assert_eq!(notify(&a.router, host, "carol", "moved").await, "1");
+    assert_eq!(
+        next_text(&mut again, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("moved")
+    );
+}
+
+fn registry(redis: &RedisServer, lease: Duration) -> Registry {
+    Registry::builder(RedisBackend::new(&redis.url()).unwrap())
+        .lease(lease)
+        .build()
+        .unwrap()
+}
+
+/// An instance that dies without deregistering: its entries vanish within one lease, and its
+/// slots free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_vanishes_within_its_lease() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let lease = Duration::from_millis(900);
+    let tenant = Tenant::default();
+    let (doomed, survivor) = (registry(&redis, lease), registry(&redis, lease));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            doomed
+                .register_capped(&tenant, "dave", "{}", 2)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(matches!(
+        survivor.register_capped(&tenant, "dave", "{}", 2).await,
+        Err(RegisterError::AtCapacity { limit: 2, live: 2 })
+    ));
+    // Renewed past its first lease while alive.
+    tokio::time::sleep(lease + lease / 2).await;
+    assert_eq!(survivor.connections_of(&tenant, "dave").await.len(), 2);
+    assert_eq!(survivor.count(&tenant).await, 2);
+
+    // Dies: no renewal, no deregistration.
+    held.into_iter().for_each(std::mem::forget);
+    let died = Instant::now();
+    drop(doomed);
+    while !survivor.connections_of(&tenant, "dave").await.is_empty() {
+        assert!(
+            died.elapsed() < lease * 3,
+            "still listed after {:?}",
+            died.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let vanished = died.elapsed();
+    eprintln!("a dead instance's entries vanished {vanished:?} after it died (lease {lease:?})");
+    assert!(
+        survivor
+            .register_capped(&tenant, "dave", "{}", 2)
+            .await
+            .is_ok(),
+        "slots free"
+    );
+    assert_eq!(survivor.count(&tenant).await, 1);
+}
+
+/// Redis down: registrations and delivery work on this instance, nothing panics; once Redis is
+/// back (empty), the renewal registers every live connection again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_keeps_local_delivery_and_the_registry_is_rebuilt() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let lease = Duration::from_millis(600);
+    let tenant = Tenant::default();
+    let here = registry(&redis, lease);
+    let mut first = here.register(&tenant, "erin", "one").await.unwrap();
+
+    redis.stop();
+    let mut second = here.register(&tenant, "erin", "two").await.unwrap();
+    assert_eq!(here.send_to_user(&tenant, "erin", "local").await, 2);
+    for connection in [&mut first, &mut second] {
+        assert_eq!(
+            connection.next().await,
+            Some(Event::Message("local".into()))
+        );
+    }
+    assert_eq!(
+        here.connections_of(&tenant, "erin").await.len(),
+        2,
+        "local view"
+    );
+
+    redis.restart();
+    let other = registry(&redis, lease);
+    let back = Instant::now();
+    loop {
+        let listed = other.connections_of(&tenant, "erin").await;
+        if listed.len() == 2 {
+            let mut metas: Vec<_> = listed.iter().map(|c| c.meta.as_str()).collect();
+            metas.sort_unstable();
+            assert_eq!(metas, ["one", "two"]);
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "not rebuilt: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(other.send_to_user(&tenant, "erin", "remote").await, 2);
+    assert_eq!(first.next().await, Some(Event::Message("remote".into())));
+    assert_eq!(second.next().await, Some(Event::Message("remote".into())));
+}
+
+/// Delivery from one instance to connections on another, at a few hundred connections: every
+/// message arrives; the latency is printed (p50, p99), with the Redis memory per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_across_instances_at_a_few_hundred_connections() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let lease = Duration::from_secs(30);
+    let (sender, receiver) = (registry(&redis, lease), registry(&redis, lease));
+    let tenant = Tenant::default();
+    let before: i64 = info_used_memory(&redis);
+    let mut connections = Vec::new();
+    for user in 0..60 {
+        for _ in 0..5 {
+            let registration = receiver
+                .register(&tenant, &format!("user{user}"), "{\"kind\":\"ws\"}")
+                .await
+                .unwrap();
+            connections.push((user, registration));
+        }
+    }
+    let per_connection = (info_used_memory(&redis) - before) / 300;
+    let mut latencies = Vec::new();
+    for round in 0..200 {
+        let user = round % 60;
+        let sent = Instant::now();
+        let reached = sender
+            .send_to_user(&tenant, &format!("user{user}"), &round.to_string())
+            .await;
+        assert_eq!(reached, 5);
+        for (_, registration) in connections.iter_mut().filter(|(u, _)| *u == user) {
+            let event = tokio::time::timeout(Duration::from_secs(2), registration.next())
+                .await
+                .expect("delivered");
+            assert_eq!(event, Some(Event::Message(round.to_string())));
+        }
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort_unstable();
+    eprintln!(
+        "delivery A→B at 300 connections: p50 {:?}, p99 {:?}; Redis memory about {per_connection} bytes per connection",
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100]
+    );
+}
+
+fn info_used_memory(redis: &RedisServer) -> i64 {
+    redis
+        .cli(&["INFO", "memory"])
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
