@@ -465,6 +465,24 @@ fn big(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+/// Binds a whole row, in the column order of the create and cycle statements: tenant, id,
+/// user, data, created, absolute end, inactivity timeout, cookie kind.
+fn bind_row<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    key: &SessionKey,
+    record: &Record,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(key.tenant().as_str().to_owned())
+        .bind(key.hash())
+        .bind(record.user.clone())
+        .bind(json_object(&record.data))
+        .bind(big(record.created_at))
+        .bind(big(record.expires_at))
+        .bind(big(millis(record.inactivity_timeout)))
+        .bind(record.persistent)
+}
+
 /// A JSON object of these keys and values (JSON text already).
 fn json_object<'a>(pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
     let mut object = String::from("{");
@@ -541,19 +559,8 @@ impl SessionStore for PostgresStore {
     }
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
-        self.deadline(
-            sqlx::query(&self.sql.create)
-                .bind(key.tenant().as_str())
-                .bind(key.hash())
-                .bind(record.user.as_deref())
-                .bind(json_object(&record.data))
-                .bind(big(record.created_at))
-                .bind(big(record.expires_at))
-                .bind(big(millis(record.inactivity_timeout)))
-                .bind(record.persistent)
-                .execute(&self.pool),
-        )
-        .await?;
+        let query = bind_row(sqlx::query(&self.sql.create), key, record);
+        self.deadline(query.execute(&self.pool)).await?;
         Ok(())
     }
 
@@ -590,22 +597,13 @@ impl SessionStore for PostgresStore {
         new: &SessionKey,
         record: &Record,
     ) -> Result<Written, StoreError> {
-        let moved: i64 = self
-            .deadline(
-                sqlx::query_scalar(&self.sql.cycle)
-                    .bind(old.tenant().as_str())
-                    .bind(old.hash())
-                    .bind(new.tenant().as_str())
-                    .bind(new.hash())
-                    .bind(record.user.as_deref())
-                    .bind(json_object(&record.data))
-                    .bind(big(record.created_at))
-                    .bind(big(record.expires_at))
-                    .bind(big(millis(record.inactivity_timeout)))
-                    .bind(record.persistent)
-                    .fetch_one(&self.pool),
-            )
+        let query = sqlx::query(&self.sql.cycle)
+            .bind(old.tenant().as_str())
+            .bind(old.hash());
+        let row = self
+            .deadline(bind_row(query, new, record).fetch_one(&self.pool))
             .await?;
+        let moved: i64 = row.try_get("moved").map_err(error)?;
         Ok(if moved > 0 {
             Written::Applied
         } else {
