@@ -354,6 +354,9 @@ impl Registry {
     /// [`register`](Self::register), unless the user already has `max` live connections on
     /// all instances (`0`: no cap). While Redis is down, this instance's connections are
     /// counted.
+    ///
+    /// `user` is any key: to cap connections per client address or API key as well, register
+    /// the connection a second time under that key (and keep both registrations).
     pub async fn register_capped(
         &self,
         tenant: &Tenant,
@@ -489,31 +492,25 @@ impl Registry {
         if elsewhere.is_empty() {
             return reached_here;
         }
-        let Some(backend) = &self.inner.backend else {
-            return reached_here;
-        };
-        let mut pipe = redis::pipe();
-        for instance in elsewhere.keys() {
-            pipe.cmd("XADD")
-                .arg(self.inbox_key(instance))
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(10_000)
-                .arg("*")
-                .arg("t")
-                .arg(tenant.as_str())
-                .arg("u")
-                .arg(user)
-                .arg("m")
-                .arg(message)
-                .ignore();
-        }
-        let sent = backend
-            .run(self.inner.timeout, |mut conn| async move {
-                pipe.query_async::<()>(&mut conn).await
+        let commands = elsewhere
+            .keys()
+            .map(|instance| {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(self.inbox_key(instance))
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(10_000)
+                    .arg("*")
+                    .arg("t")
+                    .arg(tenant.as_str())
+                    .arg("u")
+                    .arg(user)
+                    .arg("m")
+                    .arg(message);
+                cmd
             })
-            .await;
-        match sent {
+            .collect();
+        match self.run_all(commands).await {
             Ok(()) => reached_here + elsewhere.values().sum::<usize>(),
             Err(error) => {
                 self.redis_failed("send", &error);
@@ -651,31 +648,50 @@ impl Registry {
 
     /// Removes entries from Redis: the users' lease sets and metadata, and the tenants' counts.
     async fn remove_shared(&self, entries: Vec<(u64, Tenant, String)>) {
-        let Some(backend) = &self.inner.backend else {
-            return;
-        };
-        if entries.is_empty() {
+        if self.inner.backend.is_none() || entries.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::with_capacity(entries.len() * 3);
         for (id, tenant, user) in &entries {
             let member = self.member(*id);
             let (live, meta) = self.user_keys(tenant, user);
-            pipe.cmd("ZREM").arg(live).arg(&member).ignore();
-            pipe.cmd("HDEL").arg(meta).arg(&member).ignore();
-            pipe.cmd("ZREM")
-                .arg(self.tenant_key(tenant))
-                .arg(&member)
-                .ignore();
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(live).arg(&member);
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(meta).arg(&member);
+            let mut count = redis::cmd("ZREM");
+            count.arg(self.tenant_key(tenant)).arg(&member);
+            commands.extend([zrem, hdel, count]);
         }
-        let removed = backend
-            .run(self.inner.timeout, |mut conn| async move {
-                pipe.query_async::<()>(&mut conn).await
-            })
-            .await;
-        if let Err(error) = removed {
+        if let Err(error) = self.run_all(commands).await {
             self.redis_failed("deregister", &error);
         }
+    }
+
+    /// Runs independent commands in one round trip: one pipeline on a single server, or on a
+    /// cluster one request per command, all at once (a pipeline there must keep to one slot).
+    async fn run_all(&self, commands: Vec<redis::Cmd>) -> Result<(), BackendError> {
+        let Some(backend) = &self.inner.backend else {
+            return Ok(());
+        };
+        let timeout = self.inner.timeout;
+        if backend.is_cluster() {
+            let runs = commands.into_iter().map(|cmd| {
+                backend.run(timeout, |mut conn| async move {
+                    cmd.query_async::<Value>(&mut conn).await.map(drop)
+                })
+            });
+            return futures_util::future::try_join_all(runs).await.map(drop);
+        }
+        let mut pipe = redis::pipe();
+        for cmd in commands {
+            pipe.add_command(cmd).ignore();
+        }
+        backend
+            .run(timeout, |mut conn| async move {
+                pipe.query_async::<()>(&mut conn).await
+            })
+            .await
     }
 }
 
@@ -742,9 +758,9 @@ async fn renew_task(registry: Weak<Inner>, every: Duration) {
 
 impl Registry {
     async fn renew(&self) {
-        let Some(backend) = &self.inner.backend else {
+        if self.inner.backend.is_none() {
             return;
-        };
+        }
         let mut users: HashMap<(String, String), Vec<(String, String)>> = HashMap::new();
         let mut tenants: HashMap<String, Vec<(String, String)>> = HashMap::new();
         for (id, c) in self.lock_local().iter() {
@@ -759,26 +775,22 @@ impl Registry {
                 .push((member, String::new()));
         }
         let lease = millis(self.inner.lease);
-        let mut pipe = redis::pipe();
-        for ((live, meta), members) in users {
-            pipe.add_command(renew_cmd(&[live, meta], lease, &members))
-                .ignore();
-        }
-        for (key, members) in tenants {
-            pipe.add_command(renew_cmd(&[key], lease, &members))
-                .ignore();
-        }
+        let mut commands: Vec<redis::Cmd> = users
+            .into_iter()
+            .map(|((live, meta), members)| renew_cmd(&[live, meta], lease, &members))
+            .chain(
+                tenants
+                    .into_iter()
+                    .map(|(key, members)| renew_cmd(&[key], lease, &members)),
+            )
+            .collect();
         // The inbox lives as long as the instance renews.
-        pipe.cmd("PEXPIRE")
+        let mut inbox = redis::cmd("PEXPIRE");
+        inbox
             .arg(self.inbox_key(&self.inner.instance))
-            .arg(lease * 2)
-            .ignore();
-        let renewed = backend
-            .run(self.inner.timeout, |mut conn| async move {
-                pipe.query_async::<()>(&mut conn).await
-            })
-            .await;
-        if let Err(error) = renewed {
+            .arg(lease * 2);
+        commands.push(inbox);
+        if let Err(error) = self.run_all(commands).await {
             self.redis_failed("renew", &error);
         }
     }
