@@ -337,8 +337,13 @@ async fn a_dead_instance_vanishes_within_its_lease() {
 
     // Dies: no renewal, no deregistration.
     held.into_iter().for_each(std::mem::forget);
+    let inbox = format!("turnstile:inbox:{}", doomed.instance());
     let died = Instant::now();
     drop(doomed);
+    // A message sent to it meanwhile does not leave its inbox behind for good.
+    assert_eq!(survivor.send_to_user(&tenant, "dave", "late").await, 2);
+    let ttl: i64 = redis.cli(&["PTTL", &inbox]).trim().parse().unwrap();
+    assert!(ttl > 0, "the dead instance's inbox expires: {ttl}");
     while !survivor.connections_of(&tenant, "dave").await.is_empty() {
         assert!(
             died.elapsed() < lease * 3,
@@ -581,4 +586,28 @@ async fn the_app_answers_with_redis_down() {
             .as_deref(),
         Some("two")
     );
+}
+
+/// After a drain, connections still closing are not renewed back into the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_registry_does_not_renew_its_closing_connections() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let lease = Duration::from_millis(600);
+    let tenant = Tenant::default();
+    let (leaving, other) = (registry(&redis, lease), registry(&redis, lease));
+    let mut closing = leaving.register(&tenant, "gina", "").await.unwrap();
+    assert_eq!(leaving.drain().await, 1);
+    assert_eq!(closing.next().await, Some(Event::Reconnect));
+    assert!(matches!(
+        leaving.register(&tenant, "gina", "").await,
+        Err(RegisterError::Draining)
+    ));
+    // Two renewal periods later, still held here but not listed anywhere.
+    tokio::time::sleep(lease).await;
+    assert!(other.connections_of(&tenant, "gina").await.is_empty());
+    assert_eq!(leaving.local_count(), 1);
+    drop(closing);
+    assert_eq!(leaving.local_count(), 0);
 }

@@ -492,11 +492,16 @@ impl Registry {
         if elsewhere.is_empty() {
             return reached_here;
         }
+        let lease = millis(self.inner.lease);
         let commands = elsewhere
             .keys()
-            .map(|instance| {
+            .flat_map(|instance| {
+                let inbox = self.inbox_key(instance);
+                // An inbox its instance no longer renews (it died) expires all the same.
+                let mut expire = redis::cmd("PEXPIRE");
+                expire.arg(&inbox).arg(lease * 2);
                 let mut cmd = redis::cmd("XADD");
-                cmd.arg(self.inbox_key(instance))
+                cmd.arg(inbox)
                     .arg("MAXLEN")
                     .arg("~")
                     .arg(10_000)
@@ -507,7 +512,7 @@ impl Registry {
                     .arg(user)
                     .arg("m")
                     .arg(message);
-                cmd
+                [cmd, expire]
             })
             .collect();
         match self.run_all(commands).await {
@@ -758,7 +763,8 @@ async fn renew_task(registry: Weak<Inner>, every: Duration) {
 
 impl Registry {
     async fn renew(&self) {
-        if self.inner.backend.is_none() {
+        // A draining instance has left the registry; its last connections are closing.
+        if self.inner.backend.is_none() || self.inner.draining.load(Ordering::Acquire) {
             return;
         }
         let mut users: HashMap<(String, String), Vec<(String, String)>> = HashMap::new();
