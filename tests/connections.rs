@@ -611,3 +611,64 @@ async fn a_drained_registry_does_not_renew_its_closing_connections() {
     drop(closing);
     assert_eq!(leaving.local_count(), 0);
 }
+
+/// `ConcurrencyLimitLayer`: at most 2 requests of one key in flight over two instances; the
+/// rest get `429` with the `concurrent-requests` quota; another key is not held up, and a slot
+/// is free again as soon as its request has been answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_are_capped_across_instances() {
+    use axum::routing::get;
+    use tower_turnstile::{connection::ConcurrencyLimitLayer, ratelimit::HeaderKey};
+
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let make = || {
+        let limit = ConcurrencyLimitLayer::new(registry(&redis, Duration::from_secs(5)), 2)
+            .with_key(HeaderKey::new(header::HeaderName::from_static("x-client")));
+        Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    "done"
+                }),
+            )
+            .layer(limit)
+    };
+    let (a, b) = (make(), make());
+    let call = |app: Router, client: &'static str| async move {
+        let request = Request::get("/slow")
+            .header("x-client", client)
+            .body(Body::empty())
+            .unwrap();
+        app.oneshot(request).await.unwrap()
+    };
+    let mut calls: Vec<_> = (0..6)
+        .map(|i| call(if i % 2 == 0 { a.clone() } else { b.clone() }, "c1"))
+        .collect();
+    calls.push(call(a.clone(), "c2"));
+    let responses = futures_util::future::join_all(calls).await;
+    let (other, same) = responses.split_last().unwrap();
+    assert_eq!(other.status(), StatusCode::OK, "another key is not held up");
+    let ok = same.iter().filter(|r| r.status() == StatusCode::OK).count();
+    assert_eq!(ok, 2, "exactly the cap");
+    for refused in same.iter().filter(|r| r.status() != StatusCode::OK) {
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        let headers = refused.headers();
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert_eq!(
+            headers["ratelimit-policy"],
+            "\"concurrency\";q=2;qu=\"concurrent-requests\""
+        );
+        assert_eq!(headers["ratelimit"], "\"concurrency\";r=0");
+    }
+    for round in 0..3 {
+        let app = if round % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            call(app.clone(), "c1").await.status(),
+            StatusCode::OK,
+            "slots free at once"
+        );
+    }
+}

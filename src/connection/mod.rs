@@ -18,7 +18,9 @@
 //! - **Caps**: [`Registry::register_capped`] admits a connection only while the user has fewer
 //!   than `max` live ones on all instances, decided atomically in Redis, so concurrent
 //!   connects on several instances let exactly `max` in. A slot frees when its registration is
-//!   dropped, or when its instance dies, one lease later.
+//!   dropped, or when its instance dies, one lease later. [`ConcurrencyLimitLayer`] does the
+//!   same for requests in flight, per client address or any key, answering `429` with the
+//!   `RateLimit` fields of a `concurrent-requests` quota.
 //! - **Draining**: [`Registry::drain`] refuses new registrations, tells every local connection
 //!   to reconnect elsewhere ([`Event::Reconnect`]; a WebSocket closes with 1012 "service
 //!   restart"), and removes this instance's entries from Redis at once.
@@ -67,6 +69,10 @@ use crate::{
     backend::{BackendError, RedisBackend},
     tenant::Tenant,
 };
+
+mod limit;
+
+pub use limit::{ConcurrencyLimitLayer, ConcurrencyLimitService};
 
 /// Takes a lease: drops ended leases, refuses past the cap (`ARGV[3]`, 0 for none), then
 /// writes the member's lease and metadata. Answers `{admitted, live}`.
@@ -719,21 +725,31 @@ impl Registration {
     pub async fn next(&mut self) -> Option<Event> {
         self.events.recv().await
     }
+
+    /// Deregisters now, and waits until Redis has forgotten the connection (dropping the
+    /// registration does the same in the background).
+    pub async fn release(mut self) {
+        if let Some((registry, entry)) = self.take_entry() {
+            registry.remove_shared(vec![entry]).await;
+        }
+    }
+
+    /// Removes the connection here; what Redis still needs to forget, if anything.
+    fn take_entry(&mut self) -> Option<(Registry, (u64, Tenant, String))> {
+        let registry = Registry {
+            inner: self.registry.upgrade()?,
+        };
+        let local = registry.lock_local().remove(&self.id)?;
+        registry.inner.backend.as_ref()?;
+        Some((registry, (self.id, local.tenant, local.user)))
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let Some(inner) = self.registry.upgrade() else {
+        let Some((registry, entry)) = self.take_entry() else {
             return;
         };
-        let registry = Registry { inner };
-        let Some(local) = registry.lock_local().remove(&self.id) else {
-            return;
-        };
-        if registry.inner.backend.is_none() {
-            return;
-        }
-        let entry = (self.id, local.tenant, local.user);
         // Outside a runtime (a process shutting down), the lease ends by itself.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move { registry.remove_shared(vec![entry]).await });
