@@ -159,10 +159,11 @@ impl ChainStore {
         if !due || self.inner.refreshing.swap(true, Ordering::AcqRel) {
             return store;
         }
+        // Cleared however this ends, a request given up on halfway included.
+        let _refreshing = Refreshing(&self.inner.refreshing);
         // A failed read keeps what is known, and is tried again one interval later.
         let generation = self.inner.database.cache_generation().await.unwrap_or(0);
         self.adopt(generation);
-        self.inner.refreshing.store(false, Ordering::Release);
         let front = self.inner.front.read().unwrap_or_else(|e| e.into_inner());
         front.store.clone()
     }
@@ -242,6 +243,15 @@ impl ChainStore {
         if !unchanged {
             self.drop_copy(front, key, record.user.as_deref()).await;
         }
+    }
+}
+
+/// Marks a read of the generation counter under way, until dropped.
+struct Refreshing<'a>(&'a AtomicBool);
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
