@@ -144,6 +144,15 @@ impl Client {
         }
     }
 
+    /// The same jar on the same host, sent to another instance of the app.
+    fn on(&self, app: &Router) -> Self {
+        Self {
+            app: app.clone(),
+            host: self.host.clone(),
+            cookie: self.cookie.clone(),
+        }
+    }
+
     /// The `name=value` pair the jar sends.
     fn cookie(&self) -> &str {
         self.cookie
@@ -932,8 +941,7 @@ async fn a_redis_outage_loses_no_session_and_no_write() {
     client.get("/counter").await.assert(StatusCode::OK, "2");
     // The other instance never saw this session: it reads as none, and a write starts a new
     // session with a new cookie; the old session is left as it is.
-    let mut elsewhere = Client::new(&two, "localhost");
-    elsewhere.cookie = client.cookie.clone();
+    let mut elsewhere = client.on(&two);
     elsewhere.get("/counter").await.assert(StatusCode::OK, "0");
     elsewhere
         .get("/me")
@@ -971,8 +979,7 @@ async fn a_redis_outage_loses_no_session_and_no_write() {
         .await
         .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
     elsewhere.get("/counter").await.assert(StatusCode::OK, "1");
-    let mut original = Client::new(&two, "localhost");
-    original.cookie = client.cookie.clone();
+    let mut original = client.on(&two);
     original.get("/me").await.assert(StatusCode::OK, "alice");
     original.get("/counter").await.assert(StatusCode::OK, "2");
     original.post("/counter").await.assert(StatusCode::OK, "3");
@@ -1443,11 +1450,7 @@ async fn two_instances_share_sessions_and_limits(one: &Router, two: &Router) {
     let mut alice = Client::new(one, "acme.localhost");
     alice.post("/counter").await.assert(StatusCode::OK, "1");
     alice.login("alice").await.assert(StatusCode::OK, "alice");
-    let mut on_two = Client {
-        app: two.clone(),
-        host: alice.host.clone(),
-        cookie: alice.cookie.clone(),
-    };
+    let mut on_two = alice.on(two);
     on_two.get("/counter").await.assert(StatusCode::OK, "1");
     on_two.get("/me").await.assert(StatusCode::OK, "alice");
     on_two.post("/counter").await.assert(StatusCode::OK, "2");
@@ -1531,11 +1534,7 @@ async fn two_instances_on_postgres_share_sessions() {
     let mut alice = Client::new(&one, "acme.localhost");
     alice.post("/counter").await.assert(StatusCode::OK, "1");
     alice.login("alice").await.assert(StatusCode::OK, "alice");
-    let mut on_two = Client {
-        app: two.clone(),
-        host: alice.host.clone(),
-        cookie: alice.cookie.clone(),
-    };
+    let mut on_two = alice.on(&two);
     on_two.get("/me").await.assert(StatusCode::OK, "alice");
     on_two.post("/counter").await.assert(StatusCode::OK, "2");
     let mut laptop = Client::new(&two, "acme.localhost");
@@ -1549,11 +1548,7 @@ async fn two_instances_on_postgres_share_sessions() {
         .assert(StatusCode::UNAUTHORIZED, "not logged in\n");
 
     let rebuilt = build(&config).await.unwrap();
-    let mut again = Client {
-        app: rebuilt.clone(),
-        host: alice.host.clone(),
-        cookie: alice.cookie.clone(),
-    };
+    let mut again = alice.on(&rebuilt);
     again.get("/counter").await.assert(StatusCode::OK, "2");
     again.post("/logout-all").await.assert(StatusCode::OK, "2");
     laptop
@@ -1602,11 +1597,7 @@ async fn the_chain_serves_through_a_redis_outage() {
     client.login("bob").await.assert(StatusCode::OK, "bob");
     client.post("/counter").await.assert(StatusCode::OK, "1");
     server.stop();
-    let mut on_two = Client {
-        app: two.clone(),
-        host: client.host.clone(),
-        cookie: client.cookie.clone(),
-    };
+    let mut on_two = client.on(&two);
     on_two.get("/me").await.assert(StatusCode::OK, "bob");
     on_two.post("/counter").await.assert(StatusCode::OK, "2");
     client.get("/counter").await.assert(StatusCode::OK, "2");
