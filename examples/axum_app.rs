@@ -1,7 +1,7 @@
 //! The reference app: an axum service whose sessions live in Redis (or in memory), scoped per
 //! tenant. Its routes and behaviour are a contract: outside tests drive it over plain HTTP.
 //!
-//! Run it with `cargo run --release --example axum_app`, then for instance:
+//! Run it with `cargo run --release --example axum_app --features full`, then for instance:
 //!
 //! ```text
 //! curl -i -c jar -b jar -X POST http://localhost:3000/counter

@@ -35,14 +35,15 @@
 //! |----------|---------|--------------|
 //! | `memory` | yes     | [`session::MemoryStore`]: bounded in-memory sessions with TTL |
 //! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health), [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
-//! | `sentinel` | yes   | [`backend::RedisBackend::sentinel`]: the master of a Sentinel-managed group, found again after a failover |
-//! | `cluster` | yes    | [`backend::RedisBackend::cluster`]: a Redis Cluster, every command routed by hash slot |
+//! | `sentinel` | no    | [`backend::RedisBackend::sentinel`]: the master of a Sentinel-managed group, found again after a failover |
+//! | `cluster` | no     | [`backend::RedisBackend::cluster`]: a Redis Cluster, every command routed by hash slot |
 //! | `tls`    | no      | `rediss://` URLs on every kind of backend (rustls with ring; the system's roots, or `RedisBackendBuilder::tls_root_certificates`) |
 //! | `tonic`  | no      | the layers on tonic servers: [`RefusalBody`] for tonic's body, client addresses from its `TcpConnectInfo` |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
-//! | `postgres` | yes   | `session::PostgresStore`: sessions in PostgreSQL on a `sqlx` pool; with `redis`, `session::ChainStore` (Redis in front of PostgreSQL) |
-//! | `connections` | yes | `connection::Registry`: live connections registered in Redis across instances, delivery to a user's connections everywhere, caps per user |
+//! | `postgres` | no    | `session::PostgresStore`: sessions in PostgreSQL on a `sqlx` pool; with `redis`, `session::ChainStore` (Redis in front of PostgreSQL) |
+//! | `connections` | no  | `connection::Registry`: live connections registered in Redis across instances, delivery to a user's connections everywhere, caps per user |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
+//! | `full` | no | all of the above |
 //!
 //! With `memory` and `redis` together, [`session::FallbackStore`] keeps sessions working through
 //! a Redis outage: a local copy serves them, writes are journaled and replayed once Redis is
@@ -142,6 +143,8 @@
 //! # Ok(())
 //! # }
 //! ```
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// `get_ref`, `get_mut` and `into_inner` for a layer's service, whose inner service is its
 /// `inner` field.
