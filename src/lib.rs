@@ -169,18 +169,16 @@ macro_rules! inner_service_accessors {
 
 #[cfg(feature = "redis")]
 pub mod backend;
-mod body;
 #[cfg(feature = "connections")]
 pub mod connection;
 mod error;
+mod http;
 mod metrics;
-mod peer;
 pub mod ratelimit;
-mod request;
 pub mod session;
+mod sync;
 pub mod tenant;
+mod time;
 
-pub use body::{RefusalBody, ResponseBody};
 pub use error::StoreError;
-pub use peer::{PeerAddr, PeerAddrLayer};
-pub use request::RequestView;
+pub use http::{PeerAddr, PeerAddrLayer, RefusalBody, RequestView, ResponseBody};

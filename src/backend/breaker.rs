@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use crate::sync::lock;
+
 /// When the circuit breaker opens and how long it stays open.
 ///
 /// After `failure_threshold` outages in a row (timeouts, refused or broken connections) the
@@ -124,11 +126,7 @@ impl Breaker {
     }
 
     fn status(&self) -> MutexGuard<'_, Status> {
-        // A panic while holding this lock cannot leave the status half-written (every update
-        // is a plain assignment), so a poisoned lock is still safe to use.
-        self.status
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.status)
     }
 
     /// Asks to make a call. `None` means the breaker is open and the call must not be tried.

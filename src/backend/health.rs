@@ -5,7 +5,7 @@ use std::{
     pin::Pin,
     sync::atomic::Ordering,
     task::{Context, Poll},
-    time::{SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
@@ -14,6 +14,8 @@ use serde::Serialize;
 
 use super::{BreakerState, RedisBackend};
 use http_body_util::Full;
+
+use crate::time::unix_millis;
 
 /// A read-only view of a [`RedisBackend`]'s health, for readiness checks and dashboards.
 #[derive(Debug, Clone)]
@@ -56,13 +58,8 @@ fn serialize_state<S: serde::Serializer>(state: &BreakerState, s: S) -> Result<S
     s.serialize_str(state.as_str())
 }
 
-fn unix_millis(time: &SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 fn serialize_time<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(unix_millis(time))
+    s.serialize_u64(unix_millis(*time))
 }
 
 fn serialize_opt_time<S: serde::Serializer>(
@@ -70,7 +67,7 @@ fn serialize_opt_time<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     match time {
-        Some(t) => s.serialize_some(&unix_millis(t)),
+        Some(t) => s.serialize_some(&unix_millis(*t)),
         None => s.serialize_none(),
     }
 }

@@ -18,6 +18,8 @@ use super::{
     breaker::{Breaker, BreakerConfig},
 };
 use crate::metrics;
+#[cfg(feature = "sentinel")]
+use crate::sync::lock;
 
 /// A shared handle to Redis: cheap to clone, every clone shares the connection, the circuit
 /// breaker and the counters.
@@ -446,23 +448,17 @@ impl SentinelMaster {
             "Sentinel named the Redis master"
         );
         let connection = ConnectionManager::new_lazy_with_config(master, self.config.clone())?;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(connection.clone());
+        *lock(&self.current) = Some(connection.clone());
         Ok(connection)
     }
 
     fn known(&self) -> Option<ConnectionManager> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.current).clone()
     }
 
     /// Forgets the master: the next call asks the sentinels again.
     fn forget(&self) {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        lock(&self.current).take();
     }
 }
 

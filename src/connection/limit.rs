@@ -15,8 +15,8 @@ use tower_service::Service;
 
 use super::{RegisterError, Registry};
 use crate::{
-    body::{RefusalBody, plain_response},
-    ratelimit::{ClientIp, Extracted, KeyExtractor, RequestView},
+    http::{RefusalBody, RequestView, plain_response},
+    ratelimit::{ClientIp, Extracted, KeyExtractor},
     tenant::Tenant,
 };
 

@@ -67,7 +67,9 @@ use tokio::sync::mpsc;
 
 use crate::{
     backend::{BackendError, RedisBackend},
+    sync::lock,
     tenant::Tenant,
+    time::millis,
 };
 
 mod limit;
@@ -572,11 +574,11 @@ impl Registry {
     }
 
     fn lock_local(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Local>> {
-        self.inner.local.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner.local)
     }
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<tokio::task::JoinHandle<()>>> {
-        self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner.tasks)
     }
 
     fn redis_failed(&self, operation: &'static str, error: &BackendError) {
@@ -755,10 +757,6 @@ impl Drop for Registration {
             runtime.spawn(async move { registry.remove_shared(vec![entry]).await });
         }
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Renews the leases of this instance's connections, grouped by key: one script per user and

@@ -9,11 +9,13 @@ use std::{
 
 use http::{Extensions, HeaderMap, HeaderName, header};
 
-pub use crate::RequestView;
 use ipnet::IpNet;
 
 use super::store::Client;
-use crate::tenant::Tenant;
+use crate::{
+    http::{RequestView, peer_addr},
+    tenant::Tenant,
+};
 
 /// A key that needs I/O to find (the session's user, say): a future of the client key.
 #[must_use = "a pending key finds nothing until it is awaited"]
@@ -234,25 +236,6 @@ fn parse_net(text: &str) -> Option<IpNet> {
     text.parse::<IpNet>()
         .ok()
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
-}
-
-/// The peer address the server recorded.
-fn peer_addr(extensions: &Extensions) -> Option<IpAddr> {
-    #[cfg(feature = "axum")]
-    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
-        return Some(info.0.ip());
-    }
-    #[cfg(feature = "tonic")]
-    if let Some(addr) = extensions
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
-    {
-        return Some(addr.ip());
-    }
-    extensions
-        .get::<SocketAddr>()
-        .map(SocketAddr::ip)
-        .or_else(|| extensions.get::<IpAddr>().copied())
 }
 
 /// The forwarding chain, left to right: `Forwarded` if present, else `X-Forwarded-For`. An

@@ -60,7 +60,7 @@
 //! ```
 
 mod algorithm;
-pub(crate) mod headers;
+mod headers;
 mod key;
 mod layer;
 mod lease;
@@ -70,10 +70,11 @@ mod quota;
 mod service;
 pub mod store;
 
+pub use crate::RequestView;
 pub use algorithm::Algorithm;
 pub use key::{
-    ClientIp, Extracted, HeaderKey, KeyConfigError, KeyExtractor, PendingKey, PerTenant,
-    RequestView, RouteKey, SessionUser,
+    ClientIp, Extracted, HeaderKey, KeyConfigError, KeyExtractor, PendingKey, PerTenant, RouteKey,
+    SessionUser,
 };
 pub use layer::{RateLimitLayer, RateLimited, Rejection};
 pub use lease::Lease;

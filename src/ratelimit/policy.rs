@@ -2,9 +2,9 @@ use std::{fmt, sync::Arc};
 
 use super::{
     Algorithm, Quota,
-    key::{ClientIp, KeyExtractor, PerTenant, RequestView},
+    key::{ClientIp, KeyExtractor, PerTenant},
 };
-use crate::tenant::Tenant;
+use crate::{http::RequestView, tenant::Tenant};
 
 /// What to do with a request whose key cannot be extracted (no peer address recorded, no API
 /// key header, no session user).

@@ -12,11 +12,8 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    headers::{
-        GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, RATELIMIT, RATELIMIT_POLICY, grpc_status,
-        is_grpc, policy_value, ratelimit_value, retry_after_secs,
-    },
-    key::{Extracted, RequestView, tenant_of},
+    headers::{RATELIMIT, RATELIMIT_POLICY, policy_value, ratelimit_value, retry_after_secs},
+    key::{Extracted, tenant_of},
     layer::{RateLimited, Rejection, Shared},
     limiter::{Deciding, Verdict},
     policy::MissingKey,
@@ -24,7 +21,10 @@ use super::{
     store::{Check, Client, CounterKey, Decision},
 };
 use crate::{
-    body::{RefusalBody, plain_response, polled_after_completion},
+    http::{
+        GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, RefusalBody, RequestView, grpc_status, is_grpc,
+        plain_response, polled_after_completion,
+    },
     tenant::Tenant,
 };
 

@@ -2,7 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::store::{Lifetime, millis, unix_millis};
+use super::store::Lifetime;
+use crate::time::{millis, unix_millis};
 
 /// How long one session lives, and whether its cookie outlives the browser. Chosen per session
 /// with [`Session::set_expiry`](super::Session::set_expiry) (a "remember me" checkbox, say);

@@ -6,7 +6,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -16,9 +16,9 @@ use super::{
     expiry::Expiry,
     id::SessionId,
     layer::Shared,
-    store::{Lifetime, Patch, Record, SessionInfo, StoreError, UserKey, Written, unix_millis},
+    store::{Lifetime, Patch, Record, SessionInfo, StoreError, UserKey, Written},
 };
-use crate::tenant::Tenant;
+use crate::{tenant::Tenant, time::now_millis};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -636,13 +636,9 @@ impl Session {
 /// The `Max-Age` of a cookie for a session with these settings; `None` for a browser-session
 /// cookie.
 fn cookie_age(lifetime: &Lifetime) -> Option<Duration> {
-    lifetime.persistent.then(|| {
-        Duration::from_millis(
-            lifetime
-                .expires_at
-                .saturating_sub(unix_millis(SystemTime::now())),
-        )
-    })
+    lifetime
+        .persistent
+        .then(|| Duration::from_millis(lifetime.expires_at.saturating_sub(now_millis())))
 }
 
 fn check_key(key: &str) -> Result<(), SessionError> {

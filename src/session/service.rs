@@ -15,7 +15,7 @@ use super::{
     layer::Shared,
 };
 use crate::{
-    body::{RefusalBody, plain_response, polled_after_completion},
+    http::{RefusalBody, plain_response, polled_after_completion},
     tenant::Tenant,
 };
 

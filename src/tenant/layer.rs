@@ -9,7 +9,7 @@ use super::{
     resolver::{RequestView, Resolution, ResolveTenant, TenantSource},
     service::TenantService,
 };
-use crate::body::RefusalBody;
+use crate::http::{GRPC_INVALID_ARGUMENT, RefusalBody, grpc_status};
 
 type RejectionFn = dyn Fn(&TenantRejected) -> Response<Bytes> + Send + Sync;
 
@@ -90,10 +90,7 @@ impl Shared {
         tracing::debug!(reason = %rejected, "request refused: no valid tenant");
         let mut response = match &self.rejection {
             Some(custom) => custom(&rejected).map(B::from_bytes),
-            None if grpc => crate::ratelimit::headers::grpc_status(
-                crate::ratelimit::headers::GRPC_INVALID_ARGUMENT,
-                "no valid tenant",
-            ),
+            None if grpc => grpc_status(GRPC_INVALID_ARGUMENT, "no valid tenant"),
             None => {
                 let mut response = Response::new(B::from_bytes(format!("{rejected}\n").into()));
                 *response.status_mut() = self.rejection_status;

@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{layer::Shared, resolver::RequestView};
-use crate::body::{RefusalBody, polled_after_completion};
+use crate::http::{RefusalBody, is_grpc, polled_after_completion};
 
 /// The service of a [`TenantLayer`](super::TenantLayer): puts the request's
 /// [`Tenant`](super::Tenant) into its extensions, or refuses it.
@@ -63,7 +63,7 @@ where
                 }
             }
             Err(rejected) => {
-                let grpc = crate::ratelimit::headers::is_grpc(request.headers());
+                let grpc = is_grpc(request.headers());
                 State::Rejected {
                     response: Some(self.shared.reject(rejected, grpc)),
                 }

@@ -1,16 +1,20 @@
 use std::{
     fmt,
     hash::BuildHasher,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
 use hashbrown::HashTable;
 
 use super::{Check, Checking, CounterKey, Decision, RateLimitStore, StoreError};
-use crate::ratelimit::{
-    Algorithm, Quota,
-    algorithm::{Counted, Gcra, Log, Window},
+use crate::{
+    ratelimit::{
+        Algorithm, Quota,
+        algorithm::{Counted, Gcra, Log, Window},
+    },
+    sync::lock,
+    time::unix_micros,
 };
 
 /// Rate-limit counts in process memory: bounded in size, idle keys swept by themselves.
@@ -136,22 +140,6 @@ impl MemoryRateStore {
             })?;
         Ok(verdict.into_decision(limit))
     }
-}
-
-/// Microseconds since the Unix epoch (0 before it): the time unit of every algorithm, on both
-/// stores.
-fn unix_micros(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
-    })
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Each critical section is one decision over plain integers: a panic inside one cannot
-    // leave the counts inconsistent, so a poisoned lock is still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// How many shards the key table has: enough that concurrent decisions on different keys
@@ -407,11 +395,5 @@ mod tests {
         }
         assert!(store.len() <= 64, "{} keys held", store.len());
         assert!(!store.is_empty());
-    }
-
-    #[test]
-    fn times_before_the_epoch_read_as_zero() {
-        assert_eq!(unix_micros(UNIX_EPOCH - Duration::from_secs(1)), 0);
-        assert_eq!(unix_micros(UNIX_EPOCH + Duration::from_nanos(1_999)), 1);
     }
 }

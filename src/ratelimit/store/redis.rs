@@ -1,7 +1,4 @@
-use std::{
-    sync::LazyLock,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::LazyLock, time::Duration};
 
 use redis::{Script, Value};
 
@@ -9,6 +6,7 @@ use super::{Check, Checking, Decision, RateLimitStore, StoreError};
 use crate::{
     backend::RedisBackend,
     ratelimit::{Algorithm, algorithm::Counted},
+    time::unix_micros,
 };
 
 static SLIDING_WINDOW: LazyLock<Script> = LazyLock::new(|| {
@@ -150,12 +148,6 @@ impl RateLimitStore for RedisRateStore {
     fn is_shared(&self) -> bool {
         true
     }
-}
-
-fn unix_micros(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
-    })
 }
 
 /// The decision a script's reply stands for. The scripts answer `{allowed, remaining, reset,

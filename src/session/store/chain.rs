@@ -17,7 +17,7 @@ use super::{
     PostgresStore, Record, RedisStore, SessionInfo, SessionKey, SessionStore, StoreError, UserKey,
     Written,
 };
-use crate::session::store::Patch;
+use crate::{session::store::Patch, sync};
 
 /// Sessions in PostgreSQL with copies in Redis: the database is the truth, Redis the fast path,
 /// and the database serves alone whenever Redis cannot.
@@ -150,7 +150,7 @@ impl ChainStore {
     /// per instance); requests meanwhile use what is known.
     async fn front(&self) -> RedisStore {
         let (store, due) = {
-            let front = self.inner.front.read().unwrap_or_else(|e| e.into_inner());
+            let front = sync::read(&self.inner.front);
             (
                 front.store.clone(),
                 front.checked.is_none_or(|at| at.elapsed() >= self.refresh),
@@ -164,12 +164,12 @@ impl ChainStore {
         // A failed read keeps what is known, and is tried again one interval later.
         let generation = self.inner.database.cache_generation().await.unwrap_or(0);
         self.adopt(generation);
-        let front = self.inner.front.read().unwrap_or_else(|e| e.into_inner());
+        let front = sync::read(&self.inner.front);
         front.store.clone()
     }
 
     fn adopt(&self, generation: i64) {
-        let mut front = self.inner.front.write().unwrap_or_else(|e| e.into_inner());
+        let mut front = sync::write(&self.inner.front);
         front.checked = Some(Instant::now());
         if generation > front.generation {
             front.generation = generation;

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{from_unix_millis, millis, unix_millis};
+use crate::time::{from_unix_millis, millis, unix_millis};
 
 /// Where a store in process memory reads the time: the system clock, or a [`ManualClock`] in
 /// tests.

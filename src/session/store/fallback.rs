@@ -1,7 +1,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -15,9 +15,13 @@ use super::{
     StoreError, UserKey, Written,
     clock::SharedClock,
     redis::{ReplayMode, ReplayWrite},
-    unix_millis,
 };
-use crate::{backend::BreakerState, metrics};
+use crate::{
+    backend::BreakerState,
+    metrics,
+    sync::lock,
+    time::{now_millis, unix_millis},
+};
 
 /// Sessions in Redis that survive a Redis outage: [`RedisStore`] first, and a bounded local
 /// copy of the sessions this instance served, used only while Redis cannot be reached.
@@ -264,22 +268,10 @@ enum Replayed {
     Superseded,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is plain bookkeeping: a panic inside one cannot leave the
-    // data half-written, so a poisoned lock is still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn unavailable(reason: &'static str) -> StoreError {
     StoreError::Unavailable {
         source: reason.into(),
     }
-}
-
-fn now_ms() -> u64 {
-    unix_millis(SystemTime::now())
 }
 
 /// What changed from `before` to `after`, as a patch.
@@ -446,7 +438,7 @@ impl Inner {
                 *journal.pending.entry(key.clone()).or_default() += 1;
             }
             journal.entries.push_back(Entry {
-                at: now_ms(),
+                at: now_millis(),
                 write,
             });
             self.journaled_now.store(true, Ordering::Release);

@@ -1,7 +1,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, Weak,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -12,7 +12,11 @@ use moka::{Expiry, sync::Cache};
 
 use super::{
     Clock, Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
-    clock::SharedClock, from_unix_millis, millis,
+    clock::SharedClock,
+};
+use crate::{
+    sync::lock,
+    time::{from_unix_millis, millis},
 };
 
 /// Sessions in process memory: bounded in size, expired by time.
@@ -197,14 +201,6 @@ impl Entry {
     fn touch(&self, now_ms: u64) {
         self.used.fetch_max(now_ms, Ordering::Relaxed);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is a few plain assignments: a panic inside one cannot leave
-    // the data inconsistent, so a poisoned lock is still usable.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct RecordExpiry {

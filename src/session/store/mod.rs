@@ -3,8 +3,10 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
+
+use crate::time::{millis, unix_millis};
 
 use async_trait::async_trait;
 
@@ -220,18 +222,4 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
 
     /// Removes every session of one user; returns how many existed.
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError>;
-}
-
-pub(crate) fn unix_millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-pub(crate) fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(any(feature = "memory", feature = "redis", feature = "postgres"))]
-pub(crate) fn from_unix_millis(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }

@@ -6,11 +6,11 @@ use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use sqlx::{PgPool, Row, postgres::PgRow};
 
-use super::{
-    Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
-    from_unix_millis, millis,
+use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
+use crate::{
+    tenant::Tenant,
+    time::{from_unix_millis, millis},
 };
-use crate::tenant::Tenant;
 
 /// Now on the database's clock, in Unix milliseconds: every instance decides expiry on the same
 /// clock, as Redis's `TIME` does for the Redis store.

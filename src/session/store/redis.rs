@@ -13,11 +13,11 @@ use std::{
 use async_trait::async_trait;
 use redis::{Pipeline, Value};
 
-use super::{
-    Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
-    from_unix_millis, millis,
+use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
+use crate::{
+    backend::RedisBackend,
+    time::{from_unix_millis, millis, now_millis, unix_millis},
 };
-use crate::backend::RedisBackend;
 
 /// Sent as `EVAL` in a pipeline (with the user-index commands): there a `NOSCRIPT` reply (after
 /// a Redis restart) could not be retried without repeating the pipeline's other commands.
@@ -560,7 +560,7 @@ impl RedisStore {
             .list_user_sessions(user)
             .await?
             .into_iter()
-            .filter(|info| super::unix_millis(info.created_at) <= at)
+            .filter(|info| unix_millis(info.created_at) <= at)
             .map(|info| info.key)
             .collect();
         if ended.is_empty() {
@@ -825,7 +825,7 @@ impl SessionStore for RedisStore {
         let (set, remove) = Self::patch_fields(patch);
         // Every field written or removed gets its write time, the writer's (see
         // `lua/replay.lua`).
-        let written = super::unix_millis(std::time::SystemTime::now());
+        let written = now_millis();
         let guess = patch
             .lifetime
             .map_or_else(|| self.idle_guess(), |l| millis(l.inactivity_timeout));

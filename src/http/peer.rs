@@ -2,11 +2,11 @@
 //! themselves (hyper, tonic without axum).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     task::{Context, Poll},
 };
 
-use http::Request;
+use http::{Extensions, Request};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -82,4 +82,24 @@ where
         request.extensions_mut().insert(self.peer);
         self.inner.call(request)
     }
+}
+
+/// The peer address the server recorded: axum's `ConnectInfo`, tonic's `TcpConnectInfo`, or a
+/// plain `SocketAddr` or `IpAddr` extension (what [`PeerAddrLayer`] inserts).
+pub(crate) fn peer_addr(extensions: &Extensions) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = extensions.get::<axum::extract::ConnectInfo<SocketAddr>>() {
+        return Some(info.0.ip());
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+    {
+        return Some(addr.ip());
+    }
+    extensions
+        .get::<SocketAddr>()
+        .map(SocketAddr::ip)
+        .or_else(|| extensions.get::<IpAddr>().copied())
 }

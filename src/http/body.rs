@@ -174,7 +174,6 @@ where
     }
 }
 
-/// A plain-text response written by a layer.
 /// What every layer's response future answers when it is polled again after it completed (a
 /// caller's mistake): a plain `500`, without touching the inner service's future again.
 pub(crate) fn polled_after_completion<B: RefusalBody>() -> http::Response<B> {
@@ -184,6 +183,7 @@ pub(crate) fn polled_after_completion<B: RefusalBody>() -> http::Response<B> {
     )
 }
 
+/// A plain-text response written by a layer.
 pub(crate) fn plain_response<B: RefusalBody>(
     status: http::StatusCode,
     text: &'static str,

@@ -1,0 +1,28 @@
+//! Locks that outlive a panic.
+//!
+//! Every critical section in this crate is bookkeeping made of plain assignments (a counter,
+//! a map entry, a cached connection): a panic inside one cannot leave the data half-written,
+//! so a poisoned lock is still safe to use, and refusing it would turn one panicking request
+//! into a failure of every later one.
+
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Locks `mutex`, poisoned or not.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads `lock`, poisoned or not.
+#[cfg_attr(not(all(feature = "redis", feature = "postgres")), allow(dead_code))]
+pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Writes `lock`, poisoned or not.
+#[cfg_attr(not(all(feature = "redis", feature = "postgres")), allow(dead_code))]
+pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
