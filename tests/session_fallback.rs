@@ -438,7 +438,7 @@ async fn the_replay_script_is_idempotent_and_never_resurrects() {
     };
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let script = redis::Script::new(include_str!("../src/session/store/lua/replay.lua"));
+    let script = redis::Script::new(include_str!("../src/session/store/redis/lua/replay.lua"));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

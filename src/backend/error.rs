@@ -1,5 +1,7 @@
 use std::{error::Error as StdError, time::Duration};
 
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Why a call to Redis did not produce an answer.
@@ -47,4 +49,39 @@ impl BackendError {
             Self::CircuitOpen | Self::Timeout(_) | Self::Unreachable { .. }
         )
     }
+}
+
+/// Whether `error` says Redis is unavailable, rather than that it refused one command.
+pub(super) fn is_outage(error: &RedisError) -> bool {
+    if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+        return true;
+    }
+    // A server that wants credentials this client did not send (or that no longer match)
+    // cannot be used at all until the configuration is fixed.
+    if matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
+        return true;
+    }
+    // A transaction whose commands a server that has become a replica refused as they were
+    // queued: the master is gone from there.
+    if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort)
+        && error.to_string().contains("READONLY")
+    {
+        return true;
+    }
+    matches!(
+        error.kind(),
+        ErrorKind::Io
+            | ErrorKind::AuthenticationFailed
+            | ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::MasterNameNotFoundBySentinel
+            | ErrorKind::NoValidReplicasFoundBySentinel
+            | ErrorKind::EmptySentinelList
+            | ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            )
+    )
 }

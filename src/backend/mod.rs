@@ -40,14 +40,23 @@
 //! # }
 //! ```
 
+mod batch;
 mod breaker;
+mod builder;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod error;
+mod handle;
 mod health;
-mod redis;
+mod node;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 
+pub(crate) use batch::{Batch, Part, Replies};
 pub use breaker::{BreakerConfig, BreakerState};
+pub use builder::RedisBackendBuilder;
 pub use error::BackendError;
+pub use handle::RedisBackend;
 pub use health::{
     Health, HealthFuture, HealthReport, HealthService, HealthSnapshot, RateLimitStatus,
 };
-pub use redis::{RedisBackend, RedisBackendBuilder};

@@ -66,7 +66,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::{
-    backend::{BackendError, RedisBackend},
+    backend::{BackendError, Batch, Part, RedisBackend},
     sync::lock,
     tenant::Tenant,
     time::millis,
@@ -682,29 +682,18 @@ impl Registry {
     }
 
     /// Runs independent commands in one round trip: one pipeline on a single server, or on a
-    /// cluster one request per command, all at once (a pipeline there must keep to one slot).
+    /// cluster one request per command, all at once.
     async fn run_all(&self, commands: Vec<redis::Cmd>) -> Result<(), BackendError> {
         let Some(backend) = &self.inner.backend else {
             return Ok(());
         };
-        let timeout = self.inner.timeout;
-        if backend.is_cluster() {
-            let runs = commands.into_iter().map(|cmd| {
-                backend.run(timeout, |mut conn| async move {
-                    cmd.query_async::<Value>(&mut conn).await.map(drop)
-                })
-            });
-            return futures_util::future::try_join_all(runs).await.map(drop);
+        let mut batch = Batch::new();
+        for command in commands {
+            let mut part = Part::new();
+            part.add(command);
+            batch.push(part);
         }
-        let mut pipe = redis::pipe();
-        for cmd in commands {
-            pipe.add_command(cmd).ignore();
-        }
-        backend
-            .run(timeout, |mut conn| async move {
-                pipe.query_async::<()>(&mut conn).await
-            })
-            .await
+        backend.run_batch(self.inner.timeout, batch).await.map(drop)
     }
 }
 

@@ -96,6 +96,13 @@ impl SharedClock {
     }
 }
 
+/// A store hands its clock on (the fallback store to its local copy).
+impl Clock for SharedClock {
+    fn now(&self) -> SystemTime {
+        self.0.now()
+    }
+}
+
 impl Default for SharedClock {
     fn default() -> Self {
         Self::new(SystemClock)

@@ -88,13 +88,6 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The fallback store's local copy shares its clock (see `FallbackStoreBuilder::clock`).
-    #[cfg(feature = "redis")]
-    pub(crate) fn shared_clock(mut self, clock: SharedClock) -> Self {
-        self.clock = clock;
-        self
-    }
-
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         // The cache's own expiry (on the monotonic clock) reclaims memory; whether a session

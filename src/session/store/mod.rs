@@ -26,6 +26,7 @@ mod migration;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+mod replay;
 
 #[cfg(all(feature = "redis", feature = "postgres"))]
 pub use chain::ChainStore;
@@ -40,6 +41,7 @@ pub use migration::MigrationStore;
 pub use postgres::{CleanupTask, PostgresStore, TableNameError};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
+pub use replay::{JournaledWrite, ReplayStore, Replayed};
 
 /// One session as a store keeps it.
 ///

@@ -1,7 +1,14 @@
+//! Sessions in Redis that survive a Redis outage.
+//!
+//! - `journal`: the writes made during an outage, in order (pure bookkeeping).
+//! - `replay`: the background task that takes them back to Redis once it answers.
+
+mod journal;
+mod replay;
+
 use std::{
-    collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex, Weak,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -10,14 +17,12 @@ use std::{
 use async_trait::async_trait;
 use serde::Serialize;
 
+use self::journal::{Full, Journal, diff};
 use super::{
-    Clock, MemoryStore, Patch, Record, RedisStore, SessionInfo, SessionKey, SessionStore,
-    StoreError, UserKey, Written,
-    clock::SharedClock,
-    redis::{ReplayMode, ReplayWrite},
+    Clock, JournaledWrite, MemoryStore, Patch, Record, RedisStore, ReplayStore, SessionInfo,
+    SessionKey, SessionStore, StoreError, UserKey, Written, clock::SharedClock,
 };
 use crate::{
-    backend::BreakerState,
     metrics,
     sync::lock,
     time::{now_millis, unix_millis},
@@ -86,23 +91,31 @@ use crate::{
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
-pub struct FallbackStore {
-    inner: Arc<Inner>,
+#[derive(Debug)]
+pub struct FallbackStore<P = RedisStore> {
+    inner: Arc<Inner<P>>,
+}
+
+impl<P> Clone for FallbackStore<P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
 }
 
 /// Builds a [`FallbackStore`] with non-default bounds.
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct FallbackStoreBuilder {
-    primary: RedisStore,
+pub struct FallbackStoreBuilder<P = RedisStore> {
+    primary: P,
     max_local_sessions: u64,
     max_local_idle: Duration,
     max_journal: usize,
     clock: SharedClock,
 }
 
-impl FallbackStoreBuilder {
+impl<P: ReplayStore> FallbackStoreBuilder<P> {
     /// The most sessions kept in the local copy. Default: 100 000.
     pub fn max_local_sessions(mut self, max: u64) -> Self {
         self.max_local_sessions = max;
@@ -133,7 +146,7 @@ impl FallbackStoreBuilder {
 
     /// Builds the store. The replay task starts with the first journaled write, on the Tokio
     /// runtime that write runs on, and ends when the journal is empty or the store is dropped.
-    pub fn build(self) -> FallbackStore {
+    pub fn build(self) -> FallbackStore<P> {
         FallbackStore {
             inner: Arc::new(Inner {
                 primary: self.primary,
@@ -141,11 +154,10 @@ impl FallbackStoreBuilder {
                     .max_sessions(self.max_local_sessions)
                     .max_users(self.max_local_sessions)
                     .max_idle(self.max_local_idle)
-                    .shared_clock(self.clock)
+                    .clock(self.clock)
                     .build(),
-                journal: Mutex::new(Journal::default()),
+                journal: Mutex::new(Journal::new(self.max_journal)),
                 journaled_now: AtomicBool::new(false),
-                max_journal: self.max_journal,
                 replaying: AtomicBool::new(false),
                 in_fallback: AtomicBool::new(false),
                 active: Mutex::new(None),
@@ -180,17 +192,20 @@ pub struct FallbackStatus {
     pub dropped: u64,
 }
 
+/// What every clone of one store shares.
 #[derive(Debug)]
-struct Inner {
-    primary: RedisStore,
+struct Inner<P> {
+    primary: P,
+    /// The sessions this instance served, served itself while the primary is unreachable.
     local: MemoryStore,
     journal: Mutex<Journal>,
     /// Whether the journal holds anything: lets the healthy path skip the journal's lock.
     journaled_now: AtomicBool,
-    max_journal: usize,
+    /// Whether the replay task runs: one at a time, so entries leave the journal in order.
     replaying: AtomicBool,
     /// Whether a fallback run is on (`active` is set): lets the healthy path skip its lock.
     in_fallback: AtomicBool,
+    /// Since when the current fallback run is on.
     active: Mutex<Option<SystemTime>>,
     counters: Counters,
 }
@@ -203,97 +218,18 @@ struct Counters {
     dropped: AtomicU64,
 }
 
-/// The writes made during an outage, in order, and how many of them each session has.
-#[derive(Debug, Default)]
-struct Journal {
-    entries: VecDeque<Entry>,
-    pending: HashMap<SessionKey, usize>,
-}
-
-#[derive(Debug, Clone)]
-struct Entry {
-    /// When the write was made (Unix ms).
-    at: u64,
-    write: Write,
-}
-
-/// One write made during an outage, in the terms it is replayed in.
-#[derive(Debug, Clone)]
-enum Write {
-    Create {
-        key: SessionKey,
-        record: Record,
-    },
-    Update {
-        key: SessionKey,
-        patch: Patch,
-    },
-    /// The session moved from `old` to `new`; `change` is what the move itself changed.
-    Cycle {
-        old: SessionKey,
-        old_user: Option<String>,
-        new: SessionKey,
-        change: Patch,
-        user: Option<String>,
-        user_changed: bool,
-        expires_at: u64,
-    },
-    Delete {
-        key: SessionKey,
-        user: Option<String>,
-    },
-    DeleteUser {
-        user: UserKey,
-    },
-}
-
-impl Write {
-    fn keys(&self) -> impl Iterator<Item = &SessionKey> {
-        let (first, second) = match self {
-            Self::Create { key, .. } | Self::Update { key, .. } | Self::Delete { key, .. } => {
-                (Some(key), None)
-            }
-            Self::Cycle { old, new, .. } => (Some(old), Some(new)),
-            Self::DeleteUser { .. } => (None, None),
-        };
-        first.into_iter().chain(second)
-    }
-}
-
-/// What replaying one entry did.
-enum Replayed {
-    Applied,
-    /// The session is gone from Redis: the write was not replayed, and the local copy of it is
-    /// dropped.
-    Superseded,
-}
-
 fn unavailable(reason: &'static str) -> StoreError {
     StoreError::Unavailable {
         source: reason.into(),
     }
 }
 
-/// What changed from `before` to `after`, as a patch.
-fn diff(before: &Record, after: &Record) -> Patch {
-    Patch {
-        set: after
-            .data
-            .iter()
-            .filter(|(key, value)| before.data.get(*key) != Some(*value))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect(),
-        remove: before
-            .data
-            .keys()
-            .filter(|key| !after.data.contains_key(*key))
-            .cloned()
-            .collect(),
-        lifetime: (before.lifetime() != after.lifetime()).then(|| after.lifetime()),
-    }
+/// The read or write of a session this instance holds no copy of, during an outage.
+fn not_held() -> StoreError {
+    unavailable("Redis is unreachable and this instance holds no copy of the session")
 }
 
-impl FallbackStore {
+impl<P: ReplayStore> FallbackStore<P> {
     /// A fallback store in front of `primary`, with the default bounds.
     ///
     /// ```no_run
@@ -305,12 +241,12 @@ impl FallbackStore {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn new(primary: RedisStore) -> Self {
+    pub fn new(primary: P) -> Self {
         Self::builder(primary).build()
     }
 
     /// A builder for a store with other bounds.
-    pub fn builder(primary: RedisStore) -> FallbackStoreBuilder {
+    pub fn builder(primary: P) -> FallbackStoreBuilder<P> {
         FallbackStoreBuilder {
             primary,
             max_local_sessions: 100_000,
@@ -320,8 +256,8 @@ impl FallbackStore {
         }
     }
 
-    /// The Redis store in front.
-    pub fn primary(&self) -> &RedisStore {
+    /// The store in front.
+    pub fn primary(&self) -> &P {
         &self.inner.primary
     }
 
@@ -342,20 +278,19 @@ impl FallbackStore {
             }
         })
         .await;
-        lock(&self.inner.journal).entries.len()
+        lock(&self.inner.journal).len()
     }
 }
 
-impl Inner {
+impl<P: ReplayStore> Inner<P> {
     fn status(&self) -> FallbackStatus {
         let (journal_len, journaled) = {
             let journal = lock(&self.journal);
-            (journal.entries.len(), !journal.entries.is_empty())
+            (journal.len(), !journal.is_empty())
         };
-        let breaker = self.primary.backend().health().snapshot().state;
         let since = *lock(&self.active);
         FallbackStatus {
-            active: since.is_some() && (journaled || breaker != BreakerState::Closed),
+            active: since.is_some() && (journaled || self.primary.is_unreachable()),
             active_since: since.map(unix_millis),
             local_sessions: self.local.len(),
             journal_len,
@@ -369,7 +304,7 @@ impl Inner {
     /// Whether `key` has journaled writes that Redis has not seen yet: it is then served from
     /// the local copy, so that its writes stay in order.
     fn pending(&self, key: &SessionKey) -> bool {
-        self.journaled_now.load(Ordering::Acquire) && lock(&self.journal).pending.contains_key(key)
+        self.journaled_now.load(Ordering::Acquire) && lock(&self.journal).is_pending(key)
     }
 
     /// Called on each outage: the first one of a run logs the switch to the local copy.
@@ -418,207 +353,30 @@ impl Inner {
     }
 
     /// Records a write made during an outage, or refuses it when the journal is full.
-    fn journal(self: &Arc<Self>, write: Write) -> Result<(), StoreError> {
-        {
-            let mut journal = lock(&self.journal);
-            if journal.entries.len() >= self.max_journal {
-                let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                metrics::count("turnstile_session_dropped_total", 1);
-                if dropped.is_power_of_two() {
-                    tracing::error!(
-                        target: "tower_turnstile::session",
-                        limit = self.max_journal,
-                        dropped,
-                        "session journal full: a write during the Redis outage was refused"
-                    );
-                }
-                return Err(unavailable("the session journal is full"));
+    fn journal(self: &Arc<Self>, write: JournaledWrite) -> Result<(), StoreError> {
+        let refused = lock(&self.journal).push(now_millis(), write).err();
+        if let Some(Full { limit }) = refused {
+            let dropped = self.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            metrics::count("turnstile_session_dropped_total", 1);
+            if dropped.is_power_of_two() {
+                tracing::error!(
+                    target: "tower_turnstile::session",
+                    limit,
+                    dropped,
+                    "session journal full: a write during the Redis outage was refused"
+                );
             }
-            for key in write.keys() {
-                *journal.pending.entry(key.clone()).or_default() += 1;
-            }
-            journal.entries.push_back(Entry {
-                at: now_millis(),
-                write,
-            });
-            self.journaled_now.store(true, Ordering::Release);
+            return Err(unavailable("the session journal is full"));
         }
+        self.journaled_now.store(true, Ordering::Release);
         self.counters.journaled.fetch_add(1, Ordering::Relaxed);
         metrics::count("turnstile_session_journaled_total", 1);
         self.start_replay();
         Ok(())
     }
-
-    /// Starts the replay task unless it runs already.
-    fn start_replay(self: &Arc<Self>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.replaying.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let store = Arc::downgrade(self);
-        runtime.spawn(replay_task(store));
-    }
-
-    /// Replays journaled writes in order until the journal is empty (`true`) or Redis fails
-    /// (`false`: try again later). Only the replay task calls it.
-    async fn replay(&self) -> bool {
-        loop {
-            let Some(entry) = lock(&self.journal).entries.front().cloned() else {
-                self.leave();
-                return true;
-            };
-            let outcome = match self.replay_one(&entry).await {
-                Ok(outcome) => outcome,
-                Err(error) if error.is_outage() => return false,
-                Err(error) => {
-                    // Redis answered but refused the write (a key of another type, say): it can
-                    // never be replayed, and keeping it would block every write behind it.
-                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    metrics::count("turnstile_session_dropped_total", 1);
-                    tracing::error!(
-                        target: "tower_turnstile::session",
-                        error = %error,
-                        source = std::error::Error::source(&error).map(ToString::to_string),
-                        "journaled session write refused by Redis; dropped"
-                    );
-                    Replayed::Applied
-                }
-            };
-            let mut journal = lock(&self.journal);
-            // Only this task removes entries, so the front is still the entry replayed.
-            if let Some(done) = journal.entries.pop_front() {
-                for key in done.write.keys() {
-                    if let Some(count) = journal.pending.get_mut(key) {
-                        *count -= 1;
-                        if *count == 0 {
-                            journal.pending.remove(key);
-                        }
-                    }
-                }
-            }
-            if journal.entries.is_empty() {
-                self.journaled_now.store(false, Ordering::Release);
-            }
-            drop(journal);
-            match outcome {
-                Replayed::Applied => {
-                    metrics::count("turnstile_session_replayed_total", 1);
-                    self.counters.replayed.fetch_add(1, Ordering::Relaxed)
-                }
-                Replayed::Superseded => {
-                    metrics::count("turnstile_session_superseded_total", 1);
-                    for key in entry.write.keys() {
-                        self.local.remove(key, None);
-                    }
-                    tracing::info!(
-                        target: "tower_turnstile::session",
-                        "a session written during the outage is gone from Redis; its journaled \
-                         write is not replayed"
-                    );
-                    self.counters.superseded.fetch_add(1, Ordering::Relaxed)
-                }
-            };
-        }
-    }
-
-    async fn replay_one(&self, entry: &Entry) -> Result<Replayed, StoreError> {
-        let redis = &self.primary;
-        let at = entry.at;
-        let applied = |done: bool| {
-            if done {
-                Replayed::Applied
-            } else {
-                Replayed::Superseded
-            }
-        };
-        Ok(match &entry.write {
-            Write::Create { key, record } => {
-                let write = ReplayWrite {
-                    mode: ReplayMode::Create,
-                    at,
-                    base: RedisStore::base_fields(key, record),
-                    patch: &Patch::default(),
-                    user: None,
-                    index: record.user.as_deref().map(|u| (u, record.expires_at)),
-                };
-                applied(redis.replay(key, &write).await?)
-            }
-            Write::Update { key, patch } => {
-                let write = ReplayWrite {
-                    mode: ReplayMode::Patch,
-                    at,
-                    base: Vec::new(),
-                    patch,
-                    user: None,
-                    index: None,
-                };
-                applied(redis.replay(key, &write).await?)
-            }
-            Write::Cycle {
-                old,
-                old_user,
-                new,
-                change,
-                user,
-                user_changed,
-                expires_at,
-            } => {
-                let Some(base) = redis.load_raw(old).await? else {
-                    // Gone from Redis: either this move was replayed already (the new key
-                    // exists), or the session was destroyed meanwhile and stays destroyed.
-                    return Ok(applied(redis.exists(new).await?));
-                };
-                let write = ReplayWrite {
-                    mode: ReplayMode::Create,
-                    at,
-                    base,
-                    patch: change,
-                    user: user.as_deref().filter(|_| *user_changed),
-                    index: user.as_deref().map(|u| (u, *expires_at)),
-                };
-                let moved = redis.replay(new, &write).await?;
-                redis.delete(old, old_user.as_deref()).await?;
-                applied(moved)
-            }
-            Write::Delete { key, user } => {
-                redis.delete(key, user.as_deref()).await?;
-                Replayed::Applied
-            }
-            Write::DeleteUser { user } => {
-                redis.delete_user_sessions_before(user, at).await?;
-                Replayed::Applied
-            }
-        })
-    }
 }
 
-/// Replays the journal while there is one, retrying while Redis is down; ends when the journal
-/// is empty or the store is dropped.
-async fn replay_task(store: Weak<Inner>) {
-    loop {
-        let Some(inner) = store.upgrade() else {
-            return;
-        };
-        if inner.replay().await {
-            inner.replaying.store(false, Ordering::Release);
-            // A write journaled between the last replay and the flag: take it too.
-            if !inner.journaled_now.load(Ordering::Acquire)
-                || inner.replaying.swap(true, Ordering::AcqRel)
-            {
-                return;
-            }
-            continue;
-        }
-        drop(inner);
-        // Redis is still down; the breaker makes each retry cost nothing until it lets a
-        // probe through.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-impl FallbackStore {
+impl<P: ReplayStore> FallbackStore<P> {
     /// Runs `op` against Redis unless the key must stay local; on an outage, `local` runs
     /// instead. Redis errors that are not outages are returned as they are.
     async fn either<T>(
@@ -647,7 +405,7 @@ impl FallbackStore {
 }
 
 #[async_trait]
-impl SessionStore for FallbackStore {
+impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
         let local = &self.inner.local;
         self.either(
@@ -659,9 +417,7 @@ impl SessionStore for FallbackStore {
             },
             || match local.get(key) {
                 Some(record) => Ok(Some(record)),
-                None => Err(unavailable(
-                    "Redis is unreachable and this instance holds no copy of the session",
-                )),
+                None => Err(not_held()),
             },
         )
         .await
@@ -674,7 +430,7 @@ impl SessionStore for FallbackStore {
             self.inner.primary.create(key, record),
             |()| local.put(key, record),
             || {
-                self.inner.journal(Write::Create {
+                self.inner.journal(JournaledWrite::Create {
                     key: key.clone(),
                     record: record.clone(),
                 })?;
@@ -698,11 +454,9 @@ impl SessionStore for FallbackStore {
             },
             || {
                 if local.get(key).is_none() {
-                    return Err(unavailable(
-                        "Redis is unreachable and this instance holds no copy of the session",
-                    ));
+                    return Err(not_held());
                 }
-                self.inner.journal(Write::Update {
+                self.inner.journal(JournaledWrite::Update {
                     key: key.clone(),
                     patch: patch.clone(),
                 })?;
@@ -731,11 +485,9 @@ impl SessionStore for FallbackStore {
             },
             || {
                 let Some(before) = local.get(old) else {
-                    return Err(unavailable(
-                        "Redis is unreachable and this instance holds no copy of the session",
-                    ));
+                    return Err(not_held());
                 };
-                self.inner.journal(Write::Cycle {
+                self.inner.journal(JournaledWrite::Cycle {
                     old: old.clone(),
                     old_user: old_user.map(str::to_owned),
                     new: new.clone(),
@@ -757,7 +509,7 @@ impl SessionStore for FallbackStore {
             self.inner.primary.delete(key, user),
             |()| local.remove(key, user),
             || {
-                self.inner.journal(Write::Delete {
+                self.inner.journal(JournaledWrite::Delete {
                     key: key.clone(),
                     user: user.map(str::to_owned),
                 })?;
@@ -798,7 +550,7 @@ impl SessionStore for FallbackStore {
         // during the outage may be among them): the journaled "log out everywhere" ends them
         // once they are replayed.
         if ended.is_none() || inner.journaled_now.load(Ordering::Acquire) {
-            let journaled = inner.journal(Write::DeleteUser { user: user.clone() });
+            let journaled = inner.journal(JournaledWrite::DeleteUser { user: user.clone() });
             if let (Err(error), None) = (journaled, ended) {
                 return Err(error);
             }
