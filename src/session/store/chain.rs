@@ -15,7 +15,7 @@ use moka::sync::Cache;
 
 use super::{
     PostgresStore, Record, RedisStore, SessionInfo, SessionKey, SessionStore, StoreError, UserKey,
-    Written,
+    VersionedStore, Written,
 };
 use crate::{session::store::Patch, sync};
 
@@ -64,17 +64,25 @@ use crate::{session::store::Patch, sync};
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct ChainStore {
-    inner: Arc<Inner>,
+pub struct ChainStore<B = PostgresStore> {
+    inner: Arc<Inner<B>>,
     refresh: Duration,
 }
 
-struct Inner {
+impl<B> Clone for ChainStore<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            refresh: self.refresh,
+        }
+    }
+}
+
+struct Inner<B> {
     /// Redis as configured; the copies of one generation live under its prefix plus `g<n>:`.
     redis: RedisStore,
     front: RwLock<Front>,
-    database: PostgresStore,
+    database: B,
     refreshing: AtomicBool,
     /// When this instance last slid each session in PostgreSQL for a read Redis served.
     touched: Cache<SessionKey, Instant>,
@@ -87,7 +95,7 @@ struct Front {
     checked: Option<Instant>,
 }
 
-impl fmt::Debug for ChainStore {
+impl<B: VersionedStore> fmt::Debug for ChainStore<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let generation = self.generation();
         f.debug_struct("ChainStore")
@@ -98,10 +106,10 @@ impl fmt::Debug for ChainStore {
     }
 }
 
-impl ChainStore {
-    /// Copies in `redis` in front of `database`. Run [`PostgresStore::migrate`] first (it
-    /// creates the generation counter too).
-    pub fn new(redis: RedisStore, database: PostgresStore) -> Self {
+impl<B: VersionedStore> ChainStore<B> {
+    /// Copies in `redis` in front of `database`. For a [`PostgresStore`], run
+    /// [`PostgresStore::migrate`] first (it creates the generation counter too).
+    pub fn new(redis: RedisStore, database: B) -> Self {
         let store = generation_store(&redis, 0);
         Self {
             inner: Arc::new(Inner {
@@ -135,8 +143,8 @@ impl ChainStore {
         &self.inner.redis
     }
 
-    /// The PostgreSQL store behind.
-    pub fn database(&self) -> &PostgresStore {
+    /// The store behind.
+    pub fn database(&self) -> &B {
         &self.inner.database
     }
 
@@ -162,7 +170,7 @@ impl ChainStore {
         // Cleared however this ends, a request given up on halfway included.
         let _refreshing = Refreshing(&self.inner.refreshing);
         // A failed read keeps what is known, and is tried again one interval later.
-        let generation = self.inner.database.cache_generation().await.unwrap_or(0);
+        let generation = self.inner.database.copy_generation().await.unwrap_or(0);
         self.adopt(generation);
         let front = sync::read(&self.inner.front);
         front.store.clone()
@@ -179,7 +187,7 @@ impl ChainStore {
 
     /// Redis could not drop a copy: every copy of this generation may now be stale.
     async fn abandon_generation(&self, error: &StoreError) {
-        match self.inner.database.bump_cache_generation().await {
+        match self.inner.database.next_copy_generation().await {
             Ok(generation) => {
                 tracing::warn!(
                     target: "tower_turnstile::session",
@@ -261,7 +269,7 @@ fn generation_store(redis: &RedisStore, generation: i64) -> RedisStore {
 }
 
 #[async_trait]
-impl SessionStore for ChainStore {
+impl<B: VersionedStore> SessionStore for ChainStore<B> {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
         let front = self.front().await;
         match front.load(key).await {

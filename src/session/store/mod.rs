@@ -27,6 +27,7 @@ mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod replay;
+mod versioned;
 
 #[cfg(all(feature = "redis", feature = "postgres"))]
 pub use chain::ChainStore;
@@ -42,6 +43,7 @@ pub use postgres::{CleanupTask, PostgresStore, TableNameError};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 pub use replay::{JournaledWrite, ReplayStore, Replayed};
+pub use versioned::VersionedStore;
 
 /// One session as a store keeps it.
 ///

@@ -1,0 +1,1 @@
+UPDATE {table}_cache SET generation = generation + 1 RETURNING generation

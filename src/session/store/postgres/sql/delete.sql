@@ -1,0 +1,1 @@
+DELETE FROM {table} WHERE tenant = $1 AND id = $2

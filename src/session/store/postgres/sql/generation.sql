@@ -1,0 +1,1 @@
+SELECT max(generation) FROM {table}_cache
