@@ -175,6 +175,8 @@ mod error;
 mod http;
 mod metrics;
 pub mod ratelimit;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod script;
 pub mod session;
 mod sync;
 pub mod tenant;

@@ -2,6 +2,8 @@
 //! store's table. Placeholders: `{table}` (maybe `schema.table`), `{base}` (the table's own
 //! name, for index names), and the fragments below.
 
+use crate::script::without_comments;
+
 /// Now on the database's clock, in Unix milliseconds: every instance decides expiry on the same
 /// clock, as Redis's `TIME` does for the Redis store.
 const NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -92,15 +94,6 @@ fn render(template: &str, table: &str) -> String {
         .replace("{well_formed}", WELL_FORMED)
         .replace("{base}", base)
         .replace("{table}", table)
-}
-
-/// A statement without its comment lines: what is sent needs none.
-fn without_comments(template: &str) -> String {
-    template
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::{
     backend::{Batch, BreakerState, Part},
+    script::without_comments,
     session::store::{
         JournaledWrite, Patch, Record, ReplayStore, Replayed, SessionKey, SessionStore, StoreError,
         UserKey,
@@ -22,13 +23,8 @@ use crate::{
 
 /// Sent as `EVAL` beside the user-index commands: a `NOSCRIPT` reply (after a Redis restart)
 /// could not be retried without repeating the other commands of the request.
-static REPLAY: LazyLock<String> = LazyLock::new(|| {
-    include_str!("lua/replay.lua")
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("--"))
-        .collect::<Vec<_>>()
-        .join("\n")
-});
+static REPLAY: LazyLock<String> =
+    LazyLock::new(|| without_comments(include_str!("lua/replay.lua")));
 
 /// How a journaled write is replayed; see `lua/replay.lua`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
