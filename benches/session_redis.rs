@@ -7,7 +7,8 @@
 //!
 //! Both stores send the same commands (`tests/session_layer.rs` checks it with `MONITOR`); the
 //! fallback store also keeps its local copy up to date. Run with
-//! `cargo bench --bench session_redis`; the last lines print the ratios (fallback / Redis).
+//! `cargo bench --bench session_redis --features cluster`; the last lines print the ratios
+//! (fallback / Redis).
 
 #[path = "../tests/support/mod.rs"]
 mod support;

@@ -7,12 +7,14 @@
 //!   script with `EVALSHA` on the same kind of connection.
 //! - the over-limit flood: Redis commands per denied request (printed).
 //!
-//! Run with `cargo bench --bench ratelimit`; the last lines print the ratios. The Redis part
-//! starts its own `redis-server` on a loopback port and is skipped when none is installed.
+//! Run with `cargo bench --manifest-path benches/load/Cargo.toml --bench ratelimit`; the last
+//! lines print the ratios. The Redis part starts its own `redis-server` on a loopback port and
+//! is skipped when none is installed.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
+#[path = "../../common/mod.rs"]
 mod common;
 
 use std::{
@@ -222,8 +224,8 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
 
 /// The store's own sliding-window script, so the ceiling runs exactly the same Lua.
 const SLIDING_WINDOW: &str = concat!(
-    include_str!("../src/ratelimit/store/lua/prelude.lua"),
-    include_str!("../src/ratelimit/store/lua/sliding_window.lua")
+    include_str!("../../../src/ratelimit/store/lua/prelude.lua"),
+    include_str!("../../../src/ratelimit/store/lua/sliding_window.lua")
 );
 
 /// `EVALSHA` of the script with the store's argument layout: time ('' = Redis `TIME`), window

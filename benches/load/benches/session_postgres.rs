@@ -12,11 +12,13 @@
 //! on Redis read 1, write 2, login 2; the chain read 1 (a copy in Redis), write 2 + 2 (load,
 //! update, then the copy dropped) ; tower-sessions' sqlx store read 1, write 2, login 3.
 //!
-//! Run with `cargo bench --bench session_postgres`; the last lines print the ratios.
+//! Run with `cargo bench --manifest-path benches/load/Cargo.toml --bench session_postgres`; the
+//! last lines print the ratios.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
+#[path = "../../common/mod.rs"]
 mod common;
 
 use std::hint::black_box;
@@ -55,7 +57,7 @@ fn ours(layer: SessionLayer) -> Router {
 }
 
 fn theirs(store: tower_sessions_sqlx_store::PostgresStore) -> Router {
-    use tower_sessions_014::{Expiry, Session, SessionManagerLayer};
+    use tower_sessions::{Expiry, Session, SessionManagerLayer};
     async fn read(session: Session) -> String {
         let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0);
         n.to_string()

@@ -6,9 +6,11 @@
 //! - `write`: the same, and the handler also writes the counter back (read then write).
 //! - `bare`: the same router with no session layer, for scale.
 //!
-//! Run with `cargo bench --bench session`; the last lines print the ratios
-//! (tower-turnstile time / tower-sessions time; below 1.0 means we are faster).
+//! Run with `cargo bench --manifest-path benches/load/Cargo.toml --bench session`; the last
+//! lines print the ratios (tower-turnstile time / tower-sessions time; below 1.0 means we are
+//! faster).
 
+#[path = "../../common/mod.rs"]
 mod common;
 
 use std::hint::black_box;
@@ -29,12 +31,12 @@ async fn ours_write(session: tower_turnstile::session::Session) -> String {
     n.to_string()
 }
 
-async fn theirs_read(session: tower_sessions::Session) -> String {
+async fn theirs_read(session: tower_sessions_015::Session) -> String {
     let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0);
     n.to_string()
 }
 
-async fn theirs_write(session: tower_sessions::Session) -> String {
+async fn theirs_write(session: tower_sessions_015::Session) -> String {
     let n: u64 = session.get("n").await.ok().flatten().unwrap_or(0) + 1;
     let _ = session.insert("n", n).await;
     n.to_string()
@@ -51,8 +53,9 @@ fn ours() -> Router {
 }
 
 fn theirs() -> Router {
-    let layer = tower_sessions::SessionManagerLayer::new(tower_sessions::MemoryStore::default())
-        .with_secure(false);
+    let layer =
+        tower_sessions_015::SessionManagerLayer::new(tower_sessions_015::MemoryStore::default())
+            .with_secure(false);
     Router::new()
         .route("/read", get(theirs_read))
         .route("/write", get(theirs_write))
