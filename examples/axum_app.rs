@@ -57,8 +57,8 @@ use tower_turnstile::{
     connection::{Event, RegisterError, Registration, Registry, RegistryError},
     ratelimit::{ClientIp, Policy, Quota, RateLimitLayer},
     session::{
-        self, ChainStore, Expiry, FallbackStore, MemoryStore, PostgresStore, RedisStore, Session,
-        SessionError, SessionLayer, SigningKey, store::CleanupTask,
+        self, ChainStore, Expiry, FailurePolicy, FallbackStore, MemoryStore, PostgresStore,
+        RedisStore, Session, SessionError, SessionLayer, SigningKey, store::CleanupTask,
     },
     tenant::{HostSubdomain, Tenant, TenantLayer},
 };
@@ -521,8 +521,9 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
     let mut sessions = sessions
         .with_secure(config.cookie_secure)
         .with_persistent_cookie(true)
-        .with_restart_when_unavailable(true)
-        .with_fail_closed_on_write(true);
+        .with_failure_policy(
+            FailurePolicy::fail_closed_on_write().with_restart_when_unavailable(true),
+        );
     match &config.session_secret {
         Some(secret) => {
             let key = SigningKey::from_secret(secret).map_err(StartupError::SigningKey)?;

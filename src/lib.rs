@@ -61,7 +61,7 @@
 //!   unreachable. Writes are journaled and replayed in order once it answers, never bringing
 //!   back a session destroyed elsewhere.
 //! - **Sessions on a bare [`session::RedisStore`]** degrade to an empty session and a log
-//!   line, or to `503` with `with_fail_closed(true)`.
+//!   line, or to `503` with [`FailurePolicy::fail_closed`](session::FailurePolicy::fail_closed).
 //! - **Rate limits** fall back to a local limiter with a share of the quota, or let requests
 //!   through, or refuse them with `503` (see [`ratelimit::Fallback`]).
 //! - **Health**: [`backend::HealthService`] reports all of it as JSON.

@@ -79,7 +79,7 @@ struct Seen {
     requests: u64,
     server_errors: u64,
     /// Counter writes that came back with a new cookie: during an outage, a write to a session
-    /// the serving instance holds no copy of starts a new one (`with_restart_when_unavailable`).
+    /// the serving instance holds no copy of starts a new one (`FailurePolicy::with_restart_when_unavailable`).
     restarted: u64,
 }
 

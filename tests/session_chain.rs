@@ -15,7 +15,9 @@ use support::{
     proxy::Proxy,
     session_app::{app, fast_failing_backend},
 };
-use tower_turnstile::session::{ChainStore, PostgresStore, RedisStore, SessionLayer};
+use tower_turnstile::session::{
+    ChainStore, FailurePolicy, PostgresStore, RedisStore, SessionLayer,
+};
 
 fn chain(redis_url: &str, pool: sqlx::PgPool) -> ChainStore {
     let redis =
@@ -25,7 +27,7 @@ fn chain(redis_url: &str, pool: sqlx::PgPool) -> ChainStore {
 }
 
 fn instance(store: &ChainStore) -> Router {
-    app(SessionLayer::new(store.clone()).with_fail_closed_on_write(true))
+    app(SessionLayer::new(store.clone()).with_failure_policy(FailurePolicy::fail_closed_on_write()))
 }
 
 fn ok(reply: &Reply, body: &str) {

@@ -14,7 +14,7 @@ use support::{
 };
 use tower_turnstile::{
     backend::{BreakerState, RedisBackend},
-    session::{FallbackStatus, FallbackStore, RedisStore, SessionLayer},
+    session::{FailurePolicy, FallbackStatus, FallbackStore, RedisStore, SessionLayer},
 };
 
 /// One instance: its own connection (through `url`), breaker, local copy and journal.
@@ -41,7 +41,10 @@ impl Instance {
         let backend = fast_failing_backend(url);
         let store =
             build(RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(200)));
-        let layer = configure(SessionLayer::new(store.clone()).with_fail_closed_on_write(true));
+        let layer = configure(
+            SessionLayer::new(store.clone())
+                .with_failure_policy(FailurePolicy::fail_closed_on_write()),
+        );
         Self {
             app: app(layer),
             store,
@@ -180,7 +183,7 @@ async fn outage_costs_no_session_and_no_write() {
     ok(&a_on_b.get("/sessions").await, "2");
 }
 
-/// `with_restart_when_unavailable`: during an outage, a write with a session this instance never
+/// `FailurePolicy::with_restart_when_unavailable`: during an outage, a write with a session this instance never
 /// saw (served elsewhere, or a forged id) starts a new session instead of a `503`; the old one
 /// stays in Redis as it was, and the new one is there after the replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +193,9 @@ async fn a_stranger_during_an_outage_gets_a_new_session_when_configured() {
     };
     let a = Instance::new(&server.url());
     let b = Instance::with_layer(&server.url(), FallbackStore::new, |layer| {
-        layer.with_restart_when_unavailable(true)
+        layer.with_failure_policy(
+            FailurePolicy::fail_closed_on_write().with_restart_when_unavailable(true),
+        )
     });
     let mut on_a = a.client();
     ok(&on_a.post("/bump/n").await, "1");
@@ -584,7 +589,10 @@ async fn concurrent_load_through_a_kill_and_restart_loses_nothing() {
         let limit = RateLimitLayer::new(Policy::new("all", Quota::per_minute(1_000_000)).unwrap())
             .with_redis(backend);
         let app = support::session_app::routes()
-            .layer(SessionLayer::new(store.clone()).with_fail_closed_on_write(true))
+            .layer(
+                SessionLayer::new(store.clone())
+                    .with_failure_policy(FailurePolicy::fail_closed_on_write()),
+            )
             .layer(limit);
         (app, store)
     };

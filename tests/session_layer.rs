@@ -13,7 +13,10 @@ use support::{
 };
 use tower_turnstile::{
     backend::RedisBackend,
-    session::{FallbackStore, MemoryStore, RedisStore, SessionLayer, SessionStore, SigningKey},
+    session::{
+        FailurePolicy, FallbackStore, MemoryStore, RedisStore, SessionLayer, SessionStore,
+        SigningKey,
+    },
 };
 
 fn memory_layer() -> SessionLayer {
@@ -161,7 +164,9 @@ async fn no_save_after_a_server_error_unless_asked(layer: SessionLayer) {
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(reply.set_cookie().is_none(), "nothing is saved after a 5xx");
 
-    let mut c = Client::new(app(layer.with_save_on_server_error(true)));
+    let mut c = Client::new(app(layer.with_failure_policy(
+        FailurePolicy::fail_open().with_save_on_server_error(true),
+    )));
     let reply = c.post("/fail/a/1").await;
     assert!(reply.set_cookie().is_some());
     assert_eq!(c.get("/get/a").await.body, "\"1\"");
@@ -884,7 +889,7 @@ async fn redis_outage_degrades_then_recovers() {
     let backend = RedisBackend::new(&server.url()).unwrap();
     let layer = SessionLayer::new(RedisStore::new(backend.clone()));
     let open = app(layer.clone());
-    let closed = app(layer.with_fail_closed(true));
+    let closed = app(layer.with_failure_policy(FailurePolicy::fail_closed()));
     let mut c = Client::new(open.clone());
     c.post("/set/a/1").await;
     let cookie = c.cookie.clone();

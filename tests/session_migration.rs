@@ -15,7 +15,7 @@ use support::{
 };
 use tower_turnstile::{
     backend::RedisBackend,
-    session::{MigrationStore, PostgresStore, RedisStore, SessionLayer},
+    session::{FailurePolicy, MigrationStore, PostgresStore, RedisStore, SessionLayer},
 };
 
 fn ok(reply: &Reply, body: &str) {
@@ -66,7 +66,7 @@ async fn sessions_move_under_traffic_and_none_is_lost() {
     let instance = || {
         let moving = MigrationStore::new(database.clone(), redis_store(&server.url()))
             .with_cut_over(cut_over);
-        app(SessionLayer::new(moving).with_fail_closed_on_write(true))
+        app(SessionLayer::new(moving).with_failure_policy(FailurePolicy::fail_closed_on_write()))
     };
     let instances = [instance(), instance()];
     let stop = Instant::now() + Duration::from_secs(2);

@@ -3,12 +3,13 @@ use std::{fmt, sync::Arc, time::Duration};
 use tower_layer::Layer;
 
 use super::{
-    cookie::{
+    Expiry, FailurePolicy,
+    service::SessionService,
+    store::{Lifetime, SessionInfo, SessionStore, StoreError, UserKey},
+    transport::{
         CookieConfig, CookieConfigError, SameSite, SigningKey, header_name, validate_attribute,
         validate_name,
     },
-    service::SessionService,
-    store::{SessionInfo, SessionStore, StoreError, UserKey},
 };
 use crate::tenant::Tenant;
 
@@ -19,10 +20,14 @@ pub(crate) struct Shared {
     pub(crate) cookie: CookieConfig,
     pub(crate) inactivity_timeout: Duration,
     pub(crate) absolute_lifetime: Duration,
-    pub(crate) fail_closed: bool,
-    pub(crate) fail_closed_on_write: bool,
-    pub(crate) restart_when_unavailable: bool,
-    pub(crate) save_on_server_error: bool,
+    pub(crate) failure: FailurePolicy,
+}
+
+impl Shared {
+    /// The stored expiry settings for `expiry` on a session created at `created_at` (Unix ms).
+    pub(crate) fn resolve(&self, expiry: Expiry, created_at: u64) -> Lifetime {
+        expiry.resolve(created_at, self.inactivity_timeout, self.absolute_lifetime)
+    }
 }
 
 impl fmt::Debug for Shared {
@@ -32,10 +37,7 @@ impl fmt::Debug for Shared {
             .field("cookie", &self.cookie)
             .field("inactivity_timeout", &self.inactivity_timeout)
             .field("absolute_lifetime", &self.absolute_lifetime)
-            .field("fail_closed", &self.fail_closed)
-            .field("fail_closed_on_write", &self.fail_closed_on_write)
-            .field("restart_when_unavailable", &self.restart_when_unavailable)
-            .field("save_on_server_error", &self.save_on_server_error)
+            .field("failure", &self.failure)
             .finish()
     }
 }
@@ -61,8 +63,8 @@ impl fmt::Debug for Shared {
 /// | login | [`Session::set_user`](super::Session::set_user) changes the id | against session fixation |
 /// | malformed, oversized or forged cookie | ignored | treated as no cookie: no store round trip, never a `4xx`/`5xx`; the next write starts a new session with a new id |
 /// | a cookie of a session that is gone | read as empty | a write starts a new session (new id, none of the old data or user); see [`SessionEvent::Restarted`](super::SessionEvent::Restarted) |
-/// | store failure | fail open | the request goes on with an empty session and a log line; [`with_fail_closed`](Self::with_fail_closed) answers `503` |
-/// | after a `5xx` | nothing saved | a failed request does not half-write a session; see [`with_save_on_server_error`](Self::with_save_on_server_error) |
+/// | store failure | fail open | the request goes on with an empty session and a log line; see [`FailurePolicy`] to answer `503` |
+/// | after a `5xx` | nothing saved | a failed request does not half-write a session; see [`FailurePolicy::with_save_on_server_error`] |
 ///
 #[cfg_attr(feature = "memory", doc = "```")]
 #[cfg_attr(not(feature = "memory"), doc = "```ignore")]
@@ -97,10 +99,7 @@ impl SessionLayer {
                 cookie: CookieConfig::default(),
                 inactivity_timeout: Duration::from_secs(24 * 3600),
                 absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
-                fail_closed: false,
-                fail_closed_on_write: false,
-                restart_when_unavailable: false,
-                save_on_server_error: false,
+                failure: FailurePolicy::default(),
             }),
         }
     }
@@ -214,60 +213,16 @@ impl SessionLayer {
         self.edit(|s| s.absolute_lifetime = lifetime)
     }
 
-    /// Fail closed: when the store fails during a request, answer `503 Service Unavailable`
-    /// instead of the handler's response, and let session reads return the error. Default:
-    /// off (the request goes on with an empty session, and the failure is logged).
-    pub fn with_fail_closed(self, fail_closed: bool) -> Self {
-        self.edit(|s| s.fail_closed = fail_closed)
+    /// What the layer does when the store or the handler fails. Default:
+    /// [`FailurePolicy::fail_open`].
+    pub fn with_failure_policy(self, policy: FailurePolicy) -> Self {
+        self.edit(|s| s.failure = policy)
     }
 
-    /// Fail open for reads, closed for writes: when the request's session changes could not be
-    /// stored anywhere, answer `503 Service Unavailable` instead of the handler's response, so
-    /// a client is never told "done" about a write that was lost. Requests that only read still
-    /// get the handler's answer (with an empty session when the store failed). Default: off.
-    ///
-    /// With a [`FallbackStore`](super::FallbackStore), writes during a Redis outage are kept
-    /// locally and journaled, so this answers `503` only for what even the fallback could not
-    /// keep (a session this instance never saw, a full journal).
-    pub fn with_fail_closed_on_write(self, fail_closed: bool) -> Self {
-        self.edit(|s| s.fail_closed_on_write = fail_closed)
-    }
-
-    /// When the cookie's session could not be read (the store failed) and the request changed
-    /// it, keep the changes in a new session under a new id and cookie instead of dropping
-    /// them, as for a session that is gone ([`SessionEvent::Restarted`](super::SessionEvent::Restarted)).
-    /// Default: off (the changes are dropped, the request's event is
-    /// [`SessionEvent::Failed`](super::SessionEvent::Failed)).
-    ///
-    /// The trade is the client's old session for an answer. The handler saw an empty session
-    /// (see [`Session::is_degraded`](super::Session::is_degraded)), so its answer is true of
-    /// the new session, which the store keeps. The old session is not touched, but this client
-    /// no longer holds its cookie. With a [`FallbackStore`](super::FallbackStore) this happens
-    /// only during a Redis outage, to a session this instance never saw: a forged or unknown
-    /// id gets a fresh session instead of a `503`, and so does a real session served so far by
-    /// another instance. Changes that hold no data and no user (a removal, an expiry) start
-    /// nothing and are dropped as before. When the new session cannot be stored either, the
-    /// request's event is `Failed`, and
-    /// [`with_fail_closed_on_write`](Self::with_fail_closed_on_write) answers `503`.
-    ///
-    #[cfg_attr(all(feature = "memory", feature = "redis"), doc = "```no_run")]
-    #[cfg_attr(not(all(feature = "memory", feature = "redis")), doc = "```ignore")]
-    /// use tower_turnstile::{backend::RedisBackend, session::{FallbackStore, RedisStore, SessionLayer}};
-    ///
-    /// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
-    /// let layer = SessionLayer::new(FallbackStore::new(RedisStore::new(redis)))
-    ///     .with_restart_when_unavailable(true)
-    ///     .with_fail_closed_on_write(true);
-    /// # let _ = layer;
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    pub fn with_restart_when_unavailable(self, restart: bool) -> Self {
-        self.edit(|s| s.restart_when_unavailable = restart)
-    }
-
-    /// Save the session's changes even when the inner service answers `5xx`. Default: off.
-    pub fn with_save_on_server_error(self, save: bool) -> Self {
-        self.edit(|s| s.save_on_server_error = save)
+    /// The configuration this layer hands its services.
+    #[cfg(all(test, feature = "memory"))]
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// A handle to list and end users' sessions outside any request (an admin page, a password

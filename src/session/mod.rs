@@ -25,7 +25,7 @@
 //!   never the old data or user; the response carries [`SessionEvent::Restarted`].
 //! - **Failures** never panic and never become an opaque `500`: by default a store failure
 //!   leaves the request with an empty session (and a log line); with
-//!   [`SessionLayer::with_fail_closed`] the layer answers `503`.
+//!   [`FailurePolicy::fail_closed`] the layer answers `503`.
 //! - **Tenants**: a [`Tenant`](crate::tenant::Tenant) in the request extensions scopes the
 //!   session; a cookie replayed under another tenant finds nothing.
 //!
@@ -70,23 +70,26 @@
 //! # }
 //! ```
 
-mod cookie;
+mod commit;
 mod expiry;
 #[cfg(feature = "axum")]
 mod extract;
-mod handle;
+mod failure;
 mod id;
 mod layer;
 mod service;
+#[allow(clippy::module_inception)] // the handle is the module's namesake
+mod session;
 pub mod store;
+mod transport;
 
-pub use cookie::{CookieConfigError, SameSite, SigningKey};
 pub use expiry::Expiry;
 #[cfg(feature = "axum")]
 pub use extract::MissingSessionLayer;
-pub use handle::{Session, SessionError, SessionEvent};
+pub use failure::FailurePolicy;
 pub use layer::{SessionLayer, UserSessions};
 pub use service::{ResponseFuture, SessionService, SessionUnavailable};
+pub use session::{Session, SessionError, SessionEvent};
 #[cfg(all(feature = "redis", feature = "postgres"))]
 pub use store::ChainStore;
 #[cfg(feature = "memory")]
@@ -98,3 +101,4 @@ pub use store::RedisStore;
 #[cfg(all(feature = "memory", feature = "redis"))]
 pub use store::{FallbackStatus, FallbackStore};
 pub use store::{MigrationStore, SessionInfo, SessionStore, StoreError};
+pub use transport::{CookieConfigError, SameSite, SigningKey};

@@ -11,7 +11,8 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    handle::{Committed, CookieChange, Session, SessionEvent},
+    Session, SessionEvent,
+    commit::{Committed, CookieChange},
     layer::Shared,
 };
 use crate::{
@@ -117,7 +118,10 @@ where
             let next = match self.as_mut().project().state.project() {
                 StateProj::Inner { future, session } => match ready!(future.poll(cx)) {
                     Err(error) => Step::Ready(Err(error)),
-                    Ok(_) if session.shared().fail_closed && session.is_degraded() => {
+                    Ok(_)
+                        if session.shared().failure.refuses_any_failure()
+                            && session.is_degraded() =>
+                    {
                         Step::Ready(Ok(unavailable(SessionUnavailable::StoreFailed)))
                     }
                     Ok(response) if !session.needs_commit() => Step::Ready(Ok(response)),
@@ -140,11 +144,13 @@ where
                     let shared = session.shared();
                     Step::Ready(Ok(match response.take() {
                         None => polled_after_completion(),
-                        Some(_) if shared.fail_closed && session.is_degraded() => {
+                        Some(_)
+                            if shared.failure.refuses_any_failure() && session.is_degraded() =>
+                        {
                             unavailable(SessionUnavailable::StoreFailed)
                         }
                         Some(_)
-                            if shared.fail_closed_on_write
+                            if shared.failure.refuses_lost_writes()
                                 && committed.event == Some(SessionEvent::Failed) =>
                         {
                             unavailable(SessionUnavailable::WriteLost)
@@ -172,10 +178,10 @@ where
 #[non_exhaustive]
 pub enum SessionUnavailable {
     /// The store failed during the request, and the layer is fail-closed
-    /// ([`SessionLayer::with_fail_closed`](super::SessionLayer::with_fail_closed)).
+    /// ([`FailurePolicy::fail_closed`](super::FailurePolicy::fail_closed)).
     StoreFailed,
     /// The request's session changes could not be kept anywhere
-    /// ([`SessionLayer::with_fail_closed_on_write`](super::SessionLayer::with_fail_closed_on_write)).
+    /// ([`FailurePolicy::fail_closed_on_write`](super::FailurePolicy::fail_closed_on_write)).
     WriteLost,
 }
 

@@ -44,7 +44,7 @@ use crate::{session::store::Patch, sync};
 /// - **PostgreSQL down**: reads of sessions Redis has a copy of still answer; other reads see
 ///   no session (the store reports the outage, and the layer degrades), and every write fails,
 ///   so a layer with
-///   [`with_fail_closed_on_write`](crate::session::SessionLayer::with_fail_closed_on_write)
+///   [`FailurePolicy::fail_closed_on_write`](crate::session::FailurePolicy::fail_closed_on_write)
 ///   answers `503` rather than claim a write it did not keep.
 ///
 #[cfg_attr(feature = "axum", doc = "```no_run")]

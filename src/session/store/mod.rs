@@ -71,7 +71,11 @@ impl Record {
     /// An empty record created now, living at most `lifetime`, expiring after `inactivity`,
     /// with a browser-session cookie.
     pub fn new(inactivity: Duration, lifetime: Duration) -> Self {
-        let now = unix_millis(SystemTime::now());
+        Self::new_at(unix_millis(SystemTime::now()), inactivity, lifetime)
+    }
+
+    /// [`Record::new`], created at `now` (Unix ms).
+    pub(crate) fn new_at(now: u64, inactivity: Duration, lifetime: Duration) -> Self {
         Self {
             data: BTreeMap::new(),
             user: None,

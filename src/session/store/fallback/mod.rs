@@ -54,19 +54,20 @@ use crate::{
 ///
 /// What cannot survive, and is counted in [`FallbackStatus`] and logged: writes past the
 /// journal's limit (refused: the request sees a degraded session, and a layer with
-/// [`with_fail_closed_on_write`](crate::session::SessionLayer::with_fail_closed_on_write)
+/// [`FailurePolicy::fail_closed_on_write`](crate::session::FailurePolicy::fail_closed_on_write)
 /// answers `503`), journaled writes of sessions that Redis lost meanwhile, and the journal of an
 /// instance that stops during an outage (it is kept in memory only; see
 /// [`FallbackStore::flush`] for a graceful stop).
 ///
 /// ```no_run
-/// use tower_turnstile::{backend::RedisBackend, session::{FallbackStore, RedisStore, SessionLayer}};
+/// use tower_turnstile::{backend::RedisBackend, session::{FailurePolicy, FallbackStore, RedisStore, SessionLayer}};
 ///
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
 /// let sessions = FallbackStore::new(RedisStore::new(redis));
-/// let layer = SessionLayer::new(sessions.clone()).with_fail_closed_on_write(true);
+/// let layer = SessionLayer::new(sessions.clone())
+///     .with_failure_policy(FailurePolicy::fail_closed_on_write());
 /// // Later, on a health page: sessions.status().active, .journal_len, ...
 /// # let _ = layer;
 /// # Ok(())

@@ -1,24 +1,23 @@
 use std::{
-    collections::BTreeMap,
     error::Error as StdError,
     fmt,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::{
+    commit::{Changes, Loaded},
     expiry::Expiry,
     id::SessionId,
     layer::Shared,
-    store::{Lifetime, Patch, Record, SessionInfo, StoreError, UserKey, Written},
+    store::{Record, SessionInfo, StoreError, UserKey},
 };
-use crate::{tenant::Tenant, time::now_millis};
+use crate::tenant::Tenant;
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -80,47 +79,27 @@ pub enum SessionError {
 /// ```
 #[derive(Clone)]
 pub struct Session {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    shared: Arc<Shared>,
-    tenant: Tenant,
-    incoming: Option<SessionId>,
+pub(super) struct Inner {
+    pub(super) shared: Arc<Shared>,
+    pub(super) tenant: Tenant,
+    /// The id the request came with, if it was valid.
+    pub(super) incoming: Option<SessionId>,
+    /// Whether a handler called any method: a session nobody touched needs no commit.
     touched: AtomicBool,
+    /// Whether the store failed during the request (see `Session::is_degraded`).
     failed: AtomicBool,
-    state: Mutex<State>,
+    /// Behind an async lock: a load holds it across the store's round trip.
+    pub(super) state: Mutex<State>,
 }
 
+/// What a request did to its session, and what it knows of the stored one.
 #[derive(Debug, Default)]
-enum Loaded {
-    #[default]
-    NotYet,
-    Missing,
-    Found(Record),
-    Failed,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    loaded: Loaded,
-    /// Key → new JSON text, or `None` for a removal.
-    changes: BTreeMap<String, Option<String>>,
-    /// The user `set_user` bound the session to.
-    user: Option<String>,
-    cycle: bool,
-    destroyed: bool,
-    expiry: Option<Expiry>,
-}
-
-/// What the layer must do with the client's cookie once the session is written.
-#[derive(Debug)]
-pub(crate) enum CookieChange {
-    Keep,
-    /// Hand `id` to the client: a persistent cookie living this long, or a browser-session
-    /// cookie (`None`).
-    Set(SessionId, Option<Duration>),
-    Remove,
+pub(super) struct State {
+    pub(super) loaded: Loaded,
+    pub(super) changes: Changes,
 }
 
 /// What the session layer wrote for a request. It is put into the response's extensions
@@ -135,7 +114,7 @@ pub enum SessionEvent {
     /// written (expired, unknown, or destroyed elsewhere). The changes went into a new session
     /// under a new id and cookie; nothing of the old session (data, user) was carried over, and
     /// the old id stays dead. With
-    /// [`SessionLayer::with_restart_when_unavailable`](super::SessionLayer::with_restart_when_unavailable),
+    /// [`FailurePolicy::with_restart_when_unavailable`](super::FailurePolicy::with_restart_when_unavailable),
     /// also a session that could not be read because the store failed; the old session is
     /// then left as it is.
     Restarted,
@@ -147,33 +126,8 @@ pub enum SessionEvent {
     Destroyed,
     /// The store failed: the request's changes were not written, or its destroy did not
     /// reach the store (fail-open mode; see also
-    /// [`SessionLayer::with_fail_closed_on_write`](super::SessionLayer::with_fail_closed_on_write)).
+    /// [`FailurePolicy::fail_closed_on_write`](super::FailurePolicy::fail_closed_on_write)).
     Failed,
-}
-
-/// The result of writing a session: the cookie to send, and what happened.
-#[derive(Debug)]
-pub(crate) struct Committed {
-    pub(crate) cookie: CookieChange,
-    pub(crate) event: Option<SessionEvent>,
-}
-
-impl Committed {
-    const NOTHING: Self = Self {
-        cookie: CookieChange::Keep,
-        event: None,
-    };
-    const FAILED: Self = Self {
-        cookie: CookieChange::Keep,
-        event: Some(SessionEvent::Failed),
-    };
-
-    fn new(cookie: CookieChange, event: SessionEvent) -> Self {
-        Self {
-            cookie,
-            event: Some(event),
-        }
-    }
 }
 
 impl fmt::Debug for Session {
@@ -207,10 +161,10 @@ impl Session {
     /// The value stored under `key`, if any.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
         let mut state = self.state().await;
-        if state.destroyed {
+        if state.changes.destroyed {
             return Ok(None);
         }
-        let text = match state.changes.get(key) {
+        let text = match state.changes.fields.get(key) {
             Some(change) => change.clone(),
             None => self
                 .loaded(&mut state)
@@ -237,6 +191,7 @@ impl Session {
         self.state()
             .await
             .changes
+            .fields
             .insert(key.to_owned(), Some(text));
         Ok(())
     }
@@ -244,17 +199,21 @@ impl Session {
     /// Removes `key` from the session. Does not read the session.
     pub async fn remove(&self, key: &str) -> Result<(), SessionError> {
         check_key(key)?;
-        self.state().await.changes.insert(key.to_owned(), None);
+        self.state()
+            .await
+            .changes
+            .fields
+            .insert(key.to_owned(), None);
         Ok(())
     }
 
     /// The user this session is bound to, if any.
     pub async fn user_id(&self) -> Result<Option<String>, SessionError> {
         let mut state = self.state().await;
-        if state.destroyed {
+        if state.changes.destroyed {
             return Ok(None);
         }
-        if let Some(user) = &state.user {
+        if let Some(user) = &state.changes.user {
             return Ok(Some(user.clone()));
         }
         Ok(self.loaded(&mut state).await?.and_then(|r| r.user.clone()))
@@ -269,21 +228,21 @@ impl Session {
             return Err(SessionError::InvalidUser);
         }
         let mut state = self.state().await;
-        state.user = Some(user);
-        state.cycle = true;
+        state.changes.user = Some(user);
+        state.changes.cycle = true;
         Ok(())
     }
 
     /// Gives the session a new id, keeping its data; the old id stops working. The new record
     /// is written before the old one is removed, so no request ever finds the session missing.
     pub async fn cycle_id(&self) {
-        self.state().await.cycle = true;
+        self.state().await.changes.cycle = true;
     }
 
     /// Ends the session: it is removed from the store and the cookie is cleared. Changes made
     /// in the same request are dropped.
     pub async fn destroy(&self) {
-        self.state().await.destroyed = true;
+        self.state().await.changes.destroyed = true;
     }
 
     /// Chooses how long this session lives and what kind of cookie carries it (a "remember
@@ -295,9 +254,9 @@ impl Session {
     pub async fn set_expiry(&self, expiry: Expiry) {
         let mut state = self.state().await;
         if expiry.is_past() {
-            state.destroyed = true;
+            state.changes.destroyed = true;
         }
-        state.expiry = Some(expiry);
+        state.changes.expiry = Some(expiry);
     }
 
     /// Whether this request came without a live session: no cookie, or a cookie naming a
@@ -306,7 +265,7 @@ impl Session {
     /// not new; see [`Session::is_degraded`].
     pub async fn is_new(&self) -> Result<bool, SessionError> {
         let mut state = self.state().await;
-        if state.destroyed {
+        if state.changes.destroyed {
             return Ok(false);
         }
         self.loaded(&mut state).await?;
@@ -341,7 +300,10 @@ impl Session {
 
     /// The stored record, loading it on first use. On a store failure the session reads as
     /// empty (or, fail-closed, the error is returned).
-    async fn loaded<'a>(&self, state: &'a mut State) -> Result<Option<&'a Record>, SessionError> {
+    pub(super) async fn loaded<'a>(
+        &self,
+        state: &'a mut State,
+    ) -> Result<Option<&'a Record>, SessionError> {
         if let Loaded::NotYet = state.loaded {
             state.loaded = match self.inner.incoming {
                 None => Loaded::Missing,
@@ -356,7 +318,7 @@ impl Session {
                     Ok(None) => Loaded::Missing,
                     Err(error) => {
                         self.store_failed(&error, "load");
-                        if self.inner.shared.fail_closed {
+                        if self.inner.shared.failure.refuses_any_failure() {
                             return Err(SessionError::Store(error));
                         }
                         Loaded::Failed
@@ -366,7 +328,7 @@ impl Session {
         }
         match &state.loaded {
             Loaded::Found(record) => Ok(Some(record)),
-            Loaded::Failed if self.inner.shared.fail_closed => {
+            Loaded::Failed if self.inner.shared.failure.refuses_any_failure() => {
                 Err(SessionError::Store(StoreError::Unavailable {
                     source: "an earlier load failed".into(),
                 }))
@@ -375,7 +337,7 @@ impl Session {
         }
     }
 
-    fn store_failed(&self, error: &StoreError, operation: &'static str) {
+    pub(super) fn store_failed(&self, error: &StoreError, operation: &'static str) {
         self.inner.failed.store(true, Ordering::Relaxed);
         tracing::warn!(
             target: "tower_turnstile::session",
@@ -405,240 +367,11 @@ impl Session {
         }
         // Nobody else holds the lock once the inner service has answered, unless the handler
         // leaked a clone into a task that is still running: then commit to be safe.
-        self.inner.state.try_lock().map_or(true, |state| {
-            state.destroyed
-                || state.cycle
-                || state.user.is_some()
-                || state.expiry.is_some()
-                || !state.changes.is_empty()
-        })
+        self.inner
+            .state
+            .try_lock()
+            .map_or(true, |state| state.changes.any())
     }
-
-    /// Writes what the request changed, in as few round trips as the change allows, and says
-    /// what to do with the cookie.
-    pub(crate) async fn commit(&self, server_error: bool) -> Committed {
-        let shared = Arc::clone(&self.inner.shared);
-        let tenant = &self.inner.tenant;
-        let mut state = self.inner.state.lock().await;
-
-        if state.destroyed {
-            let Some(id) = self.inner.incoming else {
-                return Committed::NOTHING;
-            };
-            let user = match &state.loaded {
-                Loaded::Found(record) => record.user.clone(),
-                _ => None,
-            };
-            // The cookie goes either way; a failed delete is reported, since the id still
-            // works in the store until it expires.
-            let event = match shared.store.delete(&id.key(tenant), user.as_deref()).await {
-                Ok(()) => SessionEvent::Destroyed,
-                Err(error) => {
-                    self.store_failed(&error, "destroy");
-                    SessionEvent::Failed
-                }
-            };
-            return Committed::new(CookieChange::Remove, event);
-        }
-        if server_error && !shared.save_on_server_error {
-            return Committed::NOTHING;
-        }
-        let mut patch = Patch {
-            set: state
-                .changes
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
-                .collect(),
-            remove: state
-                .changes
-                .iter()
-                .filter(|(_, v)| v.is_none())
-                .map(|(k, _)| k.clone())
-                .collect(),
-            lifetime: None,
-        };
-        let moves = state.cycle || state.user.is_some();
-        if patch.is_empty() && !moves && state.expiry.is_none() {
-            return Committed::NOTHING;
-        }
-        let Some(id) = self.inner.incoming else {
-            return self.create(&state, &patch, SessionEvent::Created).await;
-        };
-        if (moves || state.expiry.is_some()) && matches!(state.loaded, Loaded::NotYet) {
-            // Moving a session copies it whole, and a new expiry is compared with the stored
-            // one: both need the record.
-            if self.loaded(&mut state).await.is_err() {
-                return Committed::FAILED;
-            }
-        }
-        let old = id.key(tenant);
-        let record = match &state.loaded {
-            Loaded::Failed if self.may_start_over(&state, &patch) => {
-                return self.start_over(&state, &patch).await;
-            }
-            Loaded::Failed => {
-                tracing::warn!(
-                    target: "tower_turnstile::session",
-                    "session changes dropped: the store was unavailable when the session was read"
-                );
-                return Committed::FAILED;
-            }
-            // The cookie named no live session, and the handler saw an empty one: this is a new
-            // visitor as far as the store is concerned.
-            Loaded::Missing => return self.create(&state, &patch, SessionEvent::Created).await,
-            Loaded::Found(record) => Some(record),
-            Loaded::NotYet => None,
-        };
-        let stored = record.map(Record::lifetime);
-        patch.lifetime = state
-            .expiry
-            .zip(record)
-            .map(|(expiry, record)| self.resolve(expiry, record.created_at))
-            .filter(|lifetime| Some(*lifetime) != stored);
-
-        if let (Some(record), true) = (record, moves) {
-            let mut moved = record.clone();
-            moved.apply(&patch);
-            if state.user.is_some() {
-                moved.user.clone_from(&state.user);
-            }
-            let Some(new_id) = SessionId::random() else {
-                return Committed::FAILED;
-            };
-            return match shared
-                .store
-                .cycle(&old, record.user.as_deref(), &new_id.key(tenant), &moved)
-                .await
-            {
-                Ok(Written::Applied) => Committed::new(
-                    CookieChange::Set(new_id, cookie_age(&moved.lifetime())),
-                    SessionEvent::Cycled,
-                ),
-                Ok(Written::Missing) => self.restart(&state, &patch).await,
-                Err(error) => {
-                    self.store_failed(&error, "cycle");
-                    Committed::FAILED
-                }
-            };
-        }
-        if patch.is_empty() {
-            return Committed::NOTHING;
-        }
-        match shared.store.update(&old, &patch).await {
-            Ok(Written::Applied) => {
-                let cookie = match (patch.lifetime, stored) {
-                    // The cookie's attributes follow the kind and the absolute end only.
-                    (Some(new), Some(old))
-                        if (new.persistent, new.expires_at) != (old.persistent, old.expires_at) =>
-                    {
-                        CookieChange::Set(id, cookie_age(&new))
-                    }
-                    _ => CookieChange::Keep,
-                };
-                Committed::new(cookie, SessionEvent::Saved)
-            }
-            Ok(Written::Missing) => self.restart(&state, &patch).await,
-            Err(error) => {
-                self.store_failed(&error, "save");
-                if self.may_start_over(&state, &patch) {
-                    return self.start_over(&state, &patch).await;
-                }
-                Committed::FAILED
-            }
-        }
-    }
-
-    /// Whether changes the store could not apply to the cookie's session may go into a new one
-    /// ([`SessionLayer::with_restart_when_unavailable`](super::SessionLayer::with_restart_when_unavailable)):
-    /// only changes that would store something.
-    fn may_start_over(&self, state: &State, patch: &Patch) -> bool {
-        self.inner.shared.restart_when_unavailable
-            && (!patch.set.is_empty() || state.user.is_some())
-    }
-
-    async fn start_over(&self, state: &State, patch: &Patch) -> Committed {
-        let committed = self.create(state, patch, SessionEvent::Restarted).await;
-        if committed.event == Some(SessionEvent::Restarted) {
-            tracing::info!(
-                target: "tower_turnstile::session",
-                "the session was unavailable; the request's changes started a new session"
-            );
-        }
-        committed
-    }
-
-    /// The cookie named a session that turned out to be gone when its changes were written:
-    /// they start a new session rather than being dropped. The old id stays dead, and nothing of
-    /// the old session comes along.
-    async fn restart(&self, state: &State, patch: &Patch) -> Committed {
-        let committed = self.create(state, patch, SessionEvent::Restarted).await;
-        if committed.event == Some(SessionEvent::Restarted) {
-            tracing::info!(
-                target: "tower_turnstile::session",
-                "session gone before its changes were written; they started a new session"
-            );
-        }
-        committed
-    }
-
-    /// The stored expiry settings for `expiry` on a session created at `created_at`.
-    fn resolve(&self, expiry: Expiry, created_at: u64) -> Lifetime {
-        let shared = &self.inner.shared;
-        expiry.resolve(
-            created_at,
-            shared.inactivity_timeout,
-            shared.absolute_lifetime,
-        )
-    }
-
-    /// Stores a brand-new session holding the request's changes, unless it would be empty.
-    async fn create(&self, state: &State, patch: &Patch, event: SessionEvent) -> Committed {
-        let shared = &self.inner.shared;
-        let mut record = Record::new(shared.inactivity_timeout, shared.absolute_lifetime);
-        record.persistent = shared.cookie.persistent;
-        record.apply(patch);
-        if let Some(expiry) = state.expiry {
-            record.apply(&Patch {
-                lifetime: Some(self.resolve(expiry, record.created_at)),
-                ..Patch::default()
-            });
-        }
-        record.user.clone_from(&state.user);
-        if record.data.is_empty() && record.user.is_none() {
-            // An empty session is never stored and gets no cookie; a dead one is cleared.
-            return if self.inner.incoming.is_some() {
-                Committed {
-                    cookie: CookieChange::Remove,
-                    event: None,
-                }
-            } else {
-                Committed::NOTHING
-            };
-        }
-        let Some(id) = SessionId::random() else {
-            tracing::error!(target: "tower_turnstile::session", "the OS random generator failed; no session created");
-            return Committed::FAILED;
-        };
-        match shared
-            .store
-            .create(&id.key(&self.inner.tenant), &record)
-            .await
-        {
-            Ok(()) => Committed::new(CookieChange::Set(id, cookie_age(&record.lifetime())), event),
-            Err(error) => {
-                self.store_failed(&error, "create");
-                Committed::FAILED
-            }
-        }
-    }
-}
-
-/// The `Max-Age` of a cookie for a session with these settings; `None` for a browser-session
-/// cookie.
-fn cookie_age(lifetime: &Lifetime) -> Option<Duration> {
-    lifetime
-        .persistent
-        .then(|| Duration::from_millis(lifetime.expires_at.saturating_sub(now_millis())))
 }
 
 fn check_key(key: &str) -> Result<(), SessionError> {

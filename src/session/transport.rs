@@ -1,4 +1,5 @@
-//! The session cookie: its attributes, how it is read, and signing.
+//! How the session id travels: in a cookie (its attributes, how it is read, signing), or in a
+//! header of its own for clients that keep no cookies.
 
 use std::{fmt, time::Duration};
 

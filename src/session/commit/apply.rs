@@ -1,0 +1,202 @@
+//! Carrying a [`Plan`] out against the store.
+
+use std::time::Duration;
+
+use super::{
+    Committed, CookieChange,
+    plan::{Loaded, Plan, Start, may_start_over, new_session, plan},
+};
+use crate::{
+    session::{
+        Session, SessionEvent,
+        id::SessionId,
+        session::State,
+        store::{Lifetime, Patch, Record, Written},
+    },
+    time::now_millis,
+};
+
+impl Session {
+    /// Writes what the request changed, in as few round trips as the change allows, and says
+    /// what to do with the cookie.
+    pub(crate) async fn commit(&self, server_error: bool) -> Committed {
+        let mut state = self.inner.state.lock().await;
+        let has_cookie = self.inner.incoming.is_some();
+        loop {
+            let shared = &self.inner.shared;
+            let plan = plan(
+                &state.changes,
+                &state.loaded,
+                has_cookie,
+                server_error,
+                shared,
+                now_millis(),
+            );
+            return match plan {
+                Plan::Nothing => Committed::NOTHING,
+                Plan::LoadFirst => {
+                    if self.loaded(&mut state).await.is_err() {
+                        return Committed::FAILED;
+                    }
+                    continue;
+                }
+                Plan::Destroy { user } => self.destroy_now(user.as_deref()).await,
+                Plan::Create { record, start } => self.create(&record, start).await,
+                Plan::RemoveCookie => Committed {
+                    cookie: CookieChange::Remove,
+                    event: None,
+                },
+                Plan::Cycle { old_user, record } => {
+                    match self.cycle(old_user.as_deref(), &record).await {
+                        Some(committed) => committed,
+                        None => {
+                            state.loaded = Loaded::Gone;
+                            continue;
+                        }
+                    }
+                }
+                Plan::Update { patch, resend } => match self.update(&patch, resend, &state).await {
+                    Some(committed) => committed,
+                    None => {
+                        state.loaded = Loaded::Gone;
+                        continue;
+                    }
+                },
+                Plan::Drop => {
+                    tracing::warn!(
+                        target: "tower_turnstile::session",
+                        "session changes dropped: the store was unavailable when the session was read"
+                    );
+                    Committed::FAILED
+                }
+            };
+        }
+    }
+
+    /// Ends the cookie's session. The cookie goes either way; a failed delete is reported,
+    /// since the id still works in the store until it expires.
+    async fn destroy_now(&self, user: Option<&str>) -> Committed {
+        let Some(key) = self.key() else {
+            return Committed::NOTHING;
+        };
+        let event = match self.inner.shared.store.delete(&key, user).await {
+            Ok(()) => SessionEvent::Destroyed,
+            Err(error) => {
+                self.store_failed(&error, "destroy");
+                SessionEvent::Failed
+            }
+        };
+        Committed::new(CookieChange::Remove, event)
+    }
+
+    /// Stores `record` as a new session under a new id.
+    async fn create(&self, record: &Record, start: Start) -> Committed {
+        let Some(id) = SessionId::random() else {
+            tracing::error!(target: "tower_turnstile::session", "the OS random generator failed; no session created");
+            return Committed::FAILED;
+        };
+        let key = id.key(&self.inner.tenant);
+        if let Err(error) = self.inner.shared.store.create(&key, record).await {
+            self.store_failed(&error, "create");
+            return Committed::FAILED;
+        }
+        let event = match start {
+            Start::New => SessionEvent::Created,
+            Start::Gone => {
+                tracing::info!(
+                    target: "tower_turnstile::session",
+                    "session gone before its changes were written; they started a new session"
+                );
+                SessionEvent::Restarted
+            }
+            Start::Unavailable => {
+                tracing::info!(
+                    target: "tower_turnstile::session",
+                    "the session was unavailable; the request's changes started a new session"
+                );
+                SessionEvent::Restarted
+            }
+        };
+        Committed::new(CookieChange::Set(id, cookie_age(&record.lifetime())), event)
+    }
+
+    /// Moves the session to a new id as `record`; `None` when it turned out to be gone.
+    async fn cycle(&self, old_user: Option<&str>, record: &Record) -> Option<Committed> {
+        let (old, new_id) = (self.key()?, SessionId::random());
+        let Some(new_id) = new_id else {
+            return Some(Committed::FAILED);
+        };
+        let new = new_id.key(&self.inner.tenant);
+        Some(
+            match self
+                .inner
+                .shared
+                .store
+                .cycle(&old, old_user, &new, record)
+                .await
+            {
+                Ok(Written::Applied) => Committed::new(
+                    CookieChange::Set(new_id, cookie_age(&record.lifetime())),
+                    SessionEvent::Cycled,
+                ),
+                Ok(Written::Missing) => return None,
+                Err(error) => {
+                    self.store_failed(&error, "cycle");
+                    Committed::FAILED
+                }
+            },
+        )
+    }
+
+    /// Writes the changed fields; `None` when the session turned out to be gone. When the
+    /// store fails, the changes may start a new session (see `FailurePolicy`).
+    async fn update(
+        &self,
+        patch: &Patch,
+        resend: Option<Lifetime>,
+        state: &State,
+    ) -> Option<Committed> {
+        let key = self.key()?;
+        let shared = &self.inner.shared;
+        Some(match shared.store.update(&key, patch).await {
+            Ok(Written::Applied) => {
+                let cookie = match (resend, self.inner.incoming) {
+                    (Some(lifetime), Some(id)) => CookieChange::Set(id, cookie_age(&lifetime)),
+                    _ => CookieChange::Keep,
+                };
+                Committed::new(cookie, SessionEvent::Saved)
+            }
+            Ok(Written::Missing) => return None,
+            Err(error) => {
+                self.store_failed(&error, "save");
+                if !may_start_over(&state.changes, shared) {
+                    return Some(Committed::FAILED);
+                }
+                let start = new_session(
+                    &state.changes,
+                    true,
+                    shared,
+                    now_millis(),
+                    Start::Unavailable,
+                );
+                match start {
+                    Plan::Create { record, start } => self.create(&record, start).await,
+                    _ => Committed::FAILED,
+                }
+            }
+        })
+    }
+
+    /// The store key of the cookie's session.
+    fn key(&self) -> Option<crate::session::store::SessionKey> {
+        Some(self.inner.incoming?.key(&self.inner.tenant))
+    }
+}
+
+/// The `Max-Age` of a cookie for a session with these settings; `None` for a browser-session
+/// cookie.
+fn cookie_age(lifetime: &Lifetime) -> Option<Duration> {
+    lifetime
+        .persistent
+        .then(|| Duration::from_millis(lifetime.expires_at.saturating_sub(now_millis())))
+}
