@@ -124,41 +124,14 @@ impl Config {
         K: AsRef<str>,
         V: Into<String>,
     {
-        let vars: HashMap<String, String> = vars
-            .into_iter()
-            .map(|(k, v)| (k.as_ref().to_owned(), v.into()))
-            .collect();
-        let set = |name: &str| vars.get(name).filter(|value| !value.is_empty()).cloned();
-
-        let list = |text: String| -> Vec<String> {
-            text.split(',')
-                .map(str::trim)
-                .filter(|url| !url.is_empty())
-                .map(str::to_owned)
-                .collect()
-        };
-        let redis_cluster = set("REDIS_CLUSTER_URLS").map(list);
-        let redis_sentinel = match (set("REDIS_SENTINEL_MASTER"), set("REDIS_SENTINEL_URLS")) {
-            (None, None) => None,
-            (Some(master), Some(urls)) => Some(SentinelConfig {
-                master,
-                urls: list(urls),
-            }),
-            (None, Some(_)) => {
-                return Err(StartupError::Invalid {
-                    variable: "REDIS_SENTINEL_MASTER",
-                    value: String::new(),
-                    expected: "the master's name, with REDIS_SENTINEL_URLS",
-                });
-            }
-            (Some(master), None) => {
-                return Err(StartupError::Invalid {
-                    variable: "REDIS_SENTINEL_URLS",
-                    value: master,
-                    expected: "comma-separated sentinel URLs, with REDIS_SENTINEL_MASTER",
-                });
-            }
-        };
+        let vars = Vars(
+            vars.into_iter()
+                .map(|(k, v)| (k.as_ref().to_owned(), v.into()))
+                .collect(),
+        );
+        // Checked in this order: of several unusable variables, the first one is reported.
+        let redis_cluster = vars.set("REDIS_CLUSTER_URLS").map(comma_list);
+        let redis_sentinel = redis_sentinel(&vars)?;
         if redis_cluster.is_some() && redis_sentinel.is_some() {
             return Err(StartupError::Invalid {
                 variable: "REDIS_CLUSTER_URLS",
@@ -166,70 +139,17 @@ impl Config {
                 expected: "either a cluster or a Sentinel-managed master, not both",
             });
         }
-        let rate_limit = match set("RATE_LIMIT") {
-            None => Config::default().rate_limit,
-            Some(text) => text.parse::<Quota>().map_err(|_| StartupError::Invalid {
-                variable: "RATE_LIMIT",
-                value: text.clone(),
-                expected: "N/<duration> with ms, s, m or h, such as 100/60s",
-            })?,
-        };
-        let trusted_proxies: Vec<String> = set("TRUSTED_PROXIES")
-            .map(|list| {
-                list.split(',')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Err(error) = ClientIp::trusting(&trusted_proxies) {
-            return Err(StartupError::Invalid {
-                variable: "TRUSTED_PROXIES",
-                value: error.to_string(),
-                expected: "comma-separated IP addresses or CIDR blocks",
-            });
-        }
-
-        let cookie_secure = match set("COOKIE_SECURE").as_deref() {
-            None | Some("0" | "false") => false,
-            Some("1" | "true") => true,
-            Some(other) => {
-                return Err(StartupError::Invalid {
-                    variable: "COOKIE_SECURE",
-                    value: other.to_owned(),
-                    expected: "1 or 0",
-                });
-            }
-        };
-        let session_secret = match vars.get("SESSION_SECRET") {
-            Some(secret) if secret.is_empty() => {
-                return Err(StartupError::SigningKey(
-                    session::CookieConfigError::EmptySecret,
-                ));
-            }
-            secret => secret.cloned(),
-        };
-
-        let ws_max_per_user = match set("WS_MAX_PER_USER") {
-            None => Config::default().ws_max_per_user,
-            Some(text) => match text.parse::<u32>() {
-                Ok(max) if max > 0 => max,
-                _ => {
-                    return Err(StartupError::Invalid {
-                        variable: "WS_MAX_PER_USER",
-                        value: text,
-                        expected: "a whole number of connections, at least 1",
-                    });
-                }
-            },
-        };
+        let rate_limit = rate_limit(&vars)?;
+        let trusted_proxies = trusted_proxies(&vars)?;
+        let cookie_secure = cookie_secure(&vars)?;
+        let session_secret = session_secret(&vars)?;
+        let ws_max_per_user = ws_max_per_user(&vars)?;
 
         Ok(Self {
             ws_max_per_user,
-            bind: set("BIND").unwrap_or_else(|| Config::default().bind),
-            redis_url: set("REDIS_URL"),
-            database_url: set("DATABASE_URL"),
+            bind: vars.set("BIND").unwrap_or_else(|| Config::default().bind),
+            redis_url: vars.set("REDIS_URL"),
+            database_url: vars.set("DATABASE_URL"),
             redis_sentinel,
             redis_cluster,
             session_secret,
@@ -237,6 +157,115 @@ impl Config {
             rate_limit,
             trusted_proxies,
         })
+    }
+}
+
+/// The variables [`Config::from_vars`] was given, by name.
+struct Vars(HashMap<String, String>);
+
+impl Vars {
+    /// The value of `name`; a variable set to the empty string counts as unset.
+    fn set(&self, name: &str) -> Option<String> {
+        self.0.get(name).filter(|value| !value.is_empty()).cloned()
+    }
+}
+
+/// The items of a comma-separated list, trimmed, empty ones left out.
+fn comma_list(text: String) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `REDIS_SENTINEL_MASTER` and `REDIS_SENTINEL_URLS`: both or neither.
+fn redis_sentinel(vars: &Vars) -> Result<Option<SentinelConfig>, StartupError> {
+    match (
+        vars.set("REDIS_SENTINEL_MASTER"),
+        vars.set("REDIS_SENTINEL_URLS"),
+    ) {
+        (None, None) => Ok(None),
+        (Some(master), Some(urls)) => Ok(Some(SentinelConfig {
+            master,
+            urls: comma_list(urls),
+        })),
+        (None, Some(_)) => Err(StartupError::Invalid {
+            variable: "REDIS_SENTINEL_MASTER",
+            value: String::new(),
+            expected: "the master's name, with REDIS_SENTINEL_URLS",
+        }),
+        (Some(master), None) => Err(StartupError::Invalid {
+            variable: "REDIS_SENTINEL_URLS",
+            value: master,
+            expected: "comma-separated sentinel URLs, with REDIS_SENTINEL_MASTER",
+        }),
+    }
+}
+
+/// `RATE_LIMIT`, such as `100/60s`.
+fn rate_limit(vars: &Vars) -> Result<Quota, StartupError> {
+    match vars.set("RATE_LIMIT") {
+        None => Ok(Config::default().rate_limit),
+        Some(text) => text.parse::<Quota>().map_err(|_| StartupError::Invalid {
+            variable: "RATE_LIMIT",
+            value: text.clone(),
+            expected: "N/<duration> with ms, s, m or h, such as 100/60s",
+        }),
+    }
+}
+
+/// `TRUSTED_PROXIES`, each one checked the way the rate limit will read it.
+fn trusted_proxies(vars: &Vars) -> Result<Vec<String>, StartupError> {
+    let proxies = vars
+        .set("TRUSTED_PROXIES")
+        .map(comma_list)
+        .unwrap_or_default();
+    match ClientIp::trusting(&proxies) {
+        Ok(_) => Ok(proxies),
+        Err(error) => Err(StartupError::Invalid {
+            variable: "TRUSTED_PROXIES",
+            value: error.to_string(),
+            expected: "comma-separated IP addresses or CIDR blocks",
+        }),
+    }
+}
+
+/// `COOKIE_SECURE`: `1` or `true`, `0` or `false`; unset is `false`.
+fn cookie_secure(vars: &Vars) -> Result<bool, StartupError> {
+    match vars.set("COOKIE_SECURE").as_deref() {
+        None | Some("0" | "false") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some(other) => Err(StartupError::Invalid {
+            variable: "COOKIE_SECURE",
+            value: other.to_owned(),
+            expected: "1 or 0",
+        }),
+    }
+}
+
+/// `SESSION_SECRET`, the one variable whose empty value is refused rather than read as unset.
+fn session_secret(vars: &Vars) -> Result<Option<String>, StartupError> {
+    match vars.0.get("SESSION_SECRET") {
+        Some(secret) if secret.is_empty() => Err(StartupError::SigningKey(
+            session::CookieConfigError::EmptySecret,
+        )),
+        secret => Ok(secret.cloned()),
+    }
+}
+
+/// `WS_MAX_PER_USER`: a whole number, at least 1.
+fn ws_max_per_user(vars: &Vars) -> Result<u32, StartupError> {
+    match vars.set("WS_MAX_PER_USER") {
+        None => Ok(Config::default().ws_max_per_user),
+        Some(text) => match text.parse::<u32>() {
+            Ok(max) if max > 0 => Ok(max),
+            _ => Err(StartupError::Invalid {
+                variable: "WS_MAX_PER_USER",
+                value: text,
+                expected: "a whole number of connections, at least 1",
+            }),
+        },
     }
 }
 
