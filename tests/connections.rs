@@ -4,7 +4,7 @@
 
 mod support;
 
-#[path = "../examples/axum_app.rs"]
+#[path = "../examples/axum_app/main.rs"]
 pub mod axum_app;
 
 use std::{

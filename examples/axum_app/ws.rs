@@ -1,0 +1,145 @@
+//! `GET /ws` and `POST /notify`: live connections, registered across instances, and the
+//! messages sent to them.
+
+use axum::{
+    extract::{
+        Form, State,
+        rejection::FormRejection,
+        ws::{
+            CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+        },
+    },
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use tower_turnstile::{
+    connection::{Event, RegisterError, Registration, Registry},
+    session::Session,
+    tenant::Tenant,
+};
+
+use super::routes::{not_logged_in, text};
+
+/// The live connections `/ws` registers and `/notify` reaches.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// Where they are registered.
+    pub registry: Registry,
+    /// `WS_MAX_PER_USER`.
+    pub max_per_user: u32,
+}
+
+/// `GET /ws`: a WebSocket for a logged-in session, registered across instances; it receives
+/// the `/notify` messages of its user as text frames, and closes with 1012 when the instance
+/// stops.
+pub(crate) async fn websocket(
+    State(connections): State<Connections>,
+    tenant: Tenant,
+    session: Session,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let user = match session.user_id().await {
+        Ok(Some(user)) => user,
+        _ => return not_logged_in(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let max = connections.max_per_user;
+    match connections
+        .registry
+        .register_capped(&tenant, &user, "ws", max)
+        .await
+    {
+        Ok(registration) => upgrade.on_upgrade(move |socket| serve_socket(socket, registration)),
+        Err(RegisterError::AtCapacity { limit, .. }) => {
+            let mut response = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("at most {limit} live connections per user\n"),
+            );
+            let headers = response.headers_mut();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            if let Ok(policy) =
+                HeaderValue::try_from(format!("\"ws\";q={limit};qu=\"concurrent-requests\""))
+            {
+                headers.insert("ratelimit-policy", policy);
+            }
+            headers.insert("ratelimit", HeaderValue::from_static("\"ws\";r=0"));
+            response
+        }
+        Err(_) => {
+            let mut response = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this instance is stopping; connect again\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+async fn serve_socket(mut socket: WebSocket, mut registration: Registration) {
+    loop {
+        tokio::select! {
+            event = registration.next() => match event {
+                Some(Event::Message(message)) => {
+                    if socket.send(Message::Text(message.into())).await.is_err() {
+                        return;
+                    }
+                }
+                _ => {
+                    let close = CloseFrame {
+                        code: 1012,
+                        reason: "service restart".into(),
+                    };
+                    let _ = socket.send(Message::Close(Some(close))).await;
+                    return;
+                }
+            },
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_) | Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct NotifyForm {
+    user: Option<String>,
+    message: Option<String>,
+}
+
+/// `POST /notify`: sends `message` (default `ping`) to every live `/ws` connection of `user`
+/// in this tenant, on every instance; the body is how many connections it reached.
+pub(crate) async fn notify(
+    State(connections): State<Connections>,
+    tenant: Tenant,
+    form: Result<Form<NotifyForm>, FormRejection>,
+) -> Response {
+    let (user, message) = match form {
+        Ok(Form(NotifyForm {
+            user: Some(user),
+            message,
+        })) if !user.trim().is_empty() => (user, message.unwrap_or_else(|| "ping".to_owned())),
+        Ok(_) => return text(StatusCode::BAD_REQUEST, "missing form field: user=<name>\n"),
+        Err(rejection) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{}; expected form body user=<name>\n",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    let reached = connections
+        .registry
+        .send_to_user(&tenant, &user, &message)
+        .await;
+    text(StatusCode::OK, reached.to_string())
+}
