@@ -7,8 +7,6 @@
 //! (default 256: a few seconds each); a long run is
 //! `HOSTILE_CASES=100000 cargo test --release --test hostile_input`.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use axum::{Router, body::Body, routing::get};
@@ -17,7 +15,6 @@ use proptest::{
     prelude::*,
     test_runner::{Config, TestRunner},
 };
-use support::{http::send, session_app::app};
 use tower::ServiceExt;
 use tower_turnstile::{
     RequestView,
@@ -25,6 +22,8 @@ use tower_turnstile::{
     session::{MemoryStore, SessionLayer, SigningKey},
     tenant::{HeaderTenant, HostSubdomain, PathPrefix, Tenant, TenantLayer},
 };
+
+use crate::support::{http::send, session_app::app};
 
 fn runner() -> TestRunner {
     let cases = std::env::var("HOSTILE_CASES")
@@ -484,7 +483,7 @@ fn any_stored_hash_loads_as_a_session_or_as_none() {
         backend::RedisBackend,
         session::{RedisStore, SessionStore, store::SessionKey},
     };
-    let Some(server) = support::RedisServer::start() else {
+    let Some(server) = crate::support::RedisServer::start() else {
         return;
     };
     let rt = runtime();

@@ -2,18 +2,17 @@
 //! tenants must not grow the process without bound, because every in-memory store is bounded.
 //! Alone in its binary, so that the process's resident size is the flood's.
 
-mod support;
-
 use std::net::SocketAddr;
 
 use axum::{Router, body::Body, extract::ConnectInfo};
 use http::{Request, StatusCode, header};
-use support::{http::send, session_app::routes};
 use tower_turnstile::{
     ratelimit::{MemoryRateStore, Policy, Quota, RateLimitLayer},
     session::{MemoryStore, SessionLayer},
     tenant::{HostSubdomain, TenantLayer},
 };
+
+use crate::support::{http::send, session_app::routes};
 
 /// The capacity of every in-memory store in this test.
 const CAPACITY: u64 = 1_000;
