@@ -5,7 +5,7 @@
 //! These are proptest harnesses, which run on the stable toolchain this project builds with
 //! (`cargo fuzz` needs nightly). `HOSTILE_CASES` sets the number of cases per property
 //! (default 256: a few seconds each); a long run is
-//! `HOSTILE_CASES=100000 cargo test --release --test hostile_input`.
+//! `HOSTILE_CASES=100000 cargo test --release --test it hostile_input`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
