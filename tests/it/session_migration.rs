@@ -1,21 +1,20 @@
 //! `MigrationStore` moving live sessions from PostgreSQL to Redis under traffic, through a
 //! cut-over, and with the old store failing. Real `redis-server` and the machine's PostgreSQL.
 
-mod support;
-
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::{Router, http::StatusCode};
-use support::{
+use tower_turnstile::{
+    backend::RedisBackend,
+    session::{FailurePolicy, MigrationStore, PostgresStore, RedisStore, SessionLayer},
+};
+
+use crate::support::{
     RedisServer,
     http::{Client, Reply},
     postgres::PgSchema,
     proxy::Proxy,
     session_app::app,
-};
-use tower_turnstile::{
-    backend::RedisBackend,
-    session::{FailurePolicy, MigrationStore, PostgresStore, RedisStore, SessionLayer},
 };
 
 fn ok(reply: &Reply, body: &str) {

@@ -1,26 +1,24 @@
 //! `PostgresStore` beyond the conformance suite: batched cleanup, bad rows, the read that
 //! writes only when its slide is due, outages, and the session layer on it. Every test runs
 //! against the machine's PostgreSQL, in a schema of its own.
-#![cfg(feature = "postgres")]
-
-mod support;
 
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sqlx::PgPool;
-use support::{
-    http::Client,
-    postgres::PgSchema,
-    session_app::{app, event},
-};
 use tower_turnstile::{
     session::{
         PostgresStore, SessionLayer, SessionStore,
         store::{Patch, Record, SessionKey, Written},
     },
     tenant::Tenant,
+};
+
+use crate::support::{
+    http::Client,
+    postgres::PgSchema,
+    session_app::{app, event},
 };
 
 async fn store() -> Option<(PgSchema, PostgresStore)> {

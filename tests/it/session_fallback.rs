@@ -1,20 +1,19 @@
 //! `FallbackStore` under faults: Redis killed, restarted, stalled, or cut off from one instance
 //! while the others still reach it. Every test talks to a real `redis-server`.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use axum::{Router, http::StatusCode};
-use support::{
+use tower_turnstile::{
+    backend::{BreakerState, RedisBackend},
+    session::{FailurePolicy, FallbackStatus, FallbackStore, RedisStore, SessionLayer},
+};
+
+use crate::support::{
     RedisServer,
     http::Client,
     proxy::Proxy,
     session_app::{app, event, fast_failing_backend},
-};
-use tower_turnstile::{
-    backend::{BreakerState, RedisBackend},
-    session::{FailurePolicy, FallbackStatus, FallbackStore, RedisStore, SessionLayer},
 };
 
 /// One instance: its own connection (through `url`), breaker, local copy and journal.
@@ -95,7 +94,7 @@ async fn cut_off_pair() -> Option<(RedisServer, Proxy, Instance, Instance)> {
     Some((server, proxy, a, b))
 }
 
-fn ok(reply: &support::http::Reply, body: &str) {
+fn ok(reply: &crate::support::http::Reply, body: &str) {
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (StatusCode::OK, body),
@@ -443,7 +442,7 @@ async fn the_replay_script_is_idempotent_and_never_resurrects() {
     };
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let script = redis::Script::new(include_str!("../src/session/store/redis/lua/replay.lua"));
+    let script = redis::Script::new(include_str!("../../src/session/store/redis/lua/replay.lua"));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -588,7 +587,7 @@ async fn concurrent_load_through_a_kill_and_restart_loses_nothing() {
         );
         let limit = RateLimitLayer::new(Policy::new("all", Quota::per_minute(1_000_000)).unwrap())
             .with_redis(backend);
-        let app = support::session_app::routes()
+        let app = crate::support::session_app::routes()
             .layer(
                 SessionLayer::new(store.clone())
                     .with_failure_policy(FailurePolicy::fail_closed_on_write()),

@@ -1,22 +1,21 @@
 //! The session layer end to end: an axum router, real stores, requests with cookies.
 
-mod support;
-
 use std::{sync::Arc, time::Duration};
 
 use axum::{Router, http::StatusCode};
 use http::{HeaderValue, header};
-use support::{
-    RedisServer,
-    http::{Client, send},
-    session_app::{app, event, max_age},
-};
 use tower_turnstile::{
     backend::RedisBackend,
     session::{
         FailurePolicy, FallbackStore, MemoryStore, RedisStore, SessionLayer, SessionStore,
         SigningKey,
     },
+};
+
+use crate::support::{
+    RedisServer,
+    http::{Client, send},
+    session_app::{app, event, max_age},
 };
 
 fn memory_layer() -> SessionLayer {
@@ -535,7 +534,7 @@ async fn measure(
     c: &mut Client,
     method: &str,
     path: &str,
-    monitor: &support::Monitor,
+    monitor: &crate::support::Monitor,
     backend: &RedisBackend,
 ) -> (Vec<String>, u64) {
     monitor.take();
@@ -1072,7 +1071,7 @@ async fn with_id_header(
     method: &str,
     uri: &str,
     id: Option<&str>,
-) -> support::http::Reply {
+) -> crate::support::http::Reply {
     let mut request = http::Request::builder().method(method).uri(uri);
     if let Some(id) = id {
         request = request.header("x-session-id", id);
@@ -1080,7 +1079,7 @@ async fn with_id_header(
     send(app, request.body(axum::body::Body::empty()).unwrap()).await
 }
 
-fn id_of(reply: &support::http::Reply) -> Option<String> {
+fn id_of(reply: &crate::support::http::Reply) -> Option<String> {
     reply
         .headers
         .get("x-session-id")

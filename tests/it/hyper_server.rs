@@ -1,24 +1,25 @@
 //! The hyper example (`examples/hyper_server.rs`) served on ephemeral ports and driven by a
 //! real hyper client over TCP, with a cookie jar of its own; two instances on one Redis.
 
-mod support;
-
-#[path = "../examples/hyper_server.rs"]
-pub mod hyper_server;
+// The example's `pub` items are its interface as a program; here they are a private module's.
+#[allow(unreachable_pub)]
+#[path = "../../examples/hyper_server.rs"]
+mod example;
 
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
+use example::{Layers, serve};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
-use hyper_server::{Layers, serve};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use support::RedisServer;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tower_turnstile::{backend::RedisBackend, ratelimit::Quota};
+
+use crate::support::RedisServer;
 
 /// One running server: its address, and how to stop it.
 struct Running {

@@ -2,12 +2,9 @@
 //! (single, cluster, with fallback) and PostgreSQL.
 //! Each test takes the store through the `SessionStore` trait, and the same promises must hold.
 
-mod support;
-
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use support::{RedisCluster, RedisServer};
 use tower_turnstile::{
     backend::RedisBackend,
     session::{
@@ -16,6 +13,8 @@ use tower_turnstile::{
     },
     tenant::Tenant,
 };
+
+use crate::support::{RedisCluster, RedisServer};
 
 /// A store under test, and what keeps its storage alive.
 struct Fixture {
@@ -30,7 +29,7 @@ struct Fixture {
     _redis: Option<RedisServer>,
     _cluster: Option<RedisCluster>,
     #[cfg(feature = "postgres")]
-    _postgres: Option<support::postgres::PgSchema>,
+    _postgres: Option<crate::support::postgres::PgSchema>,
 }
 
 impl Fixture {
@@ -158,7 +157,7 @@ impl Fixture {
     fn postgres() -> Option<Self> {
         use tower_turnstile::session::PostgresStore;
         let schema = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(support::postgres::PgSchema::create())
+            tokio::runtime::Handle::current().block_on(crate::support::postgres::PgSchema::create())
         })?;
         let store = PostgresStore::new(schema.pool());
         tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(store.migrate()))
@@ -182,7 +181,7 @@ impl Fixture {
         use tower_turnstile::session::{ChainStore, PostgresStore};
         let server = RedisServer::start()?;
         let schema = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(support::postgres::PgSchema::create())
+            tokio::runtime::Handle::current().block_on(crate::support::postgres::PgSchema::create())
         })?;
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(PostgresStore::new(schema.pool()).migrate())

@@ -1,19 +1,20 @@
 //! The gRPC example (`examples/tonic_server.rs`) served on ephemeral ports and called with a
 //! real tonic client over HTTP/2; two instances on one Redis where it matters.
 
-mod support;
-
-#[path = "../examples/tonic_server.rs"]
-pub mod tonic_server;
+// The example's `pub` items are its interface as a program; here they are a private module's.
+#[allow(unreachable_pub)]
+#[path = "../../examples/tonic_server.rs"]
+mod example;
 
 use std::{net::SocketAddr, time::Duration};
 
+use example::{Layers, SESSION_ID, Utf8Codec, serve};
 use http::uri::PathAndQuery;
-use support::RedisServer;
 use tokio::{net::TcpListener, sync::oneshot};
 use tonic::{Code, Request, Status, metadata::MetadataMap, transport::Channel};
-use tonic_server::{Layers, SESSION_ID, Utf8Codec, serve};
 use tower_turnstile::{backend::RedisBackend, ratelimit::Quota};
+
+use crate::support::RedisServer;
 
 /// A server on an ephemeral port, stopped when dropped.
 struct Running {

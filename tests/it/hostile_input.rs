@@ -5,9 +5,7 @@
 //! These are proptest harnesses, which run on the stable toolchain this project builds with
 //! (`cargo fuzz` needs nightly). `HOSTILE_CASES` sets the number of cases per property
 //! (default 256: a few seconds each); a long run is
-//! `HOSTILE_CASES=100000 cargo test --release --test hostile_input`.
-
-mod support;
+//! `HOSTILE_CASES=100000 cargo test --release --test it hostile_input`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -17,7 +15,6 @@ use proptest::{
     prelude::*,
     test_runner::{Config, TestRunner},
 };
-use support::{http::send, session_app::app};
 use tower::ServiceExt;
 use tower_turnstile::{
     RequestView,
@@ -25,6 +22,8 @@ use tower_turnstile::{
     session::{MemoryStore, SessionLayer, SigningKey},
     tenant::{HeaderTenant, HostSubdomain, PathPrefix, Tenant, TenantLayer},
 };
+
+use crate::support::{http::send, session_app::app};
 
 fn runner() -> TestRunner {
     let cases = std::env::var("HOSTILE_CASES")
@@ -484,7 +483,7 @@ fn any_stored_hash_loads_as_a_session_or_as_none() {
         backend::RedisBackend,
         session::{RedisStore, SessionStore, store::SessionKey},
     };
-    let Some(server) = support::RedisServer::start() else {
+    let Some(server) = crate::support::RedisServer::start() else {
         return;
     };
     let rt = runtime();

@@ -1,10 +1,5 @@
 //! The reference app (`examples/axum_app.rs`) against its contract, driven in process.
 
-mod support;
-
-#[path = "../examples/axum_app/main.rs"]
-pub mod axum_app;
-
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -25,7 +20,7 @@ use tower_turnstile::{
     tenant::Tenant,
 };
 
-use axum_app::{Config, HealthSource, StartupError, app, build};
+use crate::axum_app::{Config, HealthSource, StartupError, app, build};
 use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
 use tower_turnstile::tenant::{HostSubdomain, TenantLayer, TenantRejected};
 
@@ -401,7 +396,7 @@ async fn login_remember_on_memory() {
 
 #[tokio::test]
 async fn login_remember_across_two_redis_instances() {
-    let Some(server) = support::RedisServer::start() else {
+    let Some(server) = crate::support::RedisServer::start() else {
         return;
     };
     let config = Config {
@@ -914,7 +909,7 @@ async fn health_without_redis_reports_disabled() {
 /// returns to healthy by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_loses_no_session_and_no_write() {
-    let Some(mut server) = support::RedisServer::start_persistent() else {
+    let Some(mut server) = crate::support::RedisServer::start_persistent() else {
         return;
     };
     let config = Config {
@@ -1472,7 +1467,7 @@ async fn two_instances_share_sessions_and_limits(one: &Router, two: &Router) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_a_redis_cluster() {
-    let Some(cluster) = support::RedisCluster::start_masters_only() else {
+    let Some(cluster) = crate::support::RedisCluster::start_masters_only() else {
         return;
     };
     let config = Config::from_vars([
@@ -1492,13 +1487,13 @@ async fn two_instances_on_a_redis_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_sentinel() {
-    let Some(group) = support::SentinelGroup::start() else {
+    let Some(group) = crate::support::SentinelGroup::start() else {
         return;
     };
     let config = Config::from_vars([
         (
             "REDIS_SENTINEL_MASTER",
-            support::SentinelGroup::MASTER.to_owned(),
+            crate::support::SentinelGroup::MASTER.to_owned(),
         ),
         ("REDIS_SENTINEL_URLS", group.sentinel_urls().join(",")),
         ("RATE_LIMIT", "8/60s".to_owned()),
@@ -1521,7 +1516,7 @@ async fn two_instances_on_sentinel() {
 /// limit is each instance's own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_on_postgres_share_sessions() {
-    let Some(schema) = support::postgres::PgSchema::create().await else {
+    let Some(schema) = crate::support::postgres::PgSchema::create().await else {
         return;
     };
     let config = Config {
@@ -1577,10 +1572,10 @@ async fn two_instances_on_postgres_share_sessions() {
 /// killed, every route still answers from PostgreSQL and `/health` says so; back, Redis serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chain_serves_through_a_redis_outage() {
-    let Some(mut server) = support::RedisServer::start() else {
+    let Some(mut server) = crate::support::RedisServer::start() else {
         return;
     };
-    let Some(schema) = support::postgres::PgSchema::create().await else {
+    let Some(schema) = crate::support::postgres::PgSchema::create().await else {
         return;
     };
     let config = Config {

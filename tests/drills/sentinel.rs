@@ -2,8 +2,6 @@
 //! working through a failover and through the master's death, on the new master, without a
 //! restart.
 
-mod support;
-
 use std::{
     sync::{
         Arc,
@@ -13,13 +11,14 @@ use std::{
 };
 
 use http::StatusCode;
-use support::{
+use tower_turnstile::backend::RedisBackend;
+
+use crate::support::{
     SentinelGroup,
     drill::{self, hit, limited, sessions},
     http::Client,
     session_app::fast_breaker,
 };
-use tower_turnstile::backend::RedisBackend;
 
 /// A backend on the group's master, found through its sentinel, that gives up fast.
 fn backend(group: &SentinelGroup) -> RedisBackend {
@@ -31,7 +30,7 @@ fn backend(group: &SentinelGroup) -> RedisBackend {
 }
 
 /// Keys in a server's database 0.
-fn keys(server: &support::RedisServer) -> Vec<String> {
+fn keys(server: &crate::support::RedisServer) -> Vec<String> {
     server.cli(&["--scan"]).lines().map(str::to_owned).collect()
 }
 

@@ -1,8 +1,6 @@
 //! The rate-limit layer end to end: an axum router, real stores (memory and Redis), requests
 //! from chosen client addresses.
 
-mod support;
-
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -11,10 +9,6 @@ use std::{
 
 use axum::{Router, body::Body, extract::ConnectInfo, routing::get};
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use support::{
-    RedisServer,
-    http::{Reply, send},
-};
 use tower_turnstile::{
     backend::{BreakerConfig, RedisBackend},
     ratelimit::{
@@ -22,6 +16,11 @@ use tower_turnstile::{
         MissingKey, Policy, Quota, RateLimitLayer, RateLimitStore, RateLimited, RedisRateStore,
     },
     tenant::Tenant,
+};
+
+use crate::support::{
+    RedisServer,
+    http::{Reply, send},
 };
 
 fn app(layer: RateLimitLayer) -> Router {

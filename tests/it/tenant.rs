@@ -2,8 +2,6 @@
 //! real stores (hostile tenant names never reach Redis, cookies do not cross tenants, users of
 //! the same name in two tenants are two users).
 
-mod support;
-
 use std::convert::Infallible;
 
 use axum::{
@@ -14,10 +12,6 @@ use axum::{
 };
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use support::{
-    RedisServer,
-    http::{Client, Reply, send},
-};
 use tower::{Layer, ServiceExt};
 use tower_turnstile::{
     backend::RedisBackend,
@@ -26,6 +20,11 @@ use tower_turnstile::{
         HeaderTenant, HostMap, HostSubdomain, PathPrefix, RequestView, Tenant, TenantLayer,
         TenantRejected, TenantSource,
     },
+};
+
+use crate::support::{
+    RedisServer,
+    http::{Client, Reply, send},
 };
 
 fn x_tenant() -> HeaderName {

@@ -7,11 +7,6 @@
 //! The short form runs in CI (about 6 s); `FAULT_DRILL_SECS=60` runs a minute of load, with
 //! the two outages spread over it.
 
-mod support;
-
-#[path = "../examples/axum_app/main.rs"]
-pub mod axum_app;
-
 use std::{
     net::SocketAddr,
     sync::{
@@ -22,9 +17,10 @@ use std::{
 };
 
 use axum::{Router, body::Body, extract::ConnectInfo};
-use axum_app::{Config, build_parts};
 use http::{Method, Request, StatusCode, header};
-use support::{RedisServer, http::send};
+
+use crate::axum_app::{Config, build_parts};
+use crate::support::{RedisServer, http::send};
 
 /// Requests per minute per client address and tenant.
 const LIMIT: u64 = 40;

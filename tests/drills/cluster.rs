@@ -2,8 +2,6 @@
 //! over every master, and carry requests through a master's death until its replica is
 //! promoted, then continue on it without a restart.
 
-mod support;
-
 use std::{
     sync::{
         Arc,
@@ -13,13 +11,14 @@ use std::{
 };
 
 use http::StatusCode;
-use support::{
+use tower_turnstile::backend::RedisBackend;
+
+use crate::support::{
     RedisCluster,
     drill::{self, hit, limited, sessions},
     http::Client,
     session_app::fast_breaker,
 };
-use tower_turnstile::backend::RedisBackend;
 
 fn backend(cluster: &RedisCluster) -> RedisBackend {
     RedisBackend::cluster_builder(cluster.urls())

@@ -3,8 +3,6 @@
 //!
 //! Redis tests spawn their own `redis-server` (see `support`), and print SKIPPED without one.
 
-mod support;
-
 use std::{
     sync::{
         Arc,
@@ -17,7 +15,6 @@ use proptest::{
     prelude::*,
     test_runner::{Config, TestCaseError, TestRunner},
 };
-use support::{RedisCluster, RedisServer};
 use tower_turnstile::{
     backend::RedisBackend,
     ratelimit::{
@@ -25,6 +22,8 @@ use tower_turnstile::{
         RedisRateStore,
     },
 };
+
+use crate::support::{RedisCluster, RedisServer};
 
 const ALGORITHMS: [Algorithm; 3] = [
     Algorithm::SlidingWindow,
@@ -775,8 +774,8 @@ async fn scripts_reload_after_a_redis_restart() {
     }
     // As the store loads it: the shared prelude, then the algorithm.
     let script = concat!(
-        include_str!("../src/ratelimit/store/lua/prelude.lua"),
-        include_str!("../src/ratelimit/store/lua/sliding_window.lua")
+        include_str!("../../src/ratelimit/store/lua/prelude.lua"),
+        include_str!("../../src/ratelimit/store/lua/sliding_window.lua")
     );
     let sha = server.cli(&["SCRIPT", "LOAD", script]).trim().to_owned();
     server.restart();

@@ -1,13 +1,12 @@
 //! The shared Redis backend: connection, breaker and health against a real Redis.
 
-mod support;
-
 use std::time::Duration;
 
 use axum::{Router, body::Body};
 use http::{Request, StatusCode};
-use support::{RedisServer, http::send};
 use tower_turnstile::backend::{BackendError, BreakerConfig, BreakerState, RedisBackend};
+
+use crate::support::{RedisServer, http::send};
 
 #[test]
 fn building_outside_a_runtime_is_an_error_not_a_panic() {

@@ -1,22 +1,20 @@
 //! `ChainStore`, Redis in front of PostgreSQL, under faults: Redis killed and restarted,
 //! PostgreSQL cut off, one instance cut off from Redis while another still reaches it. Real
 //! `redis-server` processes and the machine's PostgreSQL (a schema per test).
-#![cfg(feature = "postgres")]
-
-mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::{Router, http::StatusCode};
-use support::{
+use tower_turnstile::session::{
+    ChainStore, FailurePolicy, PostgresStore, RedisStore, SessionLayer,
+};
+
+use crate::support::{
     RedisServer,
     http::{Client, Reply},
     postgres::PgSchema,
     proxy::Proxy,
     session_app::{app, fast_failing_backend},
-};
-use tower_turnstile::session::{
-    ChainStore, FailurePolicy, PostgresStore, RedisStore, SessionLayer,
 };
 
 fn chain(redis_url: &str, pool: sqlx::PgPool) -> ChainStore {

@@ -2,11 +2,6 @@
 //! reference app's `/ws` and `/notify` over real TCP with a real WebSocket client
 //! (tokio-tungstenite).
 
-mod support;
-
-#[path = "../examples/axum_app/main.rs"]
-pub mod axum_app;
-
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -17,9 +12,7 @@ use axum::{
     body::{Body, to_bytes},
     http::{Method, Request, StatusCode, header},
 };
-use axum_app::{Config, build_parts};
 use futures_util::StreamExt;
-use support::RedisServer;
 use tokio::net::TcpListener;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream, connect_async,
@@ -32,6 +25,9 @@ use tower_turnstile::{
     ratelimit::Quota,
     tenant::Tenant,
 };
+
+use crate::axum_app::{Config, build_parts};
+use crate::support::RedisServer;
 
 type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -472,7 +468,7 @@ fn info_used_memory(redis: &RedisServer) -> i64 {
 /// slot and the tenant's count and each instance's inbox on others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registry_works_on_a_cluster() {
-    let Some(cluster) = support::RedisCluster::start_masters_only() else {
+    let Some(cluster) = crate::support::RedisCluster::start_masters_only() else {
         return;
     };
     let make = || {

@@ -1,22 +1,44 @@
 //! Memory under hostile load: a flood of requests with fresh cookies, client addresses and
 //! tenants must not grow the process without bound, because every in-memory store is bounded.
-//! Alone in its binary, so that the process's resident size is the flood's.
-
-mod support;
+//! Alone in its process, so that the process's resident size is the flood's: the drills share a
+//! binary, and the test runs itself again in a child process of it.
 
 use std::net::SocketAddr;
 
 use axum::{Router, body::Body, extract::ConnectInfo};
 use http::{Request, StatusCode, header};
-use support::{http::send, session_app::routes};
 use tower_turnstile::{
     ratelimit::{MemoryRateStore, Policy, Quota, RateLimitLayer},
     session::{MemoryStore, SessionLayer},
     tenant::{HostSubdomain, TenantLayer},
 };
 
+use crate::support::{http::send, session_app::routes};
+
 /// The capacity of every in-memory store in this test.
 const CAPACITY: u64 = 1_000;
+
+/// Set in the child process the test runs alone in.
+const ALONE: &str = "KEY_FLOOD_ALONE";
+
+/// Runs the test `name` of this module alone, in a new process of this test binary, and fails
+/// unless it ran and passed there.
+fn run_alone(name: &str) {
+    // `module_path!()` starts with the crate's name, which the harness leaves out.
+    let module = module_path!().split_once("::").map_or("", |(_, path)| path);
+    let output = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", &format!("{module}::{name}"), "--nocapture"])
+        .env(ALONE, "1")
+        .output()
+        .expect("the test binary runs");
+    eprint!("{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{name} alone: {}\n{stdout}",
+        output.status
+    );
+}
 
 /// (current, peak) resident size of this process, in KiB.
 fn rss_kib() -> (u64, u64) {
@@ -75,6 +97,9 @@ fn hex(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_flood_of_fresh_keys_leaves_memory_bounded() {
+    if std::env::var_os(ALONE).is_none() {
+        return run_alone("a_flood_of_fresh_keys_leaves_memory_bounded");
+    }
     let app = stack();
     // Fill every store to its capacity first: what is measured after is what more keys add.
     flood(&app, 0, CAPACITY).await;
