@@ -47,7 +47,7 @@
 //!
 //! With `memory` and `redis` together, [`session::FallbackStore`] keeps sessions working through
 //! a Redis outage: a local copy serves them, writes are journaled and replayed once Redis is
-//! back, and [`backend::HealthService`] reports it. With `postgres` and `redis`,
+//! back, and [`health::HealthService`] reports it. With `postgres` and `redis`,
 //! `session::ChainStore` keeps every session in PostgreSQL with copies in Redis, and serves
 //! from PostgreSQL alone while Redis is down.
 //!
@@ -64,7 +64,7 @@
 //!   line, or to `503` with [`FailurePolicy::fail_closed`](session::FailurePolicy::fail_closed).
 //! - **Rate limits** fall back to a local limiter with a share of the quota, or let requests
 //!   through, or refuse them with `503` (see [`ratelimit::Fallback`]).
-//! - **Health**: [`backend::HealthService`] reports all of it as JSON.
+//! - **Health**: [`health::HealthService`] reports all of it as JSON.
 //!
 //! # Running on Redis Cluster or Sentinel
 //!
@@ -172,6 +172,8 @@ pub mod backend;
 #[cfg(feature = "connections")]
 pub mod connection;
 mod error;
+#[cfg(feature = "redis")]
+pub mod health;
 mod http;
 mod metrics;
 pub mod ratelimit;
@@ -182,5 +184,5 @@ mod sync;
 pub mod tenant;
 mod time;
 
-pub use error::StoreError;
+pub use error::{ConfigError, StoreError};
 pub use http::{PeerAddr, PeerAddrLayer, RefusalBody, RequestView, ResponseBody};

@@ -7,7 +7,7 @@ use axum::Router;
 use tower_turnstile::{
     connection::Registry,
     ratelimit::{ClientIp, Policy, RateLimitLayer},
-    session::{FailurePolicy, FallbackStore, SessionLayer, SigningKey, store::CleanupTask},
+    session::{CleanupTask, FailurePolicy, FallbackStore, SessionLayer, SigningKey},
 };
 use tracing::info;
 
@@ -81,7 +81,7 @@ fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
     let layer = RateLimitLayer::new(policy);
     info!(quota = %config.rate_limit, trusted_proxies = ?config.trusted_proxies, "rate limit per client IP");
     match health.redis() {
-        Some(health) => layer.with_redis(health.backend().clone()),
+        Some(backend) => layer.with_redis(backend.clone()),
         None => layer,
     }
 }
@@ -117,9 +117,9 @@ fn cookie_settings(sessions: SessionLayer, config: &Config) -> Result<SessionLay
 /// Where `/ws` registers its connections: in Redis, across instances, when the app has Redis.
 fn connection_registry(health: &HealthSource) -> Result<Registry, StartupError> {
     match health.redis() {
-        Some(health) => {
+        Some(backend) => {
             info!("live /ws connections are registered in Redis, across instances");
-            Registry::new(health.backend().clone()).map_err(StartupError::Registry)
+            Registry::new(backend.clone()).map_err(StartupError::Registry)
         }
         None => {
             info!("live /ws connections are known to this instance only (no Redis)");

@@ -3,8 +3,8 @@
 use std::{collections::HashMap, env::VarError, fmt};
 
 use tower_turnstile::{
+    ConfigError,
     ratelimit::{ClientIp, Quota},
-    session,
 };
 
 use super::StartupError;
@@ -247,9 +247,9 @@ fn cookie_secure(vars: &Vars) -> Result<bool, StartupError> {
 /// `SESSION_SECRET`, the one variable whose empty value is refused rather than read as unset.
 fn session_secret(vars: &Vars) -> Result<Option<String>, StartupError> {
     match vars.0.get("SESSION_SECRET") {
-        Some(secret) if secret.is_empty() => Err(StartupError::SigningKey(
-            session::CookieConfigError::EmptySecret,
-        )),
+        Some(secret) if secret.is_empty() => {
+            Err(StartupError::SigningKey(ConfigError::EmptySecret))
+        }
         secret => Ok(secret.cloned()),
     }
 }

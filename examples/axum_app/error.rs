@@ -3,7 +3,7 @@
 
 use std::{error::Error as StdError, fmt, io};
 
-use tower_turnstile::{backend::BackendError, connection::RegistryError, session};
+use tower_turnstile::ConfigError;
 
 /// Why the app could not start.
 #[derive(Debug)]
@@ -24,13 +24,13 @@ pub enum StartupError {
         expected: &'static str,
     },
     /// `SESSION_SECRET` does not make a signing key.
-    SigningKey(session::CookieConfigError),
+    SigningKey(ConfigError),
     /// `REDIS_URL` (or the Sentinel variables) do not make a Redis backend.
-    Redis(BackendError),
+    Redis(ConfigError),
     /// `DATABASE_URL` is not a PostgreSQL URL.
     Database(sqlx::Error),
     /// The registry of live connections could not start.
-    Registry(RegistryError),
+    Registry(ConfigError),
     /// The listening socket could not be opened.
     Bind {
         /// The address from `BIND`.

@@ -7,7 +7,7 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use tower_turnstile::{ratelimit::RateLimitLayer, session::PostgresStore};
+use tower_turnstile::{health::HealthService, ratelimit::RateLimitLayer, session::PostgresStore};
 
 use super::HealthSource;
 
@@ -31,10 +31,10 @@ pub(crate) async fn health_report(State(state): State<HealthState>) -> Response 
             "storage": "postgres",
             "postgres": postgres_health(&database).await,
         }),
-        HealthSource::Redis(health, fallback) => {
-            let mut service = health.service().with_rate_limit(&state.rate_limit);
+        HealthSource::Redis(backend, fallback) => {
+            let mut service = HealthService::new(backend).with_rate_limit(&state.rate_limit);
             if let Some(fallback) = fallback {
-                service = service.with_sessions(fallback);
+                service = service.with_sessions(&fallback);
             }
             let mut report = serde_json::to_value(service.report().await)
                 .unwrap_or_else(|_| serde_json::json!({}));
@@ -42,8 +42,8 @@ pub(crate) async fn health_report(State(state): State<HealthState>) -> Response 
             report["breaker"] = report["state"].clone();
             report
         }
-        HealthSource::Chain(health, database) => {
-            let service = health.service().with_rate_limit(&state.rate_limit);
+        HealthSource::Chain(backend, database) => {
+            let service = HealthService::new(backend).with_rate_limit(&state.rate_limit);
             let mut report = serde_json::to_value(service.report().await)
                 .unwrap_or_else(|_| serde_json::json!({}));
             report["storage"] = "redis+postgres".into();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tower_turnstile::{
-    backend::{Health, RedisBackend},
+    backend::RedisBackend,
     session::{ChainStore, FallbackStore, MemoryStore, PostgresStore, RedisStore, SessionLayer},
 };
 use tracing::{info, warn};
@@ -18,18 +18,18 @@ pub enum HealthSource {
     /// No Redis: sessions are in memory.
     Disabled,
     /// The Redis backend the sessions use, and their fallback store when the app built one.
-    Redis(Health, Option<FallbackStore>),
+    Redis(RedisBackend, Option<FallbackStore>),
     /// Sessions in PostgreSQL, rate limits in memory.
     Postgres(PostgresStore),
     /// Sessions in PostgreSQL with copies in Redis, rate limits in Redis.
-    Chain(Health, PostgresStore),
+    Chain(RedisBackend, PostgresStore),
 }
 
 impl HealthSource {
-    /// The Redis backend's health, when Redis is used.
-    pub(crate) fn redis(&self) -> Option<&Health> {
+    /// The Redis backend, when Redis is used.
+    pub(crate) fn redis(&self) -> Option<&RedisBackend> {
         match self {
-            Self::Redis(health, _) | Self::Chain(health, _) => Some(health),
+            Self::Redis(backend, _) | Self::Chain(backend, _) => Some(backend),
             Self::Disabled | Self::Postgres(_) => None,
         }
     }
@@ -149,7 +149,7 @@ fn in_postgres(database: PostgresStore) -> (SessionLayer, HealthSource) {
 
 /// Says whether Redis answers at start; the app serves either way.
 async fn log_first_ping(backend: &RedisBackend) {
-    let target = backend.health().snapshot().target;
+    let target = backend.status().target;
     match backend.ping().await {
         Ok(()) => info!(%target, "Redis answers"),
         Err(error) => warn!(
@@ -171,7 +171,7 @@ fn in_postgres_with_redis_copies(
     let store = ChainStore::new(RedisStore::new(backend.clone()), database.clone());
     (
         SessionLayer::new(store),
-        HealthSource::Chain(backend.health(), database),
+        HealthSource::Chain(backend, database),
     )
 }
 
@@ -181,6 +181,6 @@ fn in_redis(backend: RedisBackend) -> (SessionLayer, HealthSource) {
          a local copy and writes are journaled"
     );
     let store = FallbackStore::new(RedisStore::new(backend.clone()));
-    let health = HealthSource::Redis(backend.health(), Some(store.clone()));
+    let health = HealthSource::Redis(backend, Some(store.clone()));
     (SessionLayer::new(store), health)
 }

@@ -4,12 +4,14 @@ use std::{fmt, time::Duration};
 
 use redis::{RedisError, RedisResult, aio::ConnectionManagerConfig};
 
+use crate::ConfigError;
+
 #[cfg(feature = "cluster")]
 use super::cluster::ClusterNodes;
 #[cfg(feature = "sentinel")]
 use super::sentinel::SentinelMaster;
 use super::{
-    BackendError, BreakerConfig,
+    BreakerConfig,
     handle::{RedisBackend, Servers},
     node,
 };
@@ -120,16 +122,16 @@ impl RedisBackendBuilder {
     /// Builds the backend. It does not connect yet: the first command does.
     ///
     /// Fails if a URL is invalid or if called outside a Tokio runtime.
-    pub fn build(self) -> Result<RedisBackend, BackendError> {
+    pub fn build(self) -> Result<RedisBackend, ConfigError> {
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(BackendError::NoRuntime);
+            return Err(ConfigError::NoRuntime("the Redis backend"));
         }
         let breaker = self.breaker;
-        let (servers, target) =
-            self.connect()
-                .map_err(|e: RedisError| BackendError::InvalidUrl {
-                    source: Box::new(e),
-                })?;
+        let (servers, target) = self
+            .connect()
+            .map_err(|e: RedisError| ConfigError::RedisUrl {
+                source: Box::new(e),
+            })?;
         Ok(RedisBackend::start(servers, target, breaker))
     }
 
@@ -179,7 +181,7 @@ impl RedisBackend {
     ///
     /// Must be called inside a Tokio runtime. It does not connect: see
     /// [`RedisBackend::ping`] to check that Redis answers.
-    pub fn new(url: &str) -> Result<Self, BackendError> {
+    pub fn new(url: &str) -> Result<Self, ConfigError> {
         Self::builder(url).build()
     }
 
@@ -207,7 +209,7 @@ impl RedisBackend {
     /// # }
     /// ```
     #[cfg(feature = "cluster")]
-    pub fn cluster<I, U>(seeds: I) -> Result<Self, BackendError>
+    pub fn cluster<I, U>(seeds: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = U>,
         U: Into<String>,
@@ -249,7 +251,7 @@ impl RedisBackend {
     /// # }
     /// ```
     #[cfg(feature = "sentinel")]
-    pub fn sentinel<I, U>(master: &str, sentinels: I) -> Result<Self, BackendError>
+    pub fn sentinel<I, U>(master: &str, sentinels: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = U>,
         U: Into<String>,

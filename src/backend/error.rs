@@ -4,20 +4,11 @@ use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// Why a call to Redis did not produce an answer.
+/// Why a call to Redis did not produce an answer. (A backend that cannot be built at all is a
+/// [`ConfigError`](crate::ConfigError).)
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BackendError {
-    /// The Redis URL could not be parsed.
-    #[error("invalid Redis URL")]
-    InvalidUrl {
-        /// What the client library said about it.
-        #[source]
-        source: BoxError,
-    },
-    /// The backend was built outside a Tokio runtime; its connection needs one.
-    #[error("the Redis backend must be built inside a Tokio runtime")]
-    NoRuntime,
     /// The circuit breaker is open: Redis failed recently, so the call was not attempted.
     #[error("Redis circuit breaker is open; the call was not attempted")]
     CircuitOpen,

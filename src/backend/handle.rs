@@ -20,7 +20,7 @@ use super::cluster::ClusterNodes;
 #[cfg(feature = "sentinel")]
 use super::sentinel::SentinelMaster;
 use super::{
-    BackendError, Health,
+    BackendError,
     breaker::{Breaker, BreakerConfig},
     error::is_outage,
 };
@@ -141,11 +141,6 @@ impl RedisBackend {
             redis::cmd("PING").query_async::<()>(&mut conn).await
         })
         .await
-    }
-
-    /// The health view of this backend (breaker state, last error, counters).
-    pub fn health(&self) -> Health {
-        Health::new(self.clone())
     }
 
     /// Runs one round trip to Redis: through the breaker, under `deadline`, counted.

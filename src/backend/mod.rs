@@ -2,8 +2,8 @@
 //! command, and a circuit breaker that every user of the handle shares.
 //!
 //! Build one [`RedisBackend`] per process and hand clones of it to the stores that need Redis
-//! (the session store today, the rate limiter next). They then share one socket, one breaker and
-//! one [`Health`] view: when Redis stops answering, the breaker opens once for all of them, and
+//! (the session store, the rate limiter, the connection registry). They then share one socket, one breaker and
+//! one [`BackendStatus`]: when Redis stops answering, the breaker opens once for all of them, and
 //! callers go straight to their fallback instead of each paying a timeout.
 //!
 //! # Examples
@@ -18,7 +18,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
 //! redis.ping().await?;
-//! println!("{:?}", redis.health().snapshot().state);
+//! println!("{:?}", redis.status().state);
 //! # Ok(())
 //! # }
 //! ```
@@ -47,16 +47,14 @@ mod builder;
 mod cluster;
 mod error;
 mod handle;
-mod health;
 mod node;
 #[cfg(feature = "sentinel")]
 mod sentinel;
+mod status;
 
 pub(crate) use batch::{Batch, Part, Replies};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use builder::RedisBackendBuilder;
 pub use error::BackendError;
 pub use handle::RedisBackend;
-pub use health::{
-    Health, HealthFuture, HealthReport, HealthService, HealthSnapshot, RateLimitStatus,
-};
+pub use status::BackendStatus;

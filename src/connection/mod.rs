@@ -18,7 +18,7 @@
 //! - **Caps**: [`Registry::register_capped`] admits a connection only while the user has fewer
 //!   than `max` live ones on all instances, decided atomically in Redis, so concurrent
 //!   connects on several instances let exactly `max` in. A slot frees when its registration is
-//!   dropped, or when its instance dies, one lease later. [`ConcurrencyLimitLayer`] does the
+//!   dropped, or when its instance dies, one lease later. [`InFlightLimitLayer`](crate::ratelimit::InFlightLimitLayer) does the
 //!   same for requests in flight, per client address or any key, answering `429` with the
 //!   `RateLimit` fields of a `concurrent-requests` quota.
 //! - **Draining**: [`Registry::drain`] refuses new registrations, tells every local connection
@@ -52,13 +52,9 @@
 
 mod delivery;
 mod keys;
-mod limit;
 mod registration;
 mod registry;
 mod tasks;
 
-pub use limit::{ConcurrencyLimitLayer, ConcurrencyLimitService};
 pub use registration::Registration;
-pub use registry::{
-    ConnectionInfo, Event, RegisterError, Registry, RegistryBuilder, RegistryError,
-};
+pub use registry::{ConnectionInfo, Event, RegisterError, Registry, RegistryBuilder};

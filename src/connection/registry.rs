@@ -20,6 +20,7 @@ use super::{
     tasks::Tasks,
 };
 use crate::{
+    ConfigError,
     backend::{BackendError, Batch, Part, RedisBackend},
     sync::lock,
     tenant::Tenant,
@@ -54,15 +55,6 @@ pub enum RegisterError {
     Draining,
 }
 
-/// A registry could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RegistryError {
-    /// Built outside a Tokio runtime: its renewal and inbox tasks need one.
-    #[error("the connection registry must be built inside a Tokio runtime")]
-    NoRuntime,
-}
-
 /// One live connection elsewhere or here, as [`Registry::connections_of`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -75,7 +67,7 @@ pub struct ConnectionInfo {
     pub meta: String,
 }
 
-/// One instance's registry of live connections; see the [module docs](self). Cheap to clone;
+/// One instance's registry of live connections; see the [module docs](crate::connection). Cheap to clone;
 /// the clones share everything.
 #[derive(Clone)]
 pub struct Registry {
@@ -160,9 +152,9 @@ impl RegistryBuilder {
 
     /// The registry, with its renewal and inbox tasks running (they stop with the last
     /// clone).
-    pub fn build(self) -> Result<Registry, RegistryError> {
-        let runtime =
-            tokio::runtime::Handle::try_current().map_err(|_| RegistryError::NoRuntime)?;
+    pub fn build(self) -> Result<Registry, ConfigError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| ConfigError::NoRuntime("the connection registry"))?;
         let registry = Registry::with(
             self.backend,
             self.prefix,
@@ -195,7 +187,7 @@ fn instance_id() -> String {
 
 impl Registry {
     /// A registry shared through `backend` with the defaults of [`RegistryBuilder`].
-    pub fn new(backend: RedisBackend) -> Result<Self, RegistryError> {
+    pub fn new(backend: RedisBackend) -> Result<Self, ConfigError> {
         Self::builder(backend).build()
     }
 

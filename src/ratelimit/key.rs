@@ -1,113 +1,61 @@
 use std::{
-    fmt,
-    future::Future,
     net::{IpAddr, Ipv6Addr, SocketAddr},
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
 };
 
 use http::{Extensions, HeaderMap, HeaderName, header};
-
 use ipnet::IpNet;
 
-use super::store::Client;
+use super::{Answer, store::Client};
 use crate::{
+    ConfigError,
     http::{RequestView, peer_addr},
     tenant::Tenant,
 };
 
-/// A key that needs I/O to find (the session's user, say): a future of the client key.
-#[must_use = "a pending key finds nothing until it is awaited"]
-pub struct PendingKey(Pin<Box<dyn Future<Output = Option<Client>> + Send>>);
-
-impl PendingKey {
-    /// A key that `future` finds.
-    pub fn new(future: impl Future<Output = Option<Client>> + Send + 'static) -> Self {
-        Self(Box::pin(future))
-    }
-}
-
-impl fmt::Debug for PendingKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("PendingKey(..)")
-    }
-}
-
-impl Future for PendingKey {
-    type Output = Option<Client>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-/// The key of a request, found at once or later.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Extracted {
-    /// The client key (`None`: the request has no key; see [`Policy::on_missing_key`]).
-    ///
-    /// [`Policy::on_missing_key`]: super::Policy::on_missing_key
-    Ready(Option<Client>),
-    /// The key, once a future resolves.
-    Pending(PendingKey),
-}
-
-/// Decides which counter a request spends from.
+/// Decides which counter a request spends from: a client key, known at once or once some I/O
+/// is done (the session's user, say), or `None` when the request has none (see
+/// [`Policy::on_missing_key`](super::Policy::on_missing_key)).
 ///
 /// Implemented by [`ClientIp`], [`HeaderKey`], [`PerTenant`], [`RouteKey`], [`SessionUser`],
 /// pairs of extractors (both keys joined), and closures `Fn(&RequestView) -> Option<String>`.
 /// Keys are always scoped to the request's tenant and the policy by the layer.
 pub trait KeyExtractor: Send + Sync + 'static {
     /// The key of `request`.
-    fn extract(&self, request: &RequestView<'_>) -> Extracted;
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>>;
 }
 
 impl<F> KeyExtractor for F
 where
     F: Fn(&RequestView<'_>) -> Option<String> + Send + Sync + 'static,
 {
-    fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        Extracted::Ready(self(request).map(Client::from))
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>> {
+        Answer::ready(self(request).map(Client::from))
     }
 }
 
 impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for (A, B) {
     /// Both keys joined with `|`; no key when either has none.
-    fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        match (self.0.extract(request), self.1.extract(request)) {
-            (Extracted::Ready(a), Extracted::Ready(b)) => Extracted::Ready(join(a, b)),
-            (a, b) => Extracted::Pending(PendingKey::new(async move {
-                join(resolve(a).await, resolve(b).await)
-            })),
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>> {
+        match (self.0.extract(request).now(), self.1.extract(request).now()) {
+            (Ok(a), Ok(b)) => Answer::ready(join(a, b)),
+            (a, b) => Answer::later(async move {
+                let a = match a {
+                    Ok(a) => a,
+                    Err(later) => later.await,
+                };
+                let b = match b {
+                    Ok(b) => b,
+                    Err(later) => later.await,
+                };
+                join(a, b)
+            }),
         }
     }
 }
 
 fn join(a: Option<Client>, b: Option<Client>) -> Option<Client> {
     Some(Client::from(format!("{}|{}", a?, b?)))
-}
-
-async fn resolve(extracted: Extracted) -> Option<Client> {
-    match extracted {
-        Extracted::Pending(future) => future.await,
-        Extracted::Ready(key) => key,
-    }
-}
-
-/// Why a key extractor setting was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum KeyConfigError {
-    /// A trusted proxy is not an IP address or CIDR block.
-    #[error(
-        "invalid trusted proxy {0:?}: expected an IP address or a CIDR block such as 10.0.0.0/8"
-    )]
-    Proxy(String),
-    /// The IPv6 prefix length is over 128.
-    #[error("IPv6 prefix length must be at most 128")]
-    Ipv6Prefix,
 }
 
 /// The client's IP address, as the key.
@@ -153,16 +101,14 @@ impl ClientIp {
     }
 
     /// The client behind the given trusted proxies (IP addresses or CIDR blocks).
-    pub fn trusting<I, S>(proxies: I) -> Result<Self, KeyConfigError>
+    pub fn trusting<I, S>(proxies: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
         let trusted = proxies
             .into_iter()
-            .map(|p| {
-                parse_net(p.as_ref()).ok_or_else(|| KeyConfigError::Proxy(p.as_ref().to_owned()))
-            })
+            .map(|p| parse_net(p.as_ref()).ok_or_else(|| ConfigError::Proxy(p.as_ref().to_owned())))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             trusted: trusted.into(),
@@ -172,9 +118,9 @@ impl ClientIp {
 
     /// How many leading bits of an IPv6 address make the key (default 64; 128 keys each
     /// address on its own).
-    pub fn try_with_ipv6_prefix(mut self, bits: u8) -> Result<Self, KeyConfigError> {
+    pub fn try_with_ipv6_prefix(mut self, bits: u8) -> Result<Self, ConfigError> {
         if bits > 128 {
-            return Err(KeyConfigError::Ipv6Prefix);
+            return Err(ConfigError::Ipv6Prefix);
         }
         self.ipv6_prefix = bits;
         Ok(self)
@@ -217,12 +163,12 @@ impl ClientIp {
 }
 
 impl KeyExtractor for ClientIp {
-    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>> {
         match self.client(request) {
-            None => Extracted::Ready(None),
-            Some(IpAddr::V4(v4)) => Extracted::Ready(Some(Client::Address(IpAddr::V4(v4)))),
+            None => Answer::ready(None),
+            Some(IpAddr::V4(v4)) => Answer::ready(Some(Client::Address(IpAddr::V4(v4)))),
             Some(IpAddr::V6(v6)) => {
-                Extracted::Ready(Some(Client::Address(match v6.to_ipv4_mapped() {
+                Answer::ready(Some(Client::Address(match v6.to_ipv4_mapped() {
                     Some(v4) => IpAddr::V4(v4),
                     None => IpAddr::V6(self.group(v6)),
                 })))
@@ -305,13 +251,13 @@ impl HeaderKey {
 }
 
 impl KeyExtractor for HeaderKey {
-    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>> {
         let value = request
             .headers
             .get(&self.name)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty());
-        Extracted::Ready(value.map(Client::from))
+        Answer::ready(value.map(Client::from))
     }
 }
 
@@ -320,9 +266,9 @@ impl KeyExtractor for HeaderKey {
 pub struct PerTenant;
 
 impl KeyExtractor for PerTenant {
-    fn extract(&self, _: &RequestView<'_>) -> Extracted {
+    fn extract(&self, _: &RequestView<'_>) -> Answer<Option<Client>> {
         // The layer scopes every key to the tenant already; a constant key is the tenant.
-        Extracted::Ready(Some(Client::from("*")))
+        Answer::ready(Some(Client::from("*")))
     }
 }
 
@@ -332,8 +278,8 @@ impl KeyExtractor for PerTenant {
 pub struct RouteKey;
 
 impl KeyExtractor for RouteKey {
-    fn extract(&self, request: &RequestView<'_>) -> Extracted {
-        Extracted::Ready(Some(Client::from(format!(
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>> {
+        Answer::ready(Some(Client::from(format!(
             "{} {}",
             request.method,
             request.uri.path()
@@ -347,13 +293,11 @@ impl KeyExtractor for RouteKey {
 pub struct SessionUser;
 
 impl KeyExtractor for SessionUser {
-    fn extract(&self, request: &RequestView<'_>) -> Extracted {
+    fn extract(&self, request: &RequestView<'_>) -> Answer<Option<Client>> {
         let Some(session) = request.extensions.get::<crate::session::Session>().cloned() else {
-            return Extracted::Ready(None);
+            return Answer::ready(None);
         };
-        Extracted::Pending(PendingKey::new(async move {
-            session.user_id().await.ok().flatten().map(Client::from)
-        }))
+        Answer::later(async move { session.user_id().await.ok().flatten().map(Client::from) })
     }
 }
 
@@ -385,10 +329,10 @@ mod tests {
     }
 
     fn key(extractor: &ClientIp, request: &Request<()>) -> Option<String> {
-        match extractor.extract(&RequestView::new(request)) {
-            Extracted::Ready(key) => key.map(|client| client.to_string()),
-            Extracted::Pending(_) => panic!("client ip is immediate"),
-        }
+        let answer = extractor.extract(&RequestView::new(request)).now();
+        answer
+            .expect("client ip is immediate")
+            .map(|client| client.to_string())
     }
 
     #[test]

@@ -1,7 +1,5 @@
 use std::{
     fmt,
-    future::Future,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,7 +11,7 @@ use moka::sync::Cache;
 use tokio::sync::Mutex;
 
 use super::{
-    Quota,
+    Answer, Quota,
     lease::{Grant, Lease},
     store::{Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, StoreError},
 };
@@ -51,19 +49,17 @@ impl Fallback {
     }
 }
 
-/// What the limiter answers.
+/// What becomes of a request.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Verdict {
-    Decided(Decision),
+    /// No limit applies: the request has no key, and the policy lets such requests through.
+    Pass,
+    /// Refused: the request has no key, and the policy refuses such requests.
+    NoKey,
+    /// Decided, under this quota (the policy's, for the request's tenant).
+    Decided(Decision, Quota),
     /// The shared store failed and the fallback is [`Fallback::Closed`].
     Unavailable,
-}
-
-/// The limiter's answer: known at once (memory, a remembered denial, a fallback), or once the
-/// store's round trip is done.
-pub(crate) enum Deciding {
-    Now(Verdict),
-    Later(Pin<Box<dyn Future<Output = Verdict> + Send>>),
 }
 
 /// A denial remembered locally until its retry time, so a flood from an over-limit key is
@@ -163,12 +159,12 @@ impl Limiter {
         }
     }
 
-    /// Decides `check`: from a remembered denial, the store's ready answer, or the store's
-    /// round trip; a store failure goes to the fallback.
-    pub(crate) fn decide(&self, check: Check) -> Deciding {
+    /// Decides `check`: at once from a remembered denial, a lease or the store's ready answer,
+    /// or once the store's round trip is done; a store failure goes to the fallback.
+    pub(crate) fn decide(&self, check: Check) -> Answer<Verdict> {
         let shared = self.store.is_shared();
         if shared && let Some(denial) = self.remembered(&check) {
-            return Deciding::Now(Verdict::Decided(denial));
+            return Answer::ready(Verdict::Decided(denial, check.quota));
         }
         if shared
             && let Some(lease) = self.lease
@@ -181,20 +177,20 @@ impl Limiter {
             return self.decide_leased(check, lease, units);
         }
         match self.store.check(&check).now() {
-            Ok(result) => Deciding::Now(self.settle(&check, result, shared)),
+            Ok(result) => Answer::ready(self.settle(&check, result, shared)),
             Err(pending) => {
                 let limiter = self.clone();
-                Deciding::Later(Box::pin(async move {
+                Answer::later(async move {
                     let result = pending.await;
                     limiter.settle(&check, result, shared)
-                }))
+                })
             }
         }
     }
 
     /// Decides `check` from this instance's batch of the key's quota, taking a new batch from
     /// the store when it is spent or expired.
-    fn decide_leased(&self, check: Check, lease: Lease, units: u64) -> Deciding {
+    fn decide_leased(&self, check: Check, lease: Lease, units: u64) -> Answer<Verdict> {
         let slot = match self.state.leases.get(&check.key) {
             Some(slot) => slot,
             None => self
@@ -206,14 +202,14 @@ impl Limiter {
         if let Ok(mut grant) = slot.try_lock()
             && let Some(decision) = grant.spend(check.cost)
         {
-            return Deciding::Now(Verdict::Decided(decision));
+            return Answer::ready(Verdict::Decided(decision, check.quota));
         }
         let limiter = self.clone();
-        Deciding::Later(Box::pin(async move {
+        Answer::later(async move {
             let mut grant = slot.lock().await;
             // Another request of this key may have taken a batch meanwhile.
             if let Some(decision) = grant.spend(check.cost) {
-                return Verdict::Decided(decision);
+                return Verdict::Decided(decision, check.quota);
             }
             let mut batch = check.clone();
             batch.cost = units;
@@ -222,7 +218,7 @@ impl Limiter {
                     limiter.settle(&batch, Ok(decision), true);
                     let lifetime = lease.lifetime().min(check.quota.window());
                     *grant = Grant::new(decision, units, check.cost, lifetime);
-                    Verdict::Decided(grant.answer(Instant::now()))
+                    Verdict::Decided(grant.answer(Instant::now()), check.quota)
                 }
                 // Fewer than a batch left: this request alone, exactly (its denial is
                 // remembered with its own retry time).
@@ -233,7 +229,7 @@ impl Limiter {
                 }
                 Err(error) => limiter.fall_back(&check, &error),
             }
-        }))
+        })
     }
 
     fn settle(&self, check: &Check, result: Result<Decision, StoreError>, shared: bool) -> Verdict {
@@ -248,7 +244,7 @@ impl Limiter {
                 if shared && !decision.allowed {
                     self.remember(check, decision);
                 }
-                Verdict::Decided(decision)
+                Verdict::Decided(decision, check.quota)
             }
             Err(error) => self.fall_back(check, &error),
         }
@@ -301,22 +297,25 @@ impl Limiter {
             Fallback::Closed => Verdict::Unavailable,
             Fallback::Open => {
                 let limit = check.quota.limit();
-                Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO))
+                Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO), check.quota)
             }
-            Fallback::Local { share } => self.local_decision(check, check.quota.share(share)),
+            Fallback::Local { share } => Verdict::Decided(
+                self.local_decision(check, check.quota.share(share)),
+                check.quota,
+            ),
         }
     }
 
-    fn local_decision(&self, check: &Check, quota: Quota) -> Verdict {
+    fn local_decision(&self, check: &Check, quota: Quota) -> Decision {
         let mut local = check.clone();
         local.quota = quota;
         match self.state.local.check(&local).now() {
-            Ok(Ok(decision)) => Verdict::Decided(decision),
+            Ok(Ok(decision)) => decision,
             // The in-memory store always decides at once and cannot fail; should that ever
             // change, letting the request through is the fallback's fallback.
             _ => {
                 let limit = quota.limit();
-                Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO))
+                Decision::allowed(limit, limit, Duration::ZERO)
             }
         }
     }

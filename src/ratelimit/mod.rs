@@ -60,7 +60,10 @@
 //! ```
 
 mod algorithm;
+mod answer;
 mod headers;
+#[cfg(feature = "connections")]
+mod inflight;
 mod key;
 mod layer;
 mod lease;
@@ -68,21 +71,21 @@ mod limiter;
 mod policy;
 mod quota;
 mod service;
-pub mod store;
+mod store;
 
-pub use crate::RequestView;
 pub use algorithm::Algorithm;
-pub use key::{
-    ClientIp, Extracted, HeaderKey, KeyConfigError, KeyExtractor, PendingKey, PerTenant, RouteKey,
-    SessionUser,
-};
+pub use answer::Answer;
+#[cfg(feature = "connections")]
+pub use inflight::{InFlightFuture, InFlightLimitLayer, InFlightLimitService};
+pub use key::{ClientIp, HeaderKey, KeyExtractor, PerTenant, RouteKey, SessionUser};
 pub use layer::{RateLimitLayer, RateLimited, Rejection};
 pub use lease::Lease;
 pub use limiter::Fallback;
-pub use policy::{MissingKey, Policy, PolicyError};
-pub use quota::{Quota, QuotaError};
+pub use policy::{MissingKey, Policy};
+pub use quota::Quota;
 pub use service::{RateLimitService, ResponseFuture};
-pub use store::MemoryRateStore;
 #[cfg(feature = "redis")]
 pub use store::RedisRateStore;
-pub use store::{Check, Checking, Client, CounterKey, Decision, RateLimitStore};
+pub use store::{
+    Check, Client, CounterKey, Decision, MemoryRateStore, MemoryRateStoreBuilder, RateLimitStore,
+};

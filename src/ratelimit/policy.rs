@@ -4,7 +4,7 @@ use super::{
     Algorithm, Quota,
     key::{ClientIp, KeyExtractor, PerTenant},
 };
-use crate::{http::RequestView, tenant::Tenant};
+use crate::{ConfigError, http::RequestView, tenant::Tenant};
 
 /// What to do with a request whose key cannot be extracted (no peer address recorded, no API
 /// key header, no session user).
@@ -19,16 +19,6 @@ pub enum MissingKey {
     Allow,
     /// Refuse them as over the limit.
     Deny,
-}
-
-/// Why a policy setting was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PolicyError {
-    /// The policy name is empty, longer than 64 bytes, or has characters other than ASCII
-    /// letters, digits, `-`, `_` and `.` (it goes into headers and Redis keys).
-    #[error("invalid policy name {0:?}: use 1 to 64 ASCII letters, digits, '-', '_' or '.'")]
-    Name(String),
 }
 
 type CostFn = dyn Fn(&RequestView<'_>) -> u64 + Send + Sync;
@@ -104,10 +94,10 @@ impl Policy {
 
     /// A policy named `name` enforcing `quota` per client IP (the TCP peer), with the
     /// sliding-window algorithm and a cost of 1 per request.
-    pub fn new(name: &str, quota: Quota) -> Result<Self, PolicyError> {
+    pub fn new(name: &str, quota: Quota) -> Result<Self, ConfigError> {
         let valid = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
         if name.is_empty() || name.len() > 64 || !name.bytes().all(valid) {
-            return Err(PolicyError::Name(name.to_owned()));
+            return Err(ConfigError::PolicyName(name.to_owned()));
         }
         Ok(Self {
             name: Arc::from(name),
@@ -158,7 +148,7 @@ impl Policy {
     /// A tenant-wide policy: one counter per tenant that every request of the tenant spends
     /// from. Stacked next to a per-client policy, it keeps one noisy tenant from using up a
     /// capacity that all tenants share.
-    pub fn tenant_wide(name: &str, quota: Quota) -> Result<Self, PolicyError> {
+    pub fn tenant_wide(name: &str, quota: Quota) -> Result<Self, ConfigError> {
         Ok(Self::new(name, quota)?.with_key(PerTenant))
     }
 

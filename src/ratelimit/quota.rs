@@ -1,5 +1,7 @@
 use std::{fmt, str::FromStr, time::Duration};
 
+use crate::ConfigError;
+
 /// How much may be spent per window: `limit` units of cost every `window`.
 ///
 /// ```
@@ -49,33 +51,18 @@ pub(crate) const fn sliding_ticks(window: u64, limit: u64) -> (u64, u64) {
     (tick, window.div_ceil(tick))
 }
 
-/// Why a quota was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum QuotaError {
-    /// The window is shorter than a millisecond or longer than a year.
-    #[error("a quota window must be between 1 ms and 365 days")]
-    Window,
-    /// The limit is larger than 1 000 000 000.
-    #[error("a quota limit must be at most 1000000000")]
-    Limit,
-    /// The text is not `N/<duration>`.
-    #[error("invalid quota {0:?}: expected N/<duration>, such as 100/60s, 5/m or 10/500ms")]
-    Syntax(String),
-}
-
 const MAX_WINDOW_MS: u64 = 365 * 24 * 3600 * 1000;
 const MAX_LIMIT: u64 = 1_000_000_000;
 
 impl Quota {
     /// `limit` per `window`. A limit of 0 denies everything (a blocked plan, say).
-    pub fn new(limit: u64, window: Duration) -> Result<Self, QuotaError> {
+    pub fn new(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         if window_ms == 0 || window_ms > MAX_WINDOW_MS {
-            return Err(QuotaError::Window);
+            return Err(ConfigError::QuotaWindow);
         }
         if limit > MAX_LIMIT {
-            return Err(QuotaError::Limit);
+            return Err(ConfigError::QuotaLimit);
         }
         Ok(Self::of(limit, window_ms))
     }
@@ -176,12 +163,12 @@ impl fmt::Display for Quota {
 }
 
 impl FromStr for Quota {
-    type Err = QuotaError;
+    type Err = ConfigError;
 
     /// `N/<duration>`: the duration is a number with a unit (`ms`, `s`, `m`, `h`), or a bare
     /// unit meaning one of it (`100/m`).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let syntax = || QuotaError::Syntax(text.to_owned());
+        let syntax = || ConfigError::QuotaSyntax(text.to_owned());
         let (limit, window) = text.trim().split_once('/').ok_or_else(syntax)?;
         let limit: u64 = limit.trim().parse().map_err(|_| syntax())?;
         let window = window.trim();
@@ -201,7 +188,9 @@ impl FromStr for Quota {
             "h" => 3_600_000,
             _ => return Err(syntax()),
         };
-        let window_ms = amount.checked_mul(unit_ms).ok_or(QuotaError::Window)?;
+        let window_ms = amount
+            .checked_mul(unit_ms)
+            .ok_or(ConfigError::QuotaWindow)?;
         Self::new(limit, Duration::from_millis(window_ms))
     }
 }
@@ -212,9 +201,12 @@ mod tests {
 
     #[test]
     fn parses_every_unit() {
-        assert_eq!("100/60s".parse(), Ok(Quota::per_minute(100)));
-        assert_eq!("100/1m".parse(), Ok(Quota::per_minute(100)));
-        assert_eq!("7/h".parse(), Ok(Quota::per_hour(7)));
+        assert_eq!(
+            "100/60s".parse::<Quota>().ok(),
+            Some(Quota::per_minute(100))
+        );
+        assert_eq!("100/1m".parse::<Quota>().ok(), Some(Quota::per_minute(100)));
+        assert_eq!("7/h".parse::<Quota>().ok(), Some(Quota::per_hour(7)));
         assert_eq!(
             "10/500ms".parse::<Quota>().unwrap().window(),
             Duration::from_millis(500)
@@ -240,10 +232,10 @@ mod tests {
         ] {
             assert!(bad.parse::<Quota>().is_err(), "{bad:?}");
         }
-        assert_eq!(
+        assert!(matches!(
             Quota::new(MAX_LIMIT + 1, Duration::from_secs(1)),
-            Err(QuotaError::Limit)
-        );
+            Err(ConfigError::QuotaLimit)
+        ));
     }
 
     #[test]

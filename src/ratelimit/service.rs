@@ -12,10 +12,11 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
+    Answer,
     headers::{RATELIMIT, RATELIMIT_POLICY, policy_value, ratelimit_value, retry_after_secs},
-    key::{Extracted, tenant_of},
+    key::tenant_of,
     layer::{RateLimited, Rejection, Shared},
-    limiter::{Deciding, Verdict},
+    limiter::Verdict,
     policy::MissingKey,
     quota::Quota,
     store::{Check, Client, CounterKey, Decision},
@@ -52,20 +53,8 @@ impl<S> RateLimitService<S> {
     }
 }
 
-/// What the service does with a request.
-enum Outcome {
-    /// No limit applies (no key, and the policy lets such requests through).
-    Pass,
-    /// Refused outright (no key, and the policy refuses such requests).
-    Refuse,
-    /// Decided, under this quota.
-    Decided(Verdict, Quota),
-    /// Decided once the store's round trip is done.
-    Later(Pin<Box<dyn Future<Output = Verdict> + Send>>, Quota),
-}
-
-/// Decides what to do with a request of `client` in `tenant` costing `cost`.
-fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -> Outcome {
+/// What becomes of a request of `client` in `tenant` costing `cost`.
+fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -> Answer<Verdict> {
     let client = match client {
         Some(client) => client,
         None => {
@@ -80,19 +69,17 @@ fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -
                 );
             }
             match shared.policy.missing_key {
-                MissingKey::Allow => return Outcome::Pass,
-                MissingKey::Deny => return Outcome::Refuse,
+                MissingKey::Allow => return Answer::ready(Verdict::Pass),
+                MissingKey::Deny => return Answer::ready(Verdict::NoKey),
                 _ => Client::from("(no key)"),
             }
         }
     };
     let quota = shared.policy.quota_for(tenant);
     let key = CounterKey::new(tenant.clone(), Arc::clone(&shared.scope), client);
-    let check = Check::new(key, quota, shared.policy.algorithm(), cost);
-    match shared.limiter.decide(check) {
-        Deciding::Now(verdict) => Outcome::Decided(verdict, quota),
-        Deciding::Later(verdict) => Outcome::Later(verdict, quota),
-    }
+    shared
+        .limiter
+        .decide(Check::new(key, quota, shared.policy.algorithm(), cost))
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
@@ -116,20 +103,20 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let view = RequestView::new(&request);
         let cost = self.shared.policy.cost_of(&view);
-        match self.shared.policy.key.extract(&view) {
-            Extracted::Ready(client) => {
-                let outcome = decide(&self.shared, tenant_of(request.extensions()), client, cost);
-                respond(&mut self.inner, &self.shared, request, outcome)
+        match self.shared.policy.key.extract(&view).now() {
+            Ok(client) => {
+                let verdict = decide(&self.shared, tenant_of(request.extensions()), client, cost);
+                respond(&mut self.inner, &self.shared, request, verdict)
             }
-            Extracted::Pending(client) => {
+            Err(client) => {
                 // The key needs I/O (the session's user, say): find it in a future, which
                 // takes the inner service that was made ready (a clone takes its place).
                 let mut inner = take_ready(&mut self.inner);
                 let shared = Arc::clone(&self.shared);
                 ResponseFuture::boxed(Box::pin(async move {
                     let tenant = tenant_of(request.extensions());
-                    let outcome = decide(&shared, tenant, client.await, cost);
-                    respond(&mut inner, &shared, request, outcome).await
+                    let verdict = decide(&shared, tenant, client.await, cost);
+                    respond(&mut inner, &shared, request, verdict).await
                 }))
             }
         }
@@ -142,13 +129,13 @@ fn take_ready<S: Clone>(inner: &mut S) -> S {
     mem::replace(inner, clone)
 }
 
-/// What the outcome means for the request: the inner service's answer (with the `RateLimit`
-/// fields when allowed), a refusal, or, when the store answers later, a future of either.
+/// What the verdict means for the request: the inner service's answer (with the `RateLimit`
+/// fields when allowed), a refusal, or, when the verdict comes later, a future of either.
 fn respond<S, ReqBody, ResBody>(
     inner: &mut S,
     shared: &Arc<Shared>,
     request: Request<ReqBody>,
-    outcome: Outcome,
+    verdict: Answer<Verdict>,
 ) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -157,31 +144,32 @@ where
     ReqBody: Send + 'static,
     ResBody: RefusalBody + Send + 'static,
 {
+    let verdict = match verdict.now() {
+        Ok(verdict) => verdict,
+        Err(later) => {
+            let mut inner = take_ready(inner);
+            let shared = Arc::clone(shared);
+            return ResponseFuture::boxed(Box::pin(async move {
+                let verdict = Answer::ready(later.await);
+                respond(&mut inner, &shared, request, verdict).await
+            }));
+        }
+    };
     // gRPC or not matters only for a refusal: the header is looked at only then.
     let grpc = |request: &Request<ReqBody>| is_grpc(request.headers());
-    match outcome {
-        Outcome::Pass => ResponseFuture::inner(inner.call(request), None),
-        Outcome::Refuse => ResponseFuture::ready(refuse(shared, None, grpc(&request))),
-        Outcome::Decided(Verdict::Decided(decision), quota) if decision.allowed => {
+    match verdict {
+        Verdict::Pass => ResponseFuture::inner(inner.call(request), None),
+        Verdict::NoKey => ResponseFuture::ready(refuse(shared, None, grpc(&request))),
+        Verdict::Decided(decision, quota) if decision.allowed => {
             let headers = shared
                 .headers
                 .then(|| allowed_headers(shared, quota, &decision));
             ResponseFuture::inner(inner.call(request), headers)
         }
-        Outcome::Decided(Verdict::Decided(decision), quota) => {
+        Verdict::Decided(decision, quota) => {
             ResponseFuture::ready(refuse(shared, Some((&decision, quota)), grpc(&request)))
         }
-        Outcome::Decided(Verdict::Unavailable, _) => {
-            ResponseFuture::ready(unavailable(shared, grpc(&request)))
-        }
-        Outcome::Later(verdict, quota) => {
-            let mut inner = take_ready(inner);
-            let shared = Arc::clone(shared);
-            ResponseFuture::boxed(Box::pin(async move {
-                let outcome = Outcome::Decided(verdict.await, quota);
-                respond(&mut inner, &shared, request, outcome).await
-            }))
-        }
+        Verdict::Unavailable => ResponseFuture::ready(unavailable(shared, grpc(&request))),
     }
 }
 

@@ -7,11 +7,10 @@ use super::{
     service::SessionService,
     store::{Lifetime, SessionInfo, SessionStore, StoreError, UserKey},
     transport::{
-        CookieConfig, CookieConfigError, SameSite, SigningKey, header_name, validate_attribute,
-        validate_name,
+        CookieConfig, SameSite, SigningKey, header_name, validate_attribute, validate_name,
     },
 };
-use crate::tenant::Tenant;
+use crate::{ConfigError, tenant::Tenant};
 
 /// Configuration shared by a [`SessionLayer`], its services and their sessions.
 #[derive(Clone)]
@@ -110,7 +109,7 @@ impl SessionLayer {
     }
 
     /// The cookie's name. Default: `id`.
-    pub fn try_with_cookie_name(self, name: impl Into<String>) -> Result<Self, CookieConfigError> {
+    pub fn try_with_cookie_name(self, name: impl Into<String>) -> Result<Self, ConfigError> {
         let name = name.into();
         validate_name(&name)?;
         Ok(self.edit(|s| s.cookie.name = name))
@@ -133,23 +132,20 @@ impl SessionLayer {
     /// # let _ = layer;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn try_with_id_header(self, name: &str) -> Result<Self, CookieConfigError> {
+    pub fn try_with_id_header(self, name: &str) -> Result<Self, ConfigError> {
         let name = header_name(name)?;
         Ok(self.edit(|s| s.cookie.header = Some(name)))
     }
 
     /// The cookie's `Path`. Default: `/`.
-    pub fn try_with_cookie_path(self, path: impl Into<String>) -> Result<Self, CookieConfigError> {
+    pub fn try_with_cookie_path(self, path: impl Into<String>) -> Result<Self, ConfigError> {
         let path = path.into();
         validate_attribute("path", &path)?;
         Ok(self.edit(|s| s.cookie.path = path))
     }
 
     /// The cookie's `Domain`. Default: none (the cookie goes back to the exact host only).
-    pub fn try_with_cookie_domain(
-        self,
-        domain: impl Into<String>,
-    ) -> Result<Self, CookieConfigError> {
+    pub fn try_with_cookie_domain(self, domain: impl Into<String>) -> Result<Self, ConfigError> {
         let domain = domain.into();
         validate_attribute("domain", &domain)?;
         Ok(self.edit(|s| s.cookie.domain = Some(domain)))

@@ -80,25 +80,29 @@ mod layer;
 mod service;
 #[allow(clippy::module_inception)] // the handle is the module's namesake
 mod session;
-pub mod store;
+mod store;
 mod transport;
 
 pub use expiry::Expiry;
 #[cfg(feature = "axum")]
 pub use extract::MissingSessionLayer;
 pub use failure::FailurePolicy;
+pub use id::{SessionKey, UserKey};
 pub use layer::{SessionLayer, UserSessions};
 pub use service::{ResponseFuture, SessionService, SessionUnavailable};
 pub use session::{Session, SessionError, SessionEvent};
 #[cfg(all(feature = "redis", feature = "postgres"))]
 pub use store::ChainStore;
-#[cfg(feature = "memory")]
-pub use store::MemoryStore;
-#[cfg(feature = "postgres")]
-pub use store::PostgresStore;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
+#[cfg(feature = "postgres")]
+pub use store::{CleanupTask, PostgresStore};
+#[cfg(feature = "memory")]
+pub use store::{Clock, ManualClock, MemoryStore, MemoryStoreBuilder};
 #[cfg(all(feature = "memory", feature = "redis"))]
-pub use store::{FallbackStatus, FallbackStore};
-pub use store::{MigrationStore, SessionInfo, SessionStore, StoreError};
-pub use transport::{CookieConfigError, SameSite, SigningKey};
+pub use store::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
+pub use store::{
+    JournaledWrite, Lifetime, MigrationStore, Patch, Record, ReplayStore, Replayed, SessionInfo,
+    SessionStore, VersionedStore, Written,
+};
+pub use transport::{SameSite, SigningKey};

@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use sha2::{Digest, Sha512};
 
 use super::id::SessionId;
+use crate::ConfigError;
 
 /// The longest cookie header value looked at; past it, the request is treated as having no
 /// session cookie (browsers send at most about 4 KiB per cookie).
@@ -28,30 +29,6 @@ pub enum SameSite {
     None,
 }
 
-/// Why a session layer setting was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CookieConfigError {
-    /// The cookie name is empty or has characters a cookie name may not have.
-    #[error("invalid cookie name {0:?}: use letters, digits and !#$%&'*+-.^_`|~")]
-    CookieName(String),
-    /// The cookie path or domain has characters that would break the `Set-Cookie` header.
-    #[error("invalid cookie {attribute} {value:?}: no control characters, spaces, ';' or ','")]
-    CookieAttribute {
-        /// `path` or `domain`.
-        attribute: &'static str,
-        /// The refused value.
-        value: String,
-    },
-    /// The signing secret is empty.
-    #[error("the cookie signing secret is empty")]
-    EmptySecret,
-    /// The name given for the id's header is not a valid header name, or names a header with a
-    /// meaning of its own (`cookie`, `set-cookie`, HTTP/2 pseudo-headers).
-    #[error("invalid session header name {0:?}: use lower-case letters, digits and '-'")]
-    HeaderName(String),
-}
-
 /// A key that signs session cookies (HMAC-SHA256), so forged or altered ids are refused before
 /// any store round trip.
 ///
@@ -69,10 +46,10 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// Derives a key from `secret`. Any length works, but the secret should hold at least 32
     /// random bytes: it is all that stands between an attacker and a valid signature.
-    pub fn from_secret(secret: impl AsRef<[u8]>) -> Result<Self, CookieConfigError> {
+    pub fn from_secret(secret: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
         let secret = secret.as_ref();
         if secret.is_empty() {
-            return Err(CookieConfigError::EmptySecret);
+            return Err(ConfigError::EmptySecret);
         }
         // Domain-separated so the same secret used elsewhere in an app yields another key.
         let master = Sha512::new_with_prefix(b"tower-turnstile session cookie v1\0")
@@ -119,8 +96,8 @@ impl Default for CookieConfig {
 }
 
 /// A header the session id may travel in: a valid, lower-case name that means nothing else.
-pub(crate) fn header_name(name: &str) -> Result<HeaderName, CookieConfigError> {
-    let refused = || CookieConfigError::HeaderName(name.to_owned());
+pub(crate) fn header_name(name: &str) -> Result<HeaderName, ConfigError> {
+    let refused = || ConfigError::HeaderName(name.to_owned());
     let lower = name.bytes().all(|b| !b.is_ascii_uppercase());
     let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| refused())?;
     if !lower || parsed == header::COOKIE || parsed == header::SET_COOKIE || name.starts_with(':') {
@@ -129,24 +106,21 @@ pub(crate) fn header_name(name: &str) -> Result<HeaderName, CookieConfigError> {
     Ok(parsed)
 }
 
-pub(crate) fn validate_name(name: &str) -> Result<(), CookieConfigError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), ConfigError> {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(token) {
-        return Err(CookieConfigError::CookieName(name.to_owned()));
+        return Err(ConfigError::CookieName(name.to_owned()));
     }
     Ok(())
 }
 
-pub(crate) fn validate_attribute(
-    attribute: &'static str,
-    value: &str,
-) -> Result<(), CookieConfigError> {
+pub(crate) fn validate_attribute(attribute: &'static str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty()
         || value
             .bytes()
             .any(|b| b.is_ascii_control() || b == b' ' || b == b';' || b == b',')
     {
-        return Err(CookieConfigError::CookieAttribute {
+        return Err(ConfigError::CookieAttribute {
             attribute,
             value: value.to_owned(),
         });

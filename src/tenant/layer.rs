@@ -6,10 +6,10 @@ use tower_layer::Layer;
 
 use super::{
     InvalidTenant, Tenant,
-    resolver::{RequestView, Resolution, ResolveTenant, TenantSource},
+    resolver::{Resolution, ResolveTenant, TenantSource},
     service::TenantService,
 };
-use crate::http::{GRPC_INVALID_ARGUMENT, RefusalBody, grpc_status};
+use crate::http::{GRPC_INVALID_ARGUMENT, RefusalBody, RequestView, grpc_status};
 
 type RejectionFn = dyn Fn(&TenantRejected) -> Response<Bytes> + Send + Sync;
 

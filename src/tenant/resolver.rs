@@ -5,10 +5,10 @@ use std::{
     sync::Arc,
 };
 
-pub use crate::RequestView;
 use http::{HeaderName, Uri, header, uri::PathAndQuery};
 
 use super::Tenant;
+use crate::{ConfigError, RequestView};
 
 /// Where in the request a resolver looks for the tenant; refusals name it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -134,7 +134,7 @@ impl From<Option<Tenant>> for Resolution {
 /// let an ill-formed name into a key.
 ///
 /// ```
-/// use tower_turnstile::tenant::{TenantLayer, RequestView};
+/// use tower_turnstile::{RequestView, tenant::TenantLayer};
 ///
 /// // The tenant from a claim that an outer authentication layer put into the extensions.
 /// #[derive(Clone)]
@@ -158,21 +158,6 @@ where
     fn resolve(&self, request: &RequestView<'_>) -> Resolution {
         self(request).into()
     }
-}
-
-/// Why a resolver setting was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ResolverConfigError {
-    /// The base domain is not a DNS name.
-    #[error("invalid base domain {0:?}: expected a DNS name such as example.com")]
-    BaseDomain(String),
-    /// The host is not a DNS name or an IP address.
-    #[error("invalid host {0:?}: expected a DNS name or an IP address, without a port")]
-    Host(String),
-    /// The path prefix is not an absolute path of plain segments.
-    #[error("invalid path prefix {0:?}: expected a path such as /t")]
-    PathPrefix(String),
 }
 
 /// The tenant from a subdomain of the `Host` header.
@@ -226,7 +211,7 @@ impl HostSubdomain {
     }
 
     /// The subdomain directly under `base_domain` (such as `example.com`) is the tenant.
-    pub fn new(base_domain: &str) -> Result<Self, ResolverConfigError> {
+    pub fn new(base_domain: &str) -> Result<Self, ConfigError> {
         let trimmed = base_domain.strip_prefix('.').unwrap_or(base_domain);
         let trimmed = trimmed.strip_suffix('.').unwrap_or(trimmed);
         let valid = !trimmed.is_empty()
@@ -235,7 +220,7 @@ impl HostSubdomain {
                 .split('.')
                 .all(|label| is_host_label(label) && label.len() <= 63);
         if !valid {
-            return Err(ResolverConfigError::BaseDomain(base_domain.to_owned()));
+            return Err(ConfigError::BaseDomain(base_domain.to_owned()));
         }
         Ok(Self {
             base: Some(Arc::from(trimmed.to_ascii_lowercase())),
@@ -328,11 +313,7 @@ impl HostMap {
 
     /// Maps `host` (a DNS name or an IP address, without a port) to `tenant`, replacing an
     /// earlier entry for the same host.
-    pub fn try_with_host(
-        mut self,
-        host: &str,
-        tenant: Tenant,
-    ) -> Result<Self, ResolverConfigError> {
+    pub fn try_with_host(mut self, host: &str, tenant: Tenant) -> Result<Self, ConfigError> {
         let key = match parse_host(host) {
             Ok(ParsedHost::Name(name))
                 if !host.contains(':') && name.split('.').all(is_host_label) =>
@@ -340,7 +321,7 @@ impl HostMap {
                 name.to_ascii_lowercase()
             }
             Ok(ParsedHost::Ip(ip)) if !has_port(host) => ip.to_string(),
-            _ => return Err(ResolverConfigError::Host(host.to_owned())),
+            _ => return Err(ConfigError::Host(host.to_owned())),
         };
         Arc::make_mut(&mut self.hosts).insert(key, tenant);
         Ok(self)
@@ -402,7 +383,7 @@ impl PathPrefix {
     }
 
     /// The segment after `prefix` (such as `/t`, or `/` for the first segment) is the tenant.
-    pub fn new(prefix: &str) -> Result<Self, ResolverConfigError> {
+    pub fn new(prefix: &str) -> Result<Self, ConfigError> {
         let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
         let valid = prefix.starts_with('/')
             && (trimmed.is_empty()
@@ -413,7 +394,7 @@ impl PathPrefix {
                         })
                 }));
         if !valid {
-            return Err(ResolverConfigError::PathPrefix(prefix.to_owned()));
+            return Err(ConfigError::PathPrefix(prefix.to_owned()));
         }
         Ok(Self {
             prefix: Arc::from(trimmed),

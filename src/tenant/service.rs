@@ -10,8 +10,8 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::{layer::Shared, resolver::RequestView};
-use crate::http::{RefusalBody, is_grpc, polled_after_completion};
+use super::layer::Shared;
+use crate::http::{RefusalBody, RequestView, is_grpc, polled_after_completion};
 
 /// The service of a [`TenantLayer`](super::TenantLayer): puts the request's
 /// [`Tenant`](super::Tenant) into its extensions, or refuses it.

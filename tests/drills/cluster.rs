@@ -89,7 +89,7 @@ async fn the_layers_survive_a_master_dying_mid_load() {
     cluster.wait_until_ok();
     let promoted = killed.elapsed();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(backend.ping().await.is_ok() && backend.health().snapshot().healthy) {
+    while !(backend.ping().await.is_ok() && backend.status().healthy) {
         assert!(Instant::now() < deadline, "the backend did not recover");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -153,7 +153,7 @@ async fn a_cluster_that_wants_a_password() {
         ]
     );
     assert_eq!(limiter.fallback_decisions(), 0, "decided in the cluster");
-    let shown = format!("{backend:?} {:?}", backend.health().snapshot());
+    let shown = format!("{backend:?} {:?}", backend.status());
     assert!(!shown.contains("secret"), "{shown}");
     assert!(shown.contains("cluster via 127.0.0.1:"), "{shown}");
 

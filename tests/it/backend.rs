@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use axum::{Router, body::Body};
 use http::{Request, StatusCode};
-use tower_turnstile::backend::{BackendError, BreakerConfig, BreakerState, RedisBackend};
+use tower_turnstile::{
+    ConfigError,
+    backend::{BackendError, BreakerConfig, BreakerState, RedisBackend},
+    health::HealthService,
+};
 
 use crate::support::{RedisServer, http::send};
 
@@ -12,7 +16,7 @@ use crate::support::{RedisServer, http::send};
 fn building_outside_a_runtime_is_an_error_not_a_panic() {
     assert!(matches!(
         RedisBackend::new("redis://127.0.0.1:1"),
-        Err(BackendError::NoRuntime)
+        Err(ConfigError::NoRuntime(_))
     ));
 }
 
@@ -21,7 +25,7 @@ async fn an_invalid_url_is_a_typed_error() {
     for url in ["", "http://example", "redis://:::::"] {
         let error = RedisBackend::new(url).expect_err(url);
         assert!(
-            matches!(error, BackendError::InvalidUrl { .. }),
+            matches!(error, ConfigError::RedisUrl { .. }),
             "{url}: {error:?}"
         );
     }
@@ -43,7 +47,7 @@ async fn it_starts_while_redis_is_down_and_connects_when_it_is_up() {
         .expect("building needs no Redis");
     let error = backend.ping().await.expect_err("Redis is down");
     assert!(error.is_outage(), "{error:?}");
-    assert_eq!(backend.health().snapshot().state, BreakerState::Open);
+    assert_eq!(backend.status().state, BreakerState::Open);
     assert!(
         matches!(backend.ping().await, Err(BackendError::CircuitOpen)),
         "open: fail fast"
@@ -53,7 +57,7 @@ async fn it_starts_while_redis_is_down_and_connects_when_it_is_up() {
     tokio::time::sleep(Duration::from_millis(60)).await;
     let mut healthy = false;
     for _ in 0..50 {
-        if backend.health().check().await.healthy {
+        if backend.check().await.healthy {
             healthy = true;
             break;
         }
@@ -62,10 +66,10 @@ async fn it_starts_while_redis_is_down_and_connects_when_it_is_up() {
     assert!(
         healthy,
         "the probe closed the breaker: {:?}",
-        backend.health().snapshot()
+        backend.status()
     );
     backend.ping().await.unwrap();
-    let snapshot = backend.health().snapshot();
+    let snapshot = backend.status();
     assert_eq!(snapshot.state, BreakerState::Closed);
     assert!(
         snapshot.last_error.is_some(),
@@ -94,7 +98,7 @@ async fn clones_share_one_breaker() {
     assert!(b.ping().await.is_err());
     assert!(matches!(b.ping().await, Err(BackendError::CircuitOpen)));
     assert!(matches!(a.ping().await, Err(BackendError::CircuitOpen)));
-    assert_eq!(a.health().snapshot().rejected, 2);
+    assert_eq!(a.status().rejected, 2);
 }
 
 #[tokio::test]
@@ -110,7 +114,7 @@ async fn health_service_answers_json() {
         )
         .build()
         .unwrap();
-    let app = Router::new().route_service("/health", backend.health().service());
+    let app = Router::new().route_service("/health", HealthService::new(backend.clone()));
     let reply = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
     assert_eq!(reply.status, StatusCode::OK);
     let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
@@ -135,10 +139,7 @@ async fn health_service_answers_json() {
     // ...and `503` for a probe that asks for it.
     let strict = Router::new().route_service(
         "/health",
-        backend
-            .health()
-            .service()
-            .with_degraded_status(StatusCode::SERVICE_UNAVAILABLE),
+        HealthService::new(backend.clone()).with_degraded_status(StatusCode::SERVICE_UNAVAILABLE),
     );
     let reply = send(
         &strict,
@@ -151,7 +152,7 @@ async fn health_service_answers_json() {
 #[tokio::test]
 async fn credentials_never_show_in_health() {
     let backend = RedisBackend::new("redis://user:hunter2@127.0.0.1:1/3").unwrap();
-    let snapshot = backend.health().snapshot();
+    let snapshot = backend.status();
     assert_eq!(snapshot.target, "127.0.0.1:1/3");
     assert!(!format!("{backend:?}").contains("hunter2"));
 }
@@ -171,14 +172,14 @@ async fn passwords_and_acl_users_authenticate() {
     ] {
         let backend = RedisBackend::new(&url).unwrap();
         backend.ping().await.expect("authenticated");
-        let shown = format!("{backend:?} {:?}", backend.health().snapshot());
+        let shown = format!("{backend:?} {:?}", backend.status());
         assert!(!shown.contains("secret"), "{shown}");
     }
     // A wrong password is an outage (the server cannot be used), said without the password.
     let backend = RedisBackend::new(&format!("redis://app:wrong-secret@127.0.0.1:{port}")).unwrap();
     let error = backend.ping().await.unwrap_err();
     assert!(error.is_outage(), "{error:?}");
-    let snapshot = backend.health().snapshot();
+    let snapshot = backend.status();
     let said = format!("{error} {:?}", snapshot.last_error);
     assert!(!said.contains("wrong-secret"), "{said}");
 }
@@ -282,7 +283,7 @@ async fn tls_with_the_roots_given() {
         .build()
         .unwrap();
     backend.ping().await.expect("TLS with the given roots");
-    let shown = format!("{backend:?} {:?}", backend.health().snapshot());
+    let shown = format!("{backend:?} {:?}", backend.status());
     assert!(!shown.contains("tls-secret"), "{shown}");
 
     // The system's roots do not know this authority: no connection, an outage.

@@ -608,19 +608,19 @@ async fn a_drained_registry_does_not_renew_its_closing_connections() {
     assert_eq!(leaving.local_count(), 0);
 }
 
-/// `ConcurrencyLimitLayer`: at most 2 requests of one key in flight over two instances; the
+/// `InFlightLimitLayer`: at most 2 requests of one key in flight over two instances; the
 /// rest get `429` with the `concurrent-requests` quota; another key is not held up, and a slot
 /// is free again as soon as its request has been answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_are_capped_across_instances() {
     use axum::routing::get;
-    use tower_turnstile::{connection::ConcurrencyLimitLayer, ratelimit::HeaderKey};
+    use tower_turnstile::ratelimit::{HeaderKey, InFlightLimitLayer};
 
     let Some(redis) = RedisServer::start() else {
         return;
     };
     let make = || {
-        let limit = ConcurrencyLimitLayer::new(registry(&redis, Duration::from_secs(5)), 2)
+        let limit = InFlightLimitLayer::new(registry(&redis, Duration::from_secs(5)), 2)
             .with_key(HeaderKey::new(header::HeaderName::from_static("x-client")));
         Router::new()
             .route(

@@ -18,7 +18,7 @@ use proptest::{
 use tower::ServiceExt;
 use tower_turnstile::{
     RequestView,
-    ratelimit::{ClientIp, Extracted, KeyExtractor},
+    ratelimit::{ClientIp, KeyExtractor},
     session::{MemoryStore, SessionLayer, SigningKey},
     tenant::{HeaderTenant, HostSubdomain, PathPrefix, Tenant, TenantLayer},
 };
@@ -176,10 +176,9 @@ fn key_of(
     request
         .extensions_mut()
         .insert(SocketAddr::new(IpAddr::V4(peer), 40000));
-    match extractor.extract(&RequestView::new(&request)) {
-        Extracted::Ready(key) => key.map(|key| key.to_string()),
-        _ => panic!("ClientIp decides at once"),
-    }
+    let key = extractor.extract(&RequestView::new(&request)).now();
+    key.expect("ClientIp decides at once")
+        .map(|key| key.to_string())
 }
 
 /// The key is the right-most address of the chain (peer last) that is not a trusted proxy, or
@@ -481,7 +480,7 @@ fn stored_hash() -> impl Strategy<Value = Vec<(String, String)>> {
 fn any_stored_hash_loads_as_a_session_or_as_none() {
     use tower_turnstile::{
         backend::RedisBackend,
-        session::{RedisStore, SessionStore, store::SessionKey},
+        session::{RedisStore, SessionKey, SessionStore},
     };
     let Some(server) = crate::support::RedisServer::start() else {
         return;

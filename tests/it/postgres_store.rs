@@ -8,10 +8,7 @@ use axum::http::StatusCode;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sqlx::PgPool;
 use tower_turnstile::{
-    session::{
-        PostgresStore, SessionLayer, SessionStore,
-        store::{Patch, Record, SessionKey, Written},
-    },
+    session::{Patch, PostgresStore, Record, SessionKey, SessionLayer, SessionStore, Written},
     tenant::Tenant,
 };
 

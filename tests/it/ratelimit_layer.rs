@@ -471,7 +471,7 @@ async fn redis_over_limit_flood_costs_almost_no_round_trips() {
     for _ in 0..5 {
         assert_eq!(hit(&app, "198.51.100.1").await.status, StatusCode::OK);
     }
-    let before = backend.health().snapshot().round_trips;
+    let before = backend.status().round_trips;
     let monitor = server.monitor();
     let flood = 2000;
     for _ in 0..flood {
@@ -480,7 +480,7 @@ async fn redis_over_limit_flood_costs_almost_no_round_trips() {
             StatusCode::TOO_MANY_REQUESTS
         );
     }
-    let round_trips = backend.health().snapshot().round_trips - before;
+    let round_trips = backend.status().round_trips - before;
     let commands = monitor.take().len();
     let per_denied = commands as f64 / f64::from(flood);
     eprintln!(
@@ -534,7 +534,7 @@ async fn redis_outage_falls_back_to_memory_and_recovers() {
     );
     assert!(statuses.iter().all(|s| !s.is_server_error()));
     assert!(layer.is_falling_back());
-    let snapshot = backend.health().snapshot();
+    let snapshot = backend.status();
     assert!(
         snapshot.rejected >= 3,
         "the open breaker answered without waiting: {snapshot:?}"

@@ -13,9 +13,10 @@ use axum::{
 };
 use tower::ServiceExt;
 use tower_turnstile::{
+    StoreError,
     session::{
-        MemoryStore, SessionInfo, SessionLayer, SessionStore, SigningKey, StoreError,
-        store::{Patch, Record, SessionKey, UserKey, Written},
+        MemoryStore, Patch, Record, SessionInfo, SessionKey, SessionLayer, SessionStore,
+        SigningKey, UserKey, Written,
     },
     tenant::Tenant,
 };

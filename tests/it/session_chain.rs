@@ -83,7 +83,7 @@ async fn redis_killed_then_back_sessions_go_on_from_postgres_then_redis() {
 
     server.restart();
     let back = Instant::now();
-    while !store.redis().backend().health().snapshot().healthy {
+    while !store.redis().backend().status().healthy {
         assert!(
             back.elapsed() < Duration::from_secs(5),
             "Redis not healthy again"
@@ -176,7 +176,7 @@ async fn a_copy_an_instance_could_not_drop_is_not_served_past_the_refresh() {
 
     redis_for_a.heal();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !a.redis().backend().health().snapshot().healthy {
+    while !a.redis().backend().status().healthy {
         assert!(Instant::now() < deadline);
         on_a.get("/get/n").await;
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -6,10 +6,11 @@ use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use tower_turnstile::{
+    StoreError,
     backend::RedisBackend,
     session::{
-        FallbackStore, MemoryStore, MigrationStore, RedisStore, SessionStore, StoreError,
-        store::{Lifetime, ManualClock, Patch, Record, SessionKey, UserKey, Written},
+        FallbackStore, Lifetime, ManualClock, MemoryStore, MigrationStore, Patch, Record,
+        RedisStore, SessionKey, SessionStore, UserKey, Written,
     },
     tenant::Tenant,
 };

@@ -159,7 +159,7 @@ async fn outage_costs_no_session_and_no_write() {
     );
     // Back to healthy without anyone asking for health: the background probe did it.
     for instance in [&a, &b] {
-        while !instance.backend.health().snapshot().healthy {
+        while !instance.backend.status().healthy {
             assert!(back.elapsed() < Duration::from_secs(5), "not healthy again");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -416,7 +416,7 @@ async fn a_stalled_redis_costs_at_most_the_deadline() {
     // A request costs at most its two round trips' deadlines (read, then write).
     assert!(worst < Duration::from_millis(2 * 200 + 600), "{worst:?}");
     assert!(a.status().active);
-    let breaker = a.backend.health().snapshot();
+    let breaker = a.backend.status();
     assert_ne!(
         breaker.state,
         BreakerState::Closed,

@@ -538,7 +538,7 @@ async fn measure(
     backend: &RedisBackend,
 ) -> (Vec<String>, u64) {
     monitor.take();
-    let before = backend.health().snapshot().round_trips;
+    let before = backend.status().round_trips;
     let reply = c.send(method, path).await;
     assert_eq!(
         reply.status,
@@ -546,7 +546,7 @@ async fn measure(
         "{method} {path}: {}",
         reply.body
     );
-    let after = backend.health().snapshot().round_trips;
+    let after = backend.status().round_trips;
     (monitor.take(), after - before)
 }
 
@@ -914,7 +914,7 @@ async fn redis_outage_degrades_then_recovers() {
         reply.set_cookie().is_none(),
         "no cookie for a session that could not be stored"
     );
-    assert!(!backend.health().snapshot().healthy, "the breaker opened");
+    assert!(!backend.status().healthy, "the breaker opened");
 
     // Fail-closed: 503 with a plain reason, never the handler's answer.
     let mut strict = c.on(closed.clone());
@@ -927,7 +927,7 @@ async fn redis_outage_degrades_then_recovers() {
     server.restart();
     // The breaker probes again after it has been open for a while; wait for it to close.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !backend.health().check().await.healthy {
+    while !backend.check().await.healthy {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the backend did not recover"
@@ -965,7 +965,7 @@ async fn redis_stall_is_cut_by_the_deadline() {
             (StatusCode::OK, "none")
         );
     }
-    let snapshot = backend.health().snapshot();
+    let snapshot = backend.status();
     assert!(!snapshot.healthy);
     assert!(
         snapshot.rejected > 0,
@@ -991,7 +991,7 @@ async fn memory_store_is_bounded_under_a_flood() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_ttl_is_each_sessions_own() {
     use tower_turnstile::{
-        session::store::{Record, SessionKey},
+        session::{Record, SessionKey},
         tenant::Tenant,
     };
     let Some(server) = RedisServer::start() else {
@@ -1040,7 +1040,7 @@ async fn redis_ttl_is_each_sessions_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_save_to_a_gone_session_leaves_nothing() {
     use tower_turnstile::{
-        session::store::{Patch, SessionKey, Written},
+        session::{Patch, SessionKey, Written},
         tenant::Tenant,
     };
     let Some(server) = RedisServer::start() else {

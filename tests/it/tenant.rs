@@ -14,11 +14,12 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use tower::{Layer, ServiceExt};
 use tower_turnstile::{
+    RequestView,
     backend::RedisBackend,
     session::{MemoryStore, RedisStore, Session, SessionLayer},
     tenant::{
-        HeaderTenant, HostMap, HostSubdomain, PathPrefix, RequestView, Tenant, TenantLayer,
-        TenantRejected, TenantSource,
+        HeaderTenant, HostMap, HostSubdomain, PathPrefix, Tenant, TenantLayer, TenantRejected,
+        TenantSource,
     },
 };
 

@@ -7,10 +7,10 @@ use std::{
 
 use hashbrown::HashTable;
 
-use super::{Check, Checking, CounterKey, Decision, RateLimitStore, StoreError};
+use super::{Check, CounterKey, Decision, RateLimitStore, StoreError};
 use crate::{
     ratelimit::{
-        Algorithm, Quota,
+        Algorithm, Answer, Quota,
         algorithm::{Counted, Gcra, Log, Window},
     },
     sync::lock,
@@ -39,7 +39,7 @@ use crate::{
 /// let store = MemoryRateStore::builder().max_keys(10_000).build();
 /// let login = Check::new("login:203.0.113.7", Quota::per_minute(5), Algorithm::SlidingLog, 1);
 ///
-/// let decision = store.check(&login).await?; // decided at once: `Checking::now` has it too
+/// let decision = store.check(&login).await?; // decided at once: `Answer::now` has it too
 /// assert!(decision.allowed);
 /// assert_eq!(decision.remaining, 4);
 /// # Ok(())
@@ -115,8 +115,8 @@ impl MemoryRateStore {
 
 impl RateLimitStore for MemoryRateStore {
     /// Always decided at once: the counts are in this process.
-    fn check(&self, check: &Check) -> Checking {
-        Checking::ready(self.decide(check))
+    fn check(&self, check: &Check) -> Answer<Result<Decision, StoreError>> {
+        Answer::ready(self.decide(check))
     }
 }
 

@@ -2,27 +2,24 @@
 
 use std::{
     fmt,
-    future::Future,
     net::IpAddr,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, SystemTime},
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
 
-pub use crate::error::StoreError;
+pub(crate) use crate::StoreError;
 
-use super::{Algorithm, Quota};
+use super::{Algorithm, Answer, Quota};
 use crate::tenant::Tenant;
 
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use memory::MemoryRateStore;
+pub use memory::{MemoryRateStore, MemoryRateStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisRateStore;
 
@@ -257,86 +254,30 @@ impl Decision {
 /// denied check spends nothing. One trace of checks (time, key, cost) gives the same decisions
 /// on every store.
 ///
-/// A store that decides without I/O answers [`Checking::ready`], which the layer takes as it
-/// is; a networked store answers [`Checking::pending`] with a future that owns what it needs.
+/// A store that decides without I/O answers [`Answer::ready`], which the layer takes as it is;
+/// a networked store answers [`Answer::later`] with a future that owns what it needs.
 ///
 /// ```
-/// use tower_turnstile::ratelimit::{Check, Checking, Decision, RateLimitStore};
+/// use tower_turnstile::ratelimit::{Answer, Check, Decision, RateLimitStore};
 ///
 /// /// Lets everything through, and says so.
 /// #[derive(Debug)]
 /// struct Unlimited;
 ///
 /// impl RateLimitStore for Unlimited {
-///     fn check(&self, check: &Check) -> Checking {
+///     fn check(&self, check: &Check) -> Answer<Result<Decision, tower_turnstile::StoreError>> {
 ///         let limit = check.quota.limit();
-///         Checking::ready(Ok(Decision::allowed(limit, limit, std::time::Duration::ZERO)))
+///         Answer::ready(Ok(Decision::allowed(limit, limit, std::time::Duration::ZERO)))
 ///     }
 /// }
 /// ```
 pub trait RateLimitStore: fmt::Debug + Send + Sync + 'static {
     /// Decides one check, spending its cost if allowed.
-    fn check(&self, check: &Check) -> Checking;
+    fn check(&self, check: &Check) -> Answer<Result<Decision, StoreError>>;
 
     /// Whether the store is shared with other instances (Redis) rather than local to this
     /// process. Only shared stores get a fallback and a local cache of denied keys.
     fn is_shared(&self) -> bool {
         false
-    }
-}
-
-type DecisionResult = Result<Decision, StoreError>;
-
-/// A store's answer to a [`Check`]: ready now, or once its future resolves. It is itself a
-/// future, so `store.check(&check).await` works either way.
-#[must_use = "a check decides nothing until its answer is taken or awaited"]
-pub struct Checking(Answer);
-
-enum Answer {
-    Ready(Option<DecisionResult>),
-    Pending(Pin<Box<dyn Future<Output = DecisionResult> + Send>>),
-}
-
-impl Checking {
-    /// An answer known at once.
-    pub fn ready(result: DecisionResult) -> Self {
-        Self(Answer::Ready(Some(result)))
-    }
-
-    /// An answer that needs I/O.
-    pub fn pending(future: impl Future<Output = DecisionResult> + Send + 'static) -> Self {
-        Self(Answer::Pending(Box::pin(future)))
-    }
-
-    /// The answer, if it is known without waiting; otherwise the same `Checking` back.
-    pub fn now(self) -> Result<DecisionResult, Self> {
-        match self.0 {
-            Answer::Ready(Some(result)) => Ok(result),
-            other => Err(Self(other)),
-        }
-    }
-}
-
-impl fmt::Debug for Checking {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Answer::Ready(result) => f.debug_tuple("Checking::Ready").field(result).finish(),
-            Answer::Pending(_) => f.write_str("Checking::Pending(..)"),
-        }
-    }
-}
-
-impl Future for Checking {
-    type Output = DecisionResult;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
-            Answer::Ready(result) => Poll::Ready(result.take().unwrap_or_else(|| {
-                Err(StoreError::Failed {
-                    source: "rate-limit answer polled after completion".into(),
-                })
-            })),
-            Answer::Pending(future) => future.as_mut().poll(cx),
-        }
     }
 }

@@ -2,10 +2,10 @@ use std::{sync::LazyLock, time::Duration};
 
 use redis::{Script, Value};
 
-use super::{Check, Checking, Decision, RateLimitStore, StoreError};
+use super::{Check, Decision, RateLimitStore, StoreError};
 use crate::{
     backend::RedisBackend,
-    ratelimit::{Algorithm, algorithm::Counted},
+    ratelimit::{Algorithm, Answer, algorithm::Counted},
     time::unix_micros,
 };
 
@@ -109,11 +109,11 @@ impl RedisRateStore {
 
 impl RateLimitStore for RedisRateStore {
     /// One round trip: the algorithm's script on the key `{prefix}{key}`.
-    fn check(&self, check: &Check) -> Checking {
+    fn check(&self, check: &Check) -> Answer<Result<Decision, StoreError>> {
         let limit = check.quota.limit();
         if limit == 0 {
             // Denied for good, whatever the key holds: no need to ask Redis.
-            return Checking::ready(Ok(Decision::denied(0, 0, Duration::ZERO, None)));
+            return Answer::ready(Ok(Decision::denied(0, 0, Duration::ZERO, None)));
         }
         let script = match check.algorithm {
             Algorithm::SlidingWindow => &*SLIDING_WINDOW,
@@ -133,7 +133,7 @@ impl RateLimitStore for RedisRateStore {
             .arg(limit)
             .arg(check.cost);
         let (backend, timeout) = (self.backend.clone(), self.timeout);
-        Checking::pending(async move {
+        Answer::later(async move {
             let reply: Value = backend
                 .run(timeout, |mut conn| async move {
                     invocation.invoke_async(&mut conn).await

@@ -22,7 +22,7 @@ pub trait Clock: fmt::Debug + Send + Sync + 'static {
 
 /// The system's wall clock, [`SystemTime::now`]. The default.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
@@ -36,7 +36,7 @@ impl Clock for SystemClock {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_turnstile::session::{MemoryStore, store::ManualClock};
+/// use tower_turnstile::session::{ManualClock, MemoryStore};
 ///
 /// let clock = ManualClock::new();
 /// let store = MemoryStore::builder().clock(clock.clone()).build();

@@ -1,4 +1,4 @@
-//! Session storage: the [`SessionStore`] trait and its implementations.
+//! Session storage: the [`SessionStore`] trait, its record types, and the stores.
 
 use std::{
     collections::BTreeMap,
@@ -10,8 +10,8 @@ use crate::time::{millis, unix_millis};
 
 use async_trait::async_trait;
 
-pub use super::id::{SessionKey, UserKey};
-pub use crate::error::StoreError;
+pub(crate) use super::id::{SessionKey, UserKey};
+pub(crate) use crate::StoreError;
 
 #[cfg(all(feature = "redis", feature = "postgres"))]
 mod chain;
@@ -32,14 +32,14 @@ mod versioned;
 #[cfg(all(feature = "redis", feature = "postgres"))]
 pub use chain::ChainStore;
 #[cfg(feature = "memory")]
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock};
 #[cfg(all(feature = "memory", feature = "redis"))]
 pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use migration::MigrationStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{CleanupTask, PostgresStore, TableNameError};
+pub use postgres::{CleanupTask, PostgresStore};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 pub use replay::{JournaledWrite, ReplayStore, Replayed};

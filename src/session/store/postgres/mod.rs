@@ -25,6 +25,7 @@ use super::{
     Written,
 };
 use crate::{
+    ConfigError,
     tenant::Tenant,
     time::{from_unix_millis, millis},
 };
@@ -94,14 +95,6 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
-/// A table name [`PostgresStore::try_with_table`] refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid table name {0:?}: use `table` or `schema.table`, each part 1 to 63 lower-case \
-     letters, digits or `_`, not starting with a digit"
-)]
-pub struct TableNameError(pub String);
-
 impl PostgresStore {
     /// Sessions in the table `turnstile_sessions` (in the pool's `search_path`), with a
     /// deadline of one second per statement and cleanup batches of 1000 rows.
@@ -115,9 +108,9 @@ impl PostgresStore {
     }
 
     /// Keeps sessions in another table: `table` or `schema.table`.
-    pub fn try_with_table(mut self, table: &str) -> Result<Self, TableNameError> {
+    pub fn try_with_table(mut self, table: &str) -> Result<Self, ConfigError> {
         if !valid_table(table) {
-            return Err(TableNameError(table.to_owned()));
+            return Err(ConfigError::TableName(table.to_owned()));
         }
         self.sql = Arc::new(Statements::new(table));
         Ok(self)

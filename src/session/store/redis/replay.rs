@@ -53,7 +53,7 @@ struct Write<'a> {
 #[async_trait]
 impl ReplayStore for RedisStore {
     fn is_unreachable(&self) -> bool {
-        self.backend().health().snapshot().state != BreakerState::Closed
+        self.backend().status().state != BreakerState::Closed
     }
 
     async fn replay(&self, at: u64, write: &JournaledWrite) -> Result<Replayed, StoreError> {

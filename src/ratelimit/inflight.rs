@@ -1,4 +1,5 @@
-//! At most N requests of one key in flight across all instances.
+//! At most N requests of one key in flight across all instances, on the connection registry's
+//! leases.
 
 use std::{
     fmt,
@@ -13,10 +14,10 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{RegisterError, Registry};
+use super::{ClientIp, KeyExtractor};
 use crate::{
+    connection::{RegisterError, Registry},
     http::{RefusalBody, RequestView, plain_response},
-    ratelimit::{ClientIp, Extracted, KeyExtractor},
     tenant::Tenant,
 };
 
@@ -34,7 +35,9 @@ use crate::{
 ///
 #[cfg_attr(feature = "axum", doc = "```no_run")]
 #[cfg_attr(not(feature = "axum"), doc = "```ignore")]
-/// use tower_turnstile::{backend::RedisBackend, connection::{ConcurrencyLimitLayer, Registry}};
+/// use tower_turnstile::{
+///     backend::RedisBackend, connection::Registry, ratelimit::InFlightLimitLayer,
+/// };
 ///
 /// # #[tokio::main]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,13 +45,13 @@ use crate::{
 /// let app = axum::Router::<()>::new()
 ///     .route("/export", axum::routing::post(|| async { "done" }))
 ///     // Two exports per client address at a time, on all instances together.
-///     .layer(ConcurrencyLimitLayer::new(registry, 2));
+///     .layer(InFlightLimitLayer::new(registry, 2));
 /// # drop(app);
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct ConcurrencyLimitLayer {
+pub struct InFlightLimitLayer {
     shared: Arc<Shared>,
 }
 
@@ -59,16 +62,16 @@ struct Shared {
     policy: HeaderValue,
 }
 
-impl fmt::Debug for ConcurrencyLimitLayer {
+impl fmt::Debug for InFlightLimitLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConcurrencyLimitLayer")
+        f.debug_struct("InFlightLimitLayer")
             .field("registry", &self.shared.registry)
             .field("max", &self.shared.max)
             .finish_non_exhaustive()
     }
 }
 
-impl ConcurrencyLimitLayer {
+impl InFlightLimitLayer {
     /// At most `max` requests in flight per client address (at least 1).
     pub fn new(registry: Registry, max: u32) -> Self {
         let max = max.max(1);
@@ -99,36 +102,52 @@ impl ConcurrencyLimitLayer {
     }
 }
 
-impl<S> Layer<S> for ConcurrencyLimitLayer {
-    type Service = ConcurrencyLimitService<S>;
+impl<S> Layer<S> for InFlightLimitLayer {
+    type Service = InFlightLimitService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyLimitService {
+        InFlightLimitService {
             inner,
             shared: Arc::clone(&self.shared),
         }
     }
 }
 
-/// The service of a [`ConcurrencyLimitLayer`].
+/// The service of a [`InFlightLimitLayer`].
 #[derive(Clone)]
-pub struct ConcurrencyLimitService<S> {
+pub struct InFlightLimitService<S> {
     inner: S,
     shared: Arc<Shared>,
 }
 
-impl<S: fmt::Debug> fmt::Debug for ConcurrencyLimitService<S> {
+impl<S: fmt::Debug> fmt::Debug for InFlightLimitService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConcurrencyLimitService")
+        f.debug_struct("InFlightLimitService")
             .field("inner", &self.inner)
             .field("max", &self.shared.max)
             .finish_non_exhaustive()
     }
 }
 
-type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
+/// The response future of [`InFlightLimitService`]: a lease is taken (a Redis round trip)
+/// before the inner service runs, and given back after it answers.
+pub struct InFlightFuture<B, E>(Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>);
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ConcurrencyLimitService<S>
+impl<B, E> fmt::Debug for InFlightFuture<B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlightFuture").finish_non_exhaustive()
+    }
+}
+
+impl<B, E> Future for InFlightFuture<B, E> {
+    type Output = Result<Response<B>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for InFlightLimitService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -138,7 +157,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = BoxedResponse<ResBody, S::Error>;
+    type Future = InFlightFuture<ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -155,11 +174,8 @@ where
         let clone = self.inner.clone();
         let mut inner = mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move {
-            let key = match extracted {
-                Extracted::Ready(key) => key,
-                Extracted::Pending(pending) => pending.await,
-            };
+        InFlightFuture(Box::pin(async move {
+            let key = extracted.await;
             let Some(key) = key else {
                 return inner.call(request).await;
             };
@@ -178,7 +194,7 @@ where
                 // A draining registry still serves the requests that reach it.
                 Err(_) => inner.call(request).await,
             }
-        })
+        }))
     }
 }
 

@@ -1,134 +1,28 @@
+//! A health endpoint that reports on everything that may fall back: the Redis backend, the
+//! session store's fallback, the rate limiter's. It sits above the layers it reports on.
+
 use std::{
     convert::Infallible,
     fmt,
     future::Future,
     pin::Pin,
-    sync::atomic::Ordering,
     task::{Context, Poll},
-    time::SystemTime,
 };
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
 use serde::Serialize;
 
-use super::{BreakerState, RedisBackend};
-use http_body_util::Full;
-
-use crate::time::unix_millis;
-
-/// A read-only view of a [`RedisBackend`]'s health, for readiness checks and dashboards.
-#[derive(Debug, Clone)]
-pub struct Health {
-    backend: RedisBackend,
-}
-
-/// The health of a Redis backend at one instant.
-#[derive(Debug, Clone, Serialize)]
-#[non_exhaustive]
-pub struct HealthSnapshot {
-    /// `true` while the breaker is closed and the last call succeeded.
-    pub healthy: bool,
-    /// The breaker's state.
-    #[serde(serialize_with = "serialize_state")]
-    pub state: BreakerState,
-    /// When the breaker last opened or closed (Unix milliseconds in JSON).
-    #[serde(serialize_with = "serialize_time")]
-    pub since: SystemTime,
-    /// Outages in a row (resets on success).
-    pub consecutive_failures: u32,
-    /// The last outage seen, if any.
-    pub last_error: Option<String>,
-    /// When the last outage was seen (Unix milliseconds in JSON).
-    #[serde(serialize_with = "serialize_opt_time")]
-    pub last_error_at: Option<SystemTime>,
-    /// Calls that Redis answered.
-    pub successes: u64,
-    /// Calls that failed for an outage (timeout, refused or broken connection).
-    pub failures: u64,
-    /// Calls not attempted because the breaker was open.
-    pub rejected: u64,
-    /// Round trips sent to Redis.
-    pub round_trips: u64,
-    /// The Redis server, as `host:port/db` (no credentials).
-    pub target: String,
-}
-
-fn serialize_state<S: serde::Serializer>(state: &BreakerState, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(state.as_str())
-}
-
-fn serialize_time<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(unix_millis(*time))
-}
-
-fn serialize_opt_time<S: serde::Serializer>(
-    time: &Option<SystemTime>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match time {
-        Some(t) => s.serialize_some(&unix_millis(*t)),
-        None => s.serialize_none(),
-    }
-}
-
-impl Health {
-    pub(crate) fn new(backend: RedisBackend) -> Self {
-        Self { backend }
-    }
-
-    /// The backend this view reports on.
-    pub fn backend(&self) -> &RedisBackend {
-        &self.backend
-    }
-
-    /// The current state, without any I/O.
-    pub fn snapshot(&self) -> HealthSnapshot {
-        let inner = &self.backend.inner;
-        let view = inner.breaker.view();
-        let counters = &inner.breaker.counters;
-        let (last_error, last_error_at) = match view.last_error {
-            Some((error, at)) => (Some(error), Some(at)),
-            None => (None, None),
-        };
-        HealthSnapshot {
-            // A failed call makes Redis unhealthy at once, even before enough of them in a row
-            // open the breaker.
-            healthy: view.state == BreakerState::Closed && view.consecutive_failures == 0,
-            state: view.state,
-            since: view.since,
-            consecutive_failures: view.consecutive_failures,
-            last_error,
-            last_error_at,
-            successes: counters.successes.load(Ordering::Relaxed),
-            failures: counters.failures.load(Ordering::Relaxed),
-            rejected: counters.rejected.load(Ordering::Relaxed),
-            round_trips: inner.round_trips.load(Ordering::Relaxed),
-            target: inner.target.clone(),
-        }
-    }
-
-    /// Pings Redis when the breaker would let a call through (closed, or open long enough for
-    /// a probe), then returns the snapshot. A service with no traffic still sees its breaker
-    /// close again this way once Redis is back.
-    pub async fn check(&self) -> HealthSnapshot {
-        // The outcome is recorded by the breaker; the snapshot reports it.
-        let _ = self.backend.ping().await;
-        self.snapshot()
-    }
-
-    /// A Tower service that answers every request with a [`HealthReport`] as JSON; see
-    /// [`HealthService`].
-    pub fn service(&self) -> HealthService {
-        HealthService {
-            health: self.clone(),
-            #[cfg(feature = "memory")]
-            sessions: None,
-            rate_limit: None,
-            degraded_status: StatusCode::OK,
-        }
-    }
-}
+use crate::{
+    backend::{BackendStatus, BreakerState, RedisBackend},
+    ratelimit::RateLimitLayer,
+};
+#[cfg(feature = "memory")]
+use {
+    crate::session::{FallbackStatus, FallbackStore, ReplayStore},
+    std::sync::Arc,
+};
 
 /// What a [`HealthService`] answers: the backend's health, and whether anything is falling back.
 #[derive(Debug, Clone, Serialize)]
@@ -140,11 +34,11 @@ pub struct HealthReport {
     pub fallback_active: bool,
     /// The backend's breaker and counters.
     #[serde(flatten)]
-    pub backend: HealthSnapshot,
+    pub backend: BackendStatus,
     /// The session fallback store, when one is reported on.
     #[cfg(feature = "memory")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sessions: Option<crate::session::FallbackStatus>,
+    pub sessions: Option<FallbackStatus>,
     /// The rate limiter, when one is reported on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitStatus>,
@@ -172,6 +66,7 @@ pub struct RateLimitStatus {
 /// use axum::{Router, http::StatusCode, routing::get_service};
 /// use tower_turnstile::{
 ///     backend::RedisBackend,
+///     health::HealthService,
 ///     ratelimit::{Policy, Quota, RateLimitLayer},
 ///     session::{FallbackStore, RedisStore},
 /// };
@@ -182,10 +77,8 @@ pub struct RateLimitStatus {
 /// let sessions = FallbackStore::new(RedisStore::new(redis.clone()));
 /// let limits = RateLimitLayer::new(Policy::new("per-ip", Quota::per_minute(100))?)
 ///     .with_redis(redis.clone());
-/// let health = redis
-///     .health()
-///     .service()
-///     .with_sessions(sessions.clone())
+/// let health = HealthService::new(redis.clone())
+///     .with_sessions(&sessions)
 ///     .with_rate_limit(&limits)
 ///     .with_degraded_status(StatusCode::SERVICE_UNAVAILABLE);
 /// let app: Router = Router::new().route_service("/health", health);
@@ -193,26 +86,52 @@ pub struct RateLimitStatus {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HealthService {
-    health: Health,
+    backend: RedisBackend,
+    /// What the session store's fallback is doing, read at each report.
     #[cfg(feature = "memory")]
-    sessions: Option<crate::session::FallbackStore>,
-    rate_limit: Option<crate::ratelimit::RateLimitLayer>,
+    sessions: Option<Arc<dyn Fn() -> FallbackStatus + Send + Sync>>,
+    rate_limit: Option<RateLimitLayer>,
     degraded_status: StatusCode,
 }
 
+impl fmt::Debug for HealthService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("HealthService");
+        debug.field("backend", &self.backend);
+        #[cfg(feature = "memory")]
+        debug.field("sessions", &self.sessions.is_some());
+        debug
+            .field("rate_limit", &self.rate_limit)
+            .field("degraded_status", &self.degraded_status)
+            .finish()
+    }
+}
+
 impl HealthService {
+    /// A health endpoint for `backend`, reporting on it alone until told about more.
+    pub fn new(backend: RedisBackend) -> Self {
+        Self {
+            backend,
+            #[cfg(feature = "memory")]
+            sessions: None,
+            rate_limit: None,
+            degraded_status: StatusCode::OK,
+        }
+    }
+
     /// Also reports `store`'s fallback: whether sessions are served locally, the journal, and
     /// what was replayed or dropped.
     #[cfg(feature = "memory")]
-    pub fn with_sessions(mut self, store: crate::session::FallbackStore) -> Self {
-        self.sessions = Some(store);
+    pub fn with_sessions<P: ReplayStore>(mut self, store: &FallbackStore<P>) -> Self {
+        let store = store.clone();
+        self.sessions = Some(Arc::new(move || store.status()));
         self
     }
 
     /// Also reports `layer`'s fallback decisions.
-    pub fn with_rate_limit(mut self, layer: &crate::ratelimit::RateLimitLayer) -> Self {
+    pub fn with_rate_limit(mut self, layer: &RateLimitLayer) -> Self {
         self.rate_limit = Some(layer.clone());
         self
     }
@@ -223,10 +142,10 @@ impl HealthService {
         self
     }
 
-    /// Checks the backend (see [`Health::check`]) and reports on everything this service
+    /// Checks the backend (see [`RedisBackend::check`]) and reports on everything this service
     /// watches: what it answers, for a handler that adds fields of its own.
     pub async fn report(&self) -> HealthReport {
-        let backend = self.health.check().await;
+        let backend = self.backend.check().await;
         let healthy = backend.healthy;
         // The limiter knows how its last decision was made; with Redis healthy, its next one
         // goes to Redis.
@@ -235,10 +154,7 @@ impl HealthService {
             fallback_decisions: layer.fallback_decisions(),
         });
         #[cfg(feature = "memory")]
-        let sessions = self
-            .sessions
-            .as_ref()
-            .map(crate::session::FallbackStore::status);
+        let sessions = self.sessions.as_ref().map(|status| status());
         #[cfg(feature = "memory")]
         let sessions_local = sessions.as_ref().is_some_and(|s| s.active);
         #[cfg(not(feature = "memory"))]
@@ -303,7 +219,7 @@ impl<B> tower_service::Service<Request<B>> for HealthService {
 }
 
 /// A JSON response; serialising plain data cannot fail, but if it did the answer is still JSON.
-pub(crate) fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
