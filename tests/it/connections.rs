@@ -350,14 +350,11 @@ async fn a_dead_instance_vanishes_within_its_lease() {
     }
     let vanished = died.elapsed();
     eprintln!("a dead instance's entries vanished {vanished:?} after it died (lease {lease:?})");
-    assert!(
-        survivor
-            .register_capped(&tenant, "dave", "{}", 2)
-            .await
-            .is_ok(),
-        "slots free"
-    );
+    // Held until counted: dropping it would deregister it, racing the count.
+    let registered = survivor.register_capped(&tenant, "dave", "{}", 2).await;
+    assert!(registered.is_ok(), "slots free");
     assert_eq!(survivor.count(&tenant).await, 1);
+    drop(registered);
 }
 
 /// Redis down: registrations and delivery work on this instance, nothing panics; once Redis is
