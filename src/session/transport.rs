@@ -149,7 +149,7 @@ impl CookieConfig {
             .flat_map(|value| value.split(';'))
             .filter_map(|pair| {
                 let (name, value) = pair.trim().split_once('=')?;
-                (name.trim() == self.name).then(|| value.trim().trim_matches('"'))
+                (name.trim() == self.name).then(|| unquoted(value.trim()))
             })
             .take(MAX_CANDIDATES)
             .find_map(|value| self.decode(value))
@@ -230,6 +230,15 @@ impl CookieConfig {
     }
 }
 
+/// A cookie value without the one pair of double quotes RFC 6265 allows around it; a value with
+/// a quote on one side only (or more than one) is left as it is, and never decodes to an id.
+fn unquoted(value: &str) -> &str {
+    value
+        .strip_prefix('"')
+        .and_then(|inner| inner.strip_suffix('"'))
+        .unwrap_or(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +257,21 @@ mod tests {
         let id = SessionId::random().unwrap();
         let header = format!("other=1; id=garbage; id={}", id.encode());
         assert_eq!(config.read(&headers(&[&header])), Some(id));
+    }
+
+    #[test]
+    fn only_a_pair_of_quotes_is_taken_off() {
+        let config = CookieConfig::default();
+        let id = SessionId::random().unwrap();
+        let quoted = format!("id=\"{}\"", id.encode());
+        assert_eq!(config.read(&headers(&[&quoted])), Some(id));
+        for altered in [
+            format!("id=\"{}", id.encode()),
+            format!("id={}\"", id.encode()),
+            format!("id=\"\"{}\"\"", id.encode()),
+        ] {
+            assert_eq!(config.read(&headers(&[&altered])), None, "{altered}");
+        }
     }
 
     #[test]
