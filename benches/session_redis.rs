@@ -5,7 +5,7 @@
 //!   counter (one round trip: load, which also restarts the inactivity clock).
 //! - `write`: the handler reads the counter and writes it back (two round trips).
 //!
-//! Both stores send the same commands (`tests/session_layer.rs` checks it with `MONITOR`); the
+//! Both stores send the same commands (`tests/it/session_layer.rs` checks it with `MONITOR`); the
 //! fallback store also keeps its local copy up to date. Run with
 //! `cargo bench --bench session_redis --features cluster`; the last lines print the ratios
 //! (fallback / Redis).

@@ -17,7 +17,7 @@
 //! `SocketAddr`. hyper does not put it there: [`PeerAddrLayer`], built per accepted connection,
 //! does.
 //!
-//! The file doubles as a module of `tests/hyper_server.rs`, which serves [`serve`] on an
+//! The file doubles as a module of `tests/it/hyper_server.rs`, which serves [`serve`] on an
 //! ephemeral port and talks to it with a hyper client.
 
 use std::{convert::Infallible, future::Future, io, net::SocketAddr, time::Duration};

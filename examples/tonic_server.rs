@@ -26,7 +26,7 @@
 //! These are layers, not tonic `Interceptor`s: an interceptor is synchronous and cannot wait
 //! for Redis, and it sees no response to hand a session id back in.
 //!
-//! The file doubles as a module of `tests/tonic_server.rs`, which serves [`serve`] on an
+//! The file doubles as a module of `tests/it/tonic_server.rs`, which serves [`serve`] on an
 //! ephemeral port and calls it with a tonic client.
 
 use std::{

@@ -29,19 +29,33 @@
 //! # }
 //! ```
 //!
+//! # Layout
+//!
+//! Lower modules never import higher ones; each row uses only the rows above it.
+//!
+//! | module | its job |
+//! | --- | --- |
+//! | `time`, `sync`, `script`, `http` (crate-private) | Unix-millisecond times, locks that outlive a panic, script files, response bodies, gRPC answers, the peer address, [`RequestView`] |
+//! | [`backend`] | Redis: one handle over a server, a Sentinel master or a Cluster; deadlines, the circuit breaker, [`backend::BackendStatus`]; `Batch` sends one operation's commands as one pipeline, or one per hash slot on a cluster |
+//! | [`tenant`] | [`tenant::TenantLayer`]: which tenant a request belongs to |
+//! | [`session`] | [`session::SessionLayer`] and the [`session::Session`] handle; `commit` (plan, then apply); the stores: memory, Redis (`store/redis`: layout, ttl, replay), the fallback (journal, replay), PostgreSQL (`store/postgres`: SQL as files), chain, migration |
+//! | [`connection`] | live connections across instances: registry, registrations, delivery, keys, background tasks |
+//! | [`ratelimit`] | [`ratelimit::RateLimitLayer`]: policies, key extractors, the limiter and its fallback, the algorithms and their Lua mirrors, the stores; [`ratelimit::InFlightLimitLayer`] on the registry's leases |
+//! | [`health`] | [`health::HealthService`]: one report on the backend, the session fallback and the rate limiter |
+//!
 //! # Features
 //!
 //! | feature  | default | what it adds |
 //! |----------|---------|--------------|
 //! | `memory` | yes     | [`session::MemoryStore`]: bounded in-memory sessions with TTL |
-//! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker, health), [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
+//! | `redis`  | yes     | [`backend`] (shared Redis connection, deadlines, breaker), [`health`], [`session::RedisStore`], [`ratelimit::RedisRateStore`] |
 //! | `sentinel` | no    | [`backend::RedisBackend::sentinel`]: the master of a Sentinel-managed group, found again after a failover |
 //! | `cluster` | no     | [`backend::RedisBackend::cluster`]: a Redis Cluster, every command routed by hash slot |
 //! | `tls`    | no      | `rediss://` URLs on every kind of backend (rustls with ring; the system's roots, or `RedisBackendBuilder::tls_root_certificates`) |
 //! | `tonic`  | no      | the layers on tonic servers: [`RefusalBody`] for tonic's body, client addresses from its `TcpConnectInfo` |
 //! | `axum`   | yes     | [`session::Session`] and [`tenant::Tenant`] as axum extractors; client addresses from `ConnectInfo` |
 //! | `postgres` | no    | `session::PostgresStore`: sessions in PostgreSQL on a `sqlx` pool; with `redis`, `session::ChainStore` (Redis in front of PostgreSQL) |
-//! | `connections` | no  | `connection::Registry`: live connections registered in Redis across instances, delivery to a user's connections everywhere, caps per user |
+//! | `connections` | no  | `connection::Registry`: live connections registered in Redis across instances, delivery to a user's connections everywhere, caps per user; `ratelimit::InFlightLimitLayer` |
 //! | `metrics` | no     | counters and histograms through the `metrics` facade (below) |
 //! | `full` | no | all of the above |
 //!

@@ -45,10 +45,10 @@
 //! - `ws.rs`: `/ws` and `/notify`, live connections across instances.
 //! - `health.rs`: the `/health` report.
 //!
-//! The folder doubles as a module of `tests/reference_app.rs`, which drives [`app`] directly
-//! (and of `tests/connections.rs` and `tests/fault_drill.rs`, which use [`build_parts`]). So
-//! the files name each other through `super::`, never `crate::`: in a test, the crate is the
-//! test.
+//! The folder doubles as a module of the test crates `tests/it` (whose `reference_app` tests
+//! drive [`app`] directly, and whose `connections` tests use [`build_parts`]) and `tests/drills`
+//! (the fault drill). So the files name each other through `super::`, never `crate::`: in a
+//! test, the crate is the test.
 
 mod build;
 mod config;

@@ -255,7 +255,9 @@ impl Decision {
 /// on every store.
 ///
 /// A store that decides without I/O answers [`Answer::ready`], which the layer takes as it is;
-/// a networked store answers [`Answer::later`] with a future that owns what it needs.
+/// a networked store answers [`Answer::later`] with a future that owns what it needs. (The
+/// session stores' methods are `async fn`s instead: see
+/// [`SessionStore`](crate::session::SessionStore) for why the two differ.)
 ///
 /// ```
 /// use tower_turnstile::ratelimit::{Answer, Check, Decision, RateLimitStore};

@@ -185,8 +185,15 @@ pub struct SessionInfo {
     pub expires_at: SystemTime,
 }
 
-/// Where sessions live. Implemented by `MemoryStore`, `RedisStore` and `PostgresStore`; implement it to keep
+/// Where sessions live. Implemented by `MemoryStore`, `RedisStore`, `PostgresStore` and the
+/// stores made of others (`FallbackStore`, `ChainStore`, `MigrationStore`); implement it to keep
 /// sessions anywhere else.
+///
+/// Its methods are `async fn`s (boxed futures, through `async-trait`), unlike
+/// [`RateLimitStore::check`](crate::ratelimit::RateLimitStore::check): a session operation
+/// happens only when a handler touches the session and is worth a round trip anyway, while a
+/// rate-limit check runs on every request, often in memory, where a boxed future would cost
+/// more than the decision.
 ///
 /// Every method is one unit of work for the store (one round trip for a networked store), and
 /// each must keep these promises, which the conformance tests check for every store:
