@@ -16,6 +16,13 @@ use crate::{
     time::now_millis,
 };
 
+/// What a write to the cookie's session came to.
+enum Wrote {
+    Done(Committed),
+    /// The session was gone (expired, or destroyed elsewhere): plan again, knowing it.
+    Gone,
+}
+
 impl Session {
     /// Writes what the request changed, in as few round trips as the change allows, and says
     /// what to do with the cookie.
@@ -48,16 +55,16 @@ impl Session {
                 },
                 Plan::Cycle { old_user, record } => {
                     match self.cycle(old_user.as_deref(), &record).await {
-                        Some(committed) => committed,
-                        None => {
+                        Wrote::Done(committed) => committed,
+                        Wrote::Gone => {
                             state.loaded = Loaded::Gone;
                             continue;
                         }
                     }
                 }
                 Plan::Update { patch, resend } => match self.update(&patch, resend, &state).await {
-                    Some(committed) => committed,
-                    None => {
+                    Wrote::Done(committed) => committed,
+                    Wrote::Gone => {
                         state.loaded = Loaded::Gone;
                         continue;
                     }
@@ -120,45 +127,34 @@ impl Session {
         Committed::new(CookieChange::Set(id, cookie_age(&record.lifetime())), event)
     }
 
-    /// Moves the session to a new id as `record`; `None` when it turned out to be gone.
-    async fn cycle(&self, old_user: Option<&str>, record: &Record) -> Option<Committed> {
-        let (old, new_id) = (self.key()?, SessionId::random());
-        let Some(new_id) = new_id else {
-            return Some(Committed::FAILED);
+    /// Moves the session to a new id as `record`.
+    async fn cycle(&self, old_user: Option<&str>, record: &Record) -> Wrote {
+        let (Some(old), Some(new_id)) = (self.key(), SessionId::random()) else {
+            return Wrote::Done(Committed::FAILED);
         };
         let new = new_id.key(&self.inner.tenant);
-        Some(
-            match self
-                .inner
-                .shared
-                .store
-                .cycle(&old, old_user, &new, record)
-                .await
-            {
-                Ok(Written::Applied) => Committed::new(
-                    CookieChange::Set(new_id, cookie_age(&record.lifetime())),
-                    SessionEvent::Cycled,
-                ),
-                Ok(Written::Missing) => return None,
-                Err(error) => {
-                    self.store_failed(&error, "cycle");
-                    Committed::FAILED
-                }
-            },
-        )
+        let store = &self.inner.shared.store;
+        Wrote::Done(match store.cycle(&old, old_user, &new, record).await {
+            Ok(Written::Applied) => Committed::new(
+                CookieChange::Set(new_id, cookie_age(&record.lifetime())),
+                SessionEvent::Cycled,
+            ),
+            Ok(Written::Missing) => return Wrote::Gone,
+            Err(error) => {
+                self.store_failed(&error, "cycle");
+                Committed::FAILED
+            }
+        })
     }
 
-    /// Writes the changed fields; `None` when the session turned out to be gone. When the
-    /// store fails, the changes may start a new session (see `FailurePolicy`).
-    async fn update(
-        &self,
-        patch: &Patch,
-        resend: Option<Lifetime>,
-        state: &State,
-    ) -> Option<Committed> {
-        let key = self.key()?;
+    /// Writes the changed fields. When the store fails, the changes may start a new session
+    /// (see `FailurePolicy`).
+    async fn update(&self, patch: &Patch, resend: Option<Lifetime>, state: &State) -> Wrote {
+        let Some(key) = self.key() else {
+            return Wrote::Done(Committed::FAILED);
+        };
         let shared = &self.inner.shared;
-        Some(match shared.store.update(&key, patch).await {
+        Wrote::Done(match shared.store.update(&key, patch).await {
             Ok(Written::Applied) => {
                 let cookie = match (resend, self.inner.incoming) {
                     (Some(lifetime), Some(id)) => CookieChange::Set(id, cookie_age(&lifetime)),
@@ -166,11 +162,11 @@ impl Session {
                 };
                 Committed::new(cookie, SessionEvent::Saved)
             }
-            Ok(Written::Missing) => return None,
+            Ok(Written::Missing) => return Wrote::Gone,
             Err(error) => {
                 self.store_failed(&error, "save");
                 if !may_start_over(&state.changes, shared) {
-                    return Some(Committed::FAILED);
+                    return Wrote::Done(Committed::FAILED);
                 }
                 let start = new_session(
                     &state.changes,

@@ -50,6 +50,40 @@ struct Write<'a> {
     index: Option<(&'a str, u64)>,
 }
 
+/// An empty patch, for writes that bring whole records.
+static NO_CHANGE: Patch = Patch {
+    set: Vec::new(),
+    remove: Vec::new(),
+    lifetime: None,
+};
+
+impl<'a> Write<'a> {
+    /// A session made during the outage: `base` written if the hash is absent, indexed under
+    /// `index`.
+    fn create(at: u64, base: Vec<String>, index: Option<(&'a str, u64)>) -> Self {
+        Self {
+            mode: Mode::Create,
+            at,
+            base,
+            patch: &NO_CHANGE,
+            user: None,
+            index,
+        }
+    }
+
+    /// Changed fields of a session that must still be in Redis.
+    fn patch(at: u64, patch: &'a Patch) -> Self {
+        Self {
+            mode: Mode::Patch,
+            at,
+            base: Vec::new(),
+            patch,
+            user: None,
+            index: None,
+        }
+    }
+}
+
 #[async_trait]
 impl ReplayStore for RedisStore {
     fn is_unreachable(&self) -> bool {
@@ -59,26 +93,12 @@ impl ReplayStore for RedisStore {
     async fn replay(&self, at: u64, write: &JournaledWrite) -> Result<Replayed, StoreError> {
         let applied = match write {
             JournaledWrite::Create { key, record } => {
-                let write = Write {
-                    mode: Mode::Create,
-                    at,
-                    base: record_fields(key, record),
-                    patch: &Patch::default(),
-                    user: None,
-                    index: record.user.as_deref().map(|u| (u, record.expires_at)),
-                };
+                let index = record.user.as_deref().map(|u| (u, record.expires_at));
+                let write = Write::create(at, record_fields(key, record), index);
                 self.write(key, &write).await?
             }
             JournaledWrite::Update { key, patch } => {
-                let write = Write {
-                    mode: Mode::Patch,
-                    at,
-                    base: Vec::new(),
-                    patch,
-                    user: None,
-                    index: None,
-                };
-                self.write(key, &write).await?
+                self.write(key, &Write::patch(at, patch)).await?
             }
             JournaledWrite::Cycle {
                 old,
@@ -90,12 +110,9 @@ impl ReplayStore for RedisStore {
                 expires_at,
             } => {
                 let write = Write {
-                    mode: Mode::Create,
-                    at,
-                    base: Vec::new(),
                     patch: change,
                     user: user.as_deref().filter(|_| *user_changed),
-                    index: user.as_deref().map(|u| (u, *expires_at)),
+                    ..Write::create(at, Vec::new(), user.as_deref().map(|u| (u, *expires_at)))
                 };
                 self.replay_move(old, old_user.as_deref(), new, write)
                     .await?
