@@ -4,7 +4,6 @@
 use std::{
     fmt,
     future::Future,
-    mem,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -14,11 +13,10 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{ClientIp, KeyExtractor};
+use super::{ClientIp, KeyExtractor, key::tenant_of, service::take_ready};
 use crate::{
     connection::{RegisterError, Registry},
     http::{RefusalBody, RequestView, plain_response},
-    tenant::Tenant,
 };
 
 /// Lets at most `max` requests of one key (by default the client's address) be in flight at
@@ -165,14 +163,8 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let extracted = self.shared.key.extract(&RequestView::new(&request));
-        let tenant = request
-            .extensions()
-            .get::<Tenant>()
-            .cloned()
-            .unwrap_or_default();
-        // The ready service goes into the future; a clone takes its place.
-        let clone = self.inner.clone();
-        let mut inner = mem::replace(&mut self.inner, clone);
+        let tenant = tenant_of(request.extensions()).clone();
+        let mut inner = take_ready(&mut self.inner);
         let shared = Arc::clone(&self.shared);
         InFlightFuture(Box::pin(async move {
             let key = extracted.await;

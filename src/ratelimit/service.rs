@@ -124,7 +124,7 @@ where
 }
 
 /// The ready service, to move into a future; a clone of it takes its place.
-fn take_ready<S: Clone>(inner: &mut S) -> S {
+pub(super) fn take_ready<S: Clone>(inner: &mut S) -> S {
     let clone = inner.clone();
     mem::replace(inner, clone)
 }
