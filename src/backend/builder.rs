@@ -1,6 +1,6 @@
 //! How a [`RedisBackend`] is made: from a URL, a cluster's seed nodes or a Sentinel group.
 
-use std::{fmt, time::Duration};
+use std::{convert::Infallible, fmt, sync::Arc, time::Duration};
 
 use redis::{RedisError, RedisResult, aio::ConnectionManagerConfig};
 
@@ -14,6 +14,7 @@ use super::{
     BreakerConfig,
     handle::{RedisBackend, Servers},
     node,
+    tracking::Tracking,
 };
 
 /// Builds a [`RedisBackend`] with non-default timeouts or breaker settings.
@@ -127,23 +128,33 @@ impl RedisBackendBuilder {
             return Err(ConfigError::NoRuntime("the Redis backend"));
         }
         let breaker = self.breaker;
-        let (servers, target) = self
-            .connect()
-            .map_err(|e: RedisError| ConfigError::RedisUrl {
-                source: Box::new(e),
-            })?;
-        Ok(RedisBackend::start(servers, target, breaker))
+        let tracking = Arc::new(Tracking::new());
+        let (servers, target) =
+            self.connect(&tracking)
+                .map_err(|e: RedisError| ConfigError::RedisUrl {
+                    source: Box::new(e),
+                })?;
+        Ok(RedisBackend::start(servers, target, breaker, tracking))
     }
 
     /// The lazy connection to the servers the source names, and their description for logs.
-    fn connect(self) -> RedisResult<(Servers, String)> {
+    /// Every connection speaks RESP3 and hands what Redis pushes on it to `tracking`.
+    fn connect(self, tracking: &Arc<Tracking>) -> RedisResult<(Servers, String)> {
+        let pushed = {
+            let tracking = Arc::clone(tracking);
+            move |push| {
+                tracking.pushed(push);
+                Ok::<(), Infallible>(())
+            }
+        };
         // The deadline of each call is ours (see `RedisBackend::run`); the manager only needs to
         // give up on a connection attempt quickly and to try again on the next command.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(100));
+            .set_max_delay(Duration::from_millis(100))
+            .set_push_sender(pushed.clone());
         #[cfg(feature = "tls")]
         let tls_roots = self.tls_roots;
         #[cfg(not(feature = "tls"))]
@@ -168,7 +179,7 @@ impl RedisBackendBuilder {
             }
             #[cfg(feature = "cluster")]
             Source::Cluster(seeds) => {
-                let nodes = ClusterNodes::new(&seeds, self.connect_timeout, tls_roots)?;
+                let nodes = ClusterNodes::new(&seeds, self.connect_timeout, tls_roots, pushed)?;
                 let target = nodes.target.clone();
                 (Servers::Cluster(Box::new(nodes)), target)
             }

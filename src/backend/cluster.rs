@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use redis::{Client, RedisResult, cluster::ClusterClient, cluster_async::ClusterConnection};
+use redis::{
+    Client, ProtocolVersion, RedisResult, aio::AsyncPushSender, cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
 use tokio::sync::OnceCell;
 
 /// A Redis Cluster: the client (seed nodes, credentials) and its connection, opened on first
@@ -19,6 +22,7 @@ impl ClusterNodes {
         seeds: &[String],
         connect_timeout: Duration,
         tls_roots: Option<Vec<u8>>,
+        pushed: impl AsyncPushSender,
     ) -> RedisResult<Self> {
         let mut described = Vec::with_capacity(seeds.len());
         for url in seeds {
@@ -26,7 +30,10 @@ impl ClusterNodes {
             described.push(client.get_connection_info().addr().to_string());
         }
         let builder = ClusterClient::builder(seeds.iter().map(String::as_str))
-            .connection_timeout(connect_timeout);
+            .connection_timeout(connect_timeout)
+            // RESP3, which lets Redis push invalidations (see `tracking`).
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(pushed);
         #[cfg(feature = "tls")]
         let builder = match tls_roots {
             Some(roots) => builder.certs(super::node::trusting(roots)),

@@ -55,7 +55,11 @@ pub(super) fn is_outage(error: &RedisError) -> bool {
     // A transaction whose commands a server that has become a replica refused as they were
     // queued: the master is gone from there.
     if error.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort)
-        && error.to_string().contains("READONLY")
+        && error.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, error)| error.kind() == Some(ServerErrorKind::ReadOnly))
+        })
     {
         return true;
     }

@@ -23,6 +23,7 @@ use super::{
     BackendError,
     breaker::{Breaker, BreakerConfig},
     error::is_outage,
+    tracking::{FRESH_FOR, Tracking},
 };
 use crate::metrics;
 
@@ -55,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) round_trips: AtomicU64,
     /// The server as `host:port/db`, or the cluster's or Sentinel group's name; no credentials.
     pub(crate) target: String,
+    /// What keeps local copies of keys coherent (see `tracking`).
+    pub(crate) tracking: Arc<Tracking>,
 }
 
 /// Which Redis the backend talks to, and how it finds it.
@@ -124,14 +127,20 @@ impl fmt::Debug for RedisBackend {
 impl RedisBackend {
     /// A backend on `servers`, with its breaker and the task that probes Redis while the
     /// breaker is open.
-    pub(super) fn start(servers: Servers, target: String, breaker: BreakerConfig) -> Self {
+    pub(super) fn start(
+        servers: Servers,
+        target: String,
+        breaker: BreakerConfig,
+        tracking: Arc<Tracking>,
+    ) -> Self {
         let inner = Arc::new(Inner {
             servers,
             breaker: Arc::new(Breaker::new(breaker)),
             round_trips: AtomicU64::new(0),
             target,
+            tracking,
         });
-        tokio::spawn(probe_while_open(Arc::downgrade(&inner)));
+        tokio::spawn(probe_and_heartbeat(Arc::downgrade(&inner)));
         Self { inner }
     }
 
@@ -152,11 +161,20 @@ impl RedisBackend {
         F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
+        self.run_uncounted(deadline, op).await
+    }
+
+    /// [`RedisBackend::run`] without counting the round trip: the backend's own heartbeat.
+    async fn run_uncounted<T, F, Fut>(&self, deadline: Duration, op: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let Some(permit) = self.inner.breaker.admit() else {
             metrics::redis_call("rejected", Duration::ZERO);
             return Err(BackendError::CircuitOpen);
         };
-        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
         let call = async {
             let connection = self.connection().await?;
@@ -165,6 +183,7 @@ impl RedisBackend {
         let (outcome, result) = match tokio::time::timeout(deadline, call).await {
             Ok(Ok(value)) => {
                 permit.success();
+                self.inner.tracking.answered(start);
                 ("ok", Ok(value))
             }
             Ok(Err(error)) if is_outage(&error) => {
@@ -178,6 +197,7 @@ impl RedisBackend {
             Ok(Err(error)) => {
                 // Redis answered, so it is up: a bad reply says nothing about availability.
                 permit.success();
+                self.inner.tracking.answered(start);
                 let error = BackendError::Command {
                     source: Box::new(error),
                 };
@@ -193,9 +213,14 @@ impl RedisBackend {
         result
     }
 
+    /// What keeps local copies of this backend's keys coherent.
+    pub(crate) fn tracking(&self) -> &Arc<Tracking> {
+        &self.inner.tracking
+    }
+
     /// Whether this backend talks to a Redis Cluster, where one pipeline may only touch keys
     /// of one hash slot (see [`Batch`](super::Batch)).
-    pub(super) fn is_cluster(&self) -> bool {
+    pub(crate) fn is_cluster(&self) -> bool {
         match &self.inner.servers {
             #[cfg(feature = "cluster")]
             Servers::Cluster(_) => true,
@@ -217,6 +242,8 @@ impl RedisBackend {
     /// After an outage: a Sentinel-managed backend asks the sentinels for the master again
     /// on its next call (it may have moved); a single server is simply reconnected.
     fn lost_server(&self) {
+        // Whatever the connection missed while it was failing, it will not be told again.
+        self.inner.tracking.lost("outage");
         match &self.inner.servers {
             #[cfg(feature = "sentinel")]
             Servers::Sentinel(master) => master.forget(),
@@ -227,21 +254,34 @@ impl RedisBackend {
 }
 
 /// Pings Redis whenever the breaker is open and due for a probe, so that an instance with no
-/// traffic still returns to Redis soon after it is back. Ends when the backend is dropped.
-async fn probe_while_open(backend: Weak<Inner>) {
+/// traffic still returns to Redis soon after it is back; and, while local copies are kept,
+/// whenever the connection has been quiet for a quarter of the time a copy stays current
+/// without an answer (see `tracking`), so that reads served from copies learn of a dead
+/// connection. Ends when the backend is dropped.
+async fn probe_and_heartbeat(backend: Weak<Inner>) {
     loop {
         let every = match backend.upgrade() {
-            Some(inner) => (inner.breaker.open_for() / 4)
-                .clamp(Duration::from_millis(10), Duration::from_millis(250)),
+            Some(inner) => {
+                (inner.breaker.open_for() / 4).clamp(Duration::from_millis(10), FRESH_FOR / 4)
+            }
             None => return,
         };
         tokio::time::sleep(every).await;
         let Some(inner) = backend.upgrade() else {
             return;
         };
-        if inner.breaker.probe_due() {
+        let backend = RedisBackend { inner };
+        if backend.inner.breaker.probe_due() {
             // The breaker records the outcome; nothing else to do with it here.
-            let _ = RedisBackend { inner }.ping().await;
+            let _ = backend.ping().await;
+        } else if backend.inner.tracking.keeps_copies()
+            && backend.inner.tracking.quiet_for() >= FRESH_FOR / 4
+        {
+            let _ = backend
+                .run_uncounted(FRESH_FOR / 2, |mut conn| async move {
+                    redis::cmd("PING").query_async::<()>(&mut conn).await
+                })
+                .await;
         }
     }
 }

@@ -51,6 +51,7 @@ mod node;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 mod status;
+mod tracking;
 
 pub(crate) use batch::{Batch, Part, Replies};
 pub use breaker::{BreakerConfig, BreakerState};
@@ -58,3 +59,4 @@ pub use builder::RedisBackendBuilder;
 pub use error::BackendError;
 pub use handle::RedisBackend;
 pub use status::BackendStatus;
+pub(crate) use tracking::{Invalidated, Tracking};

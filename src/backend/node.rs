@@ -1,7 +1,7 @@
 //! One Redis server at one address.
 
 use redis::{
-    Client, RedisResult,
+    Client, ProtocolVersion, RedisResult,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
@@ -23,11 +23,22 @@ pub(super) fn connect(
         let _: Option<Vec<u8>> = tls_roots;
         Client::open(url)?
     };
+    let client = speaking_resp3(client)?;
     let target = describe(&client);
     Ok((
         ConnectionManager::new_lazy_with_config(client, config)?,
         target,
     ))
+}
+
+/// `client` made to speak RESP3, which lets Redis push invalidations (see `tracking`).
+fn speaking_resp3(client: Client) -> RedisResult<Client> {
+    let info = client.get_connection_info().clone();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    Client::open(info.set_redis_settings(settings))
 }
 
 /// `host:port/db` of the client, without credentials, for logs and health reports.

@@ -2,7 +2,7 @@
 //! failover.
 
 use redis::{
-    Client, RedisConnectionInfo, RedisResult,
+    Client, ProtocolVersion, RedisConnectionInfo, RedisResult,
     aio::{ConnectionManager, ConnectionManagerConfig},
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
 };
@@ -31,7 +31,10 @@ impl SentinelMaster {
         db: i64,
         config: ConnectionManagerConfig,
     ) -> RedisResult<Self> {
-        let mut settings = RedisConnectionInfo::default().set_db(db);
+        // RESP3, which lets Redis push invalidations (see `tracking`).
+        let mut settings = RedisConnectionInfo::default()
+            .set_db(db)
+            .set_protocol(ProtocolVersion::RESP3);
         if let Some(username) = username {
             settings = settings.set_username(username);
         }
