@@ -101,6 +101,7 @@
 //! | --- | --- | --- | --- |
 //! | `turnstile_redis_call_seconds` | histogram | `outcome` = `ok`, `outage`, `error`, `rejected` | each Redis round trip (`rejected`: the breaker was open) |
 //! | `turnstile_breaker_transitions_total` | counter | `to` = `open`, `closed` | circuit-breaker transitions |
+//! | `turnstile_session_copy_total` | counter | `outcome` = `hit`, `miss`, `invalidated` | session reads served from the instance's local copy or sent to Redis, and copies dropped because another client changed the session |
 //! | `turnstile_session_fallback_transitions_total` | counter | `to` = `local`, `redis` | session fallback runs starting and ending |
 //! | `turnstile_session_journaled_total` | counter | | session writes journaled during an outage |
 //! | `turnstile_session_replayed_total` | counter | | journaled writes replayed into Redis |

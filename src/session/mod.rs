@@ -93,8 +93,6 @@ pub use service::{ResponseFuture, SessionService, SessionUnavailable};
 pub use session::{Session, SessionError, SessionEvent};
 #[cfg(all(feature = "redis", feature = "postgres"))]
 pub use store::ChainStore;
-#[cfg(feature = "redis")]
-pub use store::RedisStore;
 #[cfg(feature = "postgres")]
 pub use store::{CleanupTask, PostgresStore};
 #[cfg(feature = "memory")]
@@ -105,4 +103,6 @@ pub use store::{
     JournaledWrite, Lifetime, MigrationStore, Patch, Record, ReplayStore, Replayed, SessionInfo,
     SessionStore, VersionedStore, Written,
 };
+#[cfg(feature = "redis")]
+pub use store::{LocalCopyStats, RedisStore};
 pub use transport::{SameSite, SigningKey};

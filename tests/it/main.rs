@@ -48,6 +48,7 @@ mod reference_app;
 mod session_chain;
 #[cfg(feature = "cluster")]
 mod session_conformance;
+mod session_copy;
 mod session_fallback;
 mod session_layer;
 #[cfg(feature = "postgres")]

@@ -41,7 +41,7 @@ pub use migration::MigrationStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{CleanupTask, PostgresStore};
 #[cfg(feature = "redis")]
-pub use redis::RedisStore;
+pub use redis::{LocalCopyStats, RedisStore};
 pub use replay::{JournaledWrite, ReplayStore, Replayed};
 pub use versioned::VersionedStore;
 
@@ -197,7 +197,8 @@ pub struct SessionInfo {
 ///
 /// Every method is one unit of work for the store (one round trip for a networked store), and
 /// each must keep these promises, which the conformance tests check for every store:
-/// - `load` slides the inactivity expiry, and never returns an expired record.
+/// - `load` slides the inactivity expiry (a store may do so only when it is due, as long as
+///   it says how early a session can end), and never returns an expired record.
 /// - `update` and `cycle` never bring back a session that is gone: they answer
 ///   [`Written::Missing`] instead.
 /// - `cycle` writes the new record before it removes the old one.

@@ -1,30 +1,42 @@
 //! Sessions in Redis: one hash per session, a set per user indexing their sessions.
 //!
 //! - `layout`: key and field names, and how a record is encoded into a hash and decoded from it.
-//! - `ttl`: the TTL a read or save sends before it knows the session's own timeout.
+//! - `copy`: the instance's coherent copy of the sessions it served.
+//! - `read`: a load, from the copy or from Redis, and the slide of the inactivity expiry.
+//! - `write`: a save of the changed fields, with or without a copy.
+//! - `ttl`: the TTL a save without a copy sends before it knows the session's own timeout.
 //! - `replay`: taking back the writes a `FallbackStore` journaled during an outage.
 //!
 //! Every operation is written once: the parts of one that touch keys of different hash slots
 //! (a session and its user's index) go as one pipeline on a server and as one request per slot
 //! on a cluster (see `backend::Batch`).
 
+mod copy;
 mod layout;
+mod read;
 mod replay;
 mod ttl;
+mod write;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use redis::{FromRedisValue, Pipeline, Value};
 
+pub use self::copy::LocalCopyStats;
 use self::{
-    layout::{ABSOLUTE, CREATED, Corrupt, IDLE, Keys, TENANT, USER, WRITTEN},
+    copy::LocalCopy,
+    layout::{ABSOLUTE, CREATED, Keys, TENANT, USER},
+    read::Fetched,
     ttl::IdleVote,
 };
 use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
 use crate::{
     backend::{Batch, Part, RedisBackend, Replies},
-    time::{from_unix_millis, millis, now_millis},
+    time::{from_unix_millis, millis},
 };
 
 /// Sessions in Redis, shared by every instance that uses the same Redis.
@@ -34,19 +46,58 @@ use crate::{
 /// revoked from any instance. Keys are `{prefix}{tenant}:session:{hash of id}` and
 /// `{prefix}{tenant}:user:{hash of user id}`.
 ///
-/// Round trips: a load is one (`TIME`, `HGETALL` and the `PEXPIRE` that restarts the
-/// inactivity clock, pipelined); a save is one (`MULTI` … `EXEC` writing the changed fields
-/// only), and none when nothing changed; a new session is one; a login (`set_user`, which moves
-/// the session to a new id) is one after the load. No Lua runs on these paths: a script costs
-/// Redis several times the commands it sequences.
+/// # The local copy
 ///
-/// The `PEXPIRE` of a load or save is sent before the session's own inactivity timeout is
-/// known: it uses the timeout most sessions this store has read and created lately have had
-/// (a running majority vote; before the first, 24 hours, the layer's default). When the
-/// session's own timeout differs (a minority set with
-/// [`Session::set_expiry`](crate::session::Session::set_expiry), say), or its absolute end is
-/// nearer than its inactivity timeout, a second round trip sets the right TTL. Absolute ends
-/// are checked against Redis's clock (`TIME`), never the instance's.
+/// Off by default. Turned on ([`RedisStore::with_local_copy`]), each instance keeps a bounded
+/// copy of the decoded records of the sessions it served, and Redis keeps it coherent: the
+/// connection speaks RESP3, and a read from Redis is preceded on the same connection by
+/// `CLIENT TRACKING ON NOLOOP`, so Redis pushes an invalidation as soon as any other client
+/// changes (or expires, or evicts) a session this instance read. While a copy is current, a
+/// load is served from it: no round trip, no parsing, and a save is one round trip with
+/// nothing read first. A copy that another client's change invalidated is dead and never
+/// served again. These take every copy out of service (the next read of each goes to Redis
+/// and confirms or replaces it): a lost connection or a reconnect, an outage, a Sentinel
+/// failover, and the null invalidation of `FLUSHALL`/`FLUSHDB`. A copy is also served only
+/// while the connection has answered within the last second (the backend pings a quiet
+/// connection), so a partitioned socket that has not noticed it is dead stops serving copies
+/// within a second.
+///
+/// **What it trades.** Without the copy, a change acknowledged by one instance is what every
+/// instance serves next. With it, another instance serves the change once its connection has
+/// carried Redis's push, not at once: Redis sends the push as it runs the change, but the
+/// instance that holds the copy handles it when its runtime gets to it, and a client fast
+/// enough to ask that instance in between is served the previous value. `BENCHMARKS.md`
+/// measures that window (tens of microseconds at the median) and how often a read right after
+/// a write on another instance saw the previous value. Turn the copy on when a load balancer
+/// keeps each client on one instance (sticky sessions), or when a session read a moment late
+/// on another instance is acceptable; leave it off when a logout on one instance must be a
+/// `401` on every other in the very next request.
+///
+/// Stores on one backend with one key prefix share one copy. Not on a Redis Cluster yet:
+/// there every load goes to Redis (the cluster client routes the `CLIENT TRACKING` a read
+/// sends first by a key it does not have).
+///
+/// # Round trips
+///
+/// - A load: one (`TIME`, `HGETALL`, `PTTL`, pipelined); none for a session the instance
+///   holds a current copy of.
+/// - The inactivity expiry is restarted in Redis only when that is due: once more than a
+///   sixteenth of the inactivity timeout has passed since it was last restarted (every write,
+///   an expiry included, invalidates the other instances' copies). That costs a load one more
+///   round trip (`PEXPIRE` then `PTTL`, in one transaction) a few times per timeout. A session
+///   can therefore end up to a sixteenth of its inactivity timeout earlier than its last use
+///   plus the timeout. Deadlines are checked locally, from the record, on Redis's clock (the
+///   offset measured from each `TIME`).
+/// - A save with a current copy: one transaction in one round trip, nothing read first:
+///   `HSET` (the changed fields and their write times; plus `HDEL` for removed keys),
+///   `PEXPIRE`, and `HEXISTS`, which says whether the session still existed and keeps Redis
+///   telling this instance of changes. The copy is updated in place. Without a copy, one
+///   round trip (a second when the session's own inactivity timeout is not the one most
+///   sessions have, which the first had to assume). None when nothing changed.
+/// - A new session is one; a login (`set_user`, which moves the session to a new id) is one
+///   after the load.
+///
+/// No Lua runs on these paths: a script costs Redis several times the commands it sequences.
 ///
 /// On a Redis Cluster ([`RedisBackend::cluster`]) a session and its user's index hash to
 /// different slots, so the parts of an operation that touch both are sent as separate
@@ -74,37 +125,28 @@ pub struct RedisStore {
     /// The inactivity timeout most sessions seen lately have had; shared by clones, so every
     /// clone's reads inform the guess (see `ttl`).
     idle_vote: Arc<IdleVote>,
-}
-
-/// What a read found under a session's key.
-enum Fetched {
-    Missing,
-    Corrupt(Corrupt),
-    Live {
-        record: Record,
-        /// Every field of the hash, write times included, when asked for (a replay's base).
-        fields: Option<Vec<(String, String)>>,
-    },
-}
-
-impl Fetched {
-    /// The hash's fields of a live session, when they were kept.
-    fn into_fields(self) -> Option<Vec<(String, String)>> {
-        match self {
-            Self::Live { fields, .. } => fields,
-            Self::Missing | Self::Corrupt(_) => None,
-        }
-    }
+    /// How many sessions the instance's copy holds at most; 0 for none.
+    capacity: u64,
+    /// The instance's copy of the sessions under this store's prefix, shared by every store on
+    /// the backend with that prefix; found on first use.
+    copy: OnceLock<Arc<LocalCopy>>,
 }
 
 impl RedisStore {
-    /// A store on `backend`, with key prefix `turnstile:` and a 250 ms deadline per round trip.
+    /// A capacity for [`RedisStore::with_local_copy`] that suits most services: 100 000
+    /// sessions, a few tens of MiB for typical records.
+    pub const SUGGESTED_COPY_CAPACITY: u64 = 100_000;
+
+    /// A store on `backend`, with key prefix `turnstile:`, a 250 ms deadline per round trip,
+    /// and no local copy.
     pub fn new(backend: RedisBackend) -> Self {
         Self {
             backend,
             keys: Keys::new("turnstile:"),
             timeout: Duration::from_millis(250),
             idle_vote: Arc::default(),
+            capacity: 0,
+            copy: OnceLock::new(),
         }
     }
 
@@ -112,7 +154,40 @@ impl RedisStore {
     #[must_use]
     pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.keys = Keys::new(prefix);
+        self.copy = OnceLock::new();
         self
+    }
+
+    /// Keeps a coherent local copy of up to `capacity` sessions on this instance (see "The
+    /// local copy" above for what it trades); `0`, the default, keeps none, and every read goes
+    /// to Redis. [`RedisStore::SUGGESTED_COPY_CAPACITY`] suits most services.
+    ///
+    /// Stores on one backend with one key prefix share one copy; the first to use it sets its
+    /// capacity.
+    ///
+    /// ```no_run
+    /// use tower_turnstile::{backend::RedisBackend, session::RedisStore};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Behind a load balancer with sticky sessions: reads of a held session skip Redis.
+    /// let store = RedisStore::new(RedisBackend::new("redis://127.0.0.1:6379")?)
+    ///     .with_local_copy(RedisStore::SUGGESTED_COPY_CAPACITY);
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_local_copy(mut self, capacity: u64) -> Self {
+        self.capacity = capacity;
+        self.copy = OnceLock::new();
+        self
+    }
+
+    /// What the instance's local copy has done so far: reads served from it and sent to
+    /// Redis, copies dropped by other clients' changes.
+    pub fn local_copy_stats(&self) -> LocalCopyStats {
+        self.copy().stats()
     }
 
     /// The deadline of one round trip; past it the call fails as an outage. Default: 250 ms.
@@ -130,6 +205,22 @@ impl RedisStore {
     /// The prefix of every key this store writes.
     pub fn key_prefix(&self) -> &str {
         self.keys.prefix()
+    }
+
+    /// The instance's copy of this store's sessions.
+    fn copy(&self) -> &LocalCopy {
+        self.copy.get_or_init(|| {
+            let tracking = self.backend.tracking();
+            tracking.keeper(self.keys.prefix(), || {
+                LocalCopy::new(Arc::clone(tracking), self.capacity)
+            })
+        })
+    }
+
+    /// Whether reads may be served from the copy. Not on a cluster: its client routes the
+    /// `CLIENT TRACKING` a read sends first by a key it does not have.
+    fn serves_copy(&self) -> bool {
+        self.capacity > 0 && !self.backend.is_cluster() && self.copy().usable()
     }
 
     /// The part that writes `record`'s hash under `key`, with its TTL, as one transaction: the
@@ -229,58 +320,6 @@ impl RedisStore {
             .map_err(StoreError::from)
     }
 
-    /// Reads a session and restarts its inactivity clock: one round trip, and a second only
-    /// when the TTL sent with the read was not the session's (see the type's docs). The hash's
-    /// fields are kept beside the record only when `keep_fields` (the fallback's replays).
-    async fn fetch(&self, key: &SessionKey, keep_fields: bool) -> Result<Fetched, StoreError> {
-        let redis_key = self.keys.session(key);
-        let guess = self.idle_vote.guess();
-        let mut pipe = redis::pipe();
-        pipe.cmd("TIME");
-        pipe.cmd("HGETALL").arg(&redis_key);
-        pipe.cmd("PEXPIRE").arg(&redis_key).arg(guess).ignore();
-        let Some(((seconds, micros), hash)) = self.query_hash::<((u64, u64), Value)>(pipe).await?
-        else {
-            return Ok(Fetched::Corrupt(Corrupt::Shape));
-        };
-        let now = seconds * 1000 + micros / 1000;
-        let fields = match layout::hash_fields(hash) {
-            Ok(fields) if fields.is_empty() => return Ok(Fetched::Missing),
-            // What a save to a gone session left, read within its millisecond (and given a
-            // longer TTL by this read): no session, removed.
-            Ok(fields) if !fields.iter().any(|(name, _)| name.starts_with("m:")) => {
-                self.remove_dead(&redis_key).await;
-                return Ok(Fetched::Missing);
-            }
-            Ok(fields) => fields,
-            Err(problem) => return Ok(Fetched::Corrupt(problem)),
-        };
-        let kept = keep_fields.then(|| fields.clone());
-        let (record, tenant) = match layout::parse_record(fields) {
-            Ok(parsed) => parsed,
-            Err(problem) => return Ok(Fetched::Corrupt(problem)),
-        };
-        // The key already carries the tenant; this guards against a record copied under
-        // another one.
-        if tenant != key.tenant().as_str() {
-            return Ok(Fetched::Missing);
-        }
-        self.idle_vote.vote(millis(record.inactivity_timeout));
-        match millis(record.ttl_at(now)) {
-            0 => {
-                self.remove_dead(&redis_key).await;
-                Ok(Fetched::Missing)
-            }
-            ttl => {
-                self.set_ttl(&redis_key, ttl, guess).await;
-                Ok(Fetched::Live {
-                    record,
-                    fields: kept,
-                })
-            }
-        }
-    }
-
     /// Corrects the TTL sent as `guess` with a read or write to the session's own `ttl`.
     async fn set_ttl(&self, redis_key: &str, ttl: u64, guess: u64) {
         if ttl == guess {
@@ -302,6 +341,7 @@ impl RedisStore {
     /// Removes a hash that is no live session (past its absolute end, or corrupted). Best
     /// effort: such a hash is never served.
     async fn remove_dead(&self, redis_key: &str) {
+        self.copy().forget(redis_key);
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(redis_key).ignore();
         let _ = self.query::<()>(pipe).await;
@@ -325,8 +365,10 @@ impl RedisStore {
     ) -> Result<usize, StoreError> {
         let mut batch = Batch::new();
         for key in keys {
+            let redis_key = self.keys.session(key);
+            self.copy().forget(&redis_key);
             let mut part = Part::new();
-            part.cmd("DEL").arg(self.keys.session(key));
+            part.cmd("DEL").arg(redis_key);
             batch.push(part);
         }
         let mut unindex = Part::new();
@@ -338,54 +380,14 @@ impl RedisStore {
             .count();
         Ok(removed)
     }
-
-    /// The transaction of a save: whether the session existed (a session is a hash with
-    /// metadata), the changed fields with their write time `written`, the TTL `guess`, and
-    /// what the TTL must really be (the absolute end and timeout, and Redis's time).
-    ///
-    /// Without a script the write cannot be made conditional: on a session that is gone it
-    /// leaves a hash without metadata and without a TTL (every session has one). That hash is
-    /// never served as a session, and the second `PEXPIRE` (NX: only a key without a TTL) makes
-    /// it vanish within a millisecond.
-    fn update_pipeline(redis_key: &str, patch: &Patch, written: u64, guess: u64) -> Pipeline {
-        let (set, remove) = layout::patch_fields(patch);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("HEXISTS").arg(redis_key).arg(TENANT);
-        // Every field written or removed gets its write time, the writer's (see
-        // `lua/replay.lua`).
-        let mut hset = redis::cmd("HSET");
-        hset.arg(redis_key);
-        for (name, value) in &set {
-            hset.arg(name)
-                .arg(value)
-                .arg(format!("{WRITTEN}{name}"))
-                .arg(written);
-        }
-        for name in &remove {
-            hset.arg(format!("{WRITTEN}{name}")).arg(written);
-        }
-        if !set.is_empty() || !remove.is_empty() {
-            pipe.add_command(hset).ignore();
-        }
-        if !remove.is_empty() {
-            pipe.cmd("HDEL").arg(redis_key).arg(&remove).ignore();
-        }
-        pipe.cmd("HMGET").arg(redis_key).arg(ABSOLUTE).arg(IDLE);
-        pipe.cmd("PEXPIRE")
-            .arg(redis_key)
-            .arg(guess)
-            .arg("XX")
-            .ignore();
-        pipe.cmd("PEXPIRE").arg(redis_key).arg(1).arg("NX").ignore();
-        pipe.cmd("TIME");
-        pipe
-    }
 }
 
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        if let Some(held) = self.held(&self.keys.session(key)).await {
+            return held;
+        }
         let problem = match self.fetch(key, false).await? {
             Fetched::Missing => return Ok(None),
             Fetched::Live { record, .. } => return Ok(Some(record)),
@@ -397,10 +399,8 @@ impl SessionStore for RedisStore {
             %problem,
             "corrupted session record in Redis; treated as no session and removed"
         );
-        let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(self.keys.session(key)).ignore();
         // Best effort: the record is unusable whether or not the delete lands.
-        let _ = self.query::<()>(pipe).await;
+        self.remove_dead(&self.keys.session(key)).await;
         Ok(None)
     }
 
@@ -423,27 +423,10 @@ impl SessionStore for RedisStore {
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
         let redis_key = self.keys.session(key);
-        let guess = patch
-            .lifetime
-            .map_or_else(|| self.idle_vote.guess(), |l| millis(l.inactivity_timeout));
-        let pipe = Self::update_pipeline(&redis_key, patch, now_millis(), guess);
-        type Reply = (i64, (Option<u64>, Option<u64>), (u64, u64));
-        let ttl = match self.query_hash::<Reply>(pipe).await? {
-            // Gone before the write: what it left vanishes by itself.
-            Some((0, _, _)) => return Ok(Written::Missing),
-            Some((_, (Some(abs), Some(idle)), (seconds, micros))) => {
-                abs.saturating_sub(seconds * 1000 + micros / 1000).min(idle)
-            }
-            // Not a session: no metadata, or not a hash.
-            _ => 0,
-        };
-        if ttl == 0 {
-            // Ended by the write (or just now by its absolute end), or corrupted.
-            self.remove_dead(&redis_key).await;
-            return Ok(Written::Missing);
+        match self.serves_copy().then(|| self.copy().writing(&redis_key)) {
+            Some(Some(writing)) => self.update_held(&redis_key, patch, writing).await,
+            _ => self.update_unheld(&redis_key, patch).await,
         }
-        self.set_ttl(&redis_key, ttl, guess).await;
-        Ok(Written::Applied)
     }
 
     /// The new record and its index first, then the old record's removal, which says whether
@@ -472,6 +455,7 @@ impl SessionStore for RedisStore {
         batch.push(index);
         batch.push(other_index);
         batch.then();
+        self.copy().forget(&self.keys.session(old));
         let mut retire = Part::atomic();
         retire
             .cmd("HEXISTS")
@@ -499,6 +483,8 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
+        // This instance's own removal raises no invalidation here.
+        self.copy().forget(&self.keys.session(key));
         let mut batch = Batch::new();
         let mut record = Part::new();
         record.cmd("DEL").arg(self.keys.session(key));

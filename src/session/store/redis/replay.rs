@@ -210,6 +210,8 @@ impl RedisStore {
             record.expires_at = expires_at;
             batch.push(self.index_part(key, &record));
         }
+        // A replayed write changes the record behind any copy this instance holds.
+        self.copy().forget(&self.keys.session(key));
         let replies = self.run(batch).await?;
         Ok(matches!(replies.part(applied).first(), Some(Value::Int(1))))
     }
