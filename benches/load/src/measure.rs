@@ -1,79 +1,28 @@
-//! Running one scenario: a server process, seeded sessions, `wrk`, and the counters read
+//! Running one scenario: its server processes, seeded sessions, `wrk`, and the counters read
 //! before and after.
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::{Value, json};
 
-/// One stack under one route.
-#[derive(Debug, Clone, Copy)]
-pub struct Scenario {
-    pub stack: &'static str,
-    pub route: Route,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// `GET /read` with a session cookie (when the stack has sessions).
-    Read,
-    /// `POST /write` with a session cookie.
-    Write,
-}
-
-impl Scenario {
-    const fn new(stack: &'static str, route: Route) -> Self {
-        Self { stack, route }
-    }
-
-    pub fn name(&self) -> String {
-        let route = match self.route {
-            Route::Read => "read",
-            Route::Write => "write",
-        };
-        format!("{}/{route}", self.stack)
-    }
-
-    fn has_sessions(&self) -> bool {
-        self.stack.contains("session") || self.stack.contains("-stack")
-    }
-
-    /// Whether the stack answers `429` to (nearly) every request of the run.
-    pub fn denies(&self) -> bool {
-        self.stack.ends_with("-deny")
-    }
-}
-
-/// Every scenario, in the order of the reports.
-pub const SCENARIOS: &[Scenario] = &[
-    Scenario::new("plain", Route::Read),
-    Scenario::new("ours-session", Route::Read),
-    Scenario::new("ts-session", Route::Read),
-    Scenario::new("ts-session-always-save", Route::Read),
-    Scenario::new("ours-session", Route::Write),
-    Scenario::new("ts-session", Route::Write),
-    Scenario::new("ours-ratelimit", Route::Read),
-    Scenario::new("governor-allow", Route::Read),
-    Scenario::new("ours-deny", Route::Read),
-    Scenario::new("governor-deny", Route::Read),
-    Scenario::new("ours-stack", Route::Read),
-    Scenario::new("ours-ratelimit-lease", Route::Read),
-    Scenario::new("ours-stack-lease", Route::Read),
-    Scenario::new("ts-stack", Route::Read),
-];
+use crate::{
+    process::{Server, check_seeded, clock_ticks, free_port, local_copy, seed, wait_for},
+    scenario::Scenario,
+    wrk,
+};
 
 /// What one run of one scenario measured.
 #[derive(Debug, Clone)]
 pub struct RunResult {
     pub scenario: String,
     pub requests: u64,
+    /// Requests sent to each server process (one entry per instance).
+    pub per_instance: Vec<u64>,
     pub seconds: f64,
     pub rps: f64,
     pub p50_us: f64,
@@ -81,17 +30,54 @@ pub struct RunResult {
     /// Answers other than 2xx/3xx (`429` on the denying stacks).
     pub non_2xx: u64,
     pub socket_errors: u64,
+    /// Every server process's CPU time over every request.
     pub server_cpu_us: f64,
     pub redis_cpu_us: f64,
     pub redis_commands: f64,
     /// Per Redis command: (calls per request, Redis µs per call).
     pub redis_by_command: BTreeMap<String, (f64, f64)>,
+    /// The local copy's counters over the measured run, summed over the instances (stacks
+    /// with our Redis sessions only).
+    pub local_copy: Option<CopyCounts>,
+    /// The largest server process's.
     pub peak_rss_mib: f64,
+}
+
+/// What the local copies did during a run: reads served from a copy, reads sent to Redis,
+/// copies dropped because another client changed their session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyCounts {
+    pub hits: u64,
+    pub misses: u64,
+    pub invalidations: u64,
+}
+
+impl CopyCounts {
+    /// The share of reads served from a copy.
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / (self.hits + self.misses).max(1) as f64
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            invalidations: self.invalidations - before.invalidations,
+        }
+    }
+
+    pub fn add(self, other: Self) -> Self {
+        Self {
+            hits: self.hits + other.hits,
+            misses: self.misses + other.misses,
+            invalidations: self.invalidations + other.invalidations,
+        }
+    }
 }
 
 impl RunResult {
     pub fn summary(&self) -> String {
-        format!(
+        let mut summary = format!(
             "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, server {:.1} µs/req, Redis {:.1} µs/req, \
              {:.2} Redis commands/req, non-2xx {}, socket errors {}, peak RSS {:.1} MiB",
             self.rps,
@@ -103,13 +89,27 @@ impl RunResult {
             self.non_2xx,
             self.socket_errors,
             self.peak_rss_mib
-        )
+        );
+        if self.per_instance.len() > 1 {
+            summary += &format!(", sent per instance {:?}", self.per_instance);
+        }
+        if let Some(copy) = self.local_copy {
+            summary += &format!(
+                ", local copy: {} hits, {} misses ({:.1}% hits), {} invalidations",
+                copy.hits,
+                copy.misses,
+                copy.hit_rate() * 100.0,
+                copy.invalidations
+            );
+        }
+        summary
     }
 
     pub fn to_json(&self) -> Value {
         json!({
             "scenario": self.scenario,
             "requests": self.requests,
+            "requests_per_instance": self.per_instance,
             "seconds": self.seconds,
             "rps": self.rps,
             "p50_us": self.p50_us,
@@ -122,6 +122,11 @@ impl RunResult {
             "redis_by_command": self.redis_by_command.iter().map(|(name, (calls, usec))| {
                 (name.clone(), json!({"calls_per_request": calls, "usec_per_call": usec}))
             }).collect::<serde_json::Map<_, _>>(),
+            "local_copy": self.local_copy.map(|copy| json!({
+                "hits": copy.hits,
+                "misses": copy.misses,
+                "invalidations": copy.invalidations,
+            })),
             "peak_rss_mib": self.peak_rss_mib,
         })
     }
@@ -171,7 +176,7 @@ impl Harness {
         harness
     }
 
-    fn redis_url(&self) -> String {
+    pub fn redis_url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.redis_port)
     }
 
@@ -225,56 +230,53 @@ impl Harness {
         commands
     }
 
-    /// Runs `scenario` once in a fresh server process.
+    /// Runs `scenario` once, in fresh server processes.
     pub fn run(&self, scenario: Scenario) -> RunResult {
         self.redis_cli(&["FLUSHALL"]);
-        let port = free_port();
-        let mut server = Command::new(std::env::current_exe().expect("the harness's own path"))
-            .args([
-                "serve",
-                scenario.stack,
-                &port.to_string(),
-                &self.redis_url(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the server");
-        wait_for(port, scenario.stack);
-        let cookies = if scenario.has_sessions() {
-            (0..self.connections).map(|_| seed(port)).collect()
+        let servers: Vec<Server> = (0..scenario.instances)
+            .map(|_| Server::start(scenario.stack, &self.redis_url()))
+            .collect();
+        let ports: Vec<u16> = servers.iter().map(|server| server.port).collect();
+        // Seeded through the first instance: the others learn each session on its first read.
+        let cookies: Vec<String> = if scenario.has_sessions() {
+            (0..self.connections).map(|_| seed(ports[0])).collect()
         } else {
             Vec::new()
         };
-        let script = self.script(&scenario, &cookies);
+        if let Some(cookie) = cookies.first() {
+            ports.iter().for_each(|&port| check_seeded(port, cookie));
+        }
+        let script = wrk::script(&self.scratch, &scenario, &ports, &cookies);
         // Warm-up: connections, caches, scripts loaded, the allocator at its working size.
-        self.wrk(port, &scenario, &script, Duration::from_secs(2));
+        wrk::run(
+            &scenario,
+            &ports,
+            self.connections,
+            &script,
+            Duration::from_secs(2),
+        );
 
-        let cpu_before = process_cpu(server.id(), self.clock_ticks);
+        let copy_before = scenario.has_local_copy().then(|| local_copy(&ports));
+        let cpu = || -> f64 {
+            let ticks = self.clock_ticks;
+            servers.iter().map(|server| server.cpu_seconds(ticks)).sum()
+        };
+        let cpu_before = cpu();
         let redis_before = self.redis_cpu();
         self.redis_cli(&["CONFIG", "RESETSTAT"]);
-        let wrk = self.wrk(port, &scenario, &script, self.duration);
-        let cpu_after = process_cpu(server.id(), self.clock_ticks);
+        let wrk = wrk::run(&scenario, &ports, self.connections, &script, self.duration);
+        let cpu_after = cpu();
         let redis_after = self.redis_cpu();
         let commands = self.redis_commands();
-        let peak_rss_mib = peak_rss_kib(server.id()) / 1024.0;
-        let _ = server.kill();
-        let _ = server.wait();
+        let local_copy = copy_before.map(|before| local_copy(&ports).since(before));
+        let peak_rss_mib = servers.iter().map(Server::peak_rss_mib).fold(0.0, f64::max);
+        drop(servers);
 
         let requests = wrk.requests.max(1) as f64;
-        let redis_by_command = commands
-            .iter()
-            .map(|(name, &(calls, usec))| {
-                let per_call = if calls == 0 {
-                    0.0
-                } else {
-                    usec as f64 / calls as f64
-                };
-                (name.clone(), (calls as f64 / requests, per_call))
-            })
-            .collect();
         RunResult {
             scenario: scenario.name(),
             requests: wrk.requests,
+            per_instance: wrk.sent,
             seconds: wrk.seconds,
             rps: wrk.requests as f64 / wrk.seconds,
             p50_us: wrk.p50_us,
@@ -285,71 +287,9 @@ impl Harness {
             redis_cpu_us: (redis_after - redis_before) * 1e6 / requests,
             redis_commands: commands.values().map(|&(calls, _)| calls).sum::<u64>() as f64
                 / requests,
-            redis_by_command,
+            redis_by_command: per_request(&commands, requests),
+            local_copy,
             peak_rss_mib,
-        }
-    }
-
-    /// The wrk script: cycles through the seeded cookies, one per request, and prints the
-    /// run's figures on one line.
-    fn script(&self, scenario: &Scenario, cookies: &[String]) -> PathBuf {
-        let (method, path) = match scenario.route {
-            Route::Read => ("GET", "/read"),
-            Route::Write => ("POST", "/write"),
-        };
-        let list: Vec<String> = cookies.iter().map(|c| format!("{c:?}")).collect();
-        let script = format!(
-            r#"local cookies = {{ {list} }}
-local i = 0
-request = function()
-  local headers = {{}}
-  if #cookies > 0 then
-    i = i % #cookies + 1
-    headers["Cookie"] = cookies[i]
-  end
-  return wrk.format("{method}", "{path}", headers)
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %d %f %f\n", summary.requests, summary.duration,
-    e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"#,
-            list = list.join(", ")
-        );
-        let path = self
-            .scratch
-            .join(format!("{}.lua", scenario.name().replace('/', "-")));
-        std::fs::write(&path, script).expect("write the wrk script");
-        path
-    }
-
-    fn wrk(&self, port: u16, scenario: &Scenario, script: &PathBuf, duration: Duration) -> Wrk {
-        let output = Command::new("wrk")
-            .args(["-t1", &format!("-c{}", self.connections)])
-            .arg(format!("-d{}s", duration.as_secs().max(1)))
-            .arg("-s")
-            .arg(script)
-            .arg(format!("http://127.0.0.1:{port}/"))
-            .output()
-            .expect("run wrk");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout
-            .lines()
-            .find_map(|line| line.strip_prefix("RESULT "))
-            .unwrap_or_else(|| panic!("wrk printed no result for {}:\n{stdout}", scenario.name()));
-        let fields: Vec<f64> = line
-            .split_whitespace()
-            .map(|f| f.parse().expect("a number from wrk"))
-            .collect();
-        Wrk {
-            requests: fields[0] as u64,
-            seconds: fields[1] / 1e6,
-            non_2xx: fields[2] as u64,
-            socket_errors: fields[3] as u64,
-            p50_us: fields[4],
-            p99_us: fields[5],
         }
     }
 
@@ -475,122 +415,20 @@ impl Drop for Harness {
     }
 }
 
-struct Wrk {
-    requests: u64,
-    seconds: f64,
-    non_2xx: u64,
-    socket_errors: u64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-/// Installs wrk from the distribution's packages when it is missing.
-pub fn ensure_wrk() {
-    if Command::new("wrk").arg("-v").output().is_ok() {
-        return;
-    }
-    eprintln!("wrk is missing: installing it with apt-get");
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0"));
-    let apt = |args: &[&str]| {
-        let mut command = if root {
-            Command::new("apt-get")
-        } else {
-            Command::new("sudo")
-        };
-        if !root {
-            command.arg("apt-get");
-        }
-        command
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-    };
-    let installed = apt(&["update", "-q"]).is_ok_and(|s| s.success())
-        && apt(&["install", "-y", "-q", "wrk"]).is_ok_and(|s| s.success());
-    if !installed {
-        eprintln!("could not install wrk; install it (e.g. `apt-get install wrk`) and run again");
-        std::process::exit(1);
-    }
-}
-
-/// Starts a session with one `POST /write` and returns its cookie (`name=value`).
-fn seed(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the server");
-    stream
-        .write_all(
-            b"POST /write HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )
-        .expect("send the seeding request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the seeding response");
-    response
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("set-cookie").then(|| {
-                value
-                    .trim()
-                    .split(';')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
+/// Per Redis command: (calls per request, Redis µs per call), from (calls, µs) over `requests`.
+fn per_request(
+    commands: &BTreeMap<String, (u64, u64)>,
+    requests: f64,
+) -> BTreeMap<String, (f64, f64)> {
+    commands
+        .iter()
+        .map(|(name, &(calls, usec))| {
+            let per_call = if calls == 0 {
+                0.0
+            } else {
+                usec as f64 / calls as f64
+            };
+            (name.clone(), (calls as f64 / requests, per_call))
         })
-        .unwrap_or_else(|| panic!("the seeding request set no cookie:\n{response}"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-fn wait_for(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            panic!("{what} did not listen on port {port} within 30 s");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// A process's CPU time so far (user + system), in seconds, from `/proc/<pid>/stat`.
-fn process_cpu(pid: u32, ticks: f64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may hold spaces: count fields after its closing parenthesis.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (field(11) + field(12)) / ticks
-}
-
-fn peak_rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0)
+        .collect()
 }

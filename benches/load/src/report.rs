@@ -4,135 +4,14 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use serde_json::json;
 
-use crate::measure::{Ceiling, RunResult, SCENARIOS};
+use crate::{
+    comparisons,
+    delay::InvalidationDelay,
+    measure::{Ceiling, CopyCounts, RunResult},
+    scenario::SCENARIOS,
+};
 
-/// A ratio the issue names: `ours` over `anchor`, on requests/s unless `on` says otherwise.
-struct Comparison {
-    label: &'static str,
-    ours: &'static str,
-    anchor: &'static str,
-    on: Metric,
-    /// The target, and whether a higher ratio is better.
-    target: Option<(f64, bool)>,
-}
-
-#[derive(Clone, Copy)]
-enum Metric {
-    Throughput,
-    RedisCpu,
-}
-
-impl Metric {
-    fn of(self, run: &RunResult) -> f64 {
-        match self {
-            Self::Throughput => run.rps,
-            Self::RedisCpu => run.redis_cpu_us,
-        }
-    }
-}
-
-const COMPARISONS: &[Comparison] = &[
-    Comparison {
-        label: "session read (slides) / tower-sessions read (no slide)",
-        ours: "ours-session/read",
-        anchor: "ts-session/read",
-        on: Metric::Throughput,
-        target: Some((1.2, true)),
-    },
-    Comparison {
-        label: "session read / tower-sessions `always_save` read",
-        ours: "ours-session/read",
-        anchor: "ts-session-always-save/read",
-        on: Metric::Throughput,
-        target: Some((2.0, true)),
-    },
-    Comparison {
-        label: "session write / tower-sessions write",
-        ours: "ours-session/write",
-        anchor: "ts-session/write",
-        on: Metric::Throughput,
-        target: Some((1.2, true)),
-    },
-    Comparison {
-        label: "Redis CPU per session read / tower-sessions'",
-        ours: "ours-session/read",
-        anchor: "ts-session/read",
-        on: Metric::RedisCpu,
-        target: Some((1.0, false)),
-    },
-    Comparison {
-        label: "Redis CPU per session write / tower-sessions'",
-        ours: "ours-session/write",
-        anchor: "ts-session/write",
-        on: Metric::RedisCpu,
-        target: Some((1.0, false)),
-    },
-    Comparison {
-        label: "rate limit on Redis, allowed / plain axum",
-        ours: "ours-ratelimit/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: None,
-    },
-    Comparison {
-        label: "tower_governor allowed / plain axum",
-        ours: "governor-allow/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: None,
-    },
-    Comparison {
-        label: "whole stack (Redis rate limit + tenant + Redis session read) / plain axum",
-        ours: "ours-stack/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: Some((0.4, true)),
-    },
-    Comparison {
-        label: "rate limit on Redis with a lease of 100, allowed / plain axum",
-        ours: "ours-ratelimit-lease/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: None,
-    },
-    Comparison {
-        label: "whole stack with the lease / plain axum",
-        ours: "ours-stack-lease/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: Some((0.6, true)),
-    },
-    Comparison {
-        label: "tower-sessions + tower_governor / plain axum",
-        ours: "ts-stack/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: None,
-    },
-    Comparison {
-        label: "whole stack / tower-sessions + tower_governor",
-        ours: "ours-stack/read",
-        anchor: "ts-stack/read",
-        on: Metric::Throughput,
-        target: None,
-    },
-    Comparison {
-        label: "denied flood / plain axum",
-        ours: "ours-deny/read",
-        anchor: "plain/read",
-        on: Metric::Throughput,
-        target: Some((0.9, true)),
-    },
-    Comparison {
-        label: "denied flood / tower_governor deny",
-        ours: "ours-deny/read",
-        anchor: "governor-deny/read",
-        on: Metric::Throughput,
-        target: None,
-    },
-];
-
-fn median(values: &mut [f64]) -> f64 {
+pub fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
@@ -145,7 +24,7 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-fn find<'a>(round: &'a [RunResult], name: &str) -> Option<&'a RunResult> {
+pub fn find<'a>(round: &'a [RunResult], name: &str) -> Option<&'a RunResult> {
     round.iter().find(|r| r.scenario == name)
 }
 
@@ -154,6 +33,7 @@ pub fn write(
     out: &Path,
     rounds: &[Vec<RunResult>],
     ceiling: &[Ceiling],
+    delay: Option<&InvalidationDelay>,
     versions: &BTreeMap<String, String>,
     command: &str,
 ) {
@@ -167,6 +47,7 @@ pub fn write(
         "versions": versions,
         "rounds": rounds.iter().map(|round| round.iter().map(RunResult::to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
         "ceiling": ceiling.iter().map(|c| json!({"command": c.command, "rps": c.rps, "usec_per_call": c.usec_per_call})).collect::<Vec<_>>(),
+        "invalidation_delay": delay.map(InvalidationDelay::to_json),
     });
     std::fs::write(
         out.join("results.json"),
@@ -182,15 +63,37 @@ pub fn write(
     }
     let _ = writeln!(
         md,
-        "\nMedians over {} rounds; each run in a fresh server process.\n",
+        "\nMedians over {} rounds; each run in fresh server processes.\n",
         rounds.len()
     );
+    if names.iter().any(|name| name.contains("-2x/")) {
+        let _ = writeln!(md, "{SPREAD}\n");
+    }
+    let ratio_to_plain = scenario_table(&mut md, rounds, &names);
+    comparisons::table(&mut md, rounds);
+    commands_section(&mut md, rounds, &names);
+    local_copy_section(&mut md, rounds, &names);
+    if let Some(delay) = delay {
+        md.push_str(&delay.to_markdown());
+    }
+    ceiling_section(&mut md, ceiling);
+    std::fs::write(out.join("report.md"), md).expect("write report.md");
+    std::fs::write(out.join("ratios.svg"), svg(&ratio_to_plain)).expect("write ratios.svg");
+}
+
+/// The main table, one row per scenario, with medians over rounds; returns each scenario's
+/// requests/s as a share of plain axum's (the plot's bars).
+fn scenario_table(
+    md: &mut String,
+    rounds: &[Vec<RunResult>],
+    names: &[String],
+) -> Vec<(String, f64)> {
     let _ = writeln!(
         md,
         "| scenario | req/s | p50 µs | p99 µs | server CPU µs/req | Redis CPU µs/req | Redis cmds/req | non-2xx | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut ratio_to_plain = Vec::new();
-    for name in &names {
+    for name in names {
         let runs: Vec<&RunResult> = rounds.iter().filter_map(|r| find(r, name)).collect();
         let med = |f: &dyn Fn(&RunResult) -> f64| {
             median(&mut runs.iter().map(|r| f(r)).collect::<Vec<_>>())
@@ -218,46 +121,16 @@ pub fn write(
         }
     }
 
-    let _ = writeln!(
-        md,
-        "\nRatios taken within each round (ours / anchor), then the median:\n\n| comparison | per round | median | target | met |\n| --- | --- | ---: | ---: | --- |"
-    );
-    for c in COMPARISONS {
-        let mut per_round: Vec<f64> = rounds
-            .iter()
-            .filter_map(|round| {
-                Some(c.on.of(find(round, c.ours)?) / c.on.of(find(round, c.anchor)?))
-            })
-            .collect();
-        if per_round.is_empty() {
-            continue;
-        }
-        let listed: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
-        let med = median(&mut per_round);
-        let (target, met) = match c.target {
-            Some((t, higher)) => (
-                format!("{} {t}", if higher { "≥" } else { "≤" }),
-                if (higher && med >= t) || (!higher && med <= t) {
-                    "yes"
-                } else {
-                    "**no**"
-                },
-            ),
-            None => ("—".into(), ""),
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {} | {med:.2} | {target} | {met} |",
-            c.label,
-            listed.join(", ")
-        );
-    }
+    ratio_to_plain
+}
 
+/// Redis commands per request, by command, medians over rounds.
+fn commands_section(md: &mut String, rounds: &[Vec<RunResult>], names: &[String]) {
     let _ = writeln!(
         md,
         "\nRedis commands per request as `INFO commandstats` counts them (the commands a script runs are counted too; calls per request × Redis µs per call), medians:\n\n| scenario | commands |\n| --- | --- |"
     );
-    for name in &names {
+    for name in names {
         let runs: Vec<&RunResult> = rounds.iter().filter_map(|r| find(r, name)).collect();
         let mut commands: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
         for run in &runs {
@@ -279,6 +152,9 @@ pub fn write(
             let _ = writeln!(md, "| {name} | {} |", listed.join(", "));
         }
     }
+}
+
+fn ceiling_section(md: &mut String, ceiling: &[Ceiling]) {
     let _ = writeln!(
         md,
         "\nRedis's own ceiling in the same run (`redis-benchmark -c 32 -n 200000`, one command at a time, on the harness's Redis):\n\n| command | requests/s | Redis µs per call |\n| --- | ---: | ---: |"
@@ -290,8 +166,68 @@ pub fn write(
             c.command, c.rps, c.usec_per_call
         );
     }
-    std::fs::write(out.join("report.md"), md).expect("write report.md");
-    std::fs::write(out.join("ratios.svg"), svg(&ratio_to_plain)).expect("write ratios.svg");
+}
+
+/// How the `-2x` scenarios spread their load, for the report.
+const SPREAD: &str = "The `-2x` scenarios run two server processes of the stack, each with its own \
+Redis connection and local copy, on two ports. wrk runs two threads, one per instance, each with \
+half the connections; both threads cycle through the same seeded sessions (all seeded through \
+the first instance), one per request, each at its own pace, so every session is used on both \
+instances, in an order set by the two threads' speeds rather than in strict alternation. \
+Server CPU per request is both processes' CPU time over all requests; peak RSS is the larger \
+process's.";
+
+/// The local copies' counters over the measured runs, summed over instances and rounds.
+fn local_copy_section(md: &mut String, rounds: &[Vec<RunResult>], names: &[String]) {
+    let mut rows = Vec::new();
+    for name in names {
+        let runs: Vec<&RunResult> = rounds.iter().filter_map(|r| find(r, name)).collect();
+        let Some(copy) = runs
+            .iter()
+            .filter_map(|run| run.local_copy)
+            .reduce(CopyCounts::add)
+        else {
+            continue;
+        };
+        let requests = runs.iter().map(|run| run.requests).sum::<u64>().max(1) as f64;
+        let sent: Vec<u64> = runs.iter().fold(Vec::new(), |mut sum, run| {
+            sum.resize(run.per_instance.len().max(sum.len()), 0);
+            for (total, sent) in sum.iter_mut().zip(&run.per_instance) {
+                *total += sent;
+            }
+            sum
+        });
+        let all_sent = sent.iter().sum::<u64>().max(1) as f64;
+        let shares: Vec<String> = sent
+            .iter()
+            .map(|n| format!("{:.0}%", 100.0 * *n as f64 / all_sent))
+            .collect();
+        rows.push(format!(
+            "| {name} | {} | {} | {} | {:.1}% | {:.3} | {:.3} | {} |",
+            copy.hits,
+            copy.misses,
+            copy.invalidations,
+            100.0 * copy.hit_rate(),
+            copy.misses as f64 / requests,
+            copy.invalidations as f64 / requests,
+            shares.join(" / "),
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nThe local copy during the measured runs (`GET /copy-stats` on each instance before \
+         and after; summed over instances and rounds). A hit is a read served from the copy, a \
+         miss one sent to Redis, an invalidation a copy dropped because another client changed \
+         its session:\n\n| scenario | hits | misses | invalidations | hit rate | misses/req | \
+         invalidations/req | requests per instance |\n| --- | ---: | ---: | ---: | ---: | ---: | \
+         ---: | --- |"
+    );
+    for row in rows {
+        let _ = writeln!(md, "{row}");
+    }
 }
 
 /// Horizontal bars: each scenario's requests/s as a share of plain axum's, same round.

@@ -2,6 +2,10 @@
 //!
 //! - `GET /read`: reads the counter `n` from the session (or answers `0` without sessions).
 //! - `POST /write`: reads `n` and writes `n + 1` (the harness seeds sessions with it).
+//!
+//! `ours-session-copy` (our sessions with a local copy) also answers `GET /copy-stats`, outside
+//! the session layer: the copy's `hits misses invalidations` so far, which the harness reads
+//! before and after a run.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -20,8 +24,10 @@ use tower_turnstile::{
 pub const STACKS: &[&str] = &[
     "plain",
     "ours-session",
+    "ours-session-copy",
     "ts-session",
     "ts-session-always-save",
+    "ts-session-memory",
     "ours-ratelimit",
     "ours-deny",
     "governor-allow",
@@ -29,6 +35,8 @@ pub const STACKS: &[&str] = &[
     "ours-stack",
     "ours-ratelimit-lease",
     "ours-stack-lease",
+    "ours-stack-copy",
+    "ours-stack-lease-copy",
     "ts-stack",
 ];
 
@@ -37,8 +45,10 @@ pub async fn serve(stack: &str, port: u16, redis_url: &str) {
     let router = match stack {
         "plain" => plain(),
         "ours-session" => ours_sessions(redis_url),
+        "ours-session-copy" => ours_sessions_with_copy(redis_url),
         "ts-session" => ts_sessions(redis_url, false).await,
         "ts-session-always-save" => ts_sessions(redis_url, true).await,
+        "ts-session-memory" => ts_sessions_in_memory(),
         "ours-ratelimit" => plain().layer(ours_rate_limit(redis_url, allow_all())),
         "ours-deny" => plain().layer(ours_rate_limit(redis_url, deny_all())),
         "governor-allow" => with_governor(plain(), false),
@@ -50,6 +60,12 @@ pub async fn serve(stack: &str, port: u16, redis_url: &str) {
             plain().layer(ours_rate_limit(redis_url, allow_all()).with_lease(lease()))
         }
         "ours-stack-lease" => ours_sessions(redis_url)
+            .layer(ours_rate_limit(redis_url, allow_all()).with_lease(lease()))
+            .layer(TenantLayer::new(HostSubdomain::first_label())),
+        "ours-stack-copy" => ours_sessions_with_copy(redis_url)
+            .layer(ours_rate_limit(redis_url, allow_all()))
+            .layer(TenantLayer::new(HostSubdomain::first_label())),
+        "ours-stack-lease-copy" => ours_sessions_with_copy(redis_url)
             .layer(ours_rate_limit(redis_url, allow_all()).with_lease(lease()))
             .layer(TenantLayer::new(HostSubdomain::first_label())),
         "ts-stack" => with_governor(ts_sessions(redis_url, false).await, false),
@@ -87,12 +103,33 @@ fn backend(redis_url: &str) -> RedisBackend {
     RedisBackend::new(redis_url).expect("a valid Redis URL")
 }
 
-/// Our session layer on Redis, defaults (the inactivity expiry slides on every read).
+/// Our session layer on Redis, the crate's defaults (today without a local copy: every read
+/// goes to Redis).
 fn ours_sessions(redis_url: &str) -> Router {
+    ours_routes().layer(SessionLayer::new(RedisStore::new(backend(redis_url))).with_secure(false))
+}
+
+/// Our session layer on Redis with a local copy, and the copy's counters on `/copy-stats`.
+fn ours_sessions_with_copy(redis_url: &str) -> Router {
+    let store =
+        RedisStore::new(backend(redis_url)).with_local_copy(RedisStore::SUGGESTED_COPY_CAPACITY);
+    // A clone on the same backend and prefix shares the layer's copy, and so its counters.
+    let counted = store.clone();
+    ours_routes()
+        .layer(SessionLayer::new(store).with_secure(false))
+        .route(
+            "/copy-stats",
+            get(move || async move {
+                let stats = counted.local_copy_stats();
+                format!("{} {} {}", stats.hits, stats.misses, stats.invalidations)
+            }),
+        )
+}
+
+fn ours_routes() -> Router {
     Router::new()
         .route("/read", get(ours_read))
         .route("/write", post(ours_write))
-        .layer(SessionLayer::new(RedisStore::new(backend(redis_url))).with_secure(false))
 }
 
 fn allow_all() -> Quota {
@@ -145,10 +182,21 @@ async fn ts_sessions(redis_url: &str, always_save: bool) -> Router {
             time::Duration::minutes(30),
         ));
     }
+    ts_routes().layer(layer)
+}
+
+/// tower-sessions 0.14 on its `MemoryStore` (a map behind a mutex, in the process): no round
+/// trip at all, so a floor for the server's CPU per request.
+fn ts_sessions_in_memory() -> Router {
+    let layer = tower_sessions::SessionManagerLayer::new(tower_sessions::MemoryStore::default())
+        .with_secure(false);
+    ts_routes().layer(layer)
+}
+
+fn ts_routes() -> Router {
     Router::new()
         .route("/read", get(ts_read))
         .route("/write", post(ts_write))
-        .layer(layer)
 }
 
 /// tower_governor 0.8 per peer IP, in memory, around `router`: a quota no run reaches, or one
