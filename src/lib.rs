@@ -187,6 +187,10 @@ pub mod backend;
 #[cfg(feature = "connections")]
 pub mod connection;
 mod error;
+// The fuzz targets' way in (`fuzz/`); only in a `--cfg fuzzing` build.
+#[cfg(all(fuzzing, feature = "redis"))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "redis")]
 pub mod health;
 mod http;

@@ -64,7 +64,7 @@ impl Keys {
 }
 
 /// The instance and connection id a member names.
-pub(super) fn parse_member(member: &str) -> Option<(&str, u64)> {
+pub(crate) fn parse_member(member: &str) -> Option<(&str, u64)> {
     let (instance, id) = member.rsplit_once('/')?;
     Some((instance, id.parse().ok()?))
 }

@@ -58,3 +58,5 @@ mod tasks;
 
 pub use registration::Registration;
 pub use registry::{ConnectionInfo, Event, RegisterError, Registry, RegistryBuilder};
+#[cfg(fuzzing)]
+pub(crate) use {keys::parse_member, tasks::stream_entries};

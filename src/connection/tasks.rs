@@ -146,7 +146,7 @@ async fn inbox_task(registry: Weak<Inner>, every: Duration) {
 }
 
 /// The entries of an `XREAD` reply for one stream: id and field pairs (RESP2 or RESP3).
-fn stream_entries(reply: Value) -> Vec<(String, Vec<(String, String)>)> {
+pub(crate) fn stream_entries(reply: Value) -> Vec<(String, Vec<(String, String)>)> {
     let text = |value: &Value| match value {
         Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
         Value::SimpleString(text) => Some(text.clone()),

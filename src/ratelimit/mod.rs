@@ -89,3 +89,6 @@ pub use store::RedisRateStore;
 pub use store::{
     Check, Client, CounterKey, Decision, MemoryRateStore, MemoryRateStoreBuilder, RateLimitStore,
 };
+
+#[cfg(all(fuzzing, feature = "redis"))]
+pub(crate) use store::read_reply;

@@ -106,3 +106,10 @@ pub use store::{
 #[cfg(feature = "redis")]
 pub use store::{LocalCopyStats, RedisStore};
 pub use transport::{SameSite, SigningKey};
+
+#[cfg(fuzzing)]
+pub(crate) use id::SessionId;
+#[cfg(all(fuzzing, feature = "redis"))]
+pub(crate) use store::{hash_fields, parse_record, record_fields};
+#[cfg(fuzzing)]
+pub(crate) use transport::{CookieConfig, header_name, validate_name};

@@ -22,6 +22,8 @@ mod redis;
 pub use memory::{MemoryRateStore, MemoryRateStoreBuilder};
 #[cfg(feature = "redis")]
 pub use redis::RedisRateStore;
+#[cfg(all(fuzzing, feature = "redis"))]
+pub(crate) use redis::read_reply;
 
 /// The longest text client key written as it is; longer ones (and odd ones) are written as
 /// their hash, so a client cannot make keys of any size or shape.

@@ -154,7 +154,7 @@ impl RateLimitStore for RedisRateStore {
 /// retry}` (times in µs, a retry of `-1` for none); a reply of any other shape is an error,
 /// which the layer handles as any failed check. A remaining count past the limit is held to it,
 /// and a negative wait reads as none.
-fn read_reply(reply: &Value, limit: u64) -> Result<Counted, StoreError> {
+pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Counted, StoreError> {
     let (allowed, remaining, reset, retry): (i64, i64, i64, i64) =
         redis::from_redis_value_ref(reply).map_err(|error| StoreError::Failed {
             source: format!("unexpected rate-limit script reply: {error}").into(),

@@ -42,6 +42,8 @@ pub use migration::MigrationStore;
 pub use postgres::{CleanupTask, PostgresStore};
 #[cfg(feature = "redis")]
 pub use redis::{LocalCopyStats, RedisStore};
+#[cfg(all(fuzzing, feature = "redis"))]
+pub(crate) use redis::{hash_fields, parse_record, record_fields};
 pub use replay::{JournaledWrite, ReplayStore, Replayed};
 pub use versioned::VersionedStore;
 

@@ -53,7 +53,7 @@ impl Keys {
 }
 
 /// Every field of `record`'s hash, as field, value, field, value, ...
-pub(super) fn record_fields(key: &SessionKey, record: &Record) -> Vec<String> {
+pub(crate) fn record_fields(key: &SessionKey, record: &Record) -> Vec<String> {
     let mut fields = vec![
         TENANT.to_owned(),
         key.tenant().as_str().to_owned(),
@@ -104,7 +104,7 @@ pub(super) fn patch_fields(patch: &Patch) -> (Vec<(String, String)>, Vec<String>
 
 /// Why a stored hash is not a session.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Corrupt {
+pub(crate) enum Corrupt {
     Shape,
     Metadata,
     Value(String),
@@ -121,7 +121,7 @@ impl fmt::Display for Corrupt {
 }
 
 /// The field, value pairs of an `HGETALL` reply (flat in RESP2, a map in RESP3).
-pub(super) fn hash_fields(reply: Value) -> Result<Vec<(String, String)>, Corrupt> {
+pub(crate) fn hash_fields(reply: Value) -> Result<Vec<(String, String)>, Corrupt> {
     let text = |value: Value| match value {
         Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| Corrupt::Shape),
         _ => Err(Corrupt::Shape),
@@ -146,7 +146,7 @@ pub(super) fn hash_fields(reply: Value) -> Result<Vec<(String, String)>, Corrupt
 }
 
 /// The record in a session hash's fields, and the tenant it was written for.
-pub(super) fn parse_record(fields: Vec<(String, String)>) -> Result<(Record, String), Corrupt> {
+pub(crate) fn parse_record(fields: Vec<(String, String)>) -> Result<(Record, String), Corrupt> {
     let mut data = BTreeMap::new();
     let (mut user, mut created, mut absolute, mut idle, mut tenant) =
         (None, None, None, None, None);

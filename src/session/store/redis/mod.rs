@@ -27,6 +27,8 @@ use async_trait::async_trait;
 use redis::{FromRedisValue, Pipeline, Value};
 
 pub use self::copy::LocalCopyStats;
+#[cfg(fuzzing)]
+pub(crate) use self::layout::{hash_fields, parse_record, record_fields};
 use self::{
     copy::LocalCopy,
     layout::{ABSOLUTE, CREATED, Keys, TENANT, USER},
