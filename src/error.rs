@@ -8,7 +8,8 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store's backend is unavailable (down, timing out, or its breaker is open).
+    /// The store's backend is unavailable (down, timing out, or its breaker is open), or will
+    /// not take writes now (Redis out of memory).
     #[error("store is unavailable")]
     Unavailable {
         /// What the backend reported.
@@ -33,10 +34,10 @@ impl StoreError {
 
 #[cfg(feature = "redis")]
 impl From<crate::backend::BackendError> for StoreError {
-    /// An outage (timeout, unreachable, breaker open) is `Unavailable`; anything else Redis
-    /// answered is `Failed`.
+    /// An outage (timeout, unreachable, breaker open) or a refused write (Redis out of memory)
+    /// is `Unavailable`; anything else Redis answered is `Failed`.
     fn from(error: crate::backend::BackendError) -> Self {
-        if error.is_outage() {
+        if error.is_outage() || error.refuses_writes() {
             Self::Unavailable {
                 source: Box::new(error),
             }

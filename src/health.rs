@@ -28,7 +28,9 @@ use {
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct HealthReport {
-    /// `"healthy"` or `"unhealthy"`.
+    /// `"healthy"`; `"degraded"` while Redis answers but refuses writes (out of memory: the
+    /// backend's `refusing_writes`, `last_write_refusal` and `writes_refused` say why and how
+    /// often); or `"unhealthy"`.
     pub redis: &'static str,
     /// Whether sessions or rate limits are being served without Redis right now.
     pub fallback_active: bool,
@@ -147,10 +149,12 @@ impl HealthService {
     pub async fn report(&self) -> HealthReport {
         let backend = self.backend.check().await;
         let healthy = backend.healthy;
-        // The limiter knows how its last decision was made; with Redis healthy, its next one
-        // goes to Redis.
+        // Redis answers, but writes fall back (its decisions write too).
+        let degraded = healthy && backend.refusing_writes;
+        // The limiter knows how its last decision was made; with Redis healthy and taking
+        // writes, its next one goes to Redis.
         let rate_limit = self.rate_limit.as_ref().map(|layer| RateLimitStatus {
-            falling_back: layer.is_falling_back() && !healthy,
+            falling_back: layer.is_falling_back() && (!healthy || degraded),
             fallback_decisions: layer.fallback_decisions(),
         });
         #[cfg(feature = "memory")]
@@ -160,7 +164,11 @@ impl HealthService {
         #[cfg(not(feature = "memory"))]
         let sessions_local = false;
         HealthReport {
-            redis: if healthy { "healthy" } else { "unhealthy" },
+            redis: match (healthy, degraded) {
+                (false, _) => "unhealthy",
+                (true, true) => "degraded",
+                (true, false) => "healthy",
+            },
             fallback_active: backend.state != BreakerState::Closed
                 || sessions_local
                 || rate_limit.is_some_and(|r| r.falling_back),

@@ -99,7 +99,7 @@
 //!
 //! | name | kind | labels | counts |
 //! | --- | --- | --- | --- |
-//! | `turnstile_redis_call_seconds` | histogram | `outcome` = `ok`, `outage`, `error`, `rejected` | each Redis round trip (`rejected`: the breaker was open) |
+//! | `turnstile_redis_call_seconds` | histogram | `outcome` = `ok`, `outage`, `refused`, `error`, `rejected` | each Redis round trip (`refused`: a write Redis refused, out of memory; `rejected`: the breaker was open) |
 //! | `turnstile_breaker_transitions_total` | counter | `to` = `open`, `closed` | circuit-breaker transitions |
 //! | `turnstile_session_copy_total` | counter | `outcome` = `hit`, `miss`, `invalidated` | session reads served from the instance's local copy or sent to Redis, and copies dropped because another client changed the session |
 //! | `turnstile_session_fallback_transitions_total` | counter | `to` = `local`, `redis` | session fallback runs starting and ending |

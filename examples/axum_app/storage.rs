@@ -147,16 +147,19 @@ fn in_postgres(database: PostgresStore) -> (SessionLayer, HealthSource) {
     )
 }
 
-/// Says whether Redis answers at start; the app serves either way.
+/// Says whether Redis answers at start, and warns when it may evict sessions (the backend's
+/// check logs that); the app serves either way.
 async fn log_first_ping(backend: &RedisBackend) {
-    let target = backend.status().target;
-    match backend.ping().await {
-        Ok(()) => info!(%target, "Redis answers"),
-        Err(error) => warn!(
+    let status = backend.check().await;
+    let target = status.target;
+    if status.healthy {
+        info!(%target, "Redis answers");
+    } else {
+        warn!(
             %target,
-            error = %error_chain(&error),
+            error = status.last_error.unwrap_or_default(),
             "Redis does not answer yet; the app serves without it until it does"
-        ),
+        );
     }
 }
 

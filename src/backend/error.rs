@@ -22,6 +22,15 @@ pub enum BackendError {
         #[source]
         source: BoxError,
     },
+    /// Redis answers, but will not take writes now: it is out of memory (`OOM`, under
+    /// `maxmemory-policy noeviction`). Reads still work; the stores report the write as
+    /// unavailable, and the fallback store journals it for later.
+    #[error("Redis refuses writes now")]
+    WritesRefused {
+        /// What Redis answered.
+        #[source]
+        source: BoxError,
+    },
     /// Redis answered with an error, or with a reply of an unexpected shape.
     #[error("Redis answered with an error")]
     Command {
@@ -40,6 +49,20 @@ impl BackendError {
             Self::CircuitOpen | Self::Timeout(_) | Self::Unreachable { .. }
         )
     }
+
+    /// Whether Redis answered but refused a write it would take with more memory. Not an
+    /// outage: reads go on, and the breaker stays closed.
+    pub fn refuses_writes(&self) -> bool {
+        matches!(self, Self::WritesRefused { .. })
+    }
+}
+
+/// Whether an error reply Redis gave to one command of a pipeline means the call as a whole
+/// cannot be served now (an outage, or a refused write), rather than something about the data
+/// that command touched. A store that reads replies one by one lifts such a reply into the
+/// call's error, so that it is never mistaken for a corrupt record.
+pub(crate) fn fails_the_call(error: &RedisError) -> bool {
+    is_outage(error) || super::refusal::refuses_writes(error)
 }
 
 /// Whether `error` says Redis is unavailable, rather than that it refused one command.
@@ -48,8 +71,9 @@ pub(super) fn is_outage(error: &RedisError) -> bool {
         return true;
     }
     // A server that wants credentials this client did not send (or that no longer match)
-    // cannot be used at all until the configuration is fixed.
-    if matches!(error.code(), Some("NOAUTH" | "WRONGPASS")) {
+    // cannot be used at all until the configuration is fixed; one busy running a script
+    // serves nothing until the script ends or is killed.
+    if matches!(error.code(), Some("NOAUTH" | "WRONGPASS" | "BUSY")) {
         return true;
     }
     // A transaction whose commands a server that has become a replica refused as they were

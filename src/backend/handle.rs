@@ -4,8 +4,8 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc, Weak,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -23,6 +23,8 @@ use super::{
     BackendError,
     breaker::{Breaker, BreakerConfig},
     error::is_outage,
+    memory::MemorySettings,
+    refusal::{Refusals, refuses_writes},
     tracking::{FRESH_FOR, Tracking},
 };
 use crate::metrics;
@@ -58,6 +60,12 @@ pub(crate) struct Inner {
     pub(crate) target: String,
     /// What keeps local copies of keys coherent (see `tracking`).
     pub(crate) tracking: Arc<Tracking>,
+    /// Redis's memory limit and eviction policy, as the last health check read them.
+    pub(super) memory: Mutex<Option<MemorySettings>>,
+    /// Whether the eviction risk has been logged (once per backend).
+    pub(super) eviction_warned: AtomicBool,
+    /// Writes Redis refused (out of memory), and whether it still does.
+    pub(super) refusals: Refusals,
 }
 
 /// Which Redis the backend talks to, and how it finds it.
@@ -139,6 +147,9 @@ impl RedisBackend {
             round_trips: AtomicU64::new(0),
             target,
             tracking,
+            memory: Mutex::new(None),
+            eviction_warned: AtomicBool::new(false),
+            refusals: Refusals::default(),
         });
         tokio::spawn(probe_and_heartbeat(Arc::downgrade(&inner)));
         Self { inner }
@@ -193,6 +204,16 @@ impl RedisBackend {
                     source: Box::new(error),
                 };
                 ("outage", Err(error))
+            }
+            Ok(Err(error)) if refuses_writes(&error) => {
+                // Redis answered: it is up, and serves reads.
+                permit.success();
+                self.inner.tracking.answered(start);
+                self.inner.refusals.record(&error);
+                let error = BackendError::WritesRefused {
+                    source: Box::new(error),
+                };
+                ("refused", Err(error))
             }
             Ok(Err(error)) => {
                 // Redis answered, so it is up: a bad reply says nothing about availability.

@@ -47,7 +47,9 @@ mod builder;
 mod cluster;
 mod error;
 mod handle;
+mod memory;
 mod node;
+mod refusal;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 mod status;
@@ -57,6 +59,8 @@ pub(crate) use batch::{Batch, Part, Replies};
 pub use breaker::{BreakerConfig, BreakerState};
 pub use builder::RedisBackendBuilder;
 pub use error::BackendError;
+pub(crate) use error::fails_the_call;
 pub use handle::RedisBackend;
+pub use memory::MemorySettings;
 pub use status::BackendStatus;
 pub(crate) use tracking::{Invalidated, Tracking};

@@ -1,10 +1,13 @@
 //! What a backend can say about itself: its breaker, its last outage, its counters.
 
-use std::{sync::atomic::Ordering, time::SystemTime};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, SystemTime},
+};
 
 use serde::Serialize;
 
-use super::{BreakerState, RedisBackend};
+use super::{BreakerState, MemorySettings, RedisBackend};
 use crate::time::unix_millis;
 
 /// The state of a [`RedisBackend`] at one instant: its breaker, its last outage, its counters.
@@ -37,6 +40,21 @@ pub struct BackendStatus {
     pub round_trips: u64,
     /// The Redis server, as `host:port/db` (no credentials).
     pub target: String,
+    /// Writes Redis refused (out of memory) since the backend was built.
+    pub writes_refused: u64,
+    /// Whether Redis refused a write and has not taken one since (a [`RedisBackend::check`]
+    /// tries one while this is so): reads still go to Redis, writes fall back.
+    pub refusing_writes: bool,
+    /// What Redis said when it last refused a write.
+    pub last_write_refusal: Option<String>,
+    /// Redis's memory limit and eviction policy, as the last [`RedisBackend::check`] read
+    /// them; `None` before Redis first answered one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySettings>,
+    /// The eviction policy, when Redis may evict sessions and rate-limit counters under
+    /// memory pressure (see [`MemorySettings::eviction_risk`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eviction_risk: Option<String>,
 }
 
 fn serialize_state<S: serde::Serializer>(state: &BreakerState, s: S) -> Result<S::Ok, S::Error> {
@@ -63,6 +81,8 @@ impl RedisBackend {
         let inner = &self.inner;
         let view = inner.breaker.view();
         let counters = &inner.breaker.counters;
+        let memory = self.memory_settings();
+        let refusals = inner.refusals.view();
         let (last_error, last_error_at) = match view.last_error {
             Some((error, at)) => (Some(error), Some(at)),
             None => (None, None),
@@ -81,15 +101,43 @@ impl RedisBackend {
             rejected: counters.rejected.load(Ordering::Relaxed),
             round_trips: inner.round_trips.load(Ordering::Relaxed),
             target: inner.target.clone(),
+            writes_refused: refusals.count,
+            refusing_writes: refusals.now,
+            last_write_refusal: refusals.last,
+            eviction_risk: memory
+                .as_ref()
+                .and_then(MemorySettings::eviction_risk)
+                .map(str::to_owned),
+            memory,
         }
     }
 
     /// Pings Redis when the breaker would let a call through (closed, or open long enough for
     /// a probe), then returns the state. A service with no traffic still sees its breaker
     /// close again this way once Redis is back.
+    ///
+    /// The same round trip reads Redis's memory limit and eviction policy (`INFO memory`) into
+    /// [`BackendStatus::memory`]; the first time they put sessions at risk of eviction, a
+    /// warning is logged. Call it at start to hear of that then. While Redis refuses writes
+    /// ([`BackendStatus::refusing_writes`]), a second round trip writes a key that lives for a
+    /// second, to learn whether it takes writes again.
     pub async fn check(&self) -> BackendStatus {
         // The outcome is recorded by the breaker; the status reports it.
-        let _ = self.ping().await;
+        let read = self
+            .run(Duration::from_secs(1), |mut conn| async move {
+                redis::pipe()
+                    .cmd("PING")
+                    .ignore()
+                    .cmd("INFO")
+                    .arg("memory")
+                    .query_async::<(String,)>(&mut conn)
+                    .await
+            })
+            .await;
+        if let Ok((info,)) = read {
+            self.memory_seen(&info);
+            self.probe_writes().await;
+        }
         self.status()
     }
 }

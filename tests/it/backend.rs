@@ -295,3 +295,237 @@ async fn tls_with_the_roots_given() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Redis set to evict keys under memory pressure is read from `INFO memory` (by a user whom
+/// ACLs refuse `CONFIG`), shown in the health report, and no longer once the policy is fixed.
+#[tokio::test]
+async fn an_eviction_policy_is_reported_until_it_is_fixed() {
+    let Some(server) = RedisServer::start_with_password(
+        "admin-secret",
+        &[
+            "--maxmemory",
+            "64mb",
+            "--maxmemory-policy",
+            "allkeys-lru",
+            "--user",
+            "app",
+            "on",
+            ">app-secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-config",
+        ],
+    ) else {
+        return;
+    };
+    let url = format!("redis://app:app-secret@127.0.0.1:{}", server.port());
+    let backend = RedisBackend::new(&url).unwrap();
+    assert_eq!(
+        backend.memory_settings(),
+        None,
+        "nothing is read before a check"
+    );
+    let mut direct = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let refused: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut direct)
+        .await;
+    assert!(
+        refused.is_err(),
+        "the app user may not run CONFIG: {refused:?}"
+    );
+
+    let status = backend.check().await;
+    assert!(status.healthy);
+    let memory = status.memory.expect("read by the check");
+    assert_eq!(memory.maxmemory, 64 * 1024 * 1024);
+    assert_eq!(memory.policy, "allkeys-lru");
+    assert_eq!(status.eviction_risk.as_deref(), Some("allkeys-lru"));
+
+    let app = Router::new().route_service("/health", HealthService::new(backend.clone()));
+    let reply = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["eviction_risk"], "allkeys-lru");
+    assert_eq!(json["memory"]["policy"], "allkeys-lru");
+    assert_eq!(json["memory"]["maxmemory"], 64 * 1024 * 1024);
+
+    server.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let status = backend.check().await;
+    assert_eq!(status.eviction_risk, None);
+    assert_eq!(
+        status.memory.map(|m| m.policy).as_deref(),
+        Some("noeviction")
+    );
+    let reply = send(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert!(json.get("eviction_risk").is_none(), "{json}");
+}
+
+/// A Redis without a memory limit evicts nothing, whatever its policy says.
+#[tokio::test]
+async fn no_memory_limit_is_no_eviction_risk() {
+    let Some(server) = RedisServer::start_with_args(
+        false,
+        vec!["--maxmemory-policy".to_owned(), "allkeys-lru".to_owned()],
+    ) else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let status = backend.check().await;
+    let memory = status.memory.expect("read by the check");
+    assert_eq!(
+        (memory.maxmemory, memory.policy.as_str()),
+        (0, "allkeys-lru")
+    );
+    assert_eq!(status.eviction_risk, None);
+}
+
+/// Out of memory under `noeviction`, Redis refuses writes and serves reads: a refused write is
+/// `Unavailable` with `WritesRefused` as its source, the breaker stays closed, and the status
+/// says so until a check's probe write is taken again.
+#[tokio::test]
+async fn out_of_memory_refuses_writes_and_keeps_reads() {
+    use tower_turnstile::{
+        session::{Record, RedisStore, SessionKey, SessionStore},
+        tenant::Tenant,
+    };
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let store = RedisStore::new(backend.clone());
+    let tenant = Tenant::from_static("acme");
+    let key = |c: char| SessionKey::from_hash(&tenant, &c.to_string().repeat(43)).unwrap();
+    let record = Record::new(Duration::from_secs(600), Duration::from_secs(3600));
+    store.create(&key('A'), &record).await.unwrap();
+
+    server.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    let error = store.create(&key('E'), &record).await.unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+    let source = std::error::Error::source(&error)
+        .and_then(|source| source.downcast_ref::<BackendError>())
+        .expect("the backend's error");
+    assert!(source.refuses_writes() && !source.is_outage(), "{source:?}");
+    assert_eq!(store.load(&key('A')).await.unwrap(), Some(record.clone()));
+    let status = backend.status();
+    assert!(status.healthy, "reads are served: {status:?}");
+    assert_eq!(status.state, BreakerState::Closed);
+    assert!(status.refusing_writes);
+    assert_eq!(status.writes_refused, 1);
+    assert!(
+        status
+            .last_write_refusal
+            .as_deref()
+            .unwrap()
+            .contains("OOM"),
+        "{status:?}"
+    );
+    // A check's probe write is refused too while memory is short...
+    let status = backend.check().await;
+    assert!(
+        status.refusing_writes && status.writes_refused == 2,
+        "{status:?}"
+    );
+
+    // ...and taken once it is not.
+    server.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let status = backend.check().await;
+    assert!(!status.refusing_writes, "{status:?}");
+    store.create(&key('E'), &record).await.unwrap();
+}
+
+/// Redis busy running a script answers `BUSY` to everything: an outage (the breaker opens and
+/// the stores fall back), over once the script is killed.
+#[tokio::test]
+async fn a_redis_busy_with_a_script_is_an_outage() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    server.cli(&["CONFIG", "SET", "busy-reply-threshold", "10"]);
+    let backend = RedisBackend::builder(server.url())
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(1)
+                .open_for(Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
+    backend.ping().await.expect("Redis answers");
+    let mut script = std::process::Command::new("redis-cli")
+        .args(["-p", &server.port().to_string()])
+        .args(["EVAL", "while true do end", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-cli runs");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let error = backend.ping().await.unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+    assert_eq!(backend.status().state, BreakerState::Open);
+    assert!(
+        backend.status().last_error.unwrap().contains("BUSY"),
+        "{:?}",
+        backend.status()
+    );
+
+    server.cli(&["SCRIPT", "KILL"]);
+    script.wait().expect("the script ends");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while backend.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "Redis answers again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(backend.status().healthy);
+}
+
+/// A replica refuses writes (`READONLY`, inside the store's transaction an `EXECABORT`), and a
+/// replica cut off from its master that may not serve stale data refuses reads (`MASTERDOWN`):
+/// both are outages, which the stores' callers fall back from.
+#[tokio::test]
+async fn readonly_and_masterdown_are_outages() {
+    use tower_turnstile::{
+        session::{Record, RedisStore, SessionKey, SessionStore},
+        tenant::Tenant,
+    };
+    let Some(mut master) = RedisServer::start() else {
+        return;
+    };
+    let Some(replica) = RedisServer::start_replica_of(&master) else {
+        return;
+    };
+    let key = SessionKey::from_hash(&Tenant::from_static("acme"), &"A".repeat(43)).unwrap();
+    let record = Record::new(Duration::from_secs(600), Duration::from_secs(3600));
+    let backend = RedisBackend::new(&replica.url()).unwrap();
+    let error = RedisStore::new(backend.clone())
+        .create(&key, &record)
+        .await
+        .unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+    let said = format!("{:?}", backend.status().last_error).to_uppercase();
+    assert!(said.contains("READONLY"), "{said}");
+
+    replica.cli(&["CONFIG", "SET", "replica-serve-stale-data", "no"]);
+    master.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:down")
+    {
+        assert!(std::time::Instant::now() < deadline, "the replica notices");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let backend = RedisBackend::new(&replica.url()).unwrap();
+    let error = RedisStore::new(backend.clone())
+        .load(&key)
+        .await
+        .unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+    let said = format!("{:?}", backend.status().last_error).to_uppercase();
+    assert!(said.contains("MASTERDOWN"), "{said}");
+}

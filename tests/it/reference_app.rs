@@ -90,20 +90,27 @@ async fn send(
 
 async fn send_request(app: &Router, request: Request<Body>) -> Reply {
     let response = app.clone().oneshot(request).await.unwrap();
-    let header_text = |name| {
-        response
+    // In a block of its own, so that nothing borrowing the response is held across the
+    // body's await (a request can then run on a spawned task).
+    let (content_type, cache_control, set_cookie) = {
+        let header_text = |name| {
+            response
+                .headers()
+                .get(name)
+                .map(|v: &HeaderValue| v.to_str().unwrap().to_owned())
+        };
+        let set_cookie = response
             .headers()
-            .get(name)
-            .map(|v: &HeaderValue| v.to_str().unwrap().to_owned())
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        (
+            header_text(header::CONTENT_TYPE),
+            header_text(header::CACHE_CONTROL),
+            set_cookie,
+        )
     };
-    let content_type = header_text(header::CONTENT_TYPE);
-    let cache_control = header_text(header::CACHE_CONTROL);
-    let set_cookie = response
-        .headers()
-        .get_all(header::SET_COOKIE)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_owned())
-        .collect();
     let status = response.status();
     let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
     Reply {
@@ -1651,4 +1658,196 @@ async fn an_invalid_database_url_is_refused_at_build() {
         build(&config).await,
         Err(StartupError::Database(_))
     ));
+}
+
+/// What the app logs, kept for a test to read.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Redis set to evict keys under memory pressure: the app warns at start, and `/health`
+/// says so.
+#[tokio::test]
+async fn a_redis_that_may_evict_is_reported_at_start_and_in_health() {
+    let Some(server) = crate::support::RedisServer::start_with_args(
+        false,
+        ["--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru"]
+            .map(str::to_owned)
+            .to_vec(),
+    ) else {
+        return;
+    };
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let config = Config {
+        redis_url: Some(server.url()),
+        ..Config::default()
+    };
+    let app = build(&config).await.unwrap();
+    drop(guard);
+    let logged = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logged.contains("WARN") && logged.contains("maxmemory-policy volatile-lru"),
+        "{logged}"
+    );
+
+    let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["redis"], "healthy");
+    assert_eq!(json["eviction_risk"], "volatile-lru", "{json}");
+}
+
+/// Redis runs out of memory (`maxmemory` reached under `noeviction`) in the middle of a load
+/// on two instances: no request gets a `5xx`, reads keep coming from Redis, `/health` says
+/// Redis is degraded and why, and once memory is freed every acknowledged write is in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_costs_no_acknowledged_write() {
+    const USERS: usize = 6;
+    const WRITES: usize = 30;
+    let Some(server) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let config = Config {
+        redis_url: Some(server.url()),
+        rate_limit: Quota::per_minute(1_000_000),
+        ..Config::default()
+    };
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    let health = |app: &Router| {
+        let app = app.clone();
+        async move {
+            let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()
+        }
+    };
+    // Users alternate between the instances; each logs in on its own.
+    let instance = |user: usize| if user.is_multiple_of(2) { &one } else { &two };
+    let mut clients = Vec::new();
+    for user in 0..USERS {
+        let mut client = Client::new(instance(user), "localhost");
+        let name = format!("user{user}");
+        client.login(&name).await.assert(StatusCode::OK, &name);
+        clients.push((client, name));
+    }
+
+    // Each user writes in a loop; memory runs out a third of the way in, and comes back at
+    // two thirds. Every answer is a 200 with the next count.
+    let full = Arc::new(tokio::sync::Barrier::new(USERS + 1));
+    let freed = Arc::new(tokio::sync::Barrier::new(USERS + 1));
+    let mut load = Vec::new();
+    for (mut client, name) in clients {
+        let (full, freed) = (full.clone(), freed.clone());
+        load.push(tokio::spawn(async move {
+            for n in 1..=WRITES {
+                if n == WRITES / 3 + 1 {
+                    full.wait().await;
+                }
+                if n == 2 * WRITES / 3 + 1 {
+                    freed.wait().await;
+                }
+                let reply = client.post("/counter").await;
+                assert_eq!(
+                    (reply.status, reply.body.as_str()),
+                    (StatusCode::OK, &*n.to_string())
+                );
+                // Reads during the shortage are answered too.
+                client.get("/me").await.assert(StatusCode::OK, &name);
+            }
+            client
+        }));
+    }
+    full.wait().await;
+    server.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    // The writes of this third are refused by Redis: the app keeps them.
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let report = health(&one).await;
+            if report["redis"] == "degraded" {
+                return report;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("/health says degraded while Redis refuses writes");
+    assert_eq!(refused["refusing_writes"], true, "{refused}");
+    assert!(
+        refused["last_write_refusal"]
+            .as_str()
+            .unwrap()
+            .contains("OOM"),
+        "{refused}"
+    );
+    assert!(
+        refused["writes_refused"].as_u64().unwrap() >= 1,
+        "{refused}"
+    );
+    assert_eq!(
+        refused["healthy"], true,
+        "reads still go to Redis: {refused}"
+    );
+    // A session that starts now is kept too.
+    let mut newcomer = Client::new(&one, "localhost");
+    newcomer.post("/counter").await.assert(StatusCode::OK, "1");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let during = health(&one).await;
+    assert_eq!(during["redis"], "degraded", "{during}");
+    assert_eq!(during["fallback_active"], true, "{during}");
+    server.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    freed.wait().await;
+    let mut clients = Vec::new();
+    for task in load {
+        clients.push(task.await.expect("no request failed"));
+    }
+
+    // Once memory is back, both instances replay what they journaled.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for app in [&one, &two] {
+        loop {
+            let report = health(app).await;
+            if report["redis"] == "healthy" && report["fallback_active"] == false {
+                assert_eq!(report["sessions"]["journal_len"], 0, "{report}");
+                assert_eq!(report["sessions"]["dropped"], 0, "{report}");
+                assert!(
+                    report["sessions"]["replayed"].as_u64().unwrap() >= 1,
+                    "{report}"
+                );
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{report}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    // Every acknowledged count is in Redis: the other instance (which never held the
+    // session) reads it from there.
+    for (user, client) in clients.iter().enumerate() {
+        let mut elsewhere = client.on(instance(user + 1));
+        elsewhere
+            .get("/counter")
+            .await
+            .assert(StatusCode::OK, &WRITES.to_string());
+    }
+    newcomer
+        .on(&two)
+        .get("/counter")
+        .await
+        .assert(StatusCode::OK, "1");
 }

@@ -323,8 +323,9 @@ impl<P: ReplayStore> Inner<P> {
                 target: "tower_turnstile::session",
                 error = %error,
                 source = std::error::Error::source(error).map(ToString::to_string),
-                "Redis unreachable; sessions are served from this instance's local copy and \
-                 writes are journaled"
+                "Redis unreachable or refusing writes; writes are journaled and replayed \
+                 later, and sessions with journaled writes (all of them while Redis is \
+                 unreachable) are served from this instance's local copy"
             );
         }
     }

@@ -37,7 +37,7 @@ use self::{
 };
 use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
 use crate::{
-    backend::{Batch, Part, RedisBackend, Replies},
+    backend::{Batch, Part, RedisBackend, Replies, fails_the_call},
     time::{from_unix_millis, millis},
 };
 
@@ -303,12 +303,18 @@ impl RedisStore {
         self.backend
             .run(self.timeout, |mut conn| async move {
                 let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
-                // A server that refuses writes has become a replica (a failover): an outage of
-                // the master, not a bad record.
-                if let Some(Value::ServerError(error)) = replies.iter().find(|reply| {
-                    matches!(reply, Value::ServerError(error) if error.code() == "READONLY")
-                }) {
-                    return Err(redis::RedisError::from(error.clone()));
+                // A server that cannot serve the call now (it became a replica in a failover,
+                // lost its master, is loading, out of memory...) fails the call: an outage or
+                // a refused write, never a bad record.
+                let unavailable = replies.iter().find_map(|reply| match reply {
+                    Value::ServerError(error) => {
+                        let error = redis::RedisError::from(error.clone());
+                        fails_the_call(&error).then_some(error)
+                    }
+                    _ => None,
+                });
+                if let Some(error) = unavailable {
+                    return Err(error);
                 }
                 let wrong_type = |reply: &Value| {
                     matches!(reply, Value::ServerError(error) if error.code() == "WRONGTYPE")
