@@ -95,7 +95,8 @@
 //! # Metrics
 //!
 //! With the `metrics` feature, the crate records through whatever `metrics` recorder the
-//! application installed (Prometheus exporter, StatsD, ...):
+//! application installed (Prometheus exporter, StatsD, ...); [`register_metrics`] describes
+//! them all and shows every counter at zero before its first event:
 //!
 //! | name | kind | labels | counts |
 //! | --- | --- | --- | --- |
@@ -108,7 +109,9 @@
 //! | `turnstile_session_superseded_total` | counter | | journaled writes of sessions gone from Redis, not replayed |
 //! | `turnstile_session_dropped_total` | counter | | session writes that could not be kept (journal full, refused on replay) |
 //! | `turnstile_ratelimit_fallback_decisions_total` | counter | | rate-limit decisions made without the shared store |
+//! | `turnstile_ratelimit_allowed_total` | counter | | requests a rate limit let through (with a decision; a skipped request is not counted) |
 //! | `turnstile_ratelimit_denied_total` | counter | | requests refused with `429` |
+//! | `turnstile_connections` | gauge | | live connections this instance holds in a connection registry |
 //!
 //! # How the layers fit
 //!
@@ -205,3 +208,5 @@ mod time;
 
 pub use error::{ConfigError, StoreError};
 pub use http::{PeerAddr, PeerAddrLayer, RefusalBody, RequestView, ResponseBody};
+#[cfg(feature = "metrics")]
+pub use metrics::register_metrics;

@@ -63,6 +63,7 @@ async fn an_outage_drill_leaves_its_counts() {
         healthy["turnstile_redis_call_seconds{outcome=ok}"] >= 2,
         "{healthy:?}"
     );
+    assert_eq!(healthy["turnstile_ratelimit_allowed_total"], 1);
 
     proxy.cut().await;
     let mut statuses = Vec::new();
@@ -114,6 +115,9 @@ async fn an_outage_drill_leaves_its_counts() {
     assert_eq!(counts["turnstile_breaker_transitions_total{to=closed}"], 1);
     assert_eq!(counts["turnstile_ratelimit_fallback_decisions_total"], 8);
     assert_eq!(counts["turnstile_ratelimit_denied_total"], 3);
+    // Five of the eight during the outage (a snapshot takes what it reads: the first
+    // request's was read above).
+    assert_eq!(counts["turnstile_ratelimit_allowed_total"], 5);
     assert!(
         counts["turnstile_redis_call_seconds{outcome=outage}"] >= 2,
         "{counts:?}"

@@ -10,9 +10,10 @@ use tower_turnstile::{
 use super::StartupError;
 
 /// Every environment variable the app reads, or refuses.
-const VARIABLES: [&str; 11] = [
+const VARIABLES: [&str; 12] = [
     "BIND",
     "REDIS_URL",
+    "REDIS_ENABLED",
     "DATABASE_URL",
     "REDIS_CLUSTER_URLS",
     "REDIS_SENTINEL_URLS",
@@ -130,6 +131,7 @@ impl Config {
                 .collect(),
         );
         // Checked in this order: of several unusable variables, the first one is reported.
+        let redis_enabled = redis_enabled(&vars)?;
         let redis_cluster = vars.set("REDIS_CLUSTER_URLS").map(comma_list);
         let redis_sentinel = redis_sentinel(&vars)?;
         if redis_cluster.is_some() && redis_sentinel.is_some() {
@@ -145,13 +147,14 @@ impl Config {
         let session_secret = session_secret(&vars)?;
         let ws_max_per_user = ws_max_per_user(&vars)?;
 
+        // `REDIS_ENABLED=0`: the Redis variables are read (and checked) but not used.
         Ok(Self {
             ws_max_per_user,
             bind: vars.set("BIND").unwrap_or_else(|| Config::default().bind),
-            redis_url: vars.set("REDIS_URL"),
+            redis_url: vars.set("REDIS_URL").filter(|_| redis_enabled),
             database_url: vars.set("DATABASE_URL"),
-            redis_sentinel,
-            redis_cluster,
+            redis_sentinel: redis_sentinel.filter(|_| redis_enabled),
+            redis_cluster: redis_cluster.filter(|_| redis_enabled),
             session_secret,
             cookie_secure,
             rate_limit,
@@ -232,6 +235,20 @@ fn trusted_proxies(vars: &Vars) -> Result<Vec<String>, StartupError> {
 }
 
 /// `COOKIE_SECURE`: `1` or `true`, `0` or `false`; unset is `false`.
+/// `REDIS_ENABLED`: on unless `0` or `false`, so that a deployment can keep its Redis
+/// variables and still run in memory.
+fn redis_enabled(vars: &Vars) -> Result<bool, StartupError> {
+    match vars.set("REDIS_ENABLED").as_deref() {
+        None | Some("1" | "true") => Ok(true),
+        Some("0" | "false") => Ok(false),
+        Some(other) => Err(StartupError::Invalid {
+            variable: "REDIS_ENABLED",
+            value: other.to_owned(),
+            expected: "1 or 0",
+        }),
+    }
+}
+
 fn cookie_secure(vars: &Vars) -> Result<bool, StartupError> {
     match vars.set("COOKIE_SECURE").as_deref() {
         None | Some("0" | "false") => Ok(false),

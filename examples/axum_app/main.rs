@@ -29,7 +29,13 @@
 //! `DATABASE_URL`,
 //! `REDIS_CLUSTER_URLS` (seed nodes of a Redis Cluster) or `REDIS_SENTINEL_MASTER` with
 //! `REDIS_SENTINEL_URLS` (a Sentinel-managed master), each used instead of `REDIS_URL`,
-//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`.
+//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`. `REDIS_ENABLED=0` (or
+//! `false`) ignores every Redis variable: the app runs in memory (or on `DATABASE_URL` alone),
+//! and `/health` says `"redis": "disabled"`.
+//!
+//! `GET /metrics` serves the crate's metrics in the Prometheus text format (every counter from
+//! the start; names and meanings in the crate docs, "Metrics"). Like `/health`, it is outside
+//! the tenant, rate-limit and session layers.
 //!
 //! # Layout
 //!
@@ -43,6 +49,7 @@
 //!   rate limit, the registry of live connections and the routes.
 //! - `routes.rs`: [`app`], the router and its layers, and the session routes.
 //! - `ws.rs`: `/ws` and `/notify`, live connections across instances.
+//! - `metrics.rs`: `/metrics`, the Prometheus recorder.
 //! - `health.rs`: the `/health` report.
 //!
 //! The folder doubles as a module of the test crates `tests/it` (whose `reference_app` tests
@@ -54,6 +61,7 @@ mod build;
 mod config;
 mod error;
 mod health;
+mod metrics;
 mod routes;
 mod storage;
 mod ws;

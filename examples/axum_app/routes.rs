@@ -66,7 +66,10 @@ pub fn app_with(
         // a bare host or an IP address is `default`; anything else gets `400`.
         .layer(TenantLayer::new(HostSubdomain::first_label()));
 
+    // Installed before the first request, so that nothing goes unrecorded.
+    super::metrics::prometheus();
     Router::new()
+        .route("/metrics", get(super::metrics::metrics_text))
         .route("/health", get(health_report))
         .with_state(HealthState {
             redis: health,

@@ -5,7 +5,7 @@ use std::sync::Weak;
 use tokio::sync::mpsc;
 
 use super::{Event, Registry, registry::Inner};
-use crate::tenant::Tenant;
+use crate::{metrics, tenant::Tenant};
 
 /// A live connection's place in the registry, and its inbox. Dropping it deregisters the
 /// connection, here and in Redis.
@@ -50,6 +50,7 @@ impl Registration {
             inner: self.registry.upgrade()?,
         };
         let local = registry.lock_local().remove(&self.id)?;
+        metrics::gauge_add("turnstile_connections", -1.0);
         registry.inner.backend.as_ref()?;
         Some((registry, (self.id, local.tenant, local.user)))
     }

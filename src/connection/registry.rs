@@ -301,6 +301,7 @@ impl Registry {
                 inbox,
             },
         );
+        crate::metrics::gauge_add("turnstile_connections", 1.0);
         Ok(Registration::new(Arc::downgrade(&self.inner), id, events))
     }
 

@@ -161,6 +161,7 @@ where
         Verdict::Pass => ResponseFuture::inner(inner.call(request), None),
         Verdict::NoKey => ResponseFuture::ready(refuse(shared, None, grpc(&request))),
         Verdict::Decided(decision, quota) if decision.allowed => {
+            crate::metrics::count("turnstile_ratelimit_allowed_total", 1);
             let headers = shared
                 .headers
                 .then(|| allowed_headers(shared, quota, &decision));

@@ -11,7 +11,8 @@ mod support;
     feature = "sentinel",
     feature = "cluster",
     feature = "postgres",
-    feature = "connections"
+    feature = "connections",
+    feature = "metrics"
 ))]
 #[allow(dead_code, unreachable_pub, unused_imports)]
 #[path = "../../examples/axum_app/main.rs"]
@@ -23,7 +24,8 @@ mod cluster;
     feature = "sentinel",
     feature = "cluster",
     feature = "postgres",
-    feature = "connections"
+    feature = "connections",
+    feature = "metrics"
 ))]
 mod fault_drill;
 mod key_flood;

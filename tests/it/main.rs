@@ -15,7 +15,8 @@ mod support;
     feature = "sentinel",
     feature = "cluster",
     feature = "postgres",
-    feature = "connections"
+    feature = "connections",
+    feature = "metrics"
 ))]
 #[allow(unreachable_pub, unused_imports)]
 #[path = "../../examples/axum_app/main.rs"]
@@ -27,7 +28,8 @@ mod backend;
     feature = "sentinel",
     feature = "cluster",
     feature = "postgres",
-    feature = "connections"
+    feature = "connections",
+    feature = "metrics"
 ))]
 mod connections;
 mod hostile_input;
@@ -41,7 +43,8 @@ mod ratelimit_store;
     feature = "sentinel",
     feature = "cluster",
     feature = "postgres",
-    feature = "connections"
+    feature = "connections",
+    feature = "metrics"
 ))]
 mod reference_app;
 #[cfg(feature = "postgres")]

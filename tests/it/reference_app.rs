@@ -1851,3 +1851,120 @@ async fn redis_out_of_memory_costs_no_acknowledged_write() {
         .await
         .assert(StatusCode::OK, "1");
 }
+
+/// `GET /metrics`: the crate's metrics in the Prometheus text format, every counter listed
+/// from the start, counts that move with traffic; outside the rate limit and the sessions.
+#[tokio::test]
+async fn metrics_are_served_in_the_prometheus_format() {
+    let app = build(&Config {
+        rate_limit: Quota::per_minute(2),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let count = |body: &str, series: &str| -> f64 {
+        body.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{body}"))
+    };
+    let reply = send(&app, Method::GET, "/metrics", "localhost", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.content_type.as_deref(),
+        Some("text/plain; version=0.0.4")
+    );
+    assert!(reply.set_cookie.is_empty(), "{:?}", reply.set_cookie);
+    for series in [
+        "turnstile_session_copy_total{outcome=\"hit\"}",
+        "turnstile_session_copy_total{outcome=\"invalidated\"}",
+        "turnstile_session_fallback_transitions_total{to=\"local\"}",
+        "turnstile_session_journaled_total",
+        "turnstile_session_replayed_total",
+        "turnstile_breaker_transitions_total{to=\"open\"}",
+        "turnstile_connections",
+    ] {
+        count(&reply.body, series);
+    }
+    assert!(
+        reply
+            .body
+            .contains("# HELP turnstile_ratelimit_denied_total")
+    );
+    let denied = count(&reply.body, "turnstile_ratelimit_denied_total");
+
+    // Past the limit of 2: refused, and counted.
+    let mut client = Client::new(&app, "localhost");
+    for _ in 0..3 {
+        client.get("/counter").await;
+    }
+    for _ in 0..5 {
+        let reply = send(&app, Method::GET, "/metrics", "localhost", None, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "never rate limited");
+    }
+    let body = send(&app, Method::GET, "/metrics", "localhost", None, None)
+        .await
+        .body;
+    assert!(
+        count(&body, "turnstile_ratelimit_denied_total") >= denied + 1.0,
+        "{body}"
+    );
+    assert!(
+        count(&body, "turnstile_ratelimit_allowed_total") >= 2.0,
+        "{body}"
+    );
+}
+
+/// `REDIS_ENABLED=0` (or `false`) keeps the app in memory whatever Redis variables are set:
+/// `/health` says Redis is disabled, and sessions work. Anything but `0`, `false`, `1` or
+/// `true` is refused at start.
+#[tokio::test]
+async fn redis_enabled_0_keeps_the_app_in_memory() {
+    for off in ["0", "false"] {
+        let config = Config::from_vars([
+            ("REDIS_ENABLED", off),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("REDIS_CLUSTER_URLS", "redis://127.0.0.1:7000"),
+        ])
+        .unwrap();
+        assert_eq!(config.redis_url, None, "REDIS_ENABLED={off}");
+        assert_eq!(config.redis_cluster, None, "REDIS_ENABLED={off}");
+        let config = Config::from_vars([
+            ("REDIS_ENABLED", off),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_SENTINEL_URLS", "redis://127.0.0.1:26379"),
+        ])
+        .unwrap();
+        assert_eq!(config.redis_sentinel, None, "REDIS_ENABLED={off}");
+    }
+    for on in ["1", "true", ""] {
+        let config = Config::from_vars([
+            ("REDIS_ENABLED", on),
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ])
+        .unwrap();
+        assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+    }
+    let error = Config::from_vars([("REDIS_ENABLED", "maybe")]).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StartupError::Invalid {
+                variable: "REDIS_ENABLED",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+
+    // A URL nothing listens on: were it used, `/health` would say unhealthy.
+    let config =
+        Config::from_vars([("REDIS_ENABLED", "0"), ("REDIS_URL", "redis://127.0.0.1:1")]).unwrap();
+    let app = build(&config).await.unwrap();
+    let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["redis"], "disabled", "{json}");
+    assert_eq!(json["storage"], "memory", "{json}");
+    let mut client = Client::new(&app, "localhost");
+    client.post("/counter").await.assert(StatusCode::OK, "1");
+    client.post("/counter").await.assert(StatusCode::OK, "2");
+}
