@@ -195,6 +195,13 @@ impl Client {
     }
 }
 
+/// The app's `/health` report, which always answers `200`.
+async fn health(app: &Router) -> serde_json::Value {
+    let reply = send(app, Method::GET, "/health", "localhost", None, None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    serde_json::from_str(&reply.body).unwrap()
+}
+
 /// A rate limit no test reaches.
 fn unlimited() -> RateLimitLayer {
     RateLimitLayer::new(Policy::new("per-ip", Quota::per_second(1_000_000)).unwrap())
@@ -926,14 +933,6 @@ async fn a_redis_outage_loses_no_session_and_no_write() {
     };
     let one = build(&config).await.unwrap();
     let two = build(&config).await.unwrap();
-    let health = |app: &Router| {
-        let app = app.clone();
-        async move {
-            let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
-            assert_eq!(reply.status, StatusCode::OK);
-            serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()
-        }
-    };
     let mut client = Client::new(&one, "localhost");
     client.login("alice").await.assert(StatusCode::OK, "alice");
     client.post("/counter").await.assert(StatusCode::OK, "1");
@@ -1730,14 +1729,6 @@ async fn redis_out_of_memory_costs_no_acknowledged_write() {
     };
     let one = build(&config).await.unwrap();
     let two = build(&config).await.unwrap();
-    let health = |app: &Router| {
-        let app = app.clone();
-        async move {
-            let reply = send(&app, Method::GET, "/health", "localhost", None, None).await;
-            assert_eq!(reply.status, StatusCode::OK);
-            serde_json::from_str::<serde_json::Value>(&reply.body).unwrap()
-        }
-    };
     // Users alternate between the instances; each logs in on its own.
     let instance = |user: usize| if user.is_multiple_of(2) { &one } else { &two };
     let mut clients = Vec::new();

@@ -238,11 +238,7 @@ async fn a_reconnect_unconfirms_every_copy() {
     let before = round_trips(&store);
     assert_eq!(value(&store, &key, "n").await.as_deref(), Some("2"));
     assert_eq!(round_trips(&store), before);
-    server.cli(&["HSET", &redis_key, "d:n", "3"]);
-    eventually("the change is heard", || async {
-        value(&store, &key, "n").await.as_deref() == Some("3")
-    })
-    .await;
+    changed_elsewhere(&server, &store, &key, "3").await;
 }
 
 #[tokio::test]
@@ -274,9 +270,16 @@ async fn the_inactivity_expiry_slides_only_when_due() {
     let ttl: u64 = server.cli(&["PTTL", &redis_key]).trim().parse().unwrap();
     assert!(ttl > 3000, "slid to the full timeout: {ttl}");
     // The slide kept this instance told of changes.
-    server.cli(&["HSET", &redis_key, "d:n", "2"]);
+    changed_elsewhere(&server, &store, &key, "2").await;
+}
+
+/// Another client sets the session's field `n` to `n` in Redis; `store` hears of it and serves
+/// the new value.
+async fn changed_elsewhere(server: &RedisServer, store: &RedisStore, key: &SessionKey, n: &str) {
+    let redis_key = format!("copy:default:session:{}", key.hash());
+    server.cli(&["HSET", &redis_key, "d:n", n]);
     eventually("the change is heard", || async {
-        value(&store, &key, "n").await.as_deref() == Some("2")
+        value(store, key, "n").await.as_deref() == Some(n)
     })
     .await;
 }
