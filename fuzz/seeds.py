@@ -41,6 +41,8 @@ seeds = {
         "empty": b"*0\r\n",
         "no-metadata": array([bulk("d:a"), bulk("1")]),
         "not-json": array([bulk(x) for pair in SESSION[:5] + [("d:a", "{")] for x in pair]),
+        # Found by the fuzzer: a tenant's name is written back in lower case.
+        "mixed-case-tenant": array([bulk(x) for pair in [("m:tenant", "aCme")] + SESSION[1:] for x in pair]),
     },
     "ratelimit_reply": {
         "allowed": struct.pack("<Q", 100) + array([integer(1), integer(99), integer(60_000_000), integer(-1)]),
