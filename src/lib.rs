@@ -161,6 +161,52 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Coming from tower_governor
+//!
+//! tower_governor limits each process on its own: with N instances behind a load balancer a
+//! client gets N times the quota, and a restart forgets every count. [`ratelimit::RateLimitLayer`]
+//! counts in Redis, one count across every instance, and falls back to memory when Redis is
+//! unreachable. What maps to what:
+//!
+//! | tower_governor 0.8 | tower-turnstile |
+//! | --- | --- |
+//! | `GovernorConfigBuilder::default().per_second(p).burst_size(b)` (GCRA: a burst of `b`, then one request every `p` seconds) | `Policy::new(name, Quota::new(b, b * p)?)?.with_algorithm(Algorithm::Gcra)`; the default algorithm is a sliding window (`Quota::per_minute(n)`: at most `n` in any minute) |
+//! | `GovernorLayer::new(config)` (memory, per process) | `RateLimitLayer::new(policy).with_redis(backend)` (shared); without `with_redis`, memory |
+//! | `PeerIpKeyExtractor` | [`ratelimit::ClientIp::peer`] (the default key), IPv6 grouped by /64 |
+//! | `SmartIpKeyExtractor` (believes `X-Forwarded-For`, `X-Real-IP`, `Forwarded` from anyone) | [`ratelimit::ClientIp::trusting`]`(proxies)`: forwarding headers believed only from the proxies you name, so a client cannot choose its own key |
+//! | a custom `KeyExtractor` | [`ratelimit::KeyExtractor`] (it may wait: the session's user, a database lookup); ready-made: [`ratelimit::HeaderKey`], [`ratelimit::SessionUser`], [`ratelimit::RouteKey`], [`ratelimit::PerTenant`] |
+//! | `GlobalKeyExtractor` | [`ratelimit::PerTenant`] (one count per tenant) |
+//! | `x-ratelimit-after`, `retry-after`, and with `use_headers()` `x-ratelimit-limit` and `x-ratelimit-remaining` | `Retry-After` and the IETF `RateLimit` / `RateLimit-Policy` fields on every answer (`with_headers(false)` turns the latter off) |
+//! | `error_handler(..)` | [`ratelimit::RateLimitLayer::with_rejection`]; gRPC requests get `RESOURCE_EXHAUSTED` |
+//!
+//! What you gain besides one count across instances: the limit scoped per tenant (with
+//! per-tenant quotas, `Policy::with_quota_for`), costs per request (`with_cost_fn`), a choice
+//! of what happens when Redis is down ([`ratelimit::Fallback`]: local with a share of the
+//! quota, open, or closed), a local lease of units that takes most decisions off Redis with a
+//! stated bound on the error ([`ratelimit::Lease`]), and refusals answered from memory while a
+//! denial lasts, so a flood costs Redis nothing. What it costs: a Redis round trip per allowed
+//! request without a lease (see `BENCHMARKS.md` for the numbers).
+//!
+#![cfg_attr(feature = "redis", doc = "```no_run")]
+#![cfg_attr(not(feature = "redis"), doc = "```ignore")]
+//! use tower_turnstile::{
+//!     backend::RedisBackend,
+//!     ratelimit::{Algorithm, ClientIp, Policy, Quota, RateLimitLayer},
+//! };
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // tower_governor: per_second(2).burst_size(5), behind a proxy at 10.0.0.1.
+//! let quota = Quota::new(5, std::time::Duration::from_secs(10))?;
+//! let policy = Policy::new("per-ip", quota)?
+//!     .with_algorithm(Algorithm::Gcra)
+//!     .with_key(ClientIp::trusting(["10.0.0.1"])?);
+//! let layer = RateLimitLayer::new(policy).with_redis(RedisBackend::new("redis://127.0.0.1:6379")?);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
