@@ -181,9 +181,14 @@ fn in_postgres_with_redis_copies(
 fn in_redis(backend: RedisBackend) -> (SessionLayer, HealthSource) {
     info!(
         "sessions are kept in Redis; while it is unreachable, they are served from \
-         a local copy and writes are journaled"
+         a local copy and writes are journaled; if it comes back without its data, the \
+         sessions this instance served are written back"
     );
-    let store = FallbackStore::new(RedisStore::new(backend.clone()));
+    // A copy of the sessions this instance served, kept coherent by Redis and never served
+    // (reads stay on Redis), written back if Redis comes back without its data.
+    let store = FallbackStore::new(
+        RedisStore::new(backend.clone()).with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY),
+    );
     let health = HealthSource::Redis(backend, Some(store.clone()));
     (SessionLayer::new(store), health)
 }

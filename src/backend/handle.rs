@@ -23,6 +23,7 @@ use super::{
     BackendError,
     breaker::{Breaker, BreakerConfig},
     error::is_outage,
+    marker::Marker,
     memory::MemorySettings,
     refusal::{Refusals, refuses_writes},
     tracking::{FRESH_FOR, Tracking},
@@ -66,6 +67,8 @@ pub(crate) struct Inner {
     pub(super) eviction_warned: AtomicBool,
     /// Writes Redis refused (out of memory), and whether it still does.
     pub(super) refusals: Refusals,
+    /// The marker that tells whether Redis lost its data.
+    pub(super) marker: Marker,
 }
 
 /// Which Redis the backend talks to, and how it finds it.
@@ -150,6 +153,7 @@ impl RedisBackend {
             memory: Mutex::new(None),
             eviction_warned: AtomicBool::new(false),
             refusals: Refusals::default(),
+            marker: Marker::default(),
         });
         tokio::spawn(probe_and_heartbeat(Arc::downgrade(&inner)));
         Self { inner }

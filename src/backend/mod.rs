@@ -47,6 +47,7 @@ mod builder;
 mod cluster;
 mod error;
 mod handle;
+mod marker;
 mod memory;
 mod node;
 mod refusal;

@@ -42,6 +42,10 @@ pub(crate) const FRESH_FOR: Duration = Duration::from_secs(1);
 pub(crate) trait Invalidated: Send + Sync + 'static {
     /// Another client changed (or Redis expired or evicted) `key`: its copy is dead.
     fn invalidated(&self, key: &str);
+
+    /// Someone flushed the database (`FLUSHALL`, `FLUSHDB`): every copy is dead, and none may
+    /// be written back as if Redis had lost it.
+    fn flushed(&self);
 }
 
 /// What one backend knows about the copies its users keep.
@@ -153,6 +157,14 @@ impl Tracking {
         made
     }
 
+    /// The keepers still alive.
+    fn live_keepers(&self) -> Vec<Arc<dyn Invalidated>> {
+        lock(&self.keepers)
+            .values()
+            .filter_map(|keeper| keeper.invalidated.upgrade())
+            .collect()
+    }
+
     /// Whether any keeper of copies is alive (the backend pings only for them).
     pub(crate) fn keeps_copies(&self) -> bool {
         lock(&self.keepers)
@@ -165,10 +177,7 @@ impl Tracking {
         match push.kind {
             PushKind::Invalidate => match push.data.into_iter().next() {
                 Some(Value::Array(keys)) => {
-                    let keepers: Vec<Arc<dyn Invalidated>> = lock(&self.keepers)
-                        .values()
-                        .filter_map(|keeper| keeper.invalidated.upgrade())
-                        .collect();
+                    let keepers = self.live_keepers();
                     for key in keys {
                         if let Value::BulkString(bytes) = key
                             && let Ok(key) = std::str::from_utf8(&bytes)
@@ -179,9 +188,13 @@ impl Tracking {
                         }
                     }
                 }
-                // `FLUSHALL`/`FLUSHDB`, or Redis dropped its table of what we read: every key
-                // may have changed.
-                _ => self.lost("flush"),
+                // `FLUSHALL`/`FLUSHDB`: every key is gone, on purpose.
+                _ => {
+                    self.lost("flush");
+                    for keeper in self.live_keepers() {
+                        keeper.flushed();
+                    }
+                }
             },
             PushKind::Disconnection => self.lost("disconnection"),
             _ => {}

@@ -56,6 +56,7 @@ mod session_fallback;
 mod session_layer;
 #[cfg(feature = "postgres")]
 mod session_migration;
+mod session_restore;
 mod tenant;
 #[cfg(feature = "tonic")]
 mod tonic_server;

@@ -1722,13 +1722,7 @@ async fn redis_out_of_memory_costs_no_acknowledged_write() {
     let Some(server) = crate::support::RedisServer::start() else {
         return;
     };
-    let config = Config {
-        redis_url: Some(server.url()),
-        rate_limit: Quota::per_minute(1_000_000),
-        ..Config::default()
-    };
-    let one = build(&config).await.unwrap();
-    let two = build(&config).await.unwrap();
+    let (one, two) = two_instances(&server).await;
     // Users alternate between the instances; each logs in on its own.
     let instance = |user: usize| if user.is_multiple_of(2) { &one } else { &two };
     let mut clients = Vec::new();
@@ -1958,4 +1952,106 @@ async fn redis_enabled_0_keeps_the_app_in_memory() {
     let mut client = Client::new(&app, "localhost");
     client.post("/counter").await.assert(StatusCode::OK, "1");
     client.post("/counter").await.assert(StatusCode::OK, "2");
+}
+
+/// Two instances of the app on `server`, with a rate limit no test reaches.
+async fn two_instances(server: &crate::support::RedisServer) -> (Router, Router) {
+    let config = Config {
+        redis_url: Some(server.url()),
+        rate_limit: Quota::per_minute(1_000_000),
+        ..Config::default()
+    };
+    (build(&config).await.unwrap(), build(&config).await.unwrap())
+}
+
+/// A browser on `app`, logged in as `user` (and seen so by the app).
+async fn logged_in(app: &Router, user: &str) -> Client {
+    let mut client = Client::new(app, "localhost");
+    client.login(user).await.assert(StatusCode::OK, user);
+    client.get("/me").await.assert(StatusCode::OK, user);
+    client
+}
+
+/// Redis killed under two instances, written to while down, and restarted without its data:
+/// every logged-in user keeps their session, its data and the write made meanwhile; a user who
+/// logged out before, or was logged out everywhere, stays out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_comes_back_empty_costs_no_logged_in_user() {
+    let Some(mut server) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let (one, two) = two_instances(&server).await;
+    let instance = |user: usize| if user.is_multiple_of(2) { &one } else { &two };
+    let mut users = Vec::new();
+    for user in 0..6 {
+        let mut client = Client::new(instance(user), "localhost");
+        let name = format!("user{user}");
+        client.login(&name).await.assert(StatusCode::OK, &name);
+        client.post("/counter").await.assert(StatusCode::OK, "1");
+        client.post("/counter").await.assert(StatusCode::OK, "2");
+        users.push((client, name));
+    }
+    // Logged out on the other instance than the one that served it.
+    let mut left = Client::new(&one, "localhost");
+    left.login("left").await.assert(StatusCode::OK, "left");
+    left.post("/counter").await.assert(StatusCode::OK, "1");
+    let mut left_elsewhere = left.on(&two);
+    left_elsewhere
+        .post("/logout")
+        .await
+        .assert(StatusCode::OK, "logged out\n");
+    // Logged in on both, logged out everywhere from one.
+    let everywhere_one = logged_in(&one, "gone").await;
+    let mut everywhere_two = logged_in(&two, "gone").await;
+    everywhere_two
+        .post("/logout-all")
+        .await
+        .assert(StatusCode::OK, "2");
+    // The invalidations reach the instances that held the ended sessions.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // Redis dies; each user writes once more meanwhile (journaled), then it comes back empty.
+    server.stop();
+    for (client, _) in &mut users {
+        client.post("/counter").await.assert(StatusCode::OK, "3");
+    }
+    server.restart();
+    assert_eq!(server.cli(&["DBSIZE"]).trim(), "0", "Redis came back empty");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for app in [&one, &two] {
+        loop {
+            let report = health(app).await;
+            if report["redis"] == "healthy" && report["fallback_active"] == false {
+                assert_eq!(report["sessions"]["dropped"], 0, "{report}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{report}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    for (user, (client, name)) in users.iter().enumerate() {
+        // On the instance that served it, then on the other one (which reads Redis).
+        for app in [instance(user), instance(user + 1)] {
+            let mut client = client.on(app);
+            client.get("/me").await.assert(StatusCode::OK, name);
+            client.get("/counter").await.assert(StatusCode::OK, "3");
+        }
+    }
+    for app in [&one, &two] {
+        let not_logged_in = "not logged in\n";
+        left.on(app)
+            .get("/me")
+            .await
+            .assert(StatusCode::UNAUTHORIZED, not_logged_in);
+        everywhere_one
+            .on(app)
+            .get("/me")
+            .await
+            .assert(StatusCode::UNAUTHORIZED, not_logged_in);
+        everywhere_two
+            .on(app)
+            .get("/me")
+            .await
+            .assert(StatusCode::UNAUTHORIZED, not_logged_in);
+    }
 }

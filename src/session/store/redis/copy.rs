@@ -29,7 +29,7 @@ use crate::{
     backend::{Invalidated, Tracking},
     metrics,
     sync::lock,
-    time::millis,
+    time::{millis, now_millis},
 };
 
 /// The slide of the inactivity expiry is written to Redis only once this fraction of the
@@ -44,6 +44,7 @@ pub(super) struct LocalCopy {
     hits: AtomicU64,
     misses: AtomicU64,
     invalidations: AtomicU64,
+    restored: AtomicU64,
     /// Redis refused `CLIENT TRACKING` (an ACL without `client`): no copy is served.
     refused: AtomicBool,
 }
@@ -70,6 +71,9 @@ struct Held {
     expires: u64,
     /// How many writes this instance has applied to the copy, so that two at once are seen.
     writes: u64,
+    /// When Redis last confirmed the copy, on this instance's clock (Unix ms): the write time
+    /// its fields are restored with, older than anything written after.
+    confirmed_at: u64,
 }
 
 /// What a read finds in the copy.
@@ -81,11 +85,15 @@ pub(super) enum Lookup {
     Absent,
 }
 
-/// A read from Redis that will fill a key's slot unless the key changes meanwhile.
+/// A read from Redis that will fill a key's slot unless the key changes meanwhile. Dropped
+/// unfilled (the read failed), it puts back the copy the slot held before, unconfirmed: still
+/// what a write-back after a loss of Redis's data would use.
 pub(super) struct Fill {
     key: String,
     slot: Arc<Slot>,
     epoch: u64,
+    /// The copy held before the read, until the read answers.
+    before: Option<Held>,
 }
 
 /// A write about to be sent for a key whose copy is current: what it needs to know of the
@@ -108,6 +116,8 @@ pub struct LocalCopyStats {
     pub misses: u64,
     /// Copies dropped because another client changed their session.
     pub invalidations: u64,
+    /// Sessions written back to Redis after it lost its data.
+    pub restored: u64,
     /// Sessions held now (approximate).
     pub entries: u64,
 }
@@ -120,6 +130,7 @@ impl LocalCopy {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
+            restored: AtomicU64::new(0),
             refused: AtomicBool::new(false),
         }
     }
@@ -186,12 +197,19 @@ impl LocalCopy {
         // The epoch is taken before the read is sent: a reconnect while it is under way leaves
         // the copy it makes unconfirmed.
         let epoch = self.tracking.epoch();
+        let before = self.slots.get(key).and_then(|old| {
+            match std::mem::replace(&mut *lock(&old.0), State::Dead) {
+                State::Held(held) => Some(held),
+                State::Filling | State::Dead => None,
+            }
+        });
         let slot = Arc::new(Slot::default());
         self.slots.insert(key.to_owned(), Arc::clone(&slot));
         Fill {
             key: key.to_owned(),
             slot,
             epoch,
+            before,
         }
     }
 
@@ -213,6 +231,30 @@ impl LocalCopy {
         };
         drop(state);
         Some(writing)
+    }
+
+    /// The copies Redis confirmed in tracking epoch `since` or later and has not ended by their
+    /// deadlines: what may be written back after Redis lost its data. Each with its key and
+    /// when Redis last confirmed it (this instance's clock, Unix ms).
+    pub(super) fn restorable(&self, since: u64) -> Vec<(String, Record, u64)> {
+        let now = self.now();
+        self.slots
+            .iter()
+            .filter_map(|(key, slot)| {
+                let state = lock(&slot.0);
+                let State::Held(held) = &*state else {
+                    return None;
+                };
+                let live = held.epoch >= since && held.expires > now;
+                (live && !held.record.ttl_at(now).is_zero())
+                    .then(|| ((*key).clone(), held.record.clone(), held.confirmed_at))
+            })
+            .collect()
+    }
+
+    /// Counts sessions written back after Redis lost its data.
+    pub(super) fn restored(&self, sessions: u64) {
+        self.restored.fetch_add(sessions, Ordering::Relaxed);
     }
 
     /// This instance removed `key` (or found it is no session): the copy goes.
@@ -238,6 +280,7 @@ impl LocalCopy {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             invalidations: self.invalidations.load(Ordering::Relaxed),
+            restored: self.restored.load(Ordering::Relaxed),
             entries: self.slots.entry_count(),
         }
     }
@@ -259,12 +302,20 @@ impl Invalidated for LocalCopy {
             metrics::count_labeled("turnstile_session_copy_total", "outcome", "invalidated");
         }
     }
+
+    fn flushed(&self) {
+        for (_, slot) in &self.slots {
+            *lock(&slot.0) = State::Dead;
+        }
+        self.slots.invalidate_all();
+    }
 }
 
 impl Fill {
     /// Redis answered with `record`, whose key it drops at `expires` (Redis's clock, Unix ms)
     /// unless used: the copy holds it, unless the key changed since the read was sent.
-    pub(super) fn hold(self, record: &Record, expires: u64) {
+    pub(super) fn hold(mut self, record: &Record, expires: u64) {
+        self.before = None;
         let mut state = lock(&self.slot.0);
         if matches!(*state, State::Filling) {
             *state = State::Held(Held {
@@ -272,17 +323,33 @@ impl Fill {
                 epoch: self.epoch,
                 expires,
                 writes: 0,
+                confirmed_at: now_millis(),
             });
         }
     }
 
     /// Redis found no session: the slot goes.
-    pub(super) fn vacate(self, copy: &LocalCopy) {
+    pub(super) fn vacate(mut self, copy: &LocalCopy) {
+        self.before = None;
         *lock(&self.slot.0) = State::Dead;
         if let Some(current) = copy.slots.get(&self.key)
             && Arc::ptr_eq(&current, &self.slot)
         {
             copy.slots.invalidate(&self.key);
+        }
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        let Some(before) = self.before.take() else {
+            return;
+        };
+        // Unless an invalidation killed the slot meanwhile. A failed read has moved the
+        // tracking epoch when Redis was unreachable, so the copy is unconfirmed then.
+        let mut state = lock(&self.slot.0);
+        if matches!(*state, State::Filling) {
+            *state = State::Held(before);
         }
     }
 }
@@ -298,6 +365,7 @@ impl Writing {
         };
         held.record.apply(patch);
         held.expires = expires;
+        held.confirmed_at = now_millis();
         if held.writes != self.writes || held.epoch != self.epoch {
             held.epoch = 0;
         }

@@ -15,6 +15,7 @@ mod copy;
 mod layout;
 mod read;
 mod replay;
+mod restore;
 mod ttl;
 mod write;
 
@@ -33,6 +34,7 @@ use self::{
     copy::LocalCopy,
     layout::{ABSOLUTE, CREATED, Keys, TENANT, USER},
     read::Fetched,
+    restore::Restore,
     ttl::IdleVote,
 };
 use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
@@ -78,6 +80,21 @@ use crate::{
 /// Stores on one backend with one key prefix share one copy. Not on a Redis Cluster yet:
 /// there every load goes to Redis (the cluster client routes the `CLIENT TRACKING` a read
 /// sends first by a key it does not have).
+///
+/// # When Redis comes back empty
+///
+/// A store with a copy ([`RedisStore::with_local_copy`], or [`RedisStore::with_restore_copy`]
+/// to keep one that is never served) writes its copies back when Redis lost its data. The
+/// backend keeps a marker key (`turnstile:marker`, no TTL); after each reconnect the store's
+/// first call reads it (one round trip; every call waits for it), and when it is gone or was
+/// replaced by another instance, the store writes back every copy Redis confirmed since the
+/// last check that found the marker: only where Redis holds nothing under the key, with the
+/// user-index entry, and with the time it was confirmed as its fields' write time, so that
+/// writes journaled meanwhile ([`FallbackStore`](crate::session::FallbackStore)) land on
+/// top. A session destroyed before the loss stays destroyed (its copy died with the
+/// invalidation); a `FLUSHALL` kills every copy and is not undone. Sessions no instance held
+/// (created or logged in and not read since) are lost, and a restored session's inactivity
+/// timeout restarts at the write-back.
 ///
 /// # Round trips
 ///
@@ -129,6 +146,10 @@ pub struct RedisStore {
     idle_vote: Arc<IdleVote>,
     /// How many sessions the instance's copy holds at most; 0 for none.
     capacity: u64,
+    /// Whether reads are served from the copy, or it is kept only to be written back.
+    serve: bool,
+    /// The checks for lost data, shared by clones.
+    restore: Arc<Restore>,
     /// The instance's copy of the sessions under this store's prefix, shared by every store on
     /// the backend with that prefix; found on first use.
     copy: OnceLock<Arc<LocalCopy>>,
@@ -148,6 +169,8 @@ impl RedisStore {
             timeout: Duration::from_millis(250),
             idle_vote: Arc::default(),
             capacity: 0,
+            serve: false,
+            restore: Arc::new(Restore::new()),
             copy: OnceLock::new(),
         }
     }
@@ -182,6 +205,34 @@ impl RedisStore {
     #[must_use]
     pub fn with_local_copy(mut self, capacity: u64) -> Self {
         self.capacity = capacity;
+        self.serve = true;
+        self.copy = OnceLock::new();
+        self
+    }
+
+    /// Keeps the same coherent copy of up to `capacity` sessions as
+    /// [`with_local_copy`](Self::with_local_copy), but never serves a read from it: every read
+    /// goes to Redis, so a write on another instance is seen at once. The copy is what the
+    /// store writes back when Redis comes back without its data (see "When Redis comes back
+    /// empty" in the type's docs). `0` keeps none.
+    ///
+    /// ```no_run
+    /// use tower_turnstile::{backend::RedisBackend, session::RedisStore};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // Behind any load balancer: reads from Redis, and sessions survive a Redis that
+    /// // restarts without persistence.
+    /// let store = RedisStore::new(RedisBackend::new("redis://127.0.0.1:6379")?)
+    ///     .with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY);
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_restore_copy(mut self, capacity: u64) -> Self {
+        self.capacity = capacity;
+        self.serve = false;
         self.copy = OnceLock::new();
         self
     }
@@ -221,8 +272,15 @@ impl RedisStore {
 
     /// Whether reads may be served from the copy. Not on a cluster: its client routes the
     /// `CLIENT TRACKING` a read sends first by a key it does not have.
-    fn serves_copy(&self) -> bool {
+    /// Whether the store keeps a copy: it fills it on reads, updates it on writes, and writes
+    /// it back when Redis lost its data.
+    fn keeps_copy(&self) -> bool {
         self.capacity > 0 && !self.backend.is_cluster() && self.copy().usable()
+    }
+
+    /// Whether reads of a held session are served from the copy.
+    fn serves_copy(&self) -> bool {
+        self.serve && self.keeps_copy()
     }
 
     /// The part that writes `record`'s hash under `key`, with its TTL, as one transaction: the
@@ -393,6 +451,7 @@ impl RedisStore {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
+        self.ensure_intact().await;
         if let Some(held) = self.held(&self.keys.session(key)).await {
             return held;
         }
@@ -413,6 +472,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
+        self.ensure_intact().await;
         // One transaction on a server. On a cluster the record and the index are two requests
         // at once, and a record must never be left out of its user's index (it could not be
         // revoked), so when either part fails the record is removed again.
@@ -430,8 +490,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
+        self.ensure_intact().await;
         let redis_key = self.keys.session(key);
-        match self.serves_copy().then(|| self.copy().writing(&redis_key)) {
+        match self.keeps_copy().then(|| self.copy().writing(&redis_key)) {
             Some(Some(writing)) => self.update_held(&redis_key, patch, writing).await,
             _ => self.update_unheld(&redis_key, patch).await,
         }
@@ -448,6 +509,7 @@ impl SessionStore for RedisStore {
         new: &SessionKey,
         record: &Record,
     ) -> Result<Written, StoreError> {
+        self.ensure_intact().await;
         let mut batch = Batch::new();
         batch.push(self.record_part(new, record));
         let mut index = self.index_part(new, record);
@@ -491,6 +553,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete(&self, key: &SessionKey, user: Option<&str>) -> Result<(), StoreError> {
+        self.ensure_intact().await;
         // This instance's own removal raises no invalidation here.
         self.copy().forget(&self.keys.session(key));
         let mut batch = Batch::new();
@@ -506,6 +569,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
+        self.ensure_intact().await;
         let index = self.keys.user(user);
         let keys: Vec<SessionKey> = self
             .members(&index)
@@ -557,6 +621,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
+        self.ensure_intact().await;
         let index = self.keys.user(user);
         let members = self.members(&index).await?;
         if members.is_empty() {

@@ -77,7 +77,7 @@ impl RedisStore {
         keep_fields: bool,
     ) -> Result<Fetched, StoreError> {
         let redis_key = self.keys.session(key);
-        let fill = self.serves_copy().then(|| self.copy().fill(&redis_key));
+        let fill = self.keeps_copy().then(|| self.copy().fill(&redis_key));
         let mut pipe = redis::pipe();
         if fill.is_some() {
             // On the same connection, before the read: tell us when another client changes

@@ -91,6 +91,20 @@ impl ReplayStore for RedisStore {
     }
 
     async fn replay(&self, at: u64, write: &JournaledWrite) -> Result<Replayed, StoreError> {
+        // Redis may have come back without its data: the copies go back first, so that the
+        // journal's writes land on them.
+        self.ensure_intact().await;
+        self.replay_now(at, write).await
+    }
+}
+
+impl RedisStore {
+    /// [`ReplayStore::replay`], without the check for lost data (the write-back uses it).
+    pub(super) async fn replay_now(
+        &self,
+        at: u64,
+        write: &JournaledWrite,
+    ) -> Result<Replayed, StoreError> {
         let applied = match write {
             JournaledWrite::Create { key, record } => {
                 let index = record.user.as_deref().map(|u| (u, record.expires_at));
@@ -132,9 +146,7 @@ impl ReplayStore for RedisStore {
             Replayed::Superseded
         })
     }
-}
 
-impl RedisStore {
     /// Replays a move to a new id: the old hash as it is in Redis now (write times included)
     /// is the base of the new one, `write`'s changes go over it by time, then the old id is
     /// removed. `false` when the session is gone.
@@ -210,9 +222,13 @@ impl RedisStore {
             record.expires_at = expires_at;
             batch.push(self.index_part(key, &record));
         }
-        // A replayed write changes the record behind any copy this instance holds.
-        self.copy().forget(&self.keys.session(key));
         let replies = self.run(batch).await?;
+        // A replayed change makes any copy this instance holds stale. (A session written
+        // whole, when absent, is what the copy holds: a write-back keeps its copy.) A write
+        // that failed changed nothing, and the copy stays.
+        if write.mode == Mode::Patch {
+            self.copy().forget(&self.keys.session(key));
+        }
         Ok(matches!(replies.part(applied).first(), Some(Value::Int(1))))
     }
 

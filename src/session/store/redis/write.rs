@@ -62,14 +62,17 @@ impl RedisStore {
         redis_key: &str,
         patch: &Patch,
     ) -> Result<Written, StoreError> {
-        // This instance's own write raises no invalidation: a copy it keeps would go stale.
-        self.copy().forget(redis_key);
         let guess = patch
             .lifetime
             .map_or_else(|| self.idle_vote.guess(), |l| millis(l.inactivity_timeout));
         let pipe = update_pipeline(redis_key, patch, now_millis(), guess);
         type Reply = (i64, (Option<u64>, Option<u64>), (u64, u64));
-        let ttl = match self.query_hash::<Reply>(pipe).await? {
+        let reply = self.query_hash::<Reply>(pipe).await?;
+        // This instance's own write raises no invalidation: a copy it keeps (made by a read
+        // before the write landed, too) would go stale. A write that failed changed nothing,
+        // and the copy stays what a write-back after a loss of Redis's data would use.
+        self.copy().forget(redis_key);
+        let ttl = match reply {
             // Gone before the write: what it left vanishes by itself.
             Some((0, _, _)) => return Ok(Written::Missing),
             Some((_, (Some(abs), Some(idle)), (seconds, micros))) => {
