@@ -70,6 +70,9 @@ async fn held_sessions_come_back_after_redis_restarts_empty() {
     let destroyed_here = held(&a, "3", None).await;
     let written = held(&a, "4", None).await;
     let bobs = held(&b, "5", Some("bob")).await;
+    // Created and never read: held from its creation, as the connection tracks reads.
+    let fresh = random_key();
+    a.create(&fresh, &record("6", Some("carol"))).await.unwrap();
 
     // Before the loss: one destroyed by the other instance, one here, one written here.
     b.load(&destroyed_elsewhere).await.unwrap();
@@ -104,7 +107,12 @@ async fn held_sessions_come_back_after_redis_restarts_empty() {
         "destroyed elsewhere"
     );
     assert_eq!(n_of(&a, &destroyed_here).await, None, "destroyed here");
-    assert_eq!(a.local_copy_stats().restored, 2);
+    assert_eq!(
+        n_of(&a, &fresh).await.as_deref(),
+        Some("6"),
+        "created, never read"
+    );
+    assert_eq!(a.local_copy_stats().restored, 3);
     // The other instance writes back what it held, and not what another destroyed.
     let bob = once_back(&b, &bobs).await.expect("bob's session is back");
     assert_eq!(bob.data["n"], "5");

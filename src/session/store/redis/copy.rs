@@ -45,6 +45,9 @@ pub(super) struct LocalCopy {
     misses: AtomicU64,
     invalidations: AtomicU64,
     restored: AtomicU64,
+    /// The tracking epoch in which a read turned `CLIENT TRACKING` on for the connection: while
+    /// it is current, a key read inside any transaction on it is tracked too.
+    tracking_on: AtomicU64,
     /// Redis refused `CLIENT TRACKING` (an ACL without `client`): no copy is served.
     refused: AtomicBool,
 }
@@ -131,6 +134,7 @@ impl LocalCopy {
             misses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             restored: AtomicU64::new(0),
+            tracking_on: AtomicU64::new(0),
             refused: AtomicBool::new(false),
         }
     }
@@ -252,6 +256,20 @@ impl LocalCopy {
             .collect()
     }
 
+    /// A read sent in `epoch` turned `CLIENT TRACKING` on for the connection.
+    pub(super) fn tracking_on(&self, epoch: u64) {
+        self.tracking_on.fetch_max(epoch, Ordering::AcqRel);
+    }
+
+    /// Starts a write of a whole session under `key` that will fill its slot (a creation, or
+    /// a move to a new id), when the connection is known to track what it reads: the write
+    /// then reads the key's TTL in its transaction, and Redis tells this instance of later
+    /// changes. `None` when it is not known.
+    pub(super) fn fill_written(&self, key: &str) -> Option<Fill> {
+        let epoch = self.tracking.epoch();
+        (self.tracking_on.load(Ordering::Acquire) == epoch).then(|| self.fill(key))
+    }
+
     /// Counts sessions written back after Redis lost its data.
     pub(super) fn restored(&self, sessions: u64) {
         self.restored.fetch_add(sessions, Ordering::Relaxed);
@@ -312,6 +330,11 @@ impl Invalidated for LocalCopy {
 }
 
 impl Fill {
+    /// The tracking epoch the read or write was sent in.
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Redis answered with `record`, whose key it drops at `expires` (Redis's clock, Unix ms)
     /// unless used: the copy holds it, unless the key changed since the read was sent.
     pub(super) fn hold(mut self, record: &Record, expires: u64) {
@@ -342,15 +365,15 @@ impl Fill {
 
 impl Drop for Fill {
     fn drop(&mut self) {
-        let Some(before) = self.before.take() else {
-            return;
-        };
-        // Unless an invalidation killed the slot meanwhile. A failed read has moved the
-        // tracking epoch when Redis was unreachable, so the copy is unconfirmed then.
+        let before = self.before.take();
         let mut state = lock(&self.slot.0);
-        if matches!(*state, State::Filling) {
-            *state = State::Held(before);
+        if !matches!(*state, State::Filling) {
+            // Filled, vacated, or killed by an invalidation meanwhile.
+            return;
         }
+        // The read or write failed. The copy held before stays (unconfirmed, if Redis was
+        // unreachable: that moved the tracking epoch), or the slot is left dead.
+        *state = before.map_or(State::Dead, State::Held);
     }
 }
 

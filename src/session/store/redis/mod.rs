@@ -31,7 +31,7 @@ pub use self::copy::LocalCopyStats;
 #[cfg(fuzzing)]
 pub(crate) use self::layout::{hash_fields, parse_record, record_fields};
 use self::{
-    copy::LocalCopy,
+    copy::{Fill, LocalCopy},
     layout::{ABSOLUTE, CREATED, Keys, TENANT, USER},
     read::Fetched,
     restore::Restore,
@@ -304,6 +304,30 @@ impl RedisStore {
     }
 
     /// The part that indexes `key` under the record's user; empty when it has none.
+    /// [`record_part`](Self::record_part), and when the instance keeps a copy and its
+    /// connection tracks what it reads, the read of the key's TTL that makes Redis tell the
+    /// instance of later changes, with the fill it completes.
+    fn written_part(&self, key: &SessionKey, record: &Record) -> (Part, Option<Fill>) {
+        let mut part = self.record_part(key, record);
+        let redis_key = self.keys.session(key);
+        let fill = self
+            .keeps_copy()
+            .then(|| self.copy().fill_written(&redis_key))
+            .flatten();
+        if fill.is_some() {
+            part.cmd("PTTL").arg(&redis_key);
+        }
+        (part, fill)
+    }
+
+    /// The copy of a session just written whole holds it, until the TTL its write read.
+    fn hold_written(&self, fill: Option<Fill>, record: &Record, replies: &[Value]) {
+        if let (Some(fill), Some(Value::Int(pttl))) = (fill, replies.last()) {
+            let pttl = u64::try_from(*pttl).unwrap_or(0);
+            fill.hold(record, self.copy().now().saturating_add(pttl));
+        }
+    }
+
     fn index_part(&self, key: &SessionKey, record: &Record) -> Part {
         let mut part = Part::new();
         if let Some(user) = &record.user {
@@ -477,16 +501,22 @@ impl SessionStore for RedisStore {
         // at once, and a record must never be left out of its user's index (it could not be
         // revoked), so when either part fails the record is removed again.
         let mut batch = Batch::new();
-        batch.push(self.record_part(key, record));
+        let (part, fill) = self.written_part(key, record);
+        let written = batch.push(part);
         batch.push(self.index_part(key, record));
         let split = self.backend.splits(&batch);
-        if let Err(error) = self.run(batch).await {
-            if split {
-                self.remove_dead(&self.keys.session(key)).await;
+        match self.run(batch).await {
+            Ok(replies) => {
+                self.hold_written(fill, record, replies.part(written));
+                Ok(())
             }
-            return Err(error);
+            Err(error) => {
+                if split {
+                    self.remove_dead(&self.keys.session(key)).await;
+                }
+                Err(error)
+            }
         }
-        Ok(())
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
@@ -511,7 +541,8 @@ impl SessionStore for RedisStore {
     ) -> Result<Written, StoreError> {
         self.ensure_intact().await;
         let mut batch = Batch::new();
-        batch.push(self.record_part(new, record));
+        let (part, fill) = self.written_part(new, record);
+        let written = batch.push(part);
         let mut index = self.index_part(new, record);
         let mut other_index = Part::new();
         if let Some(old_user) = old_user {
@@ -544,6 +575,7 @@ impl SessionStore for RedisStore {
             }
         };
         if matches!(replies.part(retired).first(), Some(Value::Int(1))) {
+            self.hold_written(fill, record, replies.part(written));
             return Ok(Written::Applied);
         }
         // The old session was destroyed meanwhile (say, by "log out everywhere"): the copy

@@ -92,6 +92,11 @@ impl RedisStore {
             return Ok(Fetched::Corrupt(Corrupt::Shape));
         };
         let tracked = fill.is_none() || matches!(replies.first(), Some(Value::Okay));
+        if let Some(fill) = &fill
+            && tracked
+        {
+            self.copy().tracking_on(fill.epoch());
+        }
         let Some((now, hash, pttl)) = split_read(replies) else {
             return Ok(Fetched::Corrupt(Corrupt::Shape));
         };
