@@ -41,12 +41,15 @@ fn fresh_value() -> String {
 
 impl RedisBackend {
     /// Reads the marker (creating it when it is absent) and returns how many times Redis has
-    /// been found to have lost its data. One round trip. The first read ever finds no loss:
-    /// there was nothing to lose yet.
-    pub(crate) async fn data_losses(&self) -> Result<u64, BackendError> {
+    /// been found to have lost its data. One round trip, under `deadline`. The first read
+    /// ever finds no loss: there was nothing to lose yet.
+    pub(crate) async fn data_losses(
+        &self,
+        deadline: std::time::Duration,
+    ) -> Result<u64, BackendError> {
         let token = fresh_value();
         let (created, value): (Value, Option<String>) = self
-            .run(std::time::Duration::from_secs(1), |mut conn| async move {
+            .run(deadline, |mut conn| async move {
                 redis::pipe()
                     .cmd("SET")
                     .arg(MARKER_KEY)

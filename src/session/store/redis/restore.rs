@@ -65,7 +65,7 @@ impl RedisStore {
         if self.restore.checked.load(Ordering::Acquire) == epoch {
             return;
         }
-        let losses = match self.backend.data_losses().await {
+        let losses = match self.backend.data_losses(self.timeout).await {
             Ok(losses) => losses,
             // Refusing writes is no loss; anything else: the next call checks again.
             Err(error) if error.refuses_writes() => checked.losses,
