@@ -1485,6 +1485,10 @@ async fn two_instances_on_a_redis_cluster() {
     let one = build(&config).await.unwrap();
     let two = build(&config).await.unwrap();
     two_instances_share_sessions_and_limits(&one, &two).await;
+    // The health check's one round trip (PING, INFO memory) works on a cluster too.
+    let report = health(&one).await;
+    assert_eq!(report["redis"], "healthy", "{report}");
+    assert!(report["memory"]["policy"].is_string(), "{report}");
     let keys = cluster.keys();
     assert!(keys.iter().any(|k| k.contains(":session:")), "{keys:?}");
     assert!(keys.iter().any(|k| k.contains(":user:")), "{keys:?}");
