@@ -154,7 +154,7 @@ impl HealthService {
         // The limiter knows how its last decision was made; with Redis healthy and taking
         // writes, its next one goes to Redis.
         let rate_limit = self.rate_limit.as_ref().map(|layer| RateLimitStatus {
-            falling_back: layer.is_falling_back() && (!healthy || degraded),
+            falling_back: layer.is_falling_back() && (!healthy || backend.refusing_writes),
             fallback_decisions: layer.fallback_decisions(),
         });
         #[cfg(feature = "memory")]

@@ -4,8 +4,8 @@ use std::{
     fmt,
     future::Future,
     sync::{
-        Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use super::{
     breaker::{Breaker, BreakerConfig},
     error::is_outage,
     marker::Marker,
-    memory::MemorySettings,
+    memory::MemoryWatch,
     refusal::{Refusals, refuses_writes},
     tracking::{FRESH_FOR, Tracking},
 };
@@ -62,9 +62,7 @@ pub(crate) struct Inner {
     /// What keeps local copies of keys coherent (see `tracking`).
     pub(crate) tracking: Arc<Tracking>,
     /// Redis's memory limit and eviction policy, as the last health check read them.
-    pub(super) memory: Mutex<Option<MemorySettings>>,
-    /// Whether the eviction risk has been logged (once per backend).
-    pub(super) eviction_warned: AtomicBool,
+    pub(super) memory: MemoryWatch,
     /// Writes Redis refused (out of memory), and whether it still does.
     pub(super) refusals: Refusals,
     /// The marker that tells whether Redis lost its data.
@@ -150,8 +148,7 @@ impl RedisBackend {
             round_trips: AtomicU64::new(0),
             target,
             tracking,
-            memory: Mutex::new(None),
-            eviction_warned: AtomicBool::new(false),
+            memory: MemoryWatch::default(),
             refusals: Refusals::default(),
             marker: Marker::default(),
         });

@@ -2,7 +2,10 @@
 //! that ACLs refuse `CONFIG GET` can still read), and whether that puts this crate's keys at
 //! risk.
 
-use std::sync::atomic::Ordering;
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, Ordering},
+};
 
 use serde::Serialize;
 
@@ -40,6 +43,15 @@ impl MemorySettings {
     }
 }
 
+/// What a backend knows of Redis's memory settings.
+#[derive(Debug, Default)]
+pub(super) struct MemoryWatch {
+    /// As the last health check read them.
+    settings: Mutex<Option<MemorySettings>>,
+    /// Whether the eviction risk has been logged (once per backend).
+    warned: AtomicBool,
+}
+
 impl RedisBackend {
     /// Records the settings an `INFO memory` reply shows, and warns once (per backend) when
     /// they put sessions at risk of eviction.
@@ -48,7 +60,7 @@ impl RedisBackend {
             return;
         };
         if let Some(policy) = settings.eviction_risk()
-            && !self.inner.eviction_warned.swap(true, Ordering::Relaxed)
+            && !self.inner.memory.warned.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
                 target = %self.inner.target,
@@ -58,12 +70,12 @@ impl RedisBackend {
                  (maxmemory-policy {policy}); set maxmemory-policy noeviction"
             );
         }
-        *lock(&self.inner.memory) = Some(settings);
+        *lock(&self.inner.memory.settings) = Some(settings);
     }
 
     /// Redis's memory settings as last read (each [`check`](Self::check) reads them), if ever.
     pub fn memory_settings(&self) -> Option<MemorySettings> {
-        lock(&self.inner.memory).clone()
+        lock(&self.inner.memory.settings).clone()
     }
 }
 

@@ -24,7 +24,10 @@ use std::{
 
 use moka::sync::Cache;
 
-use super::super::{Patch, Record};
+use super::{
+    super::{Patch, Record},
+    restore::Restore,
+};
 use crate::{
     backend::{Invalidated, Tracking},
     metrics,
@@ -45,6 +48,8 @@ pub(super) struct LocalCopy {
     misses: AtomicU64,
     invalidations: AtomicU64,
     restored: AtomicU64,
+    /// The checks for lost data, and what they found (see `restore`).
+    restore: Restore,
     /// The tracking epoch in which a read turned `CLIENT TRACKING` on for the connection: while
     /// it is current, a key read inside any transaction on it is tracked too.
     tracking_on: AtomicU64,
@@ -134,6 +139,7 @@ impl LocalCopy {
             misses: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
             restored: AtomicU64::new(0),
+            restore: Restore::new(),
             tracking_on: AtomicU64::new(0),
             refused: AtomicBool::new(false),
         }
@@ -268,6 +274,11 @@ impl LocalCopy {
     pub(super) fn fill_written(&self, key: &str) -> Option<Fill> {
         let epoch = self.tracking.epoch();
         (self.tracking_on.load(Ordering::Acquire) == epoch).then(|| self.fill(key))
+    }
+
+    /// The checks for lost data of this copy.
+    pub(super) fn restore(&self) -> &Restore {
+        &self.restore
     }
 
     /// Counts sessions written back after Redis lost its data.

@@ -34,7 +34,6 @@ use self::{
     copy::{Fill, LocalCopy},
     layout::{ABSOLUTE, CREATED, Keys, TENANT, USER},
     read::Fetched,
-    restore::Restore,
     ttl::IdleVote,
 };
 use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
@@ -148,8 +147,6 @@ pub struct RedisStore {
     capacity: u64,
     /// Whether reads are served from the copy, or it is kept only to be written back.
     serve: bool,
-    /// The checks for lost data, shared by clones.
-    restore: Arc<Restore>,
     /// The instance's copy of the sessions under this store's prefix, shared by every store on
     /// the backend with that prefix; found on first use.
     copy: OnceLock<Arc<LocalCopy>>,
@@ -170,7 +167,6 @@ impl RedisStore {
             idle_vote: Arc::default(),
             capacity: 0,
             serve: false,
-            restore: Arc::new(Restore::new()),
             copy: OnceLock::new(),
         }
     }
@@ -270,10 +266,9 @@ impl RedisStore {
         })
     }
 
-    /// Whether reads may be served from the copy. Not on a cluster: its client routes the
-    /// `CLIENT TRACKING` a read sends first by a key it does not have.
     /// Whether the store keeps a copy: it fills it on reads, updates it on writes, and writes
-    /// it back when Redis lost its data.
+    /// it back when Redis lost its data. Not on a cluster: its client routes the
+    /// `CLIENT TRACKING` a read sends first by a key it does not have.
     fn keeps_copy(&self) -> bool {
         self.capacity > 0 && !self.backend.is_cluster() && self.copy().usable()
     }
@@ -303,7 +298,6 @@ impl RedisStore {
         part
     }
 
-    /// The part that indexes `key` under the record's user; empty when it has none.
     /// [`record_part`](Self::record_part), and when the instance keeps a copy and its
     /// connection tracks what it reads, the read of the key's TTL that makes Redis tell the
     /// instance of later changes, with the fill it completes.
@@ -328,6 +322,7 @@ impl RedisStore {
         }
     }
 
+    /// The part that indexes `key` under the record's user; empty when it has none.
     fn index_part(&self, key: &SessionKey, record: &Record) -> Part {
         let mut part = Part::new();
         if let Some(user) = &record.user {

@@ -22,7 +22,8 @@ use crate::{
     tenant::Tenant,
 };
 
-/// What a store's clones share about the checks.
+/// The checks for lost data of one copy (every store that shares the copy shares them, so a
+/// loss is written back once).
 #[derive(Debug)]
 pub(super) struct Restore {
     /// The tracking epoch the last check ran in (`0` before the first).
@@ -57,12 +58,13 @@ impl RedisStore {
             return;
         }
         let tracking = self.backend.tracking();
-        if self.restore.checked.load(Ordering::Acquire) == tracking.epoch() {
+        let restore = self.copy().restore();
+        if restore.checked.load(Ordering::Acquire) == tracking.epoch() {
             return;
         }
-        let mut checked = self.restore.running.lock().await;
+        let mut checked = restore.running.lock().await;
         let epoch = tracking.epoch();
-        if self.restore.checked.load(Ordering::Acquire) == epoch {
+        if restore.checked.load(Ordering::Acquire) == epoch {
             return;
         }
         let losses = match self.backend.data_losses(self.timeout).await {
@@ -76,7 +78,7 @@ impl RedisStore {
             checked.losses = losses;
         }
         checked.trusted = epoch;
-        self.restore.checked.store(epoch, Ordering::Release);
+        restore.checked.store(epoch, Ordering::Release);
     }
 
     /// Writes back every copy confirmed in epoch `since` or later.
