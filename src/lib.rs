@@ -208,6 +208,51 @@
 //! # }
 //! ```
 
+//! # Coming from tower-sessions
+//!
+//! Two ways, and they mix. **Keep your handlers**: put any store of this crate behind
+//! tower-sessions' own layer with `session::TowerSessionsStore` (features `tower-sessions` for
+//! tower-sessions 0.14 and axum-login 0.18, `tower-sessions-015` for 0.15). One line changes,
+//! and the application gets Redis Cluster and Sentinel on redis-rs, the outage fallback with its
+//! journal and replay, and the PostgreSQL chain. Values are stored as the JSON text the crate's
+//! own [`session::Session`] reads, so handlers can then move to [`session::SessionLayer`] one
+//! at a time. **Or move to the layer** itself; what maps to what:
+//!
+//! | tower-sessions 0.14 | tower-turnstile |
+//! | --- | --- |
+//! | `SessionManagerLayer::new(store)` | [`session::SessionLayer::new`]`(store)` |
+//! | `RedisStore` (fred), `MemoryStore`, `PostgresStore` (sqlx) | [`session::RedisStore`] (redis-rs; single node, Cluster, Sentinel), [`session::MemoryStore`], [`session::PostgresStore`]; [`session::FallbackStore`] keeps serving through a Redis outage |
+//! | `CachingSessionStore` (a cache other instances do not invalidate) | `RedisStore::with_local_copy` (a copy Redis keeps coherent by client-side caching) |
+//! | `session.insert` / `get` / `remove` | [`session::Session::insert`] / `get` / `remove`; saved field by field, so concurrent requests changing different keys both keep their change |
+//! | `session.cycle_id()` | [`session::Session::cycle_id`]; [`session::Session::set_user`] binds the user and moves the session to a new id |
+//! | `session.flush()` | [`session::Session::destroy`]; "log out everywhere" is [`session::Session::destroy_user_sessions`] |
+//! | `Expiry::OnInactivity` / `AtDateTime` / `OnSessionEnd` | [`session::Expiry`]: an inactivity timeout and an absolute lifetime at once, stored with the session |
+//! | `with_signed(key)` | [`session::SessionLayer::with_signing_key`] |
+//!
+//! What you gain on the layer besides the adapter's: sessions scoped per tenant, a per-user
+//! index (list and end a user's sessions), a clear answer instead of a `500` when the store
+//! fails ([`session::FailurePolicy`]), and a session read from the local copy in no round trip.
+//!
+#![cfg_attr(all(feature = "tower-sessions", feature = "redis"), doc = "```no_run")]
+#![cfg_attr(
+    not(all(feature = "tower-sessions", feature = "redis")),
+    doc = "```ignore"
+)]
+//! use tower_sessions::SessionManagerLayer;
+//! use tower_turnstile::{
+//!     backend::RedisBackend,
+//!     session::{FallbackStore, RedisStore, TowerSessionsStore},
+//! };
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Was: SessionManagerLayer::new(tower_sessions_redis_store::RedisStore::new(pool))
+//! let redis = RedisStore::new(RedisBackend::new("redis://127.0.0.1:6379")?);
+//! let layer = SessionManagerLayer::new(TowerSessionsStore::new(FallbackStore::new(redis)));
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 /// `get_ref`, `get_mut` and `into_inner` for a layer's service, whose inner service is its

@@ -38,6 +38,18 @@ impl SessionId {
         }
     }
 
+    /// The id made of these 128 bits (tower-sessions' ids, say).
+    #[cfg(any(feature = "tower-sessions", feature = "tower-sessions-015"))]
+    pub(crate) fn from_bytes(bytes: [u8; ID_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The id's 128 bits.
+    #[cfg(any(feature = "tower-sessions", feature = "tower-sessions-015"))]
+    pub(crate) fn bytes(&self) -> [u8; ID_LEN] {
+        self.0
+    }
+
     pub(crate) fn encode(&self) -> String {
         URL_SAFE_NO_PAD.encode(self.0)
     }

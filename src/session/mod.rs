@@ -81,6 +81,8 @@ mod service;
 #[allow(clippy::module_inception)] // the handle is the module's namesake
 mod session;
 mod store;
+#[cfg(any(feature = "tower-sessions", feature = "tower-sessions-015"))]
+mod tower_sessions;
 mod transport;
 
 pub use expiry::Expiry;
@@ -105,6 +107,8 @@ pub use store::{
 };
 #[cfg(feature = "redis")]
 pub use store::{LocalCopyStats, RedisStore};
+#[cfg(any(feature = "tower-sessions", feature = "tower-sessions-015"))]
+pub use tower_sessions::TowerSessionsStore;
 pub use transport::{SameSite, SigningKey};
 
 #[cfg(fuzzing)]

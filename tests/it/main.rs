@@ -60,3 +60,5 @@ mod session_restore;
 mod tenant;
 #[cfg(feature = "tonic")]
 mod tonic_server;
+#[cfg(feature = "tower-sessions")]
+mod tower_sessions;
