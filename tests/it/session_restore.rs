@@ -11,7 +11,7 @@ use tower_turnstile::{
     tenant::Tenant,
 };
 
-use crate::support::RedisServer;
+use crate::support::{RedisServer, proxy::Proxy};
 
 /// One instance's store, its copy kept for restoring only.
 fn instance(server: &RedisServer) -> RedisStore {
@@ -145,6 +145,9 @@ async fn a_restart_that_kept_its_data_rewrites_nothing() {
         !stats.contains("cmdstat_eval:"),
         "nothing written back: {stats}"
     );
+    // Another server process answers (its run id): the latest writes could have been lost, so
+    // the store asked which of its sessions Redis still has.
+    assert!(stats.contains("cmdstat_exists:"), "{stats}");
 }
 
 /// Reads are never served from a copy kept only for restoring: a write on another instance
@@ -182,4 +185,51 @@ async fn a_flush_is_not_undone() {
     }
     assert_eq!(a.load(&key).await.unwrap(), None);
     assert_eq!(a.local_copy_stats().restored, 0);
+}
+
+/// A failover to a replica that had not received the latest writes: the marker came along,
+/// but the server answering is another process (its run id). The sessions the instance held
+/// that the new master lacks are written back; the ones it has are left alone.
+#[tokio::test]
+async fn a_failover_that_lost_the_latest_writes_writes_back_what_is_missing() {
+    let Some(master) = RedisServer::start() else {
+        return;
+    };
+    let Some(replica) = RedisServer::start_replica_of(&master) else {
+        return;
+    };
+    let proxy = Proxy::start(master.port()).await;
+    let store = RedisStore::new(RedisBackend::new(&proxy.url()).unwrap())
+        .with_key_prefix("restore:")
+        .with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY);
+    let replicated = held(&store, "1", Some("alice")).await;
+
+    // The replica has everything so far, then stops following: what comes next is lost.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while replica.cli(&["DBSIZE"]).trim() != master.cli(&["DBSIZE"]).trim() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica catches up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replica.cli(&["REPLICAOF", "NO", "ONE"]);
+    let unreplicated = held(&store, "2", Some("bob")).await;
+
+    // The failover: the same address now reaches the promoted replica.
+    proxy.cut().await;
+    proxy.retarget(replica.port());
+    proxy.heal();
+    let back = once_back(&store, &unreplicated)
+        .await
+        .expect("bob's session is written back");
+    assert_eq!(back.data["n"], "2");
+    assert_eq!(back.user.as_deref(), Some("bob"));
+    assert_eq!(n_of(&store, &replicated).await.as_deref(), Some("1"));
+    assert_eq!(store.local_copy_stats().restored, 1, "only the missing one");
+    let bobs = store
+        .list_user_sessions(&UserKey::new(&Tenant::default(), "bob"))
+        .await
+        .unwrap();
+    assert_eq!(bobs.len(), 1, "with its user's index");
 }

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -20,6 +20,8 @@ use tokio::{
 #[derive(Debug)]
 pub struct Proxy {
     address: SocketAddr,
+    /// The port connections are forwarded to (read as each connection opens).
+    target: Arc<AtomicU16>,
     cut: Arc<AtomicBool>,
     /// Bumped on each cut: every open connection watches it and closes.
     generation: watch::Sender<u64>,
@@ -34,6 +36,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(AtomicU16::new(target));
+        let forwarding_to = Arc::clone(&target);
         let (generation, watcher) = watch::channel(0u64);
         let refusing = Arc::clone(&cut);
         let open = Arc::new(AtomicUsize::new(0));
@@ -50,7 +54,7 @@ impl Proxy {
                 counted.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(forward(
                     client,
-                    target,
+                    forwarding_to.load(Ordering::Acquire),
                     watcher.clone(),
                     Arc::clone(&refusing),
                     Arc::clone(&counted),
@@ -59,6 +63,7 @@ impl Proxy {
         });
         Self {
             address,
+            target,
             cut,
             generation,
             open,
@@ -84,6 +89,12 @@ impl Proxy {
         while self.open.load(Ordering::Acquire) > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// Forwards the connections opened from now on to the server on `port` (a failover to
+    /// another server at the same address); cut first to move the open ones too.
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, Ordering::Release);
     }
 
     /// Lets connections through again.

@@ -1,12 +1,13 @@
 //! Writing the instance's copies back to Redis after Redis lost its data.
 //!
 //! A store that keeps a copy checks, on its first call after every reconnect, whether Redis
-//! still holds the backend's marker (`backend::marker`), and every call waits for that check.
-//! When the marker is gone, the store writes back every copy Redis confirmed since the last
-//! check that found the marker, as the replay of a session created during an outage: written
-//! only if Redis holds nothing under its key, with its user-index entry and its remaining
-//! lifetime, and with the time Redis last confirmed it as its fields' write time, so that any
-//! later write (a journaled one, replayed afterwards) wins.
+//! may have lost data (`backend::marker`: its marker key gone, or another server process
+//! answering), and every call waits for that check. After a loss, the store writes back every
+//! copy Redis confirmed since the last check that found nothing lost and that Redis no longer
+//! holds, as the replay of a session created during an outage: written only if Redis holds
+//! nothing under its key, with its user-index entry and its remaining lifetime, and with the
+//! time Redis last confirmed it as its fields' write time, so that any later write (a
+//! journaled one, replayed afterwards) wins.
 //!
 //! A session destroyed before the loss is not brought back: its copy died with the
 //! invalidation Redis sent (or was forgotten by this instance's own destroy). One that the
@@ -14,13 +15,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use futures_util::{StreamExt, stream};
 use tokio::sync::Mutex;
 
 use super::RedisStore;
 use crate::{
-    session::store::{JournaledWrite, Replayed, SessionKey},
+    session::store::{JournaledWrite, Record, Replayed, SessionKey},
     tenant::Tenant,
 };
+
+/// How many keys one `EXISTS` pipeline asks about.
+const EXISTS_BATCH: usize = 512;
+/// How many sessions are written back at once.
+const WRITE_BACK_IN_FLIGHT: usize = 32;
+
+/// A copy that may be written back: its Redis key, record, and the time Redis last confirmed
+/// it (Unix ms).
+type Restorable = (String, Record, u64);
 
 /// The checks for lost data of one copy (every store that shares the copy shares them, so a
 /// loss is written back once).
@@ -81,29 +92,83 @@ impl RedisStore {
         restore.checked.store(epoch, Ordering::Release);
     }
 
-    /// Writes back every copy confirmed in epoch `since` or later.
+    /// Writes back every copy confirmed in epoch `since` or later that Redis no longer holds.
+    /// Calls wait meanwhile, so the write-back is quick: which sessions are missing is asked
+    /// in pipelines of `EXISTS` (a restart that kept its data costs one round trip per
+    /// [`EXISTS_BATCH`] sessions and writes nothing), and the missing ones are written
+    /// [`WRITE_BACK_IN_FLIGHT`] at a time on the multiplexed connection.
     async fn write_back(&self, since: u64) {
         let copies = self.copy().restorable(since);
-        let (mut restored, mut present, mut failed) = (0u64, 0u64, 0u64);
-        for (redis_key, record, confirmed_at) in copies {
-            let Some(key) = self.session_key_of(&redis_key) else {
-                continue;
-            };
-            let write = JournaledWrite::Create { key, record };
-            match self.replay_now(confirmed_at, &write).await {
+        let held = copies.len();
+        let (copies, unknown) = self.missing_of(copies).await;
+        let outcomes: Vec<_> = stream::iter(copies)
+            .map(|(redis_key, record, confirmed_at)| async move {
+                let key = self.session_key_of(&redis_key)?;
+                let write = JournaledWrite::Create { key, record };
+                Some(self.replay_now(confirmed_at, &write).await)
+            })
+            .buffer_unordered(WRITE_BACK_IN_FLIGHT)
+            .collect()
+            .await;
+        let (mut restored, mut failed) = (0u64, 0u64);
+        for outcome in outcomes.into_iter().flatten() {
+            match outcome {
                 Ok(Replayed::Applied) => restored += 1,
-                Ok(Replayed::Superseded) => present += 1,
+                // Written meanwhile by a client: nothing to restore.
+                Ok(Replayed::Superseded) => {}
                 Err(_) => failed += 1,
             }
         }
         self.copy().restored(restored);
-        tracing::warn!(
-            target: "tower_turnstile::session",
-            restored,
-            already_in_redis = present,
-            failed,
-            "sessions this instance held written back to Redis after it lost its data"
-        );
+        if restored + failed > 0 || unknown {
+            tracing::warn!(
+                target: "tower_turnstile::session",
+                held,
+                restored,
+                already_in_redis = (held as u64).saturating_sub(restored + failed),
+                failed,
+                "sessions this instance held that Redis lacked written back after it lost data"
+            );
+        }
+    }
+
+    /// The copies whose keys Redis does not hold, and whether that could not be asked (then
+    /// every copy is returned: the write-back writes only where Redis holds nothing anyway).
+    /// On a Cluster every copy is returned: one pipeline reaches one shard.
+    async fn missing_of(&self, copies: Vec<Restorable>) -> (Vec<Restorable>, bool) {
+        if self.backend.is_cluster() {
+            return (copies, false);
+        }
+        let mut missing = Vec::new();
+        let mut unknown = false;
+        let mut rest = copies.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch: Vec<Restorable> = rest.by_ref().take(EXISTS_BATCH).collect();
+            let keys: Vec<&str> = batch.iter().map(|(key, ..)| key.as_str()).collect();
+            let exists = self
+                .backend
+                .run(self.timeout, |mut conn| async move {
+                    let mut pipe = redis::pipe();
+                    for key in keys {
+                        pipe.cmd("EXISTS").arg(key);
+                    }
+                    pipe.query_async::<Vec<bool>>(&mut conn).await
+                })
+                .await;
+            match exists {
+                Ok(exists) if exists.len() == batch.len() => missing.extend(
+                    batch
+                        .into_iter()
+                        .zip(exists)
+                        .filter_map(|(copy, exists)| (!exists).then_some(copy)),
+                ),
+                _ => {
+                    unknown = true;
+                    missing.extend(batch);
+                }
+            }
+        }
+        (missing, unknown)
     }
 
     /// The session a key of this store names: `{prefix}{tenant}:session:{hash}`.
