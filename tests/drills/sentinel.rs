@@ -11,13 +11,16 @@ use std::{
 };
 
 use http::StatusCode;
-use tower_turnstile::backend::RedisBackend;
+use tower_turnstile::{
+    backend::RedisBackend,
+    session::{FallbackStore, RedisStore, SessionLayer},
+};
 
 use crate::support::{
     SentinelGroup,
     drill::{self, hit, limited, sessions},
     http::Client,
-    session_app::fast_breaker,
+    session_app::{self, fast_breaker},
 };
 
 /// A backend on the group's master, found through its sentinel, that gives up fast.
@@ -233,4 +236,56 @@ async fn a_master_that_wants_a_password() {
         .build()
         .unwrap();
     assert!(wrong.ping().await.unwrap_err().is_outage());
+}
+
+/// A failover to a replica that missed the last writes: the marker key reached it, but the
+/// server is another process (its run id), so the instance writes back the sessions it held
+/// that the new master lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_that_missed_writes_restores_the_sessions() {
+    let Some(mut group) = SentinelGroup::start() else {
+        return;
+    };
+    let store = FallbackStore::new(
+        RedisStore::new(backend(&group))
+            .with_timeout(Duration::from_millis(300))
+            .with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY),
+    );
+    let app = session_app::app(SessionLayer::new(store.clone()));
+    let mut alice = Client::new(app.clone());
+    assert_eq!(alice.post("/set/colour/teal").await.status, StatusCode::OK);
+    assert_eq!(alice.get("/get/colour").await.body, "\"teal\"");
+    group.sync();
+
+    // The replica stops following (it is told its master is at a port nobody listens on), so
+    // it keeps what it has and misses what comes next: bob's session.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port();
+    group
+        .replica
+        .cli(&["REPLICAOF", "127.0.0.1", &nowhere.to_string()]);
+    let mut bob = Client::new(app.clone());
+    assert_eq!(bob.post("/set/colour/plum").await.status, StatusCode::OK);
+    assert_eq!(bob.get("/get/colour").await.body, "\"plum\"");
+    let sessions_on = |server: &crate::support::RedisServer| {
+        server
+            .cli(&["--scan", "--pattern", "*:session:*"])
+            .lines()
+            .count()
+    };
+    assert_eq!(sessions_on(&group.replica), 1, "the replica missed bob's");
+
+    group.master.stop();
+    group.wait_for_replica_promotion();
+
+    // Back on the new master: bob's session is written back there, alice's was never lost.
+    eventually("bob's session is on the new master", || {
+        let (mut bob, replica) = (bob.clone(), &group.replica);
+        async move { bob.get("/get/colour").await.body == "\"plum\"" && sessions_on(replica) == 2 }
+    })
+    .await;
+    assert_eq!(alice.get("/get/colour").await.body, "\"teal\"");
+    assert_eq!(store.primary().local_copy_stats().restored, 1);
 }
