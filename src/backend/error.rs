@@ -104,3 +104,47 @@ pub(super) fn is_outage(error: &RedisError) -> bool {
             )
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{fails_the_call, is_outage};
+
+    /// The error a reply of this RESP text is.
+    fn reply(text: &str) -> redis::RedisError {
+        let value = redis::parse_redis_value(text.as_bytes()).expect("a RESP reply");
+        value.extract_error().expect_err("an error reply")
+    }
+
+    /// Every reply the docs' table classifies as an outage, as Redis words it, including the
+    /// ones only a resharding Cluster gives (`TRYAGAIN`), which no test provokes on a server.
+    #[test]
+    fn the_replies_of_an_unavailable_redis_are_outages() {
+        for text in [
+            "-LOADING Redis is loading the dataset in memory\r\n",
+            "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+            "-CLUSTERDOWN The cluster is down\r\n",
+            "-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.\r\n",
+            "-READONLY You can't write against a read only replica.\r\n",
+            "-BUSY Redis is busy running a script.\r\n",
+            "-NOAUTH Authentication required.\r\n",
+            "-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+        ] {
+            let error = reply(text);
+            assert!(is_outage(&error), "{text:?} → {error:?}");
+            assert!(fails_the_call(&error), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_write_fails_the_call_without_being_an_outage() {
+        let error = reply("-OOM command not allowed when used memory > 'maxmemory'.\r\n");
+        assert!(!is_outage(&error) && fails_the_call(&error), "{error:?}");
+    }
+
+    #[test]
+    fn an_error_about_the_data_is_neither() {
+        let error =
+            reply("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+        assert!(!is_outage(&error) && !fails_the_call(&error), "{error:?}");
+    }
+}

@@ -529,3 +529,70 @@ async fn readonly_and_masterdown_are_outages() {
     let said = format!("{:?}", backend.status().last_error).to_uppercase();
     assert!(said.contains("MASTERDOWN"), "{said}");
 }
+
+/// What the backend last heard from Redis, in capitals.
+fn said(backend: &RedisBackend) -> String {
+    format!("{:?}", backend.status().last_error).to_uppercase()
+}
+
+/// Redis loading its dataset (after a restart) answers `LOADING` to everything: an outage, so
+/// the stores fall back, until the load is done.
+#[tokio::test]
+async fn a_redis_loading_its_dataset_is_an_outage_until_it_is_done() {
+    use tower_turnstile::session::{RedisStore, SessionKey, SessionStore};
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    // 400 keys of 1.2 kB, loaded 10 ms each: 4 s of `LOADING`, the server answering between
+    // keys.
+    let fill = "for n = 1, 400 do redis.call('SET', 'filler:' .. n, string.rep('x', 1200)) end";
+    server.cli(&["EVAL", fill, "0"]);
+    server.cli(&["SAVE"]);
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    backend.ping().await.expect("Redis answers");
+
+    server.restart_loading_slowly(Duration::from_millis(10));
+    let key = SessionKey::from_hash(&tower_turnstile::tenant::Tenant::default(), &"A".repeat(43))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let error = loop {
+        // The first call may still find the old connection closed: it reconnects.
+        match RedisStore::new(backend.clone()).load(&key).await {
+            Err(error) if said(&backend).contains("LOADING") => {
+                break error;
+            }
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                backend.status()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.is_outage(), "{error:?}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while backend.ping().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "Redis answers again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server.cli(&["DBSIZE"]).trim(), "400");
+}
+
+/// A cluster node that serves no slot answers `CLUSTERDOWN` to every keyed command: an outage.
+#[tokio::test]
+async fn a_cluster_that_serves_no_slot_is_an_outage() {
+    use tower_turnstile::session::{RedisStore, SessionKey, SessionStore};
+    let Some(server) = RedisServer::start_configured(&["--cluster-enabled", "yes"]) else {
+        return;
+    };
+    let backend = RedisBackend::new(&server.url()).unwrap();
+    let key = SessionKey::from_hash(&tower_turnstile::tenant::Tenant::default(), &"A".repeat(43))
+        .unwrap();
+    let error = RedisStore::new(backend.clone())
+        .load(&key)
+        .await
+        .unwrap_err();
+    assert!(error.is_outage(), "{error:?}");
+    assert!(said(&backend).contains("CLUSTERDOWN"), "{}", said(&backend));
+}

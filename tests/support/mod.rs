@@ -74,6 +74,11 @@ impl RedisServer {
         Self::start_with_args(false, extra)
     }
 
+    /// Starts a server with `extra` arguments.
+    pub fn start_configured(extra: &[&str]) -> Option<Self> {
+        Self::start_with_args(false, extra.iter().map(|arg| (*arg).to_owned()).collect())
+    }
+
     fn start_with(persistent: bool) -> Option<Self> {
         Self::start_with_args(persistent, Vec::new())
     }
@@ -123,6 +128,23 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> Result<(), LaunchError> {
+        self.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+        Err(LaunchError::NoPing)
+    }
+
+    /// Starts the process, without waiting for it to answer.
+    fn spawn(&mut self) -> Result<(), LaunchError> {
         let mut command = Command::new("redis-server");
         command.args([
             "--port",
@@ -150,18 +172,7 @@ impl RedisServer {
             .spawn()
             .map_err(|_| LaunchError::Missing)?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.ping() {
-                return Ok(());
-            }
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
-                break;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        self.kill();
-        Err(LaunchError::NoPing)
+        Ok(())
     }
 
     fn scratch_path(&self) -> std::path::PathBuf {
@@ -236,6 +247,31 @@ impl RedisServer {
                 Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
                 Err(_) => panic!("redis-server did not restart on port {}", self.port),
             }
+        }
+    }
+
+    /// Restarts the server to load what it saved (`SAVE` first) slowly, `per_key` for each
+    /// key, answering `LOADING` meanwhile; returns once it does.
+    pub fn restart_loading_slowly(&mut self, per_key: Duration) {
+        self.kill();
+        let delay = per_key.as_micros().to_string();
+        let slow = [
+            "--key-load-delay",
+            delay.as_str(),
+            "--loading-process-events-interval-bytes",
+            "1024",
+        ];
+        self.extra.extend(slow.iter().map(|arg| (*arg).to_owned()));
+        let launched = self.spawn();
+        self.extra.truncate(self.extra.len() - slow.len());
+        launched.expect("redis-server restarts");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self
+            .raw("PING")
+            .is_some_and(|reply| reply.starts_with("-LOADING"))
+        {
+            assert!(Instant::now() < deadline, "redis-server is not loading");
+            thread::sleep(Duration::from_millis(10));
         }
     }
 
