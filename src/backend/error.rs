@@ -143,8 +143,7 @@ mod tests {
 
     #[test]
     fn an_error_about_the_data_is_neither() {
-        let error =
-            reply("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+        let error = reply("-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
         assert!(!is_outage(&error) && !fails_the_call(&error), "{error:?}");
     }
 }

@@ -689,3 +689,29 @@ async fn flush_waits_for_the_journal_and_counts_what_is_left() {
         "\"2\"",
     );
 }
+
+/// Redis out of memory refuses a write to a session this instance never read (a write without
+/// a read, on the second instance): Redis still serves reads, so the session is read from it,
+/// the write journaled, and it lands once Redis takes writes again. Never a `503`.
+#[tokio::test]
+async fn a_write_refused_for_lack_of_memory_is_kept_for_a_session_not_held_here() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (one, two) = (Instance::new(&server.url()), Instance::new(&server.url()));
+    let mut client = one.client();
+    assert_eq!(client.post("/set/colour/teal").await.status, StatusCode::OK);
+
+    server.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    let mut on_two = client.on(two.app.clone());
+    assert_eq!(
+        on_two.post("/set/shape/square").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(two.status().journal_len, 1, "{:?}", two.status());
+
+    server.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    two.settled().await;
+    assert_eq!(client.get("/get/shape").await.body, "\"square\"");
+    assert_eq!(client.get("/get/colour").await.body, "\"teal\"");
+}

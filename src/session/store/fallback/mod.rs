@@ -225,6 +225,18 @@ fn unavailable(reason: &'static str) -> StoreError {
     }
 }
 
+/// Whether `error` is Redis refusing writes while it serves reads (out of memory).
+fn refuses_writes(error: &StoreError) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(backend) = cause.downcast_ref::<crate::backend::BackendError>() {
+            return backend.refuses_writes();
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// The read or write of a session this instance holds no copy of, during an outage.
 fn not_held() -> StoreError {
     unavailable("Redis is unreachable and this instance holds no copy of the session")
@@ -406,6 +418,68 @@ impl<P: ReplayStore> FallbackStore<P> {
     }
 }
 
+impl<P: ReplayStore> FallbackStore<P> {
+    /// An update, from the copy this instance holds during an outage.
+    /// `refused` tells whether Redis refused the write for lack of memory.
+    async fn update_held(
+        &self,
+        key: &SessionKey,
+        patch: &Patch,
+        refused: &AtomicBool,
+    ) -> Result<Written, StoreError> {
+        let local = &self.inner.local;
+        let redis = async {
+            let written = self.inner.primary.update(key, patch).await;
+            if let Err(error) = &written {
+                refused.store(refuses_writes(error), Ordering::Relaxed);
+            }
+            written
+        };
+        self.either(
+            Some(key),
+            redis,
+            |written| match written {
+                Written::Applied => {
+                    let _ = local.patch(key, patch);
+                }
+                Written::Missing => local.remove(key, None),
+            },
+            || {
+                if local.get(key).is_none() {
+                    return Err(not_held());
+                }
+                self.inner.journal(JournaledWrite::Update {
+                    key: key.clone(),
+                    patch: patch.clone(),
+                })?;
+                Ok(local.patch(key, patch))
+            },
+        )
+        .await
+    }
+
+    /// An update of a session this instance holds no copy of, which Redis refused (out of
+    /// memory): Redis still serves reads, so the session is read from it and the write
+    /// journaled as for a held one. `None` when the read fails too.
+    async fn update_unheld(
+        &self,
+        key: &SessionKey,
+        patch: &Patch,
+    ) -> Option<Result<Written, StoreError>> {
+        let record = self.inner.primary.load(key).await.ok()?;
+        let local = &self.inner.local;
+        let Some(record) = record else {
+            return Some(Ok(Written::Missing));
+        };
+        local.put(key, &record);
+        let journaled = self.inner.journal(JournaledWrite::Update {
+            key: key.clone(),
+            patch: patch.clone(),
+        });
+        Some(journaled.map(|()| local.patch(key, patch)))
+    }
+}
+
 #[async_trait]
 impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
@@ -444,28 +518,16 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     }
 
     async fn update(&self, key: &SessionKey, patch: &Patch) -> Result<Written, StoreError> {
-        let local = &self.inner.local;
-        self.either(
-            Some(key),
-            self.inner.primary.update(key, patch),
-            |written| match written {
-                Written::Applied => {
-                    let _ = local.patch(key, patch);
-                }
-                Written::Missing => local.remove(key, None),
-            },
-            || {
-                if local.get(key).is_none() {
-                    return Err(not_held());
-                }
-                self.inner.journal(JournaledWrite::Update {
-                    key: key.clone(),
-                    patch: patch.clone(),
-                })?;
-                Ok(local.patch(key, patch))
-            },
-        )
-        .await
+        let refused = AtomicBool::new(false);
+        let result = self.update_held(key, patch, &refused).await;
+        match result {
+            Err(error)
+                if refused.load(Ordering::Relaxed) && self.inner.local.get(key).is_none() =>
+            {
+                self.update_unheld(key, patch).await.unwrap_or(Err(error))
+            }
+            result => result,
+        }
     }
 
     async fn cycle(
