@@ -32,6 +32,21 @@ impl StoreError {
     }
 }
 
+#[cfg(all(feature = "redis", feature = "memory"))]
+impl StoreError {
+    /// Whether Redis refused a write while it still serves reads (out of memory).
+    pub(crate) fn refuses_writes(&self) -> bool {
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            if let Some(backend) = cause.downcast_ref::<crate::backend::BackendError>() {
+                return backend.refuses_writes();
+            }
+            source = cause.source();
+        }
+        false
+    }
+}
+
 #[cfg(feature = "redis")]
 impl From<crate::backend::BackendError> for StoreError {
     /// An outage (timeout, unreachable, breaker open) or a refused write (Redis out of memory)

@@ -225,18 +225,6 @@ fn unavailable(reason: &'static str) -> StoreError {
     }
 }
 
-/// Whether `error` is Redis refusing writes while it serves reads (out of memory).
-fn refuses_writes(error: &StoreError) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(backend) = cause.downcast_ref::<crate::backend::BackendError>() {
-            return backend.refuses_writes();
-        }
-        source = cause.source();
-    }
-    false
-}
-
 /// The read or write of a session this instance holds no copy of, during an outage.
 fn not_held() -> StoreError {
     unavailable("Redis is unreachable and this instance holds no copy of the session")
@@ -431,7 +419,7 @@ impl<P: ReplayStore> FallbackStore<P> {
         let redis = async {
             let written = self.inner.primary.update(key, patch).await;
             if let Err(error) = &written {
-                refused.store(refuses_writes(error), Ordering::Relaxed);
+                refused.store(error.refuses_writes(), Ordering::Relaxed);
             }
             written
         };
