@@ -48,6 +48,9 @@ pub fn app_with(
     health: HealthSource,
     connections: Connections,
 ) -> Router {
+    // A session that ends (logout, "log out everywhere", a new login) closes the sockets it
+    // opened, on every instance.
+    let sessions = sessions.on_session_end(connections.registry.clone());
     let session_routes = Router::new()
         .route("/ws", get(websocket))
         .route("/notify", post(notify))

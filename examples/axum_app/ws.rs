@@ -31,8 +31,8 @@ pub struct Connections {
 }
 
 /// `GET /ws`: a WebSocket for a logged-in session, registered across instances; it receives
-/// the `/notify` messages of its user as text frames, and closes with 1012 when the instance
-/// stops.
+/// the `/notify` messages of its user as text frames, closes with 1000 ("session ended") when
+/// its session ends on any instance, and with 1012 when the instance stops.
 pub(crate) async fn websocket(
     State(connections): State<Connections>,
     tenant: Tenant,
@@ -48,11 +48,13 @@ pub(crate) async fn websocket(
         Err(rejection) => return rejection.into_response(),
     };
     let max = connections.max_per_user;
-    match connections
-        .registry
-        .register_capped(&tenant, &user, "ws", max)
-        .await
-    {
+    let registry = &connections.registry;
+    // Bound to the session: it closes when the session ends, on whichever instance.
+    let registered = match session.key() {
+        Some(key) => registry.register_for_session(&key, &user, "ws", max).await,
+        None => registry.register_capped(&tenant, &user, "ws", max).await,
+    };
+    match registered {
         Ok(registration) => upgrade.on_upgrade(move |socket| serve_socket(socket, registration)),
         Err(RegisterError::AtCapacity { limit, .. }) => {
             let mut response = text(
@@ -90,6 +92,14 @@ async fn serve_socket(mut socket: WebSocket, mut registration: Registration) {
                     if socket.send(Message::Text(message.into())).await.is_err() {
                         return;
                     }
+                }
+                Some(Event::SessionEnded) => {
+                    let close = CloseFrame {
+                        code: 1000,
+                        reason: "session ended".into(),
+                    };
+                    let _ = socket.send(Message::Close(Some(close))).await;
+                    return;
                 }
                 _ => {
                     let close = CloseFrame {

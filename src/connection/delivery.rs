@@ -62,29 +62,8 @@ impl Registry {
         if elsewhere.is_empty() {
             return reached_here;
         }
-        let lease = millis(self.inner.lease);
-        let commands = elsewhere
-            .keys()
-            .flat_map(|instance| {
-                let inbox = self.inner.keys.inbox(instance);
-                // An inbox its instance no longer renews (it died) expires all the same.
-                let mut expire = redis::cmd("PEXPIRE");
-                expire.arg(&inbox).arg(lease * 2);
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(inbox)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(10_000)
-                    .arg("*")
-                    .arg("t")
-                    .arg(tenant.as_str())
-                    .arg("u")
-                    .arg(user)
-                    .arg("m")
-                    .arg(message);
-                [cmd, expire]
-            })
-            .collect();
+        let fields = [("t", tenant.as_str()), ("u", user), ("m", message)];
+        let commands = self.inbox_commands(elsewhere.keys(), &fields);
         match self.run_all(commands).await {
             Ok(()) => reached_here + elsewhere.values().sum::<usize>(),
             Err(error) => {
@@ -92,6 +71,29 @@ impl Registry {
                 reached_here
             }
         }
+    }
+
+    /// The commands that append an entry of `fields` to the inbox of each of `instances`.
+    pub(super) fn inbox_commands<'a>(
+        &self,
+        instances: impl Iterator<Item = &'a String>,
+        fields: &[(&str, &str)],
+    ) -> Vec<redis::Cmd> {
+        let lease = millis(self.inner.lease);
+        instances
+            .flat_map(|instance| {
+                let inbox = self.inner.keys.inbox(instance);
+                // An inbox its instance no longer renews (it died) expires all the same.
+                let mut expire = redis::cmd("PEXPIRE");
+                expire.arg(&inbox).arg(lease * 2);
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(inbox).arg("MAXLEN").arg("~").arg(10_000).arg("*");
+                for (name, value) in fields {
+                    cmd.arg(*name).arg(*value);
+                }
+                [cmd, expire]
+            })
+            .collect()
     }
 
     fn local_connections_of(&self, tenant: &Tenant, user: &str) -> Vec<ConnectionInfo> {
@@ -106,7 +108,7 @@ impl Registry {
             .collect()
     }
 
-    async fn shared_connections_of(
+    pub(super) async fn shared_connections_of(
         &self,
         tenant: &Tenant,
         user: &str,

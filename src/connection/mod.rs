@@ -21,6 +21,10 @@
 //!   dropped, or when its instance dies, one lease later. [`InFlightLimitLayer`](crate::ratelimit::InFlightLimitLayer) does the
 //!   same for requests in flight, per client address or any key, answering `429` with the
 //!   `RateLimit` fields of a `concurrent-requests` quota.
+//! - **Sessions**: [`Registry::register_for_session`] binds a connection to the session that
+//!   opened it; when that session ends ([`SessionLayer::on_session_end`](crate::session::SessionLayer::on_session_end)
+//!   with the registry announces it), the connection gets [`Event::SessionEnded`] on whichever
+//!   instance holds it.
 //! - **Draining**: [`Registry::drain`] refuses new registrations, tells every local connection
 //!   to reconnect elsewhere ([`Event::Reconnect`]; a WebSocket closes with 1012 "service
 //!   restart"), and removes this instance's entries from Redis at once.
@@ -54,6 +58,7 @@ mod delivery;
 mod keys;
 mod registration;
 mod registry;
+mod sessions;
 mod tasks;
 
 pub use registration::Registration;

@@ -36,6 +36,10 @@ pub enum Event {
     /// The instance is stopping ([`Registry::drain`]): the client should reconnect, to another
     /// instance. A WebSocket closes with code 1012 ("service restart").
     Reconnect,
+    /// The session the connection was registered under
+    /// ([`Registry::register_for_session`]) ended, on whichever instance: a logout, a new id,
+    /// "log out everywhere". The connection should close.
+    SessionEnded,
 }
 
 /// Why a connection was not registered.
@@ -97,6 +101,8 @@ pub(super) struct Local {
     pub(super) tenant: Tenant,
     pub(super) user: String,
     pub(super) meta: String,
+    /// The store hash of the session it is bound to, if any.
+    pub(super) session: Option<String>,
     /// Where its events go; bounded, so a slow connection loses messages, not memory.
     pub(super) inbox: mpsc::Sender<Event>,
 }
@@ -268,6 +274,19 @@ impl Registry {
         meta: &str,
         max: u32,
     ) -> Result<Registration, RegisterError> {
+        self.admit(tenant, user, meta, max, None).await
+    }
+
+    /// Registers a connection (see [`register_capped`](Self::register_capped)), bound to the
+    /// session whose store hash is `session`, if any.
+    pub(super) async fn admit(
+        &self,
+        tenant: &Tenant,
+        user: &str,
+        meta: &str,
+        max: u32,
+        session: Option<String>,
+    ) -> Result<Registration, RegisterError> {
         if self.inner.draining.load(Ordering::Acquire) {
             return Err(RegisterError::Draining);
         }
@@ -298,6 +317,7 @@ impl Registry {
                 tenant: tenant.clone(),
                 user: user.to_owned(),
                 meta: meta.to_owned(),
+                session,
                 inbox,
             },
         );

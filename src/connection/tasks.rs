@@ -134,12 +134,17 @@ async fn inbox_task(registry: Weak<Inner>, every: Duration) {
         for (id, fields) in stream_entries(reply) {
             last = id;
             let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-            let (Some(tenant), Some(user), Some(message)) = (field("t"), field("u"), field("m"))
-            else {
+            let Some(Ok(tenant)) = field("t").map(|t| Tenant::new(t)) else {
                 continue;
             };
-            if let Ok(tenant) = Tenant::new(tenant) {
-                registry.deliver_here(&tenant, user, message);
+            match (field("u"), field("m"), field("e")) {
+                (Some(user), Some(message), _) => {
+                    registry.deliver_here(&tenant, user, message);
+                }
+                (user, None, Some(ended)) => {
+                    registry.end_here(&tenant, user.map(String::as_str), ended);
+                }
+                _ => {}
             }
         }
     }

@@ -4,6 +4,7 @@ use tower_layer::Layer;
 
 use super::{
     Expiry, FailurePolicy,
+    ended::{Announcing, SessionEndListener},
     service::SessionService,
     store::{Lifetime, SessionInfo, SessionStore, StoreError, UserKey},
     transport::{
@@ -213,6 +214,30 @@ impl SessionLayer {
     /// [`FailurePolicy::fail_open`].
     pub fn with_failure_policy(self, policy: FailurePolicy) -> Self {
         self.edit(|s| s.failure = policy)
+    }
+
+    /// Tells `listener` of every session the layer ends (a logout, a new id, "log out
+    /// everywhere"), after the store removed it; see [`SessionEndListener`]. Give it the
+    /// [`connection::Registry`](crate::connection::Registry) to close the live connections
+    /// registered under a session when it ends, on every instance.
+    ///
+    /// ```
+    /// # #[cfg(all(feature = "memory", feature = "connections"))] {
+    /// use tower_turnstile::{connection::Registry, session::{MemoryStore, SessionLayer}};
+    ///
+    /// let registry = Registry::local();
+    /// let layer = SessionLayer::new(MemoryStore::builder().build()).on_session_end(registry);
+    /// # let _ = layer;
+    /// # }
+    /// ```
+    pub fn on_session_end(self, listener: impl SessionEndListener) -> Self {
+        let listener: Arc<dyn SessionEndListener> = Arc::new(listener);
+        self.edit(|s| {
+            s.store = Arc::new(Announcing {
+                store: Arc::clone(&s.store),
+                listener,
+            });
+        })
     }
 
     /// The configuration this layer hands its services.

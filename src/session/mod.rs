@@ -71,6 +71,7 @@
 //! ```
 
 mod commit;
+mod ended;
 mod expiry;
 #[cfg(feature = "axum")]
 mod extract;
@@ -85,6 +86,7 @@ mod store;
 mod tower_sessions;
 mod transport;
 
+pub use ended::SessionEndListener;
 pub use expiry::Expiry;
 #[cfg(feature = "axum")]
 pub use extract::MissingSessionLayer;

@@ -158,6 +158,15 @@ impl Session {
         &self.inner.tenant
     }
 
+    /// Where the session the request came with lives in the store (its tenant and the hash of
+    /// its id; never the id), when its cookie held a well-formed id: what a live connection is
+    /// registered under ([`Registry::register_for_session`](crate::connection::Registry::register_for_session)).
+    /// `None` without a cookie; the cookie's session may still be gone (see
+    /// [`Session::user_id`]).
+    pub fn key(&self) -> Option<super::SessionKey> {
+        Some(self.inner.incoming?.key(&self.inner.tenant))
+    }
+
     /// The value stored under `key`, if any.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
         let mut state = self.state().await;

@@ -665,3 +665,116 @@ async fn in_flight_requests_are_capped_across_instances() {
         );
     }
 }
+
+/// `POST` as the holder of `cookie`; returns the status.
+async fn post_as(app: &Router, host: &str, path: &str, cookie: &str) -> StatusCode {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(header::HOST, host)
+        .header(header::COOKIE, cookie)
+        .body(Body::empty())
+        .unwrap();
+    app.clone().oneshot(request).await.unwrap().status()
+}
+
+/// How long until the server closes `socket` with "session ended" (code 1000), or `None`
+/// when it does not within `wait`.
+async fn closed_within(socket: &mut Socket, wait: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        let left = wait.checked_sub(start.elapsed())?;
+        match tokio::time::timeout(left, socket.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert_eq!(frame.code, CloseCode::Normal, "{frame:?}");
+                assert_eq!(frame.reason, "session ended");
+                return Some(start.elapsed());
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return None,
+        }
+    }
+}
+
+/// A logout on one instance closes the session's socket on the other within 1 s; a socket of
+/// another session of the same user stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_on_one_instance_closes_the_session_socket_on_the_other() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(&config(&redis, 5)).await,
+        instance(&config(&redis, 5)).await,
+    );
+    let host = "acme.localhost";
+    let (laptop, phone) = (
+        login(&a.router, host, "alice").await,
+        login(&b.router, host, "alice").await,
+    );
+    let mut on_b = connect(&b, host, Some(&laptop)).await.unwrap();
+    let mut phone_on_a = connect(&a, host, Some(&phone)).await.unwrap();
+
+    assert_eq!(
+        post_as(&a.router, host, "/logout", &laptop).await,
+        StatusCode::OK
+    );
+    let took = closed_within(&mut on_b, Duration::from_secs(1)).await;
+    assert!(took.is_some(), "the socket on B closes within 1 s");
+    assert_eq!(notify(&b.router, host, "alice", "still").await, "1");
+    assert_eq!(
+        next_text(&mut phone_on_a, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("still"),
+        "the other session's socket stays"
+    );
+}
+
+/// "Log out everywhere" closes every socket of the user on both instances; another tenant's
+/// user of the same name keeps theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logging_out_everywhere_closes_every_socket_of_the_user() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (a, b) = (
+        instance(&config(&redis, 5)).await,
+        instance(&config(&redis, 5)).await,
+    );
+    let host = "acme.localhost";
+    let (laptop, phone) = (
+        login(&a.router, host, "alice").await,
+        login(&b.router, host, "alice").await,
+    );
+    let mut sockets = [
+        connect(&a, host, Some(&laptop)).await.unwrap(),
+        connect(&b, host, Some(&laptop)).await.unwrap(),
+        connect(&a, host, Some(&phone)).await.unwrap(),
+        connect(&b, host, Some(&phone)).await.unwrap(),
+    ];
+    let globex = login(&a.router, "globex.localhost", "alice").await;
+    let mut elsewhere = connect(&b, "globex.localhost", Some(&globex))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        post_as(&b.router, host, "/logout-all", &phone).await,
+        StatusCode::OK
+    );
+    for (n, socket) in sockets.iter_mut().enumerate() {
+        let took = closed_within(socket, Duration::from_secs(1)).await;
+        assert!(took.is_some(), "socket {n} closes within 1 s");
+    }
+    assert_eq!(
+        notify(&a.router, "globex.localhost", "alice", "kept").await,
+        "1"
+    );
+    assert_eq!(
+        next_text(&mut elsewhere, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("kept"),
+        "another tenant's alice keeps her socket"
+    );
+}

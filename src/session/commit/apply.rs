@@ -182,11 +182,6 @@ impl Session {
             }
         })
     }
-
-    /// The store key of the cookie's session.
-    fn key(&self) -> Option<crate::session::store::SessionKey> {
-        Some(self.inner.incoming?.key(&self.inner.tenant))
-    }
 }
 
 /// The `Max-Age` of a cookie for a session with these settings; `None` for a browser-session

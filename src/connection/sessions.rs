@@ -1,0 +1,163 @@
+//! Connections bound to the session that opened them: told ([`Event::SessionEnded`]) on
+//! whichever instance holds them when that session ends, through the instances' inboxes.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::{Event, RegisterError, Registration, Registry, keys::LIVE, keys::parse_member};
+use crate::{
+    session::{SessionEndListener, SessionKey, UserKey},
+    tenant::Tenant,
+};
+
+/// What an inbox entry names instead of one session: every session of the user.
+const EVERY_SESSION: &str = "*";
+
+impl Registry {
+    /// Registers a live connection of `user` opened by the session under `session` (see
+    /// [`Session::key`](crate::session::Session::key)), capped at `max` live connections of
+    /// the user on all instances (`0`: no cap). When that session ends, the connection
+    /// receives [`Event::SessionEnded`] on whichever instance holds it, once the ending is
+    /// announced with [`Registry::end_session`] or [`Registry::end_user_sessions`], which
+    /// [`SessionLayer::on_session_end`](crate::session::SessionLayer::on_session_end) does for
+    /// every session the layer ends.
+    ///
+    /// ```no_run
+    /// use tower_turnstile::{connection::{Event, Registry}, session::Session};
+    ///
+    /// async fn socket(registry: Registry, session: Session) -> Option<()> {
+    ///     let user = session.user_id().await.ok()??;
+    ///     let key = session.key()?;
+    ///     let mut connection = registry.register_for_session(&key, &user, "ws", 5).await.ok()?;
+    ///     while let Some(event) = connection.next().await {
+    ///         if event == Event::SessionEnded {
+    ///             break; // logged out, on any instance: close the socket
+    ///         }
+    ///     }
+    ///     Some(())
+    /// }
+    /// ```
+    pub async fn register_for_session(
+        &self,
+        session: &SessionKey,
+        user: &str,
+        meta: &str,
+        max: u32,
+    ) -> Result<Registration, RegisterError> {
+        let tenant = session.tenant();
+        self.admit(tenant, user, meta, max, Some(session.hash()))
+            .await
+    }
+
+    /// Tells the connections registered under `session` that it ended, here at once and on
+    /// the other instances through their inboxes (within one inbox poll, 20 ms by default).
+    /// `user`, when known, narrows the instances told to those holding that user's
+    /// connections; without it, every instance with connections in the tenant is told. While
+    /// Redis is down only this instance's connections are told. Returns how many connections
+    /// here were told.
+    pub async fn end_session(&self, session: &SessionKey, user: Option<&str>) -> usize {
+        let hash = session.hash();
+        let tenant = session.tenant();
+        let told = self.end_here(tenant, user, &hash);
+        self.end_elsewhere(tenant, user, &hash).await;
+        told
+    }
+
+    /// Tells every connection bound to a session of `user` that its session ended ("log out
+    /// everywhere"), here and on the other instances. Returns how many connections here were
+    /// told.
+    pub async fn end_user_sessions(&self, user: &UserKey) -> usize {
+        let told = self.end_here(user.tenant(), Some(user.user()), EVERY_SESSION);
+        self.end_elsewhere(user.tenant(), Some(user.user()), EVERY_SESSION)
+            .await;
+        told
+    }
+
+    /// Tells this instance's connections bound to session `hash` (or, for
+    /// [`EVERY_SESSION`], to any session of `user`) that it ended.
+    pub(super) fn end_here(&self, tenant: &Tenant, user: Option<&str>, hash: &str) -> usize {
+        let local = self.lock_local();
+        let mut told = 0;
+        for connection in local.values() {
+            let Some(session) = &connection.session else {
+                continue;
+            };
+            let ended = connection.tenant == *tenant
+                && if hash == EVERY_SESSION {
+                    user == Some(connection.user.as_str())
+                } else {
+                    session == hash
+                };
+            if !ended {
+                continue;
+            }
+            told += 1;
+            // Unlike a message, the end is never dropped: behind a full inbox it waits for
+            // room, without holding up the caller.
+            if let Err(TrySendError::Full(event)) = connection.inbox.try_send(Event::SessionEnded) {
+                let inbox = connection.inbox.clone();
+                tokio::spawn(async move { inbox.send(event).await });
+            }
+        }
+        told
+    }
+
+    /// Appends the end to the inbox of every other instance that may hold such a connection.
+    async fn end_elsewhere(&self, tenant: &Tenant, user: Option<&str>, hash: &str) {
+        let Some(instances) = self.instances_with(tenant, user).await else {
+            return;
+        };
+        let mut fields = vec![("t", tenant.as_str()), ("e", hash)];
+        if let Some(user) = user {
+            fields.push(("u", user));
+        }
+        let commands = self.inbox_commands(instances.iter(), &fields);
+        if let Err(error) = self.run_all(commands).await {
+            self.redis_failed("end session", &error);
+        }
+    }
+
+    /// The other instances holding connections of `user` (or, without one, of `tenant`);
+    /// `None` when Redis cannot say.
+    async fn instances_with(&self, tenant: &Tenant, user: Option<&str>) -> Option<HashSet<String>> {
+        let here = &self.inner.keys.instance;
+        let others = |instances: Vec<String>| -> HashSet<String> {
+            instances.into_iter().filter(|i| i != here).collect()
+        };
+        if let Some(user) = user {
+            let listed = self.shared_connections_of(tenant, user).await?;
+            return Some(others(listed.into_iter().map(|c| c.instance).collect()));
+        }
+        let backend = self.inner.backend.as_ref()?;
+        let call = LIVE.key(self.inner.keys.tenant(tenant));
+        let listed = backend
+            .run(self.inner.timeout, |mut conn| async move {
+                let (members, _): (Vec<String>, Vec<Option<String>>) =
+                    call.invoke_async(&mut conn).await?;
+                Ok(members)
+            })
+            .await
+            .inspect_err(|error| self.redis_failed("list", error))
+            .ok()?;
+        let instances = listed
+            .iter()
+            .filter_map(|member| parse_member(member).map(|(instance, _)| instance.to_owned()))
+            .collect();
+        Some(others(instances))
+    }
+}
+
+/// The registry closes the connections registered under a session that a
+/// [`SessionLayer`](crate::session::SessionLayer) ends, on every instance.
+#[async_trait]
+impl SessionEndListener for Registry {
+    async fn session_ended(&self, key: &SessionKey, user: Option<&str>) {
+        self.end_session(key, user).await;
+    }
+
+    async fn user_sessions_ended(&self, user: &UserKey) {
+        self.end_user_sessions(user).await;
+    }
+}
