@@ -108,6 +108,13 @@ fn cookie_settings(sessions: SessionLayer, config: &Config) -> Result<SessionLay
         }
         None => info!("session cookies are unsigned (SESSION_SECRET is unset)"),
     }
+    if let Some(max) = config.max_sessions_per_user {
+        sessions = sessions.with_max_sessions_per_user(max);
+        info!(
+            max,
+            "at most this many sessions per user: a login beyond ends the oldest"
+        );
+    }
     if !config.cookie_secure {
         info!("session cookies lack `Secure` (COOKIE_SECURE=0): plain-http development only");
     }

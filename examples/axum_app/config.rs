@@ -10,7 +10,7 @@ use tower_turnstile::{
 use super::StartupError;
 
 /// Every environment variable the app reads, or refuses.
-const VARIABLES: [&str; 12] = [
+const VARIABLES: [&str; 13] = [
     "BIND",
     "REDIS_URL",
     "REDIS_ENABLED",
@@ -23,6 +23,7 @@ const VARIABLES: [&str; 12] = [
     "RATE_LIMIT",
     "TRUSTED_PROXIES",
     "WS_MAX_PER_USER",
+    "MAX_SESSIONS_PER_USER",
 ];
 
 /// Settings read from the environment.
@@ -51,6 +52,9 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
     /// `WS_MAX_PER_USER`: live `/ws` connections allowed per user, across all instances.
     pub ws_max_per_user: u32,
+    /// `MAX_SESSIONS_PER_USER`: live sessions allowed per user (per tenant), across all
+    /// instances; a login beyond it ends the user's oldest session. `None`: no cap.
+    pub max_sessions_per_user: Option<usize>,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             rate_limit: Quota::per_minute(100),
             trusted_proxies: Vec::new(),
             ws_max_per_user: 5,
+            max_sessions_per_user: None,
         }
     }
 }
@@ -146,10 +151,12 @@ impl Config {
         let cookie_secure = cookie_secure(&vars)?;
         let session_secret = session_secret(&vars)?;
         let ws_max_per_user = ws_max_per_user(&vars)?;
+        let max_sessions_per_user = max_sessions_per_user(&vars)?;
 
         // `REDIS_ENABLED=0`: the Redis variables are read (and checked) but not used.
         Ok(Self {
             ws_max_per_user,
+            max_sessions_per_user,
             bind: vars.set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: vars.set("REDIS_URL").filter(|_| redis_enabled),
             database_url: vars.set("DATABASE_URL"),
@@ -283,6 +290,21 @@ fn ws_max_per_user(vars: &Vars) -> Result<u32, StartupError> {
                 expected: "a whole number of connections, at least 1",
             }),
         },
+    }
+}
+
+/// `MAX_SESSIONS_PER_USER`: a whole number, at least 1, or unset (no cap).
+fn max_sessions_per_user(vars: &Vars) -> Result<Option<usize>, StartupError> {
+    let Some(text) = vars.set("MAX_SESSIONS_PER_USER") else {
+        return Ok(None);
+    };
+    match text.parse::<usize>() {
+        Ok(max) if max > 0 => Ok(Some(max)),
+        _ => Err(StartupError::Invalid {
+            variable: "MAX_SESSIONS_PER_USER",
+            value: text,
+            expected: "a whole number of sessions, at least 1",
+        }),
     }
 }
 

@@ -29,7 +29,9 @@
 //! `DATABASE_URL`,
 //! `REDIS_CLUSTER_URLS` (seed nodes of a Redis Cluster) or `REDIS_SENTINEL_MASTER` with
 //! `REDIS_SENTINEL_URLS` (a Sentinel-managed master), each used instead of `REDIS_URL`,
-//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT` and `TRUSTED_PROXIES`. `REDIS_ENABLED=0` (or
+//! `SESSION_SECRET`, `COOKIE_SECURE`, `RATE_LIMIT`, `TRUSTED_PROXIES`, `WS_MAX_PER_USER` and
+//! `MAX_SESSIONS_PER_USER` (a login beyond it ends the user's oldest session; its `/ws`
+//! sockets close, as they do on every logout, on any instance). `REDIS_ENABLED=0` (or
 //! `false`) ignores every Redis variable: the app runs in memory (or on `DATABASE_URL` alone),
 //! and `/health` says `"redis": "disabled"`.
 //!

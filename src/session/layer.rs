@@ -4,6 +4,7 @@ use tower_layer::Layer;
 
 use super::{
     Expiry, FailurePolicy,
+    cap::{Cap, OverCap},
     ended::{Announcing, SessionEndListener},
     service::SessionService,
     store::{Lifetime, SessionInfo, SessionStore, StoreError, UserKey},
@@ -21,6 +22,7 @@ pub(crate) struct Shared {
     pub(crate) inactivity_timeout: Duration,
     pub(crate) absolute_lifetime: Duration,
     pub(crate) failure: FailurePolicy,
+    pub(crate) cap: Option<Cap>,
 }
 
 impl Shared {
@@ -38,6 +40,7 @@ impl fmt::Debug for Shared {
             .field("inactivity_timeout", &self.inactivity_timeout)
             .field("absolute_lifetime", &self.absolute_lifetime)
             .field("failure", &self.failure)
+            .field("cap", &self.cap)
             .finish()
     }
 }
@@ -100,6 +103,7 @@ impl SessionLayer {
                 inactivity_timeout: Duration::from_secs(24 * 3600),
                 absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
                 failure: FailurePolicy::default(),
+                cap: None,
             }),
         }
     }
@@ -214,6 +218,43 @@ impl SessionLayer {
     /// [`FailurePolicy::fail_open`].
     pub fn with_failure_policy(self, policy: FailurePolicy) -> Self {
         self.edit(|s| s.failure = policy)
+    }
+
+    /// At most `max` live sessions per user (per tenant), on every instance together: a login
+    /// beyond it ends the user's oldest other sessions (by creation), or is refused with
+    /// [`with_over_cap`](Self::with_over_cap)`(`[`OverCap::RefuseLogin`]`)`. `0` lifts the cap.
+    /// Ended sessions are announced like a logout ([`on_session_end`](Self::on_session_end)),
+    /// so their live connections close.
+    ///
+    /// The cap is enforced after each login, on the user index every instance shares, not in
+    /// one atomic step: once logins made at the same moment on several instances are done,
+    /// the user has at most `max` sessions, and at least one, but they may have ended one
+    /// another's (each keeps its own). A refusing cap counts before the login, so two logins at
+    /// the very same moment may both pass.
+    ///
+    #[cfg_attr(feature = "memory", doc = "```")]
+    #[cfg_attr(not(feature = "memory"), doc = "```ignore")]
+    /// use tower_turnstile::session::{MemoryStore, SessionLayer};
+    ///
+    /// // A third login of a user ends their oldest session.
+    /// let layer = SessionLayer::new(MemoryStore::new()).with_max_sessions_per_user(2);
+    /// # let _ = layer;
+    /// ```
+    pub fn with_max_sessions_per_user(self, max: usize) -> Self {
+        self.edit(|s| {
+            let over = s.cap.map(|cap| cap.over).unwrap_or_default();
+            s.cap = (max > 0).then_some(Cap { max, over });
+        })
+    }
+
+    /// What a login over [`with_max_sessions_per_user`](Self::with_max_sessions_per_user)'s
+    /// cap does. Default: [`OverCap::EndOldest`].
+    pub fn with_over_cap(self, over: OverCap) -> Self {
+        self.edit(|s| {
+            if let Some(cap) = &mut s.cap {
+                cap.over = over;
+            }
+        })
     }
 
     /// Tells `listener` of every session the layer ends (a logout, a new id, "log out

@@ -70,6 +70,7 @@
 //! # }
 //! ```
 
+mod cap;
 mod commit;
 mod ended;
 mod expiry;
@@ -86,6 +87,7 @@ mod store;
 mod tower_sessions;
 mod transport;
 
+pub use cap::OverCap;
 pub use ended::SessionEndListener;
 pub use expiry::Expiry;
 #[cfg(feature = "axum")]

@@ -59,6 +59,13 @@ pub enum SessionError {
     /// ([`Session::user_sessions`], [`Session::destroy_user_sessions`]) always report it.
     #[error("session store failed")]
     Store(#[from] StoreError),
+    /// The user already has the most live sessions allowed, and the layer refuses logins over
+    /// it ([`OverCap::RefuseLogin`](super::OverCap::RefuseLogin)).
+    #[error("at most {limit} sessions per user")]
+    TooManySessions {
+        /// The cap.
+        limit: usize,
+    },
 }
 
 /// The session of the current request. The session layer puts one in every request's
@@ -236,6 +243,7 @@ impl Session {
         if user.is_empty() || user.len() > MAX_USER_LEN {
             return Err(SessionError::InvalidUser);
         }
+        self.admit_login(&user).await?;
         let mut state = self.state().await;
         state.changes.user = Some(user);
         state.changes.cycle = true;

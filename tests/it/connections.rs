@@ -778,3 +778,39 @@ async fn logging_out_everywhere_closes_every_socket_of_the_user() {
         "another tenant's alice keeps her socket"
     );
 }
+
+/// `MAX_SESSIONS_PER_USER=2`: a third login ends the user's oldest session, wherever it was
+/// made, and its socket closes; the newer ones stay logged in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_login_over_the_cap_ends_the_oldest_session_and_its_socket() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let capped = Config {
+        max_sessions_per_user: Some(2),
+        ..config(&redis, 5)
+    };
+    let (a, b) = (instance(&capped).await, instance(&capped).await);
+    let host = "acme.localhost";
+    let oldest = login(&a.router, host, "alice").await;
+    let mut socket = connect(&b, host, Some(&oldest)).await.unwrap();
+    let second = login(&b.router, host, "alice").await;
+    let third = login(&a.router, host, "alice").await;
+
+    let took = closed_within(&mut socket, Duration::from_secs(1)).await;
+    assert!(
+        took.is_some(),
+        "the oldest session's socket closes within 1 s"
+    );
+    let me = |cookie: String, at: Router| async move {
+        let request = Request::get("/me")
+            .header(header::HOST, host)
+            .header(header::COOKIE, cookie)
+            .body(Body::empty())
+            .unwrap();
+        at.oneshot(request).await.unwrap().status()
+    };
+    assert_eq!(me(oldest, b.router.clone()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(me(second, a.router.clone()).await, StatusCode::OK);
+    assert_eq!(me(third, b.router.clone()).await, StatusCode::OK);
+}

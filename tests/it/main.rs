@@ -47,6 +47,7 @@ mod ratelimit_store;
     feature = "metrics"
 ))]
 mod reference_app;
+mod session_cap;
 #[cfg(feature = "postgres")]
 mod session_chain;
 #[cfg(feature = "cluster")]

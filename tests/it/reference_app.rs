@@ -1327,11 +1327,16 @@ fn config_reads_the_environment_contract() {
         Quota::new(10, std::time::Duration::from_secs(1)).unwrap()
     );
     assert_eq!(config.trusted_proxies, ["10.0.0.0/8", "192.0.2.1"]);
+    assert_eq!(config.max_sessions_per_user, None);
+    let capped = Config::from_vars([("MAX_SESSIONS_PER_USER", "2")]).unwrap();
+    assert_eq!(capped.max_sessions_per_user, Some(2));
     for (variable, value) in [
         ("RATE_LIMIT", "lots"),
         ("RATE_LIMIT", "10/1d"),
         ("TRUSTED_PROXIES", "10.0.0.0/33"),
         ("TRUSTED_PROXIES", "proxy.example"),
+        ("MAX_SESSIONS_PER_USER", "0"),
+        ("MAX_SESSIONS_PER_USER", "two"),
     ] {
         let error = Config::from_vars([(variable, value)]).unwrap_err();
         assert!(

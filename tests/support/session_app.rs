@@ -48,6 +48,15 @@ pub fn routes() -> Router {
         .route("/bump/{key}", post(bump))
         .route("/remove/{key}", post(|Path(key): Path<String>, s: Session| async move { s.remove(&key).await.unwrap() }))
         .route("/login/{user}", post(|Path(user): Path<String>, s: Session| async move { s.set_user(user).await.unwrap() }))
+        .route("/try-login/{user}", post(|Path(user): Path<String>, s: Session| async move {
+            match s.set_user(user).await {
+                Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                Err(error @ tower_turnstile::session::SessionError::TooManySessions { .. }) => {
+                    (StatusCode::CONFLICT, error.to_string())
+                }
+                Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+            }
+        }))
         .route("/user", get(|s: Session| async move { s.user_id().await.unwrap().unwrap_or_else(|| "anonymous".into()) }))
         .route("/cycle", post(|s: Session| async move { s.cycle_id().await }))
         .route("/destroy", post(|s: Session| async move { s.destroy().await }))

@@ -107,6 +107,9 @@ impl Session {
             self.store_failed(&error, "create");
             return Committed::FAILED;
         }
+        if let Some(user) = &record.user {
+            self.end_sessions_over_cap(user, &key).await;
+        }
         let event = match start {
             Start::New => SessionEvent::Created,
             Start::Gone => {
@@ -135,10 +138,15 @@ impl Session {
         let new = new_id.key(&self.inner.tenant);
         let store = &self.inner.shared.store;
         Wrote::Done(match store.cycle(&old, old_user, &new, record).await {
-            Ok(Written::Applied) => Committed::new(
-                CookieChange::Set(new_id, cookie_age(&record.lifetime())),
-                SessionEvent::Cycled,
-            ),
+            Ok(Written::Applied) => {
+                if let Some(user) = record.user.as_deref().filter(|u| Some(*u) != old_user) {
+                    self.end_sessions_over_cap(user, &new).await;
+                }
+                Committed::new(
+                    CookieChange::Set(new_id, cookie_age(&record.lifetime())),
+                    SessionEvent::Cycled,
+                )
+            }
             Ok(Written::Missing) => return Wrote::Gone,
             Err(error) => {
                 self.store_failed(&error, "cycle");
