@@ -102,6 +102,12 @@ const METRICS: &[Metric] = &[
         &[],
     ),
     Metric::new(
+        "turnstile_session_events_dropped_total",
+        Kind::Counter,
+        "Session lifecycle events that could not be written (Redis unreachable)",
+        &[],
+    ),
+    Metric::new(
         "turnstile_ratelimit_allowed_total",
         Kind::Counter,
         "Requests a rate limit let through",

@@ -11,7 +11,7 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use support::{RedisServer, http::Client, proxy::Proxy, session_app};
 use tower_turnstile::{
     ratelimit::{Fallback, Policy, Quota, RateLimitLayer},
-    session::{FallbackStore, RedisStore, SessionLayer},
+    session::{FallbackStore, RedisStore, SessionEvents, SessionLayer},
 };
 
 /// Counter values by `name` or `name{label=value}`, and histogram sample counts the same way.
@@ -54,7 +54,10 @@ async fn an_outage_drill_leaves_its_counts() {
         .with_redis(backend.clone())
         .with_fallback(Fallback::local_share_of(1));
     let app: Router = session_app::routes()
-        .layer(SessionLayer::new(sessions.clone()))
+        .layer(
+            SessionLayer::new(sessions.clone())
+                .with_lifecycle_events(SessionEvents::redis(backend.clone())),
+        )
         .layer(limit.clone());
     let mut client = Client::new(app);
     assert_eq!(client.post("/set/k/0").await.status, StatusCode::OK);
@@ -68,7 +71,12 @@ async fn an_outage_drill_leaves_its_counts() {
     proxy.cut().await;
     let mut statuses = Vec::new();
     for i in 1..=8 {
-        statuses.push(client.post(&format!("/set/k/{i}")).await.status);
+        // The first a login: journaled like any write, its lifecycle event dropped.
+        let path = match i {
+            1 => "/login/alice".to_owned(),
+            i => format!("/set/k/{i}"),
+        };
+        statuses.push(client.post(&path).await.status);
     }
     // The local limiter counts on its own: five per minute, as the whole quota.
     assert_eq!(
@@ -99,6 +107,7 @@ async fn an_outage_drill_leaves_its_counts() {
     eprintln!("metrics after the drill: {counts:?}");
     assert_eq!(counts["turnstile_session_journaled_total"], journaled);
     assert_eq!(counts["turnstile_session_replayed_total"], journaled);
+    assert_eq!(counts["turnstile_session_events_dropped_total"], 1);
     assert!(
         !counts.contains_key("turnstile_session_dropped_total"),
         "{counts:?}"

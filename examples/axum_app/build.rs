@@ -7,7 +7,7 @@ use axum::Router;
 use tower_turnstile::{
     connection::Registry,
     ratelimit::{ClientIp, Policy, RateLimitLayer},
-    session::{CleanupTask, FailurePolicy, FallbackStore, SessionLayer, SigningKey},
+    session::{CleanupTask, FailurePolicy, FallbackStore, SessionEvents, SessionLayer, SigningKey},
 };
 use tracing::info;
 
@@ -58,9 +58,14 @@ pub async fn build_parts(config: &Config) -> Result<Built, StartupError> {
         .database()
         .map(|database| database.spawn_cleanup(CLEANUP_EVERY));
     let registry = connection_registry(&health)?;
+    let events = match health.redis() {
+        Some(backend) => SessionEvents::redis(backend.clone()),
+        None => SessionEvents::memory(),
+    };
     let connections = Connections {
         registry: registry.clone(),
         max_per_user: config.ws_max_per_user,
+        events,
     };
     Ok(Built {
         router: app_with(sessions, rate_limit, health, connections),

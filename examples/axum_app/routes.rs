@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tower_turnstile::{
     connection::Registry,
     ratelimit::RateLimitLayer,
-    session::{Expiry, Session, SessionError, SessionLayer},
+    session::{Expiry, Session, SessionError, SessionEvents, SessionLayer},
     tenant::{HostSubdomain, TenantLayer},
 };
 use tracing::{error, warn};
@@ -22,7 +22,7 @@ use tracing::{error, warn};
 use super::{
     Config, Connections, HealthSource, error_chain,
     health::{HealthState, health_report},
-    ws::{notify, websocket},
+    ws::{events, notify, websocket},
 };
 
 /// The session key of the visit counter.
@@ -37,6 +37,7 @@ pub fn app(sessions: SessionLayer, rate_limit: RateLimitLayer, health: HealthSou
     let connections = Connections {
         registry: Registry::local(),
         max_per_user: Config::default().ws_max_per_user,
+        events: SessionEvents::memory(),
     };
     app_with(sessions, rate_limit, health, connections)
 }
@@ -50,10 +51,13 @@ pub fn app_with(
 ) -> Router {
     // A session that ends (logout, "log out everywhere", a new login) closes the sockets it
     // opened, on every instance.
-    let sessions = sessions.on_session_end(connections.registry.clone());
+    let sessions = sessions
+        .on_session_end(connections.registry.clone())
+        .with_lifecycle_events(connections.events.clone());
     let session_routes = Router::new()
         .route("/ws", get(websocket))
         .route("/notify", post(notify))
+        .route("/events", get(events))
         .with_state(connections)
         .route("/", get(index))
         .route("/counter", get(show_counter).post(increment_counter))
@@ -142,9 +146,12 @@ async fn index() -> Response {
          GET  /sessions    how many live sessions this user has, or 401\n\
          POST /logout      ends this session\n\
          POST /logout-all  ends every session of this user, or 401\n\
-         GET  /ws          WebSocket for a logged-in session: receives /notify messages\n\
+         GET  /ws          WebSocket for a logged-in session: receives /notify messages,\n\
+                           closes when the session ends (on any instance)\n\
          POST /notify      form body user=<name>[&message=<text>]: sends the message to every\n\
                            live /ws connection of that user; the body is how many\n\
+         GET  /events      JSON: this tenant's latest session lifecycle events\n\
+         GET  /metrics     Prometheus text format: the crate's metrics\n\
          GET  /health      JSON: Redis health and whether the fallback is in use\n\
          \n\
          The tenant is the first label of the host: acme.localhost:3000 is tenant acme.\n",

@@ -15,7 +15,7 @@ use axum::{
 use serde::Deserialize;
 use tower_turnstile::{
     connection::{Event, RegisterError, Registration, Registry},
-    session::Session,
+    session::{Session, SessionEvents},
     tenant::Tenant,
 };
 
@@ -28,6 +28,9 @@ pub struct Connections {
     pub registry: Registry,
     /// `WS_MAX_PER_USER`.
     pub max_per_user: u32,
+    /// The sessions' lifecycle log, which `/events` reads (in Redis with Redis, else in
+    /// memory).
+    pub events: SessionEvents,
 }
 
 /// `GET /ws`: a WebSocket for a logged-in session, registered across instances; it receives
@@ -152,4 +155,31 @@ pub(crate) async fn notify(
         .send_to_user(&tenant, &user, &message)
         .await;
     text(StatusCode::OK, reached.to_string())
+}
+
+/// `GET /events`: the tenant's latest session lifecycle events (at most 100), oldest first,
+/// as a JSON array of `{kind, user, at}`; never a session id.
+pub(crate) async fn events(State(connections): State<Connections>, tenant: Tenant) -> Response {
+    match connections.events.latest(&tenant, 100).await {
+        Ok(events) => {
+            let list: Vec<serde_json::Value> = events
+                .iter()
+                .map(|event| {
+                    let mut item = serde_json::json!({
+                        "kind": event.kind.as_str(),
+                        "at": event.at,
+                    });
+                    if let Some(user) = &event.user {
+                        item["user"] = serde_json::Value::from(user.as_str());
+                    }
+                    item
+                })
+                .collect();
+            axum::Json(list).into_response()
+        }
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the event log is unavailable; try again later\n",
+        ),
+    }
 }

@@ -54,6 +54,7 @@ mod refusal;
 #[cfg(feature = "sentinel")]
 mod sentinel;
 mod status;
+pub(crate) mod stream;
 mod tracking;
 
 pub(crate) use batch::{Batch, Part, Replies};

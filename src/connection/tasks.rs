@@ -152,39 +152,5 @@ async fn inbox_task(registry: Weak<Inner>, every: Duration) {
 
 /// The entries of an `XREAD` reply for one stream: id and field pairs (RESP2 or RESP3).
 pub(crate) fn stream_entries(reply: Value) -> Vec<(String, Vec<(String, String)>)> {
-    let text = |value: &Value| match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
-        Value::SimpleString(text) => Some(text.clone()),
-        _ => None,
-    };
-    let streams = match reply {
-        Value::Array(streams) => streams
-            .into_iter()
-            .filter_map(|stream| match stream {
-                Value::Array(mut parts) if parts.len() == 2 => parts.pop(),
-                _ => None,
-            })
-            .collect::<Vec<_>>(),
-        Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
-        _ => Vec::new(),
-    };
-    let mut out = Vec::new();
-    for entries in streams {
-        let Value::Array(entries) = entries else {
-            continue;
-        };
-        for entry in entries {
-            let Value::Array(parts) = entry else { continue };
-            let (Some(id), Some(Value::Array(flat))) = (parts.first().and_then(text), parts.get(1))
-            else {
-                continue;
-            };
-            let pairs = flat
-                .chunks(2)
-                .filter_map(|pair| Some((text(pair.first()?)?, text(pair.get(1)?)?)))
-                .collect();
-            out.push((id, pairs));
-        }
-    }
-    out
+    crate::backend::stream::read_entries(reply)
 }

@@ -1,7 +1,7 @@
 //! At most N live sessions per user: [`SessionLayer::with_max_sessions_per_user`](super::SessionLayer::with_max_sessions_per_user).
 
 use super::{
-    Session, SessionError,
+    LifecycleKind, Session, SessionError,
     store::{SessionKey, UserKey},
 };
 
@@ -78,9 +78,19 @@ impl Session {
         // Oldest first; the hash breaks ties, so every instance picks the same ones.
         others.sort_by_key(|info| (info.created_at, info.key.hash()));
         let excess = (others.len() + 1).saturating_sub(cap.max);
+        let shared = &self.inner.shared;
         for info in others.iter().take(excess) {
-            if let Err(error) = store.delete(&info.key, Some(user)).await {
-                tracing::warn!(target: "tower_turnstile::session", %error, "could not end a session over the user's cap");
+            match store.delete(&info.key, Some(user)).await {
+                Ok(()) => {
+                    let evicted = LifecycleKind::Evicted;
+                    let tenant = &self.inner.tenant;
+                    shared
+                        .lifecycle(evicted, tenant, Some(user), Some(&info.key))
+                        .await;
+                }
+                Err(error) => {
+                    tracing::warn!(target: "tower_turnstile::session", %error, "could not end a session over the user's cap");
+                }
             }
         }
     }

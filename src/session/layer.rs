@@ -1,13 +1,15 @@
 use std::{fmt, sync::Arc, time::Duration};
 
+use futures_util::future::BoxFuture;
 use tower_layer::Layer;
 
 use super::{
     Expiry, FailurePolicy,
     cap::{Cap, OverCap},
     ended::{Announcing, SessionEndListener},
+    events::{LifecycleKind, SessionEvents},
     service::SessionService,
-    store::{Lifetime, SessionInfo, SessionStore, StoreError, UserKey},
+    store::{Lifetime, SessionInfo, SessionKey, SessionStore, StoreError, UserKey},
     transport::{
         CookieConfig, SameSite, SigningKey, header_name, validate_attribute, validate_name,
     },
@@ -23,9 +25,27 @@ pub(crate) struct Shared {
     pub(crate) absolute_lifetime: Duration,
     pub(crate) failure: FailurePolicy,
     pub(crate) cap: Option<Cap>,
+    pub(crate) events: Option<SessionEvents>,
 }
 
 impl Shared {
+    /// Writes a lifecycle event, when the layer keeps them. Boxed: it sits deep inside the
+    /// commit's future, which would otherwise grow past the compiler's layout depth.
+    pub(crate) fn lifecycle<'a>(
+        &'a self,
+        kind: LifecycleKind,
+        tenant: &'a Tenant,
+        user: Option<&'a str>,
+        session: Option<&'a SessionKey>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(events) = &self.events {
+                let hash = session.map(SessionKey::hash).unwrap_or_default();
+                events.record(kind, tenant, user, &hash).await;
+            }
+        })
+    }
+
     /// The stored expiry settings for `expiry` on a session created at `created_at` (Unix ms).
     pub(crate) fn resolve(&self, expiry: Expiry, created_at: u64) -> Lifetime {
         expiry.resolve(created_at, self.inactivity_timeout, self.absolute_lifetime)
@@ -41,6 +61,7 @@ impl fmt::Debug for Shared {
             .field("absolute_lifetime", &self.absolute_lifetime)
             .field("failure", &self.failure)
             .field("cap", &self.cap)
+            .field("events", &self.events)
             .finish()
     }
 }
@@ -104,6 +125,7 @@ impl SessionLayer {
                 absolute_lifetime: Duration::from_secs(30 * 24 * 3600),
                 failure: FailurePolicy::default(),
                 cap: None,
+                events: None,
             }),
         }
     }
@@ -257,6 +279,24 @@ impl SessionLayer {
         })
     }
 
+    /// Writes the lifecycle of every session to `events`: logins, id changes, logouts,
+    /// revocations ("log out everywhere", an admin), and sessions ended by the per-user cap
+    /// (and new sessions, with [`SessionEvents::with_created`]). Each costs one write when it
+    /// happens; reads cost nothing.
+    ///
+    #[cfg_attr(feature = "memory", doc = "```")]
+    #[cfg_attr(not(feature = "memory"), doc = "```ignore")]
+    /// use tower_turnstile::session::{MemoryStore, SessionEvents, SessionLayer};
+    ///
+    /// let events = SessionEvents::memory();
+    /// let layer = SessionLayer::new(MemoryStore::new()).with_lifecycle_events(events.clone());
+    /// // Later, for an audit page: events.latest(&tenant, 100).await
+    /// # let _ = layer;
+    /// ```
+    pub fn with_lifecycle_events(self, events: SessionEvents) -> Self {
+        self.edit(|s| s.events = Some(events))
+    }
+
     /// Tells `listener` of every session the layer ends (a logout, a new id, "log out
     /// everywhere"), after the store removed it; see [`SessionEndListener`]. Give it the
     /// [`connection::Registry`](crate::connection::Registry) to close the live connections
@@ -291,7 +331,7 @@ impl SessionLayer {
     /// change job), on every instance that shares the store.
     pub fn user_sessions(&self) -> UserSessions {
         UserSessions {
-            store: Arc::clone(&self.shared.store),
+            shared: Arc::clone(&self.shared),
         }
     }
 }
@@ -307,21 +347,29 @@ impl<S> Layer<S> for SessionLayer {
 /// Lists and ends a user's sessions from outside a request; see [`SessionLayer::user_sessions`].
 #[derive(Debug, Clone)]
 pub struct UserSessions {
-    store: Arc<dyn SessionStore>,
+    shared: Arc<Shared>,
 }
 
 impl UserSessions {
     /// The live sessions of `user` in `tenant`.
     pub async fn list(&self, tenant: &Tenant, user: &str) -> Result<Vec<SessionInfo>, StoreError> {
-        self.store
+        self.shared
+            .store
             .list_user_sessions(&UserKey::new(tenant, user))
             .await
     }
 
     /// Ends every session of `user` in `tenant`; returns how many there were.
     pub async fn destroy_all(&self, tenant: &Tenant, user: &str) -> Result<usize, StoreError> {
-        self.store
+        let ended = self
+            .shared
+            .store
             .delete_user_sessions(&UserKey::new(tenant, user))
-            .await
+            .await?;
+        let revoked = LifecycleKind::Revoked;
+        self.shared
+            .lifecycle(revoked, tenant, Some(user), None)
+            .await;
+        Ok(ended)
     }
 }

@@ -73,6 +73,7 @@
 mod cap;
 mod commit;
 mod ended;
+mod events;
 mod expiry;
 #[cfg(feature = "axum")]
 mod extract;
@@ -89,6 +90,7 @@ mod transport;
 
 pub use cap::OverCap;
 pub use ended::SessionEndListener;
+pub use events::{LifecycleEvent, LifecycleKind, SESSION_PREFIX_LEN, SessionEvents};
 pub use expiry::Expiry;
 #[cfg(feature = "axum")]
 pub use extract::MissingSessionLayer;

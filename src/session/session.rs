@@ -304,8 +304,13 @@ impl Session {
         let Some(user) = self.user_id().await? else {
             return Ok(0);
         };
-        let key = UserKey::new(&self.inner.tenant, user);
-        let ended = self.inner.shared.store.delete_user_sessions(&key).await?;
+        let key = UserKey::new(&self.inner.tenant, &user);
+        let shared = &self.inner.shared;
+        let ended = shared.store.delete_user_sessions(&key).await?;
+        let revoked = super::LifecycleKind::Revoked;
+        shared
+            .lifecycle(revoked, &self.inner.tenant, Some(&user), None)
+            .await;
         self.destroy().await;
         Ok(ended)
     }

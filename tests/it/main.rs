@@ -53,6 +53,8 @@ mod session_chain;
 #[cfg(feature = "cluster")]
 mod session_conformance;
 mod session_copy;
+#[cfg(feature = "cluster")]
+mod session_events;
 mod session_fallback;
 mod session_layer;
 #[cfg(feature = "postgres")]

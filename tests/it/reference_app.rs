@@ -2064,3 +2064,63 @@ async fn redis_that_comes_back_empty_costs_no_logged_in_user() {
             .assert(StatusCode::UNAUTHORIZED, not_logged_in);
     }
 }
+
+/// `GET /events`: the tenant's lifecycle events (a login, a logout, "log out everywhere"),
+/// oldest first, each with `kind`, `user` and `at`, never a session id; another tenant's stay
+/// apart. On two instances sharing Redis, and in memory.
+async fn events_tell_the_tenants_sessions(one: &Router, two: &Router) {
+    let mut alice = Client::new(one, "acme.localhost");
+    alice.login("alice").await.assert(StatusCode::OK, "alice");
+    let cookie = alice.cookie().to_owned();
+    alice.post("/logout").await;
+    let mut bob = Client::new(two, "acme.localhost");
+    bob.login("bob").await.assert(StatusCode::OK, "bob");
+    bob.post("/logout-all").await;
+    Client::new(one, "globex.localhost").login("carol").await;
+
+    let reply = Client::new(two, "acme.localhost").get("/events").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let id = cookie.split_once('=').unwrap().1;
+    assert!(!reply.body.contains(id), "no session id: {}", reply.body);
+    let events: Vec<serde_json::Value> = serde_json::from_str(&reply.body).unwrap();
+    let told: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap(),
+                e["user"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("login", "alice"),
+            ("logout", "alice"),
+            ("login", "bob"),
+            ("revoked", "bob"),
+            ("logout", "bob")
+        ]
+    );
+    let at: Vec<u64> = events.iter().map(|e| e["at"].as_u64().unwrap()).collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]) && at[0] > 0, "{at:?}");
+    let globex = Client::new(one, "globex.localhost").get("/events").await;
+    let globex: Vec<serde_json::Value> = serde_json::from_str(&globex.body).unwrap();
+    assert_eq!(globex.len(), 1);
+    assert_eq!(globex[0]["user"], "carol");
+}
+
+#[tokio::test]
+async fn events_are_listed_per_tenant_in_memory() {
+    let app = memory_app().await;
+    events_tell_the_tenants_sessions(&app, &app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_listed_per_tenant_across_instances() {
+    let Some(server) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let (one, two) = two_instances(&server).await;
+    events_tell_the_tenants_sessions(&one, &two).await;
+}

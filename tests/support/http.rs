@@ -39,6 +39,8 @@ pub struct Client {
     app: Router,
     pub cookie: Option<String>,
     pub host: Option<String>,
+    /// Sent as `x-tenant`, which the session test app reads the tenant from.
+    pub tenant: Option<String>,
 }
 
 impl Client {
@@ -47,6 +49,7 @@ impl Client {
             app,
             cookie: None,
             host: None,
+            tenant: None,
         }
     }
 
@@ -61,6 +64,7 @@ impl Client {
             app,
             cookie: self.cookie.clone(),
             host: self.host.clone(),
+            tenant: self.tenant.clone(),
         }
     }
 
@@ -79,6 +83,9 @@ impl Client {
         }
         if let Some(host) = &self.host {
             request = request.header(header::HOST, host);
+        }
+        if let Some(tenant) = &self.tenant {
+            request = request.header("x-tenant", tenant);
         }
         let reply = send(&self.app, request.body(Body::empty()).unwrap()).await;
         if let Some(set) = reply.set_cookies().last() {

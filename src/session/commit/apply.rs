@@ -8,7 +8,7 @@ use super::{
 };
 use crate::{
     session::{
-        Session, SessionEvent,
+        LifecycleKind, Session, SessionEvent,
         id::SessionId,
         session::State,
         store::{Lifetime, Patch, Record, Written},
@@ -47,7 +47,12 @@ impl Session {
                     }
                     continue;
                 }
-                Plan::Destroy { user } => self.destroy_now(user.as_deref()).await,
+                Plan::Destroy { user } => {
+                    if user.is_none() && self.read_whose(&mut state).await {
+                        continue;
+                    }
+                    self.destroy_now(user.as_deref()).await
+                }
                 Plan::Create { record, start } => self.create(&record, start).await,
                 Plan::RemoveCookie => Committed {
                     cookie: CookieChange::Remove,
@@ -80,14 +85,31 @@ impl Session {
         }
     }
 
+    /// Before a logout of an unread session, when the layer keeps a lifecycle log (which names
+    /// the user who logged out): reads the session. Whether it was read.
+    async fn read_whose(&self, state: &mut State) -> bool {
+        if !matches!(state.loaded, Loaded::NotYet) || self.inner.shared.events.is_none() {
+            return false;
+        }
+        let _ = self.loaded(state).await;
+        !matches!(state.loaded, Loaded::NotYet)
+    }
+
     /// Ends the cookie's session. The cookie goes either way; a failed delete is reported,
     /// since the id still works in the store until it expires.
     async fn destroy_now(&self, user: Option<&str>) -> Committed {
         let Some(key) = self.key() else {
             return Committed::NOTHING;
         };
-        let event = match self.inner.shared.store.delete(&key, user).await {
-            Ok(()) => SessionEvent::Destroyed,
+        let shared = &self.inner.shared;
+        let event = match shared.store.delete(&key, user).await {
+            Ok(()) => {
+                let logout = LifecycleKind::Logout;
+                shared
+                    .lifecycle(logout, &self.inner.tenant, user, Some(&key))
+                    .await;
+                SessionEvent::Destroyed
+            }
             Err(error) => {
                 self.store_failed(&error, "destroy");
                 SessionEvent::Failed
@@ -107,8 +129,17 @@ impl Session {
             self.store_failed(&error, "create");
             return Committed::FAILED;
         }
+        let shared = &self.inner.shared;
+        let tenant = &self.inner.tenant;
         if let Some(user) = &record.user {
+            shared
+                .lifecycle(LifecycleKind::Login, tenant, Some(user), Some(&key))
+                .await;
             self.end_sessions_over_cap(user, &key).await;
+        } else if shared.events.as_ref().is_some_and(|e| e.writes_created()) {
+            shared
+                .lifecycle(LifecycleKind::Created, tenant, None, Some(&key))
+                .await;
         }
         let event = match start {
             Start::New => SessionEvent::Created,
@@ -139,8 +170,17 @@ impl Session {
         let store = &self.inner.shared.store;
         Wrote::Done(match store.cycle(&old, old_user, &new, record).await {
             Ok(Written::Applied) => {
-                if let Some(user) = record.user.as_deref().filter(|u| Some(*u) != old_user) {
+                let (shared, tenant) = (&self.inner.shared, &self.inner.tenant);
+                let user = record.user.as_deref();
+                if let Some(user) = user.filter(|u| Some(*u) != old_user) {
+                    shared
+                        .lifecycle(LifecycleKind::Login, tenant, Some(user), Some(&new))
+                        .await;
                     self.end_sessions_over_cap(user, &new).await;
+                } else {
+                    shared
+                        .lifecycle(LifecycleKind::Cycled, tenant, user, Some(&new))
+                        .await;
                 }
                 Committed::new(
                     CookieChange::Set(new_id, cookie_age(&record.lifetime())),
