@@ -12,7 +12,7 @@ use axum::{
 };
 use serde::Deserialize;
 use tower_turnstile::{
-    connection::Registry,
+    connection::{Registry, SessionWatch},
     ratelimit::RateLimitLayer,
     session::{Expiry, Session, SessionError, SessionEvents, SessionLayer},
     tenant::{HostSubdomain, TenantLayer},
@@ -54,6 +54,13 @@ pub fn app_with(
     let sessions = sessions
         .on_session_end(connections.registry.clone())
         .with_lifecycle_events(connections.events.clone());
+    // A session that expires under an open socket closes it within one lease (10 s).
+    if let Err(error) = connections
+        .registry
+        .watch_sessions(sessions.store(), SessionWatch::CloseOnExpiry)
+    {
+        warn!(%error, "expired sessions will not close their sockets");
+    }
     let session_routes = Router::new()
         .route("/ws", get(websocket))
         .route("/notify", post(notify))

@@ -63,5 +63,6 @@ mod tasks;
 
 pub use registration::Registration;
 pub use registry::{ConnectionInfo, Event, RegisterError, Registry, RegistryBuilder};
+pub use sessions::SessionWatch;
 #[cfg(fuzzing)]
 pub(crate) use {keys::parse_member, tasks::stream_entries};

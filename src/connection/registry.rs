@@ -93,7 +93,9 @@ pub(super) struct Inner {
     /// This instance's connections, by id.
     pub(super) local: Mutex<HashMap<u64, Local>>,
     /// The renewal and inbox tasks, stopped with the last clone.
-    tasks: Tasks,
+    pub(super) tasks: Tasks,
+    /// The store the sessions of bound connections are checked in, once set.
+    pub(super) watch: std::sync::OnceLock<super::sessions::Watch>,
 }
 
 /// One of this instance's connections.
@@ -236,6 +238,7 @@ impl Registry {
                 draining: AtomicBool::new(false),
                 local: Mutex::new(HashMap::new()),
                 tasks: Tasks::default(),
+                watch: std::sync::OnceLock::new(),
             }),
         }
     }

@@ -1,16 +1,42 @@
 //! Connections bound to the session that opened them: told ([`Event::SessionEnded`]) on
 //! whichever instance holds them when that session ends, through the instances' inboxes.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use futures_util::{StreamExt, stream};
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::{Event, RegisterError, Registration, Registry, keys::LIVE, keys::parse_member};
 use crate::{
-    session::{SessionEndListener, SessionKey, UserKey},
+    ConfigError,
+    session::{SessionEndListener, SessionKey, SessionStore, UserKey},
     tenant::Tenant,
 };
+
+/// What a watch does with the session of a bound connection; see
+/// [`Registry::watch_sessions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SessionWatch {
+    /// Looks whether the session still lives, without restarting its inactivity clock: a
+    /// session that expires (or ended unannounced) closes its connections within one lease.
+    /// The default.
+    #[default]
+    CloseOnExpiry,
+    /// Uses the session, as a request would, once per check: a session lives as long as a
+    /// connection bound to it does (up to its absolute end, where its connections close).
+    KeepAlive,
+}
+
+/// The store the sessions of bound connections are checked in.
+pub(super) struct Watch {
+    store: Arc<dyn SessionStore>,
+    mode: SessionWatch,
+}
+
+/// How many sessions a watch checks at once.
+const CHECKS_IN_FLIGHT: usize = 16;
 
 /// What an inbox entry names instead of one session: every session of the user.
 const EVERY_SESSION: &str = "*";
@@ -146,6 +172,70 @@ impl Registry {
             .filter_map(|member| parse_member(member).map(|(instance, _)| instance.to_owned()))
             .collect();
         Some(others(instances))
+    }
+}
+
+impl Registry {
+    /// Checks, every third of the lease, that the sessions this instance's bound connections
+    /// were registered under still live in `store` (the store of the
+    /// [`SessionLayer`](crate::session::SessionLayer), [`SessionLayer::store`](crate::session::SessionLayer::store)),
+    /// and tells the connections of those that do not ([`Event::SessionEnded`]). It catches
+    /// what no one announces: a session that expires, or one ended while Redis was down. With
+    /// [`SessionWatch::KeepAlive`], each check uses the session instead, so a connection keeps
+    /// its session alive. One store call per bound session per check, 16 at a time. Set once;
+    /// later calls are refused.
+    pub fn watch_sessions(
+        &self,
+        store: Arc<dyn SessionStore>,
+        mode: SessionWatch,
+    ) -> Result<(), ConfigError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| ConfigError::NoRuntime("the session watch"))?;
+        if self.inner.watch.set(Watch { store, mode }).is_err() {
+            return Ok(());
+        }
+        let every = (self.inner.lease / 3).max(Duration::from_millis(10));
+        let registry = Arc::downgrade(&self.inner);
+        self.inner.tasks.keep(runtime.spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = registry.upgrade() else {
+                    return;
+                };
+                Registry { inner }.check_sessions().await;
+            }
+        }));
+        Ok(())
+    }
+
+    /// One round of the watch: ends the connections of the sessions found gone.
+    async fn check_sessions(&self) {
+        let Some(watch) = self.inner.watch.get() else {
+            return;
+        };
+        let bound: HashSet<(Tenant, String)> = self
+            .lock_local()
+            .values()
+            .filter_map(|c| Some((c.tenant.clone(), c.session.clone()?)))
+            .collect();
+        let gone: Vec<_> = stream::iter(bound)
+            .map(|(tenant, hash)| async move {
+                let key = SessionKey::from_hash(&tenant, &hash)?;
+                let alive = match watch.mode {
+                    SessionWatch::CloseOnExpiry => watch.store.exists(&key).await,
+                    SessionWatch::KeepAlive => watch.store.load(&key).await.map(|r| r.is_some()),
+                };
+                // A store that fails says nothing about the session: look again next time.
+                matches!(alive, Ok(false)).then_some((tenant, hash))
+            })
+            .buffer_unordered(CHECKS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (tenant, hash) in gone.into_iter().flatten() {
+            self.end_here(&tenant, None, &hash);
+        }
     }
 }
 

@@ -35,6 +35,13 @@ impl Tasks {
     }
 }
 
+impl Tasks {
+    /// Keeps `task` to abort it with the others.
+    pub(super) fn keep(&self, task: JoinHandle<()>) {
+        lock(&self.0).push(task);
+    }
+}
+
 impl Drop for Tasks {
     fn drop(&mut self) {
         for task in lock(&self.0).drain(..) {

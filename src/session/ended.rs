@@ -75,6 +75,10 @@ impl SessionStore for Announcing {
         self.store.list_user_sessions(user).await
     }
 
+    async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        self.store.exists(key).await
+    }
+
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
         let ended = self.store.delete_user_sessions(user).await?;
         self.listener.user_sessions_ended(user).await;

@@ -327,6 +327,13 @@ impl SessionLayer {
         &self.shared
     }
 
+    /// The store the layer uses (with what it was given wrapped around it, such as
+    /// [`on_session_end`](Self::on_session_end)'s announcements): for
+    /// [`Registry::watch_sessions`](crate::connection::Registry::watch_sessions), say.
+    pub fn store(&self) -> Arc<dyn SessionStore> {
+        Arc::clone(&self.shared.store)
+    }
+
     /// A handle to list and end users' sessions outside any request (an admin page, a password
     /// change job), on every instance that shares the store.
     pub fn user_sessions(&self) -> UserSessions {

@@ -666,6 +666,11 @@ async fn in_flight_requests_are_capped_across_instances() {
     }
 }
 
+/// Two instances of the app with `config`.
+async fn pair(config: &Config) -> (Instance, Instance) {
+    (instance(config).await, instance(config).await)
+}
+
 /// `POST` as the holder of `cookie`; returns the status.
 async fn post_as(app: &Router, host: &str, path: &str, cookie: &str) -> StatusCode {
     let request = Request::builder()
@@ -703,10 +708,7 @@ async fn a_logout_on_one_instance_closes_the_session_socket_on_the_other() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let (a, b) = (
-        instance(&config(&redis, 5)).await,
-        instance(&config(&redis, 5)).await,
-    );
+    let (a, b) = pair(&config(&redis, 5)).await;
     let host = "acme.localhost";
     let (laptop, phone) = (
         login(&a.router, host, "alice").await,
@@ -738,10 +740,7 @@ async fn logging_out_everywhere_closes_every_socket_of_the_user() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let (a, b) = (
-        instance(&config(&redis, 5)).await,
-        instance(&config(&redis, 5)).await,
-    );
+    let (a, b) = pair(&config(&redis, 5)).await;
     let host = "acme.localhost";
     let (laptop, phone) = (
         login(&a.router, host, "alice").await,
@@ -790,7 +789,7 @@ async fn a_third_login_over_the_cap_ends_the_oldest_session_and_its_socket() {
         max_sessions_per_user: Some(2),
         ..config(&redis, 5)
     };
-    let (a, b) = (instance(&capped).await, instance(&capped).await);
+    let (a, b) = pair(&capped).await;
     let host = "acme.localhost";
     let oldest = login(&a.router, host, "alice").await;
     let mut socket = connect(&b, host, Some(&oldest)).await.unwrap();
@@ -813,4 +812,44 @@ async fn a_third_login_over_the_cap_ends_the_oldest_session_and_its_socket() {
     assert_eq!(me(oldest, b.router.clone()).await, StatusCode::UNAUTHORIZED);
     assert_eq!(me(second, a.router.clone()).await, StatusCode::OK);
     assert_eq!(me(third, b.router.clone()).await, StatusCode::OK);
+}
+
+/// On a three-master Redis Cluster: a logout on one instance of the app closes the session's
+/// socket on the other, and "log out everywhere" closes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_close_with_their_session_on_a_cluster() {
+    let Some(cluster) = crate::support::RedisCluster::start_masters_only() else {
+        return;
+    };
+    let on_cluster = Config {
+        redis_cluster: Some(cluster.urls()),
+        rate_limit: Quota::per_second(100_000),
+        ..Config::default()
+    };
+    let (a, b) = pair(&on_cluster).await;
+    let host = "acme.localhost";
+    let (laptop, phone) = (
+        login(&a.router, host, "alice").await,
+        login(&b.router, host, "alice").await,
+    );
+    let mut laptop_on_b = connect(&b, host, Some(&laptop)).await.unwrap();
+    let mut phone_on_a = connect(&a, host, Some(&phone)).await.unwrap();
+    assert_eq!(
+        post_as(&a.router, host, "/logout", &laptop).await,
+        StatusCode::OK
+    );
+    assert!(
+        closed_within(&mut laptop_on_b, Duration::from_secs(1))
+            .await
+            .is_some()
+    );
+    assert_eq!(
+        post_as(&b.router, host, "/logout-all", &phone).await,
+        StatusCode::OK
+    );
+    assert!(
+        closed_within(&mut phone_on_a, Duration::from_secs(1))
+            .await
+            .is_some()
+    );
 }

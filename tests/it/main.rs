@@ -60,6 +60,8 @@ mod session_layer;
 #[cfg(feature = "postgres")]
 mod session_migration;
 mod session_restore;
+#[cfg(feature = "connections")]
+mod session_watch;
 mod tenant;
 #[cfg(feature = "tonic")]
 mod tonic_server;

@@ -57,6 +57,7 @@ pub fn routes() -> Router {
                 Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
             }
         }))
+        .route("/key", get(|s: Session| async move { s.key().map(|k| k.hash()).unwrap_or_default() }))
         .route("/user", get(|s: Session| async move { s.user_id().await.unwrap().unwrap_or_else(|| "anonymous".into()) }))
         .route("/cycle", post(|s: Session| async move { s.cycle_id().await }))
         .route("/destroy", post(|s: Session| async move { s.destroy().await }))

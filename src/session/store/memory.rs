@@ -259,6 +259,11 @@ impl MemoryStore {
         Some(entry)
     }
 
+    /// Whether a live session is under `key`, without counting the look as a use.
+    pub(crate) fn contains(&self, key: &SessionKey) -> bool {
+        self.sessions.contains_key(key)
+    }
+
     pub(crate) fn put(&self, key: &SessionKey, record: &Record) {
         let entry = Arc::new(Entry::new(record, self.clock.now_ms()));
         if let Some(user) = &record.user {
@@ -381,6 +386,11 @@ impl SessionStore for MemoryStore {
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
         Ok(self.user_sessions(user))
+    }
+
+    /// Looks without restarting the inactivity clock.
+    async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        Ok(self.contains(key))
     }
 
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {

@@ -240,4 +240,13 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
 
     /// Removes every session of one user; returns how many existed.
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError>;
+
+    /// Whether a live session is stored under `key`, ideally without restarting its
+    /// inactivity clock (what a watch on a live connection asks; see
+    /// [`Registry::watch_sessions`](crate::connection::Registry::watch_sessions)). The default
+    /// [`load`](Self::load)s it, which does restart the clock; `RedisStore`, `MemoryStore` and
+    /// `FallbackStore` look without touching.
+    async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        Ok(self.load(key).await?.is_some())
+    }
 }

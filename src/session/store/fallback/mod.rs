@@ -573,6 +573,14 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     }
 
     /// During an outage: the sessions of `user` that this instance holds.
+    /// During an outage: whether this instance holds the session.
+    async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        let local = &self.inner.local;
+        let redis = self.inner.primary.exists(key);
+        self.either(Some(key), redis, |_| {}, || Ok(local.contains(key)))
+            .await
+    }
+
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
         let local = &self.inner.local;
         self.either(

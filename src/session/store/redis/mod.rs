@@ -595,6 +595,21 @@ impl SessionStore for RedisStore {
         self.run(batch).await.map(drop)
     }
 
+    /// One `HEXISTS` of the session's metadata: its inactivity clock is not restarted.
+    async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        self.ensure_intact().await;
+        let redis_key = self.keys.session(key);
+        let found = self
+            .backend
+            .run(self.timeout, |mut conn| async move {
+                let mut cmd = redis::cmd("HEXISTS");
+                cmd.arg(redis_key).arg(layout::TENANT);
+                cmd.query_async::<bool>(&mut conn).await
+            })
+            .await?;
+        Ok(found)
+    }
+
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
         self.ensure_intact().await;
         let index = self.keys.user(user);
