@@ -246,8 +246,14 @@ async fn a_failover_to_a_replica_that_missed_writes_restores_the_sessions() {
     let Some(mut group) = SentinelGroup::start() else {
         return;
     };
+    let redis = backend(&group);
+    eventually("the backend answers", || {
+        let redis = redis.clone();
+        async move { redis.ping().await.is_ok() }
+    })
+    .await;
     let store = FallbackStore::new(
-        RedisStore::new(backend(&group))
+        RedisStore::new(redis)
             .with_timeout(Duration::from_millis(300))
             .with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY),
     );
@@ -255,6 +261,9 @@ async fn a_failover_to_a_replica_that_missed_writes_restores_the_sessions() {
     let mut alice = Client::new(app.clone());
     assert_eq!(alice.post("/set/colour/teal").await.status, StatusCode::OK);
     assert_eq!(alice.get("/get/colour").await.body, "\"teal\"");
+    // In Redis, not in the fallback's journal (a slow first call under load would put it
+    // there).
+    store.flush(Duration::from_secs(5)).await;
     group.sync();
 
     // The replica stops following (it is told its master is at a port nobody listens on), so
@@ -269,6 +278,7 @@ async fn a_failover_to_a_replica_that_missed_writes_restores_the_sessions() {
     let mut bob = Client::new(app.clone());
     assert_eq!(bob.post("/set/colour/plum").await.status, StatusCode::OK);
     assert_eq!(bob.get("/get/colour").await.body, "\"plum\"");
+    store.flush(Duration::from_secs(5)).await;
     let sessions_on = |server: &crate::support::RedisServer| {
         server
             .cli(&["--scan", "--pattern", "*:session:*"])
