@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use futures_util::{StreamExt, stream};
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::{Event, RegisterError, Registration, Registry, keys::LIVE, keys::parse_member};
+use super::{Event, RegisterError, Registration, Registry};
 use crate::{
     ConfigError,
     session::{SessionEndListener, SessionKey, SessionStore, UserKey},
@@ -78,16 +78,18 @@ impl Registry {
     }
 
     /// Tells the connections registered under `session` that it ended, here at once and on
-    /// the other instances through their inboxes (within one inbox poll, 20 ms by default).
-    /// `user`, when known, narrows the instances told to those holding that user's
-    /// connections; without it, every instance with connections in the tenant is told. While
-    /// Redis is down only this instance's connections are told. Returns how many connections
-    /// here were told.
+    /// the other instances holding connections of `user` through their inboxes (within one
+    /// inbox poll, 20 ms by default). Without a user (a session bound to none), only this
+    /// instance's are told; a [watch](Self::watch_sessions) tells the others within a lease.
+    /// While Redis is down only this instance's connections are told. Returns how many
+    /// connections here were told.
     pub async fn end_session(&self, session: &SessionKey, user: Option<&str>) -> usize {
         let hash = session.hash();
         let tenant = session.tenant();
         let told = self.end_here(tenant, user, &hash);
-        self.end_elsewhere(tenant, user, &hash).await;
+        if let Some(user) = user {
+            self.end_elsewhere(tenant, user, &hash).await;
+        }
         told
     }
 
@@ -96,7 +98,7 @@ impl Registry {
     /// told.
     pub async fn end_user_sessions(&self, user: &UserKey) -> usize {
         let told = self.end_here(user.tenant(), Some(user.user()), EVERY_SESSION);
-        self.end_elsewhere(user.tenant(), Some(user.user()), EVERY_SESSION)
+        self.end_elsewhere(user.tenant(), user.user(), EVERY_SESSION)
             .await;
         told
     }
@@ -130,48 +132,22 @@ impl Registry {
         told
     }
 
-    /// Appends the end to the inbox of every other instance that may hold such a connection.
-    async fn end_elsewhere(&self, tenant: &Tenant, user: Option<&str>, hash: &str) {
-        let Some(instances) = self.instances_with(tenant, user).await else {
+    /// Appends the end to the inbox of every other instance holding connections of `user`.
+    async fn end_elsewhere(&self, tenant: &Tenant, user: &str, hash: &str) {
+        let Some(listed) = self.shared_connections_of(tenant, user).await else {
             return;
         };
-        let mut fields = vec![("t", tenant.as_str()), ("e", hash)];
-        if let Some(user) = user {
-            fields.push(("u", user));
-        }
+        let here = &self.inner.keys.instance;
+        let instances: HashSet<String> = listed
+            .into_iter()
+            .map(|c| c.instance)
+            .filter(|instance| instance != here)
+            .collect();
+        let fields = [("t", tenant.as_str()), ("e", hash), ("u", user)];
         let commands = self.inbox_commands(instances.iter(), &fields);
         if let Err(error) = self.run_all(commands).await {
             self.redis_failed("end session", &error);
         }
-    }
-
-    /// The other instances holding connections of `user` (or, without one, of `tenant`);
-    /// `None` when Redis cannot say.
-    async fn instances_with(&self, tenant: &Tenant, user: Option<&str>) -> Option<HashSet<String>> {
-        let here = &self.inner.keys.instance;
-        let others = |instances: Vec<String>| -> HashSet<String> {
-            instances.into_iter().filter(|i| i != here).collect()
-        };
-        if let Some(user) = user {
-            let listed = self.shared_connections_of(tenant, user).await?;
-            return Some(others(listed.into_iter().map(|c| c.instance).collect()));
-        }
-        let backend = self.inner.backend.as_ref()?;
-        let call = LIVE.key(self.inner.keys.tenant(tenant));
-        let listed = backend
-            .run(self.inner.timeout, |mut conn| async move {
-                let (members, _): (Vec<String>, Vec<Option<String>>) =
-                    call.invoke_async(&mut conn).await?;
-                Ok(members)
-            })
-            .await
-            .inspect_err(|error| self.redis_failed("list", error))
-            .ok()?;
-        let instances = listed
-            .iter()
-            .filter_map(|member| parse_member(member).map(|(instance, _)| instance.to_owned()))
-            .collect();
-        Some(others(instances))
     }
 }
 

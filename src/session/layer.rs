@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) failure: FailurePolicy,
     pub(crate) cap: Option<Cap>,
     pub(crate) events: Option<SessionEvents>,
+    /// Whether ended sessions are announced ([`SessionLayer::on_session_end`]).
+    pub(crate) announces: bool,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl fmt::Debug for Shared {
             .field("failure", &self.failure)
             .field("cap", &self.cap)
             .field("events", &self.events)
+            .field("announces", &self.announces)
             .finish()
     }
 }
@@ -126,6 +129,7 @@ impl SessionLayer {
                 failure: FailurePolicy::default(),
                 cap: None,
                 events: None,
+                announces: false,
             }),
         }
     }
@@ -318,6 +322,7 @@ impl SessionLayer {
                 store: Arc::clone(&s.store),
                 listener,
             });
+            s.announces = true;
         })
     }
 

@@ -86,9 +86,12 @@ impl Session {
     }
 
     /// Before a logout of an unread session, when the layer keeps a lifecycle log (which names
-    /// the user who logged out): reads the session. Whether it was read.
+    /// the user who logged out) or announces ends (the user tells which instances hold the
+    /// session's connections): reads the session. Whether it was read.
     async fn read_whose(&self, state: &mut State) -> bool {
-        if !matches!(state.loaded, Loaded::NotYet) || self.inner.shared.events.is_none() {
+        let shared = &self.inner.shared;
+        let wants_user = shared.events.is_some() || shared.announces;
+        if !matches!(state.loaded, Loaded::NotYet) || !wants_user {
             return false;
         }
         let _ = self.loaded(state).await;
