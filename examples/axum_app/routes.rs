@@ -54,6 +54,13 @@ pub fn app_with(
     let sessions = sessions
         .on_session_end(connections.registry.clone())
         .with_lifecycle_events(connections.events.clone());
+    // Expiries of logged-in sessions go to the lifecycle log, one instance writing each.
+    if let Err(error) = connections
+        .events
+        .sweep_expired(sessions.store(), Duration::from_secs(1))
+    {
+        warn!(%error, "expired sessions will not be written to the lifecycle log");
+    }
     // A session that expires under an open socket closes it within one lease (10 s).
     if let Err(error) = connections
         .registry

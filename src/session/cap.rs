@@ -80,10 +80,13 @@ impl Session {
         let excess = (others.len() + 1).saturating_sub(cap.max);
         let shared = &self.inner.shared;
         for info in others.iter().take(excess) {
+            let tenant = &self.inner.tenant;
+            shared
+                .unschedule_ends(tenant, std::slice::from_ref(&info.key))
+                .await;
             match store.delete(&info.key, Some(user)).await {
                 Ok(()) => {
                     let evicted = LifecycleKind::Evicted;
-                    let tenant = &self.inner.tenant;
                     shared
                         .lifecycle(evicted, tenant, Some(user), Some(&info.key))
                         .await;

@@ -24,7 +24,8 @@ pub enum LifecycleKind {
     /// Every session of a user was ended: "log out everywhere", or an admin
     /// ([`UserSessions::destroy_all`](super::UserSessions::destroy_all)).
     Revoked,
-    /// The session reached the end of its life (not written yet; see the README).
+    /// The session reached the end of its life unused (written by the sweep,
+    /// [`SessionEvents::sweep_expired`], for sessions that had logged in).
     Expired,
     /// A login over the per-user cap ended it
     /// ([`SessionLayer::with_max_sessions_per_user`](super::SessionLayer::with_max_sessions_per_user)).
@@ -106,8 +107,10 @@ pub struct LifecycleEvent {
 ///   log per tenant, without consumer groups.
 ///
 /// An event costs one `XADD` when a session's life changes (a login, a logout, ...), never on
-/// a read or a plain write. While Redis is unreachable the events of that moment are dropped,
-/// counted (`turnstile_session_events_dropped_total`) and logged, not journaled.
+/// a read or a plain write; a login also indexes the session's possible end, for
+/// [`sweep_expired`](SessionEvents::sweep_expired), which writes [`LifecycleKind::Expired`].
+/// While Redis is unreachable the events of that moment are dropped, counted
+/// (`turnstile_session_events_dropped_total`) and logged, not journaled.
 #[derive(Clone)]
 pub struct SessionEvents {
     inner: Arc<Inner>,
@@ -118,6 +121,8 @@ struct Inner {
     max_len: usize,
     created: bool,
     instance: String,
+    /// When each logged-in session may end, for the sweep that writes `expired`.
+    ends: ends::Ends,
 }
 
 enum Log {
@@ -170,6 +175,7 @@ impl SessionEvents {
                 max_len: DEFAULT_MAX_LEN,
                 created: false,
                 instance: instance_name(),
+                ends: ends::Ends::default(),
             }),
         }
     }
@@ -404,5 +410,6 @@ fn instance_name() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+mod ends;
 #[cfg(feature = "redis")]
 mod redis_log;

@@ -31,6 +31,51 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Indexes a logged-in session's possible end for the sweep of expiries, when the layer
+    /// keeps lifecycle events.
+    pub(crate) fn schedule_end<'a>(
+        &'a self,
+        tenant: &'a Tenant,
+        key: &'a SessionKey,
+        record: &'a crate::session::store::Record,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (Some(events), Some(user)) = (&self.events, &record.user) else {
+                return;
+            };
+            let now = crate::time::now_millis();
+            let end = now.saturating_add(crate::time::millis(record.ttl_at(now)));
+            let idle = record.inactivity_timeout;
+            events.schedule(tenant, user, &key.hash(), idle, end).await;
+        })
+    }
+
+    /// Takes sessions that end some other way out of the index of ends.
+    pub(crate) fn unschedule_ends<'a>(
+        &'a self,
+        tenant: &'a Tenant,
+        keys: &'a [SessionKey],
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(events) = &self.events {
+                let hashes: Vec<String> = keys.iter().map(SessionKey::hash).collect();
+                events.unschedule(tenant, &hashes).await;
+            }
+        })
+    }
+
+    /// Before "log out everywhere": takes the user's sessions out of the index of ends (one
+    /// listing, only when the layer keeps lifecycle events).
+    pub(crate) async fn unschedule_user(&self, user: &UserKey) {
+        if self.events.is_none() {
+            return;
+        }
+        if let Ok(listed) = self.store.list_user_sessions(user).await {
+            let keys: Vec<SessionKey> = listed.into_iter().map(|info| info.key).collect();
+            self.unschedule_ends(user.tenant(), &keys).await;
+        }
+    }
+
     /// Writes a lifecycle event, when the layer keeps them. Boxed: it sits deep inside the
     /// commit's future, which would otherwise grow past the compiler's layout depth.
     pub(crate) fn lifecycle<'a>(
@@ -373,11 +418,9 @@ impl UserSessions {
 
     /// Ends every session of `user` in `tenant`; returns how many there were.
     pub async fn destroy_all(&self, tenant: &Tenant, user: &str) -> Result<usize, StoreError> {
-        let ended = self
-            .shared
-            .store
-            .delete_user_sessions(&UserKey::new(tenant, user))
-            .await?;
+        let key = UserKey::new(tenant, user);
+        self.shared.unschedule_user(&key).await;
+        let ended = self.shared.store.delete_user_sessions(&key).await?;
         let revoked = LifecycleKind::Revoked;
         self.shared
             .lifecycle(revoked, tenant, Some(user), None)

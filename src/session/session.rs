@@ -306,6 +306,7 @@ impl Session {
         };
         let key = UserKey::new(&self.inner.tenant, &user);
         let shared = &self.inner.shared;
+        shared.unschedule_user(&key).await;
         let ended = shared.store.delete_user_sessions(&key).await?;
         let revoked = super::LifecycleKind::Revoked;
         shared

@@ -198,3 +198,67 @@ async fn a_consumer_group_reads_every_event_once_across_a_restart() {
     let memory = SessionEvents::memory();
     assert!(memory.read_group(&acme, "audit", "w", 1).await.is_err());
 }
+
+/// `expired` without keyspace notifications: two instances sweep; a logged-in session left
+/// unused expires and is written once; one logged out, or one kept in use, is not.
+async fn expiries_are_written_once(instances: [(SessionEvents, SessionLayer); 2]) {
+    use std::time::Duration;
+
+    let [(events, one), (other, two)] = instances;
+    for (events, layer) in [(&events, &one), (&other, &two)] {
+        events
+            .sweep_expired(layer.store(), Duration::from_millis(100))
+            .unwrap();
+    }
+    let (one, two) = (app(one), app(two));
+    client(&one, "acme").post("/login/alice").await;
+    let mut bob = client(&two, "acme");
+    bob.post("/login/bob").await;
+    bob.post("/destroy").await;
+    let mut carol = client(&one, "acme");
+    carol.post("/login/carol").await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(carol.get("/user").await.body, "carol", "in use, alive");
+    }
+
+    let acme = Tenant::new("acme").unwrap();
+    let log = events.latest(&acme, 100).await.unwrap();
+    let expired: Vec<_> = log
+        .iter()
+        .filter(|e| e.kind == LifecycleKind::Expired)
+        .map(|e| e.user.as_deref())
+        .collect();
+    assert_eq!(expired, [Some("alice")], "{:?}", kinds(&log));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_expiries_are_written_once_by_one_of_two_sweeping_instances() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let instance = || {
+        let backend = RedisBackend::new(&server.url()).unwrap();
+        let events = SessionEvents::redis(backend.clone());
+        let layer = SessionLayer::new(RedisStore::new(backend))
+            .with_secure(false)
+            .with_inactivity_timeout(std::time::Duration::from_secs(1))
+            .with_lifecycle_events(events.clone());
+        (events, layer)
+    };
+    expiries_are_written_once([instance(), instance()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_expiries_are_written_once() {
+    let store = MemoryStore::new();
+    let events = SessionEvents::memory();
+    let instance = || {
+        let layer = SessionLayer::new(store.clone())
+            .with_secure(false)
+            .with_inactivity_timeout(std::time::Duration::from_secs(1))
+            .with_lifecycle_events(events.clone());
+        (events.clone(), layer)
+    };
+    expiries_are_written_once([instance(), instance()]).await;
+}

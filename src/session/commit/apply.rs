@@ -105,6 +105,10 @@ impl Session {
             return Committed::NOTHING;
         };
         let shared = &self.inner.shared;
+        // Out of the index of ends first: a sweep must not take the logout for an expiry.
+        shared
+            .unschedule_ends(&self.inner.tenant, std::slice::from_ref(&key))
+            .await;
         let event = match shared.store.delete(&key, user).await {
             Ok(()) => {
                 let logout = LifecycleKind::Logout;
@@ -138,6 +142,7 @@ impl Session {
             shared
                 .lifecycle(LifecycleKind::Login, tenant, Some(user), Some(&key))
                 .await;
+            shared.schedule_end(tenant, &key, record).await;
             self.end_sessions_over_cap(user, &key).await;
         } else if shared.events.as_ref().is_some_and(|e| e.writes_created()) {
             shared
@@ -171,10 +176,18 @@ impl Session {
         };
         let new = new_id.key(&self.inner.tenant);
         let store = &self.inner.shared.store;
+        // The old id ends with the move, not by expiry: out of the index of ends first.
+        let old_keys = std::slice::from_ref(&old);
+        self.inner
+            .shared
+            .unschedule_ends(&self.inner.tenant, old_keys)
+            .await;
         Wrote::Done(match store.cycle(&old, old_user, &new, record).await {
             Ok(Written::Applied) => {
                 let (shared, tenant) = (&self.inner.shared, &self.inner.tenant);
                 let user = record.user.as_deref();
+                // The new id may end unused.
+                shared.schedule_end(tenant, &new, record).await;
                 if let Some(user) = user.filter(|u| Some(*u) != old_user) {
                     shared
                         .lifecycle(LifecycleKind::Login, tenant, Some(user), Some(&new))
