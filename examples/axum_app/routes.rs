@@ -61,10 +61,12 @@ pub fn app_with(
     {
         warn!(%error, "expired sessions will not be written to the lifecycle log");
     }
-    // A session that expires under an open socket closes it within one lease (10 s).
+    // A session that expires under an open socket closes it within a second.
+    let every_second = Duration::from_secs(1);
+    let watch = SessionWatch::CloseOnExpiry;
     if let Err(error) = connections
         .registry
-        .watch_sessions(sessions.store(), SessionWatch::CloseOnExpiry)
+        .watch_sessions(sessions.store(), watch, every_second)
     {
         warn!(%error, "expired sessions will not close their sockets");
     }

@@ -20,8 +20,8 @@ use crate::{
 #[non_exhaustive]
 pub enum SessionWatch {
     /// Looks whether the session still lives, without restarting its inactivity clock: a
-    /// session that expires (or ended unannounced) closes its connections within one lease.
-    /// The default.
+    /// session that expires (or ended unannounced) closes its connections within one period
+    /// of the watch. The default.
     #[default]
     CloseOnExpiry,
     /// Uses the session, as a request would, once per check: a session lives as long as a
@@ -80,7 +80,7 @@ impl Registry {
     /// Tells the connections registered under `session` that it ended, here at once and on
     /// the other instances holding connections of `user` through their inboxes (within one
     /// inbox poll, 20 ms by default). Without a user (a session bound to none), only this
-    /// instance's are told; a [watch](Self::watch_sessions) tells the others within a lease.
+    /// instance's are told; a [watch](Self::watch_sessions) tells the others within its period.
     /// While Redis is down only this instance's connections are told. Returns how many
     /// connections here were told.
     pub async fn end_session(&self, session: &SessionKey, user: Option<&str>) -> usize {
@@ -152,25 +152,27 @@ impl Registry {
 }
 
 impl Registry {
-    /// Checks, every third of the lease, that the sessions this instance's bound connections
-    /// were registered under still live in `store` (the store of the
+    /// Checks, every `every`, that the sessions this instance's bound connections were
+    /// registered under still live in `store` (the store of the
     /// [`SessionLayer`](crate::session::SessionLayer), [`SessionLayer::store`](crate::session::SessionLayer::store)),
     /// and tells the connections of those that do not ([`Event::SessionEnded`]). It catches
     /// what no one announces: a session that expires, or one ended while Redis was down. With
     /// [`SessionWatch::KeepAlive`], each check uses the session instead, so a connection keeps
-    /// its session alive. One store call per bound session per check, 16 at a time. Set once;
-    /// later calls are refused.
+    /// its session alive. One store call per bound session per check, 16 at a time: a third
+    /// of the lease is a fair period, a second closes sockets within a second of an expiry.
+    /// The first call sets the watch; later ones change nothing.
     pub fn watch_sessions(
         &self,
         store: Arc<dyn SessionStore>,
         mode: SessionWatch,
+        every: Duration,
     ) -> Result<(), ConfigError> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ConfigError::NoRuntime("the session watch"))?;
         if self.inner.watch.set(Watch { store, mode }).is_err() {
             return Ok(());
         }
-        let every = (self.inner.lease / 3).max(Duration::from_millis(10));
+        let every = every.max(Duration::from_millis(10));
         let registry = Arc::downgrade(&self.inner);
         self.inner.tasks.keep(runtime.spawn(async move {
             let mut ticks = tokio::time::interval(every);
