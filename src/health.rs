@@ -54,6 +54,9 @@ pub struct RateLimitStatus {
     pub falling_back: bool,
     /// Decisions made without Redis since the layer was built.
     pub fallback_decisions: u64,
+    /// Requests a shadow layer let through that it would have refused
+    /// ([`RateLimitLayer::with_shadow`]); 0 for a layer that refuses.
+    pub shadow_refusals: u64,
 }
 
 /// A ready-made health endpoint: answers any request with a [`HealthReport`] as JSON.
@@ -156,6 +159,7 @@ impl HealthService {
         let rate_limit = self.rate_limit.as_ref().map(|layer| RateLimitStatus {
             falling_back: layer.is_falling_back() && (!healthy || backend.refusing_writes),
             fallback_decisions: layer.fallback_decisions(),
+            shadow_refusals: layer.shadow_refusals(),
         });
         #[cfg(feature = "memory")]
         let sessions = self.sessions.as_ref().map(|status| status());

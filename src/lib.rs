@@ -109,6 +109,7 @@
 //! | `turnstile_session_superseded_total` | counter | | journaled writes of sessions gone from Redis, not replayed |
 //! | `turnstile_session_dropped_total` | counter | | session writes that could not be kept (journal full, refused on replay) |
 //! | `turnstile_session_events_dropped_total` | counter | | session lifecycle events not written (Redis unreachable; they are not journaled) |
+//! | `turnstile_ratelimit_shadow_refusals_total` | counter | | requests a shadow rate limit (`with_shadow`) let through that it would have refused |
 //! | `turnstile_ratelimit_fallback_decisions_total` | counter | | rate-limit decisions made without the shared store |
 //! | `turnstile_ratelimit_allowed_total` | counter | | requests a rate limit let through (with a decision; a skipped request is not counted) |
 //! | `turnstile_ratelimit_denied_total` | counter | | requests refused with `429` |

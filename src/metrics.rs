@@ -120,6 +120,12 @@ const METRICS: &[Metric] = &[
         &[],
     ),
     Metric::new(
+        "turnstile_ratelimit_shadow_refusals_total",
+        Kind::Counter,
+        "Requests a shadow rate limit let through that it would have refused",
+        &[],
+    ),
+    Metric::new(
         "turnstile_ratelimit_fallback_decisions_total",
         Kind::Counter,
         "Rate-limit decisions made without the shared store",

@@ -83,7 +83,10 @@ fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
     let policy = Policy::new("per-ip", config.rate_limit)
         .expect("a constant, valid policy name")
         .with_key(key);
-    let layer = RateLimitLayer::new(policy);
+    let layer = RateLimitLayer::new(policy).with_shadow(config.rate_limit_shadow);
+    if config.rate_limit_shadow {
+        info!("the rate limit is a shadow (RATE_LIMIT_SHADOW): it counts, and refuses nobody");
+    }
     info!(quota = %config.rate_limit, trusted_proxies = ?config.trusted_proxies, "rate limit per client IP");
     match health.redis() {
         Some(backend) => layer.with_redis(backend.clone()),

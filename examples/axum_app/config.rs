@@ -10,7 +10,7 @@ use tower_turnstile::{
 use super::StartupError;
 
 /// Every environment variable the app reads, or refuses.
-const VARIABLES: [&str; 13] = [
+const VARIABLES: [&str; 14] = [
     "BIND",
     "REDIS_URL",
     "REDIS_ENABLED",
@@ -24,6 +24,7 @@ const VARIABLES: [&str; 13] = [
     "TRUSTED_PROXIES",
     "WS_MAX_PER_USER",
     "MAX_SESSIONS_PER_USER",
+    "RATE_LIMIT_SHADOW",
 ];
 
 /// Settings read from the environment.
@@ -55,6 +56,9 @@ pub struct Config {
     /// `MAX_SESSIONS_PER_USER`: live sessions allowed per user (per tenant), across all
     /// instances; a login beyond it ends the user's oldest session. `None`: no cap.
     pub max_sessions_per_user: Option<usize>,
+    /// `RATE_LIMIT_SHADOW`: the per-IP limit decides, counts and sends its headers, but never
+    /// refuses.
+    pub rate_limit_shadow: bool,
 }
 
 impl Default for Config {
@@ -72,6 +76,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             ws_max_per_user: 5,
             max_sessions_per_user: None,
+            rate_limit_shadow: false,
         }
     }
 }
@@ -152,11 +157,13 @@ impl Config {
         let session_secret = session_secret(&vars)?;
         let ws_max_per_user = ws_max_per_user(&vars)?;
         let max_sessions_per_user = max_sessions_per_user(&vars)?;
+        let rate_limit_shadow = flag(&vars, "RATE_LIMIT_SHADOW")?;
 
         // `REDIS_ENABLED=0`: the Redis variables are read (and checked) but not used.
         Ok(Self {
             ws_max_per_user,
             max_sessions_per_user,
+            rate_limit_shadow,
             bind: vars.set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: vars.set("REDIS_URL").filter(|_| redis_enabled),
             database_url: vars.set("DATABASE_URL"),
@@ -257,11 +264,16 @@ fn redis_enabled(vars: &Vars) -> Result<bool, StartupError> {
 }
 
 fn cookie_secure(vars: &Vars) -> Result<bool, StartupError> {
-    match vars.set("COOKIE_SECURE").as_deref() {
+    flag(vars, "COOKIE_SECURE")
+}
+
+/// A variable that is `1`/`true` or `0`/`false` (the default).
+fn flag(vars: &Vars, variable: &'static str) -> Result<bool, StartupError> {
+    match vars.set(variable).as_deref() {
         None | Some("0" | "false") => Ok(false),
         Some("1" | "true") => Ok(true),
         Some(other) => Err(StartupError::Invalid {
-            variable: "COOKIE_SECURE",
+            variable,
             value: other.to_owned(),
             expected: "1 or 0",
         }),

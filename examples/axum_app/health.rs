@@ -19,17 +19,25 @@ pub(crate) struct HealthState {
 }
 
 pub(crate) async fn health_report(State(state): State<HealthState>) -> Response {
+    // Without Redis the limiter counts in memory; its report says what it let through.
+    let local_limit = serde_json::json!({
+        "falling_back": false,
+        "fallback_decisions": 0,
+        "shadow_refusals": state.rate_limit.shadow_refusals(),
+    });
     let report = match state.redis {
         HealthSource::Disabled => serde_json::json!({
             "redis": "disabled",
             "fallback_active": false,
             "storage": "memory",
+            "rate_limit": local_limit,
         }),
         HealthSource::Postgres(database) => serde_json::json!({
             "redis": "disabled",
             "fallback_active": false,
             "storage": "postgres",
             "postgres": postgres_health(&database).await,
+            "rate_limit": local_limit,
         }),
         HealthSource::Redis(backend, fallback) => {
             let mut service = HealthService::new(backend).with_rate_limit(&state.rate_limit);

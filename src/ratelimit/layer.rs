@@ -13,6 +13,7 @@ use super::{
     limiter::{Fallback, Limiter},
     policy::Policy,
     service::RateLimitService,
+    shadow::Shadow,
     store::{Decision, RateLimitStore},
 };
 
@@ -52,6 +53,8 @@ pub(crate) struct Shared {
     /// `{policy}:{algorithm}`, the scope of every counter key of this layer.
     pub(crate) scope: Arc<str>,
     pub(crate) warned_missing_key: Arc<AtomicBool>,
+    /// Set by [`RateLimitLayer::with_shadow`]: decide and count, never refuse.
+    pub(crate) shadow: Option<Shadow>,
 }
 
 impl fmt::Debug for Shared {
@@ -61,6 +64,7 @@ impl fmt::Debug for Shared {
             .field("limiter", &self.limiter)
             .field("headers", &self.headers)
             .field("custom_rejection", &self.rejection.is_some())
+            .field("shadow", &self.shadow.is_some())
             .finish()
     }
 }
@@ -135,6 +139,7 @@ impl RateLimitLayer {
                 policy_header,
                 scope,
                 warned_missing_key: Arc::new(AtomicBool::new(false)),
+                shadow: None,
             }),
         }
     }
@@ -186,6 +191,37 @@ impl RateLimitLayer {
         rejection: impl Fn(&Rejection<'_>) -> Response<Bytes> + Send + Sync + 'static,
     ) -> Self {
         self.edit(|s| s.rejection = Some(Arc::new(rejection)))
+    }
+
+    /// Makes the layer a shadow: it decides, counts and sends the `RateLimit` fields as
+    /// before, but never refuses. Each refusal it did not make is counted
+    /// ([`shadow_refusals`](Self::shadow_refusals), the metric
+    /// `turnstile_ratelimit_shadow_refusals_total`, `/health`) and logged once per key per
+    /// window. How a new limit is rolled out: watch what it would refuse, then turn the shadow
+    /// off. Default: `false`.
+    ///
+    #[cfg_attr(feature = "axum", doc = "```")]
+    #[cfg_attr(not(feature = "axum"), doc = "```ignore")]
+    /// use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
+    ///
+    /// let trial = RateLimitLayer::new(Policy::new("per-ip-v2", Quota::per_minute(30))?)
+    ///     .with_shadow(true);
+    /// # let _ = trial;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_shadow(self, shadow: bool) -> Self {
+        self.edit(|s| s.shadow = shadow.then(|| Shadow::new(s.policy.quota().window())))
+    }
+
+    /// How many requests a shadow layer let through that it would have refused, since it was
+    /// built (0 for a layer that refuses).
+    pub fn shadow_refusals(&self) -> u64 {
+        self.shared.shadow.as_ref().map_or(0, Shadow::refusals)
+    }
+
+    /// Whether the layer is a shadow ([`with_shadow`](Self::with_shadow)).
+    pub fn is_shadow(&self) -> bool {
+        self.shared.shadow.is_some()
     }
 
     /// The policy this layer enforces.

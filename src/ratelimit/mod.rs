@@ -71,6 +71,7 @@ mod limiter;
 mod policy;
 mod quota;
 mod service;
+mod shadow;
 mod store;
 
 pub use algorithm::Algorithm;

@@ -105,8 +105,9 @@ where
         let cost = self.shared.policy.cost_of(&view);
         match self.shared.policy.key.extract(&view).now() {
             Ok(client) => {
+                let shown = shadow_key(&self.shared, client.as_ref());
                 let verdict = decide(&self.shared, tenant_of(request.extensions()), client, cost);
-                respond(&mut self.inner, &self.shared, request, verdict)
+                respond(&mut self.inner, &self.shared, request, verdict, shown)
             }
             Err(client) => {
                 // The key needs I/O (the session's user, say): find it in a future, which
@@ -115,12 +116,20 @@ where
                 let shared = Arc::clone(&self.shared);
                 ResponseFuture::boxed(Box::pin(async move {
                     let tenant = tenant_of(request.extensions());
-                    let verdict = decide(&shared, tenant, client.await, cost);
-                    respond(&mut inner, &shared, request, verdict).await
+                    let client = client.await;
+                    let shown = shadow_key(&shared, client.as_ref());
+                    let verdict = decide(&shared, tenant, client, cost);
+                    respond(&mut inner, &shared, request, verdict, shown).await
                 }))
             }
         }
     }
+}
+
+/// The request's key as a shadow layer logs it; nothing for a layer that refuses.
+fn shadow_key(shared: &Shared, client: Option<&Client>) -> Option<String> {
+    shared.shadow.as_ref()?;
+    client.map(ToString::to_string)
 }
 
 /// The ready service, to move into a future; a clone of it takes its place.
@@ -136,6 +145,7 @@ fn respond<S, ReqBody, ResBody>(
     shared: &Arc<Shared>,
     request: Request<ReqBody>,
     verdict: Answer<Verdict>,
+    shown: Option<String>,
 ) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
@@ -151,12 +161,15 @@ where
             let shared = Arc::clone(shared);
             return ResponseFuture::boxed(Box::pin(async move {
                 let verdict = Answer::ready(later.await);
-                respond(&mut inner, &shared, request, verdict).await
+                respond(&mut inner, &shared, request, verdict, shown).await
             }));
         }
     };
     // gRPC or not matters only for a refusal: the header is looked at only then.
     let grpc = |request: &Request<ReqBody>| is_grpc(request.headers());
+    if let Some(headers) = shadow_pass(shared, &verdict, shown.as_deref()) {
+        return ResponseFuture::inner(inner.call(request), headers);
+    }
     match verdict {
         Verdict::Pass => ResponseFuture::inner(inner.call(request), None),
         Verdict::NoKey => ResponseFuture::ready(refuse(shared, None, grpc(&request))),
@@ -175,6 +188,32 @@ where
 }
 
 type HeaderPair = (HeaderValue, HeaderValue);
+
+/// A shadow refuses nobody: for a verdict that would refuse, counts it and gives the fields a
+/// refusal would carry (the request goes on with them). `None`: the verdict stands.
+fn shadow_pass(
+    shared: &Shared,
+    verdict: &Verdict,
+    shown: Option<&str>,
+) -> Option<Option<HeaderPair>> {
+    let shadow = shared.shadow.as_ref()?;
+    let policy = shared.policy.name();
+    match verdict {
+        Verdict::Decided(decision, quota) if !decision.allowed => {
+            shadow.would_refuse(policy, shown, Some(decision));
+            Some(
+                shared
+                    .headers
+                    .then(|| allowed_headers(shared, *quota, decision)),
+            )
+        }
+        Verdict::NoKey | Verdict::Unavailable => {
+            shadow.would_refuse(policy, shown, None);
+            Some(None)
+        }
+        _ => None,
+    }
+}
 
 fn allowed_headers(shared: &Shared, quota: Quota, decision: &Decision) -> HeaderPair {
     (

@@ -986,3 +986,51 @@ async fn redis_killed_mid_run_then_restarted_shares_counts_again() {
     }
     assert_eq!(allowed, 4, "one shared count across both instances");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shadow limits.
+
+/// A shadow layer decides and sends the fields as the real one would, counts what it would
+/// refuse, and refuses nobody; the same layer without the shadow refuses. On memory and Redis.
+async fn a_shadow_refuses_nobody(store: impl RateLimitStore + Clone) {
+    let shadow = RateLimitLayer::new(policy(2, Duration::from_secs(60)))
+        .with_store(store.clone())
+        .with_shadow(true);
+    let shadowed = app(shadow.clone());
+    let mut remaining = Vec::new();
+    for _ in 0..5 {
+        let reply = hit(&shadowed, "198.51.100.7").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(header(&reply, "retry-after").is_none());
+        remaining.push(header(&reply, "ratelimit").unwrap().to_owned());
+    }
+    assert!(remaining[0].starts_with("\"test\";r=1;"), "{remaining:?}");
+    assert!(
+        remaining[2..].iter().all(|r| r.starts_with("\"test\";r=0")),
+        "{remaining:?}"
+    );
+    assert_eq!(shadow.shadow_refusals(), 3);
+    assert!(shadow.is_shadow());
+
+    // The same count, enforced: the key has spent its quota.
+    let enforced = RateLimitLayer::new(policy(2, Duration::from_secs(60))).with_store(store);
+    assert_eq!(enforced.shadow_refusals(), 0);
+    let reply = hit(&app(enforced), "198.51.100.7").await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn memory_a_shadow_limit_refuses_nobody() {
+    a_shadow_refuses_nobody(MemoryRateStore::new()).await;
+}
+
+#[tokio::test]
+async fn redis_a_shadow_limit_refuses_nobody() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    a_shadow_refuses_nobody(RedisRateStore::new(
+        RedisBackend::new(&server.url()).unwrap(),
+    ))
+    .await;
+}

@@ -2124,3 +2124,52 @@ async fn events_are_listed_per_tenant_across_instances() {
     let (one, two) = two_instances(&server).await;
     events_tell_the_tenants_sessions(&one, &two).await;
 }
+
+/// `RATE_LIMIT_SHADOW=1`: past `RATE_LIMIT` nobody is refused, the `RateLimit` field says the
+/// quota is spent, and `/health`'s `rate_limit` counts the refusals not made; in memory and on
+/// Redis.
+async fn a_shadow_limit_counts_and_refuses_nobody(app: &Router) {
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let reply = send(app, Method::GET, "/", "localhost", None, None).await;
+        statuses.push(reply.status);
+    }
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let reply = send(app, Method::GET, "/health", "localhost", None, None).await;
+    let json: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(json["rate_limit"]["shadow_refusals"], 3, "{json}");
+}
+
+#[tokio::test]
+async fn a_shadow_rate_limit_in_memory() {
+    let config = Config::from_vars([("RATE_LIMIT", "2/60s"), ("RATE_LIMIT_SHADOW", "1")]).unwrap();
+    assert!(config.rate_limit_shadow);
+    a_shadow_limit_counts_and_refuses_nobody(&build(&config).await.unwrap()).await;
+    let refused = Config::from_vars([("RATE_LIMIT_SHADOW", "maybe")]).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            StartupError::Invalid {
+                variable: "RATE_LIMIT_SHADOW",
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_shadow_rate_limit_on_redis() {
+    let Some(server) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let config = Config {
+        redis_url: Some(server.url()),
+        rate_limit_shadow: true,
+        ..Config::from_vars([("RATE_LIMIT", "2/60s")]).unwrap()
+    };
+    a_shadow_limit_counts_and_refuses_nobody(&build(&config).await.unwrap()).await;
+}
