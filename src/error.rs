@@ -99,6 +99,11 @@ pub enum ConfigError {
         "invalid trusted proxy {0:?}: expected an IP address or a CIDR block such as 10.0.0.0/8"
     )]
     Proxy(String),
+    /// An allowlist entry is not an IP address or CIDR block.
+    #[error(
+        "invalid allowlist entry {0:?}: expected an IP address or a CIDR block such as 10.0.0.0/8"
+    )]
+    Allowlist(String),
     /// The IPv6 prefix length is over 128.
     #[error("IPv6 prefix length must be at most 128")]
     Ipv6Prefix,

@@ -61,6 +61,7 @@
 
 mod algorithm;
 mod answer;
+mod exempt;
 mod headers;
 #[cfg(feature = "connections")]
 mod inflight;
@@ -76,6 +77,7 @@ mod store;
 
 pub use algorithm::Algorithm;
 pub use answer::Answer;
+pub use exempt::Allowlist;
 #[cfg(feature = "connections")]
 pub use inflight::{InFlightFuture, InFlightLimitLayer, InFlightLimitService};
 pub use key::{ClientIp, HeaderKey, KeyExtractor, PerTenant, RouteKey, SessionUser};

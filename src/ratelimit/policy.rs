@@ -1,7 +1,8 @@
 use std::{fmt, sync::Arc};
 
 use super::{
-    Algorithm, Quota,
+    Algorithm, Allowlist, Quota,
+    exempt::{Skip, SkipFn},
     key::{ClientIp, KeyExtractor, PerTenant},
 };
 use crate::{ConfigError, http::RequestView, tenant::Tenant};
@@ -48,6 +49,8 @@ pub struct Policy {
     pub(crate) fixed_cost: u64,
     pub(crate) missing_key: MissingKey,
     pub(crate) tenant_quota: Option<Arc<QuotaFn>>,
+    pub(crate) allowlist: Option<Arc<Allowlist>>,
+    pub(crate) skip: Option<Arc<SkipFn>>,
 }
 
 impl fmt::Debug for Policy {
@@ -66,6 +69,8 @@ impl fmt::Debug for Policy {
             )
             .field("missing_key", &self.missing_key)
             .field("quota_per_tenant", &self.tenant_quota.is_some())
+            .field("allowlist", &self.allowlist)
+            .field("skip", &Skip(&self.skip))
             .finish_non_exhaustive()
     }
 }
@@ -108,6 +113,8 @@ impl Policy {
             fixed_cost: 1,
             missing_key: MissingKey::default(),
             tenant_quota: None,
+            allowlist: None,
+            skip: None,
         })
     }
 
@@ -194,6 +201,53 @@ impl Policy {
     /// The policy's algorithm.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// Never limits the clients in `allowlist` (address ranges and keys): their requests are
+    /// not counted and carry no `RateLimit` fields.
+    ///
+    /// ```
+    /// use tower_turnstile::ratelimit::{Allowlist, Policy, Quota};
+    ///
+    /// let policy = Policy::new("per-ip", Quota::per_minute(100))?
+    ///     .with_allowlist(Allowlist::new().with_cidr("10.0.0.0/8")?);
+    /// # let _ = policy;
+    /// # Ok::<(), tower_turnstile::ConfigError>(())
+    /// ```
+    pub fn with_allowlist(mut self, allowlist: Allowlist) -> Self {
+        self.allowlist = Some(Arc::new(allowlist));
+        self
+    }
+
+    /// Skips the limit for requests `skip` says `true` of (health checks, static files, a
+    /// route): they are not counted and carry no `RateLimit` fields.
+    ///
+    /// ```
+    /// use tower_turnstile::ratelimit::{Policy, Quota};
+    ///
+    /// let policy = Policy::new("per-ip", Quota::per_minute(100))?
+    ///     .with_skip(|request| request.uri.path().starts_with("/static/"));
+    /// # let _ = policy;
+    /// # Ok::<(), tower_turnstile::ConfigError>(())
+    /// ```
+    pub fn with_skip(
+        mut self,
+        skip: impl Fn(&RequestView<'_>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.skip = Some(Arc::new(skip));
+        self
+    }
+
+    /// Whether the request is skipped ([`with_skip`](Self::with_skip)).
+    pub(crate) fn skips(&self, request: &RequestView<'_>) -> bool {
+        self.skip.as_ref().is_some_and(|skip| skip(request))
+    }
+
+    /// Whether the client is allowlisted ([`with_allowlist`](Self::with_allowlist)).
+    pub(crate) fn allows(&self, key: &str, peer: Option<std::net::IpAddr>) -> bool {
+        self.allowlist
+            .as_ref()
+            .is_some_and(|allowlist| allowlist.allows(key, peer))
     }
 
     pub(crate) fn cost_of(&self, request: &RequestView<'_>) -> u64 {

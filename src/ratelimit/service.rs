@@ -102,8 +102,14 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let view = RequestView::new(&request);
+        if self.shared.policy.skips(&view) {
+            return ResponseFuture::inner(self.inner.call(request), None);
+        }
         let cost = self.shared.policy.cost_of(&view);
         match self.shared.policy.key.extract(&view).now() {
+            Ok(client) if allowlisted(&self.shared, client.as_ref(), &request) => {
+                ResponseFuture::inner(self.inner.call(request), None)
+            }
             Ok(client) => {
                 let shown = shadow_key(&self.shared, client.as_ref());
                 let verdict = decide(&self.shared, tenant_of(request.extensions()), client, cost);
@@ -117,6 +123,9 @@ where
                 ResponseFuture::boxed(Box::pin(async move {
                     let tenant = tenant_of(request.extensions());
                     let client = client.await;
+                    if allowlisted(&shared, client.as_ref(), &request) {
+                        return inner.call(request).await;
+                    }
                     let shown = shadow_key(&shared, client.as_ref());
                     let verdict = decide(&shared, tenant, client, cost);
                     respond(&mut inner, &shared, request, verdict, shown).await
@@ -124,6 +133,15 @@ where
             }
         }
     }
+}
+
+/// Whether the policy's allowlist lets the client through uncounted.
+fn allowlisted<B>(shared: &Shared, client: Option<&Client>, request: &Request<B>) -> bool {
+    if shared.policy.allowlist.is_none() {
+        return false;
+    }
+    let peer = crate::http::peer_addr(request.extensions());
+    client.is_some_and(|client| shared.policy.allows(&client.to_string(), peer))
 }
 
 /// The request's key as a shadow layer logs it; nothing for a layer that refuses.

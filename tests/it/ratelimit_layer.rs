@@ -1034,3 +1034,72 @@ async fn redis_a_shadow_limit_refuses_nobody() {
     ))
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Allowlist and skip.
+
+/// Allowlisted addresses and keys, and skipped requests, are never limited, counted, or given
+/// the `RateLimit` fields; everyone else is limited as before.
+#[tokio::test]
+async fn allowlisted_clients_and_skipped_requests_are_not_limited() {
+    use tower_turnstile::ratelimit::Allowlist;
+
+    let allow = Allowlist::new()
+        .with_cidr("10.0.0.0/8")
+        .unwrap()
+        .with_cidr("2001:db8::/32")
+        .unwrap();
+    let by_ip = policy(1, Duration::from_secs(60))
+        .with_allowlist(allow)
+        .with_skip(|request| request.uri.path() == "/other");
+    let by_ip = app(RateLimitLayer::new(by_ip));
+    for _ in 0..3 {
+        for ip in ["10.1.2.3", "2001:db8::7"] {
+            let reply = hit(&by_ip, ip).await;
+            assert_eq!(reply.status, StatusCode::OK, "{ip}");
+            assert!(header(&reply, "ratelimit").is_none(), "not counted: {ip}");
+        }
+        let skipped = send(&by_ip, request_from("198.51.100.9", "/other")).await;
+        assert_eq!(skipped.status, StatusCode::OK);
+        assert!(header(&skipped, "ratelimit").is_none());
+    }
+    assert_eq!(hit(&by_ip, "198.51.100.9").await.status, StatusCode::OK);
+    assert_eq!(
+        hit(&by_ip, "198.51.100.9").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(hit(&by_ip, "11.0.0.1").await.status, StatusCode::OK);
+    assert_eq!(
+        hit(&by_ip, "11.0.0.1").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // A key allowlist, on a header key.
+    let by_key = policy(1, Duration::from_secs(60))
+        .with_key(HeaderKey::new(header::HeaderName::from_static("x-api-key")))
+        .with_allowlist(Allowlist::new().with_key("monitor"));
+    let keyed = app(RateLimitLayer::new(by_key));
+    let with_key = |key: &str| {
+        let mut request = request_from("198.51.100.9", "/");
+        request
+            .headers_mut()
+            .insert("x-api-key", HeaderValue::from_str(key).unwrap());
+        request
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            send(&keyed, with_key("monitor")).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        send(&keyed, with_key("someone")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&keyed, with_key("someone")).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert!(Allowlist::new().with_cidr("10.0.0.0/33").is_err());
+    assert!(Allowlist::new().with_cidr("internal").is_err());
+}
