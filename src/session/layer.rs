@@ -292,7 +292,8 @@ impl SessionLayer {
     }
 
     /// At most `max` live sessions per user (per tenant), on every instance together: a login
-    /// beyond it ends the user's oldest other sessions (by creation), or is refused with
+    /// beyond it ends the user's oldest other sessions (by creation time, in milliseconds;
+    /// the store hash breaks ties), or is refused with
     /// [`with_over_cap`](Self::with_over_cap)`(`[`OverCap::RefuseLogin`]`)`. `0` lifts the cap.
     /// Ended sessions are announced like a logout ([`on_session_end`](Self::on_session_end)),
     /// so their live connections close.

@@ -791,9 +791,13 @@ async fn a_third_login_over_the_cap_ends_the_oldest_session_and_its_socket() {
     };
     let (a, b) = pair(&capped).await;
     let host = "acme.localhost";
+    // Sessions are ranked by creation time in milliseconds: one login per millisecond at most.
+    let pause = || tokio::time::sleep(Duration::from_millis(3));
     let oldest = login(&a.router, host, "alice").await;
     let mut socket = connect(&b, host, Some(&oldest)).await.unwrap();
+    pause().await;
     let second = login(&b.router, host, "alice").await;
+    pause().await;
     let third = login(&a.router, host, "alice").await;
 
     let took = closed_within(&mut socket, Duration::from_secs(1)).await;

@@ -37,6 +37,9 @@ fn capped(store: impl SessionStore + Clone, max: usize, ended: &Ended) -> Router
 }
 
 async fn logged_in(app: &Router, user: &str) -> Client {
+    // Sessions are ranked by creation time, in milliseconds: keep each in a millisecond of
+    // its own, so "the oldest" is one session.
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
     let mut client = Client::new(app.clone());
     client.post("/set/visit/1").await; // an anonymous session first, then the login
     assert_eq!(
