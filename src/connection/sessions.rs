@@ -11,6 +11,7 @@ use super::{Event, RegisterError, Registration, Registry};
 use crate::{
     ConfigError,
     session::{SessionEndListener, SessionKey, SessionStore, UserKey},
+    sync::every_while_alive,
     tenant::Tenant,
 };
 
@@ -172,19 +173,11 @@ impl Registry {
         if self.inner.watch.set(Watch { store, mode }).is_err() {
             return Ok(());
         }
-        let every = every.max(Duration::from_millis(10));
         let registry = Arc::downgrade(&self.inner);
-        self.inner.tasks.keep(runtime.spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let Some(inner) = registry.upgrade() else {
-                    return;
-                };
-                Registry { inner }.check_sessions().await;
-            }
-        }));
+        let watch = every_while_alive(registry, every, |inner| async move {
+            Registry { inner }.check_sessions().await;
+        });
+        self.inner.tasks.keep(runtime.spawn(watch));
         Ok(())
     }
 

@@ -77,9 +77,9 @@ const CREATE_ATTEMPTS: usize = 4;
 /// - **Expiry.** The record's `expiry_date` is kept as the session's absolute end and as its
 ///   inactivity timeout from the save, so it ends when tower-sessions said, on every instance.
 /// - **`create`** never overwrites a session: it draws a fresh id while the one it was given
-///   names a live session (a load before the write; two creates racing on one id would need
+///   names a live session (a look before the write; two creates racing on one id would need
 ///   two 128-bit draws to meet). While a [`FallbackStore`](super::FallbackStore) cannot reach
-///   Redis, the load cannot tell; the create is journaled, and its replay fills in a session
+///   Redis, the look cannot tell; the create is journaled, and its replay fills in a session
 ///   only where Redis has none.
 /// - **`save` never brings a session back**: a session that ended meanwhile (a logout on
 ///   another instance, say) stays ended, and the next request starts a new one.
@@ -201,9 +201,10 @@ impl<S: SessionStore> TowerSessionsStore<S> {
         let mut attempts = 0;
         let key = loop {
             let key = self.key(*id);
-            match self.store.load(&key).await {
-                Ok(None) => break key,
-                Ok(Some(_)) => {}
+            // A look, not a load: nothing is parsed, no clock restarted.
+            match self.store.exists(&key).await {
+                Ok(false) => break key,
+                Ok(true) => {}
                 // A fallback store that cannot ask Redis now: the write is journaled, and its
                 // replay writes a session only where none exists.
                 Err(err) if err.is_outage() => break key,

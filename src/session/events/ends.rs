@@ -13,7 +13,7 @@ use super::{Log, SessionEvents};
 use crate::{
     ConfigError,
     session::{LifecycleKind, SessionKey, SessionStore},
-    sync::lock,
+    sync::{every_while_alive, lock},
     tenant::Tenant,
     time::{millis, now_millis},
 };
@@ -149,17 +149,10 @@ impl SessionEvents {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| ConfigError::NoRuntime("the sweep of expired sessions"))?;
         let events = Arc::downgrade(&self.inner);
-        runtime.spawn(async move {
-            let mut ticks = tokio::time::interval(every.max(Duration::from_millis(10)));
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let Some(inner) = events.upgrade() else {
-                    return;
-                };
-                SessionEvents { inner }.sweep(store.as_ref()).await;
-            }
-        });
+        runtime.spawn(every_while_alive(events, every, move |inner| {
+            let store = Arc::clone(&store);
+            async move { SessionEvents { inner }.sweep(store.as_ref()).await }
+        }));
         Ok(())
     }
 

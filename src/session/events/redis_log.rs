@@ -11,8 +11,8 @@ use crate::{
     tenant::Tenant,
 };
 
-/// The deadline of each call.
-const TIMEOUT: Duration = Duration::from_millis(500);
+/// The deadline of each call to the log and to its index of ends.
+pub(in crate::session::events) const TIMEOUT: Duration = Duration::from_millis(500);
 
 /// `XADD` of one event, trimming the stream to about `max_len`.
 pub(super) async fn append(

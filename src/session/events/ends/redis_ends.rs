@@ -2,13 +2,11 @@
 //! inactivity timeouts and users (both tagged with the tenant: one slot on a Cluster), and the
 //! set of tenants to sweep.
 
-use std::time::Duration;
-
 use redis::Value;
 
-use crate::{StoreError, backend::RedisBackend, tenant::Tenant};
-
-const TIMEOUT: Duration = Duration::from_millis(500);
+use crate::{
+    StoreError, backend::RedisBackend, session::events::redis_log::TIMEOUT, tenant::Tenant,
+};
 
 /// The tenant's sorted set of ends and hash of infos.
 type Keys = (String, String);
