@@ -99,6 +99,10 @@ pub enum ConfigError {
         "invalid trusted proxy {0:?}: expected an IP address or a CIDR block such as 10.0.0.0/8"
     )]
     Proxy(String),
+    /// A rate-limit penalty's settings are out of range (see
+    /// [`Penalty`](crate::ratelimit::Penalty)).
+    #[error("invalid penalty: {0}")]
+    Penalty(&'static str),
     /// An allowlist entry is not an IP address or CIDR block.
     #[error(
         "invalid allowlist entry {0:?}: expected an IP address or a CIDR block such as 10.0.0.0/8"

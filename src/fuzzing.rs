@@ -126,7 +126,7 @@ impl ScriptDecision {
     /// What the store makes of `reply` under a limit of `limit` units; `None` for a reply the
     /// layer treats as a failed check.
     pub fn read(reply: &Value, limit: u64) -> Option<Self> {
-        let counted = crate::ratelimit::read_reply(reply, limit).ok()?;
+        let counted = crate::ratelimit::read_reply(reply, limit).ok()?.counted;
         Some(Self {
             allowed: counted.allowed,
             remaining: counted.remaining,

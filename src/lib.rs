@@ -187,7 +187,8 @@
 //! of what happens when Redis is down ([`ratelimit::Fallback`]: local with a share of the
 //! quota, open, or closed), a local lease of units that takes most decisions off Redis with a
 //! stated bound on the error ([`ratelimit::Lease`]), and refusals answered from memory while a
-//! denial lasts, so a flood costs Redis nothing. What it costs: a Redis round trip per allowed
+//! denial lasts, so a flood costs Redis nothing; escalating blocks for repeat offenders that
+//! every instance enforces ([`ratelimit::Penalty`]), shadow limits, an allowlist. What it costs: a Redis round trip per allowed
 //! request without a lease (see `BENCHMARKS.md` for the numbers).
 //!
 #![cfg_attr(feature = "redis", doc = "```no_run")]

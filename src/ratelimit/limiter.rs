@@ -11,10 +11,11 @@ use moka::sync::Cache;
 use tokio::sync::Mutex;
 
 use super::{
-    Answer, Quota,
+    Answer, Penalty, Quota,
     lease::{Grant, Lease},
-    store::{Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, StoreError},
+    store::{Blocks, Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, StoreError},
 };
+use crate::sync::{every_while_alive, lock};
 
 /// What the rate limiter does while its shared store (Redis) is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,6 +93,10 @@ struct State {
     leases: Cache<CounterKey, Slot>,
     falling_back: AtomicBool,
     fallback_decisions: AtomicU64,
+    /// Whether a task reads the blocks the shared store announces (see [`Penalty`]).
+    following_blocks: AtomicBool,
+    /// Where that task's next read starts.
+    blocks_cursor: std::sync::Mutex<Option<String>>,
 }
 
 impl fmt::Debug for Limiter {
@@ -132,6 +137,29 @@ impl State {
             leases,
             falling_back: AtomicBool::new(false),
             fallback_decisions: AtomicU64::new(0),
+            following_blocks: AtomicBool::new(false),
+            blocks_cursor: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl State {
+    /// Refuses each blocked key from memory until its block ends.
+    fn learn(&self, blocks: Blocks) {
+        let now = Instant::now();
+        for block in blocks.blocks {
+            let mut decision = Decision::denied(block.limit, 0, block.left, Some(block.left));
+            decision.blocked = true;
+            let denial = Denial {
+                at: now,
+                until: now + block.left,
+                cost: 0,
+                decision,
+            };
+            self.denied.insert(block.key, denial);
+        }
+        if blocks.cursor.is_some() {
+            *lock(&self.blocks_cursor) = blocks.cursor;
         }
     }
 }
@@ -163,6 +191,9 @@ impl Limiter {
     /// or once the store's round trip is done; a store failure goes to the fallback.
     pub(crate) fn decide(&self, check: Check) -> Answer<Verdict> {
         let shared = self.store.is_shared();
+        if shared && check.penalty.is_some() {
+            self.follow_blocks();
+        }
         if shared && let Some(denial) = self.remembered(&check) {
             return Answer::ready(Verdict::Decided(denial, check.quota));
         }
@@ -241,7 +272,9 @@ impl Limiter {
                 {
                     tracing::info!(target: "tower_turnstile::ratelimit", "shared rate-limit store answers again; fallback ended");
                 }
-                if shared && !decision.allowed {
+                // Under a penalty, each refusal must reach the store as a strike: only a
+                // block is answered from memory.
+                if shared && !decision.allowed && (check.penalty.is_none() || decision.blocked) {
                     self.remember(check, decision);
                 }
                 Verdict::Decided(decision, check.quota)
@@ -275,10 +308,42 @@ impl Limiter {
         let denial = Denial {
             at: now,
             until: now + retry_after,
-            cost: check.cost,
+            // A block refuses every cost.
+            cost: if decision.blocked { 0 } else { check.cost },
             decision,
         };
         self.state.denied.insert(check.key.clone(), denial);
+    }
+
+    /// Starts reading the blocks the shared store announces, once per limiter (and only within
+    /// a Tokio runtime), every [`Penalty::BROADCAST_DELAY`] while the limiter lives.
+    fn follow_blocks(&self) {
+        let state = &self.state;
+        if state.following_blocks.load(Ordering::Relaxed)
+            || state.following_blocks.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            state.following_blocks.store(false, Ordering::Relaxed);
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let owner = Arc::downgrade(state);
+        runtime.spawn(every_while_alive(
+            owner,
+            Penalty::BROADCAST_DELAY,
+            move |state: Arc<State>| {
+                let read = store.blocks_since(lock(&state.blocks_cursor).as_deref());
+                async move {
+                    // While the store is unreachable there is nothing to learn; the next read
+                    // starts from the same place.
+                    if let Ok(blocks) = read.await {
+                        state.learn(blocks);
+                    }
+                }
+            },
+        ));
     }
 
     fn fall_back(&self, check: &Check, error: &StoreError) -> Verdict {

@@ -8,6 +8,9 @@
 //!   Redis's clock, so N instances together grant exactly the quota, whatever their clocks say.
 //! - **Cheap floods**: a key denied until time T is answered from memory until T, with no Redis
 //!   round trip.
+//! - **Repeat offenders blocked**: with a [`Penalty`], a key refused again and again is blocked
+//!   for longer each time, decided in the same script as the limit; every instance learns of
+//!   a block and refuses the key from memory until it ends.
 //! - **Cheaper still, if you accept a stated error**: with a [`Lease`], an instance takes a
 //!   batch of a hot key's quota in one round trip and spends it locally; the overshoot across
 //!   instances is bounded by `instances × (units − 1)`.
@@ -69,6 +72,7 @@ mod key;
 mod layer;
 mod lease;
 mod limiter;
+mod penalty;
 mod policy;
 mod quota;
 mod service;
@@ -84,13 +88,15 @@ pub use key::{ClientIp, HeaderKey, KeyExtractor, PerTenant, RouteKey, SessionUse
 pub use layer::{RateLimitLayer, RateLimited, Rejection};
 pub use lease::Lease;
 pub use limiter::Fallback;
+pub use penalty::Penalty;
 pub use policy::{MissingKey, Policy};
 pub use quota::Quota;
 pub use service::{RateLimitService, ResponseFuture};
 #[cfg(feature = "redis")]
 pub use store::RedisRateStore;
 pub use store::{
-    Check, Client, CounterKey, Decision, MemoryRateStore, MemoryRateStoreBuilder, RateLimitStore,
+    Block, Blocks, Check, Client, CounterKey, Decision, MemoryRateStore, MemoryRateStoreBuilder,
+    RateLimitStore,
 };
 
 #[cfg(all(fuzzing, feature = "redis"))]

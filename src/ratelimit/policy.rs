@@ -1,7 +1,7 @@
 use std::{fmt, sync::Arc};
 
 use super::{
-    Algorithm, Allowlist, Quota,
+    Algorithm, Allowlist, Penalty, Quota,
     exempt::{Skip, SkipFn},
     key::{ClientIp, KeyExtractor, PerTenant},
 };
@@ -51,6 +51,7 @@ pub struct Policy {
     pub(crate) tenant_quota: Option<Arc<QuotaFn>>,
     pub(crate) allowlist: Option<Arc<Allowlist>>,
     pub(crate) skip: Option<Arc<SkipFn>>,
+    pub(crate) penalty: Option<Penalty>,
 }
 
 impl fmt::Debug for Policy {
@@ -71,6 +72,7 @@ impl fmt::Debug for Policy {
             .field("quota_per_tenant", &self.tenant_quota.is_some())
             .field("allowlist", &self.allowlist)
             .field("skip", &Skip(&self.skip))
+            .field("penalty", &self.penalty)
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +117,7 @@ impl Policy {
             tenant_quota: None,
             allowlist: None,
             skip: None,
+            penalty: None,
         })
     }
 
@@ -236,6 +239,29 @@ impl Policy {
     ) -> Self {
         self.skip = Some(Arc::new(skip));
         self
+    }
+
+    /// Blocks keys that are refused again and again, for longer each time (see [`Penalty`]).
+    /// Refusals of such a policy are counted in the store (a denial is not answered from
+    /// memory, as it is without a penalty) until the key is blocked; a block is answered from
+    /// memory on every instance. Default: none.
+    ///
+    /// ```
+    /// use tower_turnstile::ratelimit::{Penalty, Policy, Quota};
+    ///
+    /// let policy = Policy::new("per-ip", Quota::per_minute(100))?
+    ///     .with_penalty("10/1m".parse::<Penalty>()?);
+    /// assert_eq!(policy.penalty().map(|p| p.strikes()), Some(10));
+    /// # Ok::<(), tower_turnstile::ConfigError>(())
+    /// ```
+    pub fn with_penalty(mut self, penalty: Penalty) -> Self {
+        self.penalty = Some(penalty);
+        self
+    }
+
+    /// The policy's penalty, if it has one.
+    pub fn penalty(&self) -> Option<&Penalty> {
+        self.penalty.as_ref()
     }
 
     /// Whether the request is skipped ([`with_skip`](Self::with_skip)).

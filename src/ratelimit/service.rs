@@ -77,9 +77,9 @@ fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -
     };
     let quota = shared.policy.quota_for(tenant);
     let key = CounterKey::new(tenant.clone(), Arc::clone(&shared.scope), client);
-    shared
-        .limiter
-        .decide(Check::new(key, quota, shared.policy.algorithm(), cost))
+    let mut check = Check::new(key, quota, shared.policy.algorithm(), cost);
+    check.penalty = shared.policy.penalty;
+    shared.limiter.decide(check)
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;

@@ -37,6 +37,7 @@ mod hyper_server;
 #[cfg(feature = "postgres")]
 mod postgres_store;
 mod ratelimit_layer;
+mod ratelimit_penalty;
 #[cfg(feature = "cluster")]
 mod ratelimit_store;
 #[cfg(all(

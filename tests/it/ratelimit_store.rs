@@ -18,7 +18,7 @@ use proptest::{
 use tower_turnstile::{
     backend::RedisBackend,
     ratelimit::{
-        Algorithm, Check, CounterKey, Decision, MemoryRateStore, Quota, RateLimitStore,
+        Algorithm, Check, CounterKey, Decision, MemoryRateStore, Penalty, Quota, RateLimitStore,
         RedisRateStore,
     },
 };
@@ -292,6 +292,8 @@ struct Trace {
     start_us: u64,
     /// (nanoseconds since the previous step, key, cost)
     steps: Vec<(u64, usize, u64)>,
+    /// (strikes, first block ms, longest block ms, quiet ms), for a penalized replay.
+    penalty: (u32, u64, u64, u64),
 }
 
 fn traces() -> impl Strategy<Value = Trace> {
@@ -311,13 +313,17 @@ fn traces() -> impl Strategy<Value = Trace> {
         1_000..=10_000u64,
         1_600_000_000_000_000..1_900_000_000_000_000u64,
         prop::collection::vec(step, 60),
+        (1..=4u32, 1..=3_000u64, 0..=6_000u64, 1..=20_000u64),
     )
-        .prop_map(|(limit, window_ms, start_us, steps)| Trace {
-            limit,
-            window_ms,
-            start_us,
-            steps,
-        })
+        .prop_map(
+            |(limit, window_ms, start_us, steps, (strikes, block, more, quiet))| Trace {
+                limit,
+                window_ms,
+                start_us,
+                steps,
+                penalty: (strikes, block, block + more, quiet),
+            },
+        )
 }
 
 /// Feeds each random trace to a fresh memory store and to Redis (a fresh key prefix), for every
@@ -334,11 +340,49 @@ fn memory_and_a_cluster_decide_a_trace_identically() {
     replay_traces(1, &ALGORITHMS, On::Cluster);
 }
 
-/// Where a trace's Redis decisions are made.
-#[derive(Clone, Copy)]
+/// The same traces under a penalty: strikes, blocks, doubling and forgiveness decided alike.
+#[test]
+fn memory_and_redis_decide_a_penalized_trace_identically() {
+    replay_traces(1, &ALGORITHMS, On::PenalizedServer);
+}
+
+/// A penalized trace on a Cluster: the counter and its penalty share a slot.
+#[test]
+fn memory_and_a_cluster_decide_a_penalized_trace_identically() {
+    replay_traces(1, &ALGORITHMS, On::PenalizedCluster);
+}
+
+/// Where a trace's Redis decisions are made, and whether under its penalty.
+#[derive(Clone, Copy, PartialEq)]
 enum On {
     Server,
     Cluster,
+    PenalizedServer,
+    PenalizedCluster,
+}
+
+impl On {
+    fn cluster(self) -> bool {
+        matches!(self, Self::Cluster | Self::PenalizedCluster)
+    }
+
+    fn penalized(self) -> bool {
+        matches!(self, Self::PenalizedServer | Self::PenalizedCluster)
+    }
+
+    fn penalty(self, trace: &Trace) -> Option<Penalty> {
+        if !self.penalized() {
+            return None;
+        }
+        let (strikes, block, max, quiet) = trace.penalty;
+        let ms = Duration::from_millis;
+        Some(
+            Penalty::new(strikes, ms(block))
+                .and_then(|p| p.with_max_block(ms(max)))
+                .and_then(|p| p.with_quiet(ms(quiet)))
+                .expect("valid penalty"),
+        )
+    }
 }
 
 /// The same with limits and costs scaled up to a billion per window, where the sliding window
@@ -355,15 +399,15 @@ fn memory_and_redis_decide_a_trace_of_huge_quotas_identically() {
 
 /// Replays random traces on both stores, limits and costs multiplied by `scale`.
 fn replay_traces(scale: u64, algorithms: &[Algorithm], on: On) {
-    let (server, cluster, urls) = match on {
-        On::Server => {
+    let (server, cluster, urls) = match on.cluster() {
+        false => {
             let Some(server) = RedisServer::start() else {
                 return;
             };
             let url = vec![server.url()];
             (Some(server), None, url)
         }
-        On::Cluster => {
+        true => {
             let Some(cluster) = RedisCluster::start_masters_only() else {
                 return;
             };
@@ -376,12 +420,14 @@ fn replay_traces(scale: u64, algorithms: &[Algorithm], on: On) {
         .build()
         .unwrap();
     let backend = runtime.block_on(async {
-        match on {
-            On::Server => RedisBackend::new(&urls[0]).expect("backend"),
-            On::Cluster => RedisBackend::cluster(urls.clone()).expect("backend"),
+        if on.cluster() {
+            RedisBackend::cluster(urls.clone()).expect("backend")
+        } else {
+            RedisBackend::new(&urls[0]).expect("backend")
         }
     });
     let cases = AtomicU64::new(0);
+    let blocked = AtomicU64::new(0);
     let mut runner = TestRunner::new(Config {
         cases: 32,
         failure_persistence: None,
@@ -402,12 +448,14 @@ fn replay_traces(scale: u64, algorithms: &[Algorithm], on: On) {
                     at += Duration::from_nanos(gap_ns);
                     let key = format!("k{key}");
                     let cost = cost * scale;
-                    let check = Check::new(&key, quota, algorithm, cost).at(at);
+                    let mut check = Check::new(&key, quota, algorithm, cost).at(at);
+                    check.penalty = on.penalty(&trace);
                     let from_memory = memory.check(&check).await.expect("memory");
                     let from_redis = redis
                         .check(&check)
                         .await
                         .map_err(|e| TestCaseError::fail(format!("Redis failed: {e:?}")))?;
+                    blocked.fetch_add(u64::from(from_redis.blocked), Ordering::Relaxed);
                     prop_assert_eq!(
                         from_memory,
                         from_redis,
@@ -424,6 +472,13 @@ fn replay_traces(scale: u64, algorithms: &[Algorithm], on: On) {
     });
     if let Err(failure) = outcome {
         panic!("{failure}");
+    }
+    let blocked = blocked.into_inner();
+    if on.penalized() {
+        eprintln!("{blocked} decisions refused by a penalty block");
+        assert!(blocked > 0, "the traces never reached a block");
+    } else {
+        assert_eq!(blocked, 0);
     }
     if let Some(cluster) = &cluster {
         let spread = cluster.keys_per_master();

@@ -29,6 +29,7 @@ impl Gcra {
             remaining: burst.saturating_sub(ahead) / interval,
             reset: ahead,
             retry: (!allowed && cost <= limit).then(|| ahead + cost * interval - burst),
+            blocked: false,
         }
     }
 }

@@ -48,6 +48,7 @@ impl Log {
             remaining,
             reset,
             retry,
+            blocked: false,
         }
     }
 }

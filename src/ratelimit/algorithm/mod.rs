@@ -7,10 +7,14 @@ use super::store::Decision;
 
 mod gcra;
 mod log;
+mod penalty;
 mod window;
 
 pub(crate) use gcra::Gcra;
 pub(crate) use log::Log;
+#[cfg(feature = "redis")]
+pub(crate) use penalty::Judged;
+pub(crate) use penalty::{Offences, Terms};
 pub(crate) use window::Window;
 
 /// How a quota is counted.
@@ -52,12 +56,25 @@ pub(crate) struct Counted {
     pub(crate) remaining: u64,
     pub(crate) reset: u64,
     pub(crate) retry: Option<u64>,
+    /// Refused by a penalty block (see [`Offences`]).
+    pub(crate) blocked: bool,
 }
 
 impl Counted {
+    /// Refused by a block that ends in `left` µs: nothing to spend until then.
+    pub(crate) fn blocked(left: u64) -> Self {
+        Self {
+            allowed: false,
+            remaining: 0,
+            reset: left,
+            retry: Some(left),
+            blocked: true,
+        }
+    }
+
     pub(crate) fn into_decision(self, limit: u64) -> Decision {
         let reset = Duration::from_micros(self.reset);
-        if self.allowed {
+        let mut decision = if self.allowed {
             Decision::allowed(limit, self.remaining, reset)
         } else {
             Decision::denied(
@@ -66,7 +83,9 @@ impl Counted {
                 reset,
                 self.retry.map(Duration::from_micros),
             )
-        }
+        };
+        decision.blocked = self.blocked;
+        decision
     }
 }
 
@@ -85,6 +104,7 @@ pub(crate) mod test_support {
             remaining,
             reset,
             retry: None,
+            blocked: false,
         }
     }
 
@@ -94,6 +114,7 @@ pub(crate) mod test_support {
             remaining,
             reset,
             retry,
+            blocked: false,
         }
     }
 }

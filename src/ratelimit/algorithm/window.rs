@@ -92,6 +92,7 @@ impl Window {
             remaining,
             reset,
             retry,
+            blocked: false,
         }
     }
 

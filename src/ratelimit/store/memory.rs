@@ -11,7 +11,7 @@ use super::{Check, CounterKey, Decision, RateLimitStore, StoreError};
 use crate::{
     ratelimit::{
         Algorithm, Answer, Quota,
-        algorithm::{Counted, Gcra, Log, Window},
+        algorithm::{Counted, Gcra, Log, Offences, Window},
     },
     sync::lock,
     time::unix_micros,
@@ -130,10 +130,21 @@ impl MemoryRateStore {
         let real_now = unix_micros(SystemTime::now());
         let now = check.at.map_or(real_now, unix_micros);
         let window = check.quota.window_ms() * 1000;
+        let terms = check.penalty.map(|penalty| penalty.terms(check.quota));
+        // Offences matter past the counts: up to the longest block and the quiet after it.
+        let keep_for = terms.map_or(2 * window, |terms| {
+            (2 * window).max(terms.max_block.saturating_add(terms.quiet))
+        });
         let verdict = self
             .counters
-            .with_state(&check.key, real_now, 2 * window, |state| {
-                decide(state, check.algorithm, now, check.quota, check.cost)
+            .with_state(&check.key, real_now, keep_for, |state, offences| {
+                let mut count = || decide(state, check.algorithm, now, check.quota, check.cost);
+                match terms {
+                    None => count(),
+                    Some(terms) => offences
+                        .judge(now, terms, check.cost > 0, count)
+                        .map(|judged| judged.counted),
+                }
             })
             .map_err(|source| StoreError::Failed {
                 source: Box::new(source),
@@ -176,8 +187,11 @@ struct Entry {
     /// The key's hash, kept so that growing the table never hashes again.
     hash: u64,
     state: State,
+    /// Its refusals and blocks, for a check under a penalty.
+    offences: Offences,
     /// Unix µs (real clock) after which the counts no longer matter: two windows of the last
-    /// quota checked after the last check, the longest any algorithm needs.
+    /// quota checked after the last check, the longest any algorithm needs (or, under a
+    /// penalty, the longest block and the quiet period after it, if longer).
     expires: u64,
 }
 
@@ -203,7 +217,7 @@ impl Counters {
         key: &CounterKey,
         now: u64,
         keep_for: u64,
-        f: impl FnOnce(&mut State) -> T,
+        f: impl FnOnce(&mut State, &mut Offences) -> T,
     ) -> T {
         // One hash picks the shard (high bits) and the bucket within it.
         let hash = self.hasher.hash_one(key);
@@ -217,9 +231,10 @@ impl Counters {
             if entry.expires <= now {
                 // Forgotten: what the Redis key's TTL would have done.
                 entry.state = State::Fresh;
+                entry.offences = Offences::default();
             }
             entry.expires = now.saturating_add(keep_for);
-            return f(&mut entry.state);
+            return f(&mut entry.state, &mut entry.offences);
         }
         if shard.keys.len() >= self.per_shard {
             shard.sweep(now);
@@ -244,10 +259,12 @@ impl Counters {
             key: key.clone(),
             hash,
             state: State::Fresh,
+            offences: Offences::default(),
             expires: now.saturating_add(keep_for),
         };
         let mut slot = shard.keys.insert_unique(hash, entry, |e| e.hash);
-        f(&mut slot.get_mut().state)
+        let entry = slot.get_mut();
+        f(&mut entry.state, &mut entry.offences)
     }
 
     fn sweep_all(&self, now: u64) {

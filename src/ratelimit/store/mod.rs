@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 pub(crate) use crate::StoreError;
 
-use super::{Algorithm, Answer, Quota};
+use super::{Algorithm, Answer, Penalty, Quota};
 use crate::tenant::Tenant;
 
 mod memory;
@@ -182,6 +182,8 @@ pub struct Check {
     /// The time of the decision; `None` means the store's own clock (Redis `TIME` for the Redis
     /// store, so that instances with skewed clocks agree). Tests replay traces with it.
     pub at: Option<SystemTime>,
+    /// Blocks for repeat offenders, decided with the count; `None`: no penalty.
+    pub penalty: Option<Penalty>,
 }
 
 impl Check {
@@ -193,12 +195,20 @@ impl Check {
             algorithm,
             cost,
             at: None,
+            penalty: None,
         }
     }
 
     /// The same check at an explicit time.
     pub fn at(mut self, at: SystemTime) -> Self {
         self.at = Some(at);
+        self
+    }
+
+    /// The same check under `penalty`: its refusals are strikes, and a blocked key is
+    /// refused until the block ends.
+    pub fn with_penalty(mut self, penalty: Penalty) -> Self {
+        self.penalty = Some(penalty);
         self
     }
 }
@@ -218,6 +228,8 @@ pub struct Decision {
     /// When denied: how long until the same request would be allowed. `None` when denied
     /// for good (the cost exceeds the limit) and always `None` when allowed.
     pub retry_after: Option<Duration>,
+    /// Refused by a [`Penalty`] block: `retry_after` is the block's remaining time.
+    pub blocked: bool,
 }
 
 impl Decision {
@@ -229,6 +241,7 @@ impl Decision {
             remaining,
             reset,
             retry_after: None,
+            blocked: false,
         }
     }
 
@@ -245,6 +258,7 @@ impl Decision {
             remaining,
             reset,
             retry_after,
+            blocked: false,
         }
     }
 }
@@ -283,5 +297,50 @@ pub trait RateLimitStore: fmt::Debug + Send + Sync + 'static {
     /// process. Only shared stores get a fallback and a local cache of denied keys.
     fn is_shared(&self) -> bool {
         false
+    }
+
+    /// The [`Penalty`] blocks placed since `cursor` (from the oldest still kept when `None`),
+    /// by any instance: a shared store announces each block it places, and every layer with a
+    /// penalty reads them every [`Penalty::BROADCAST_DELAY`] to refuse blocked keys from
+    /// memory. The default announces nothing, which suits a store of one process.
+    fn blocks_since(&self, cursor: Option<&str>) -> Answer<Result<Blocks, StoreError>> {
+        let _ = cursor;
+        Answer::ready(Ok(Blocks::default()))
+    }
+}
+
+/// A [`Penalty`] block, as a shared store announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Block {
+    /// The blocked key.
+    pub key: CounterKey,
+    /// The limit of the quota the key was blocked under, for the refusal's `RateLimit` field.
+    pub limit: u64,
+    /// How long the block still holds, as of the read.
+    pub left: Duration,
+}
+
+/// Blocks read from a store, and where the next read starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Blocks {
+    /// The blocks that still hold (ended ones are left out).
+    pub blocks: Vec<Block>,
+    /// Where the next read starts; `None`: nothing was ever announced.
+    pub cursor: Option<String>,
+}
+
+impl Block {
+    /// A block of `key`, under a quota of `limit`, that holds for `left` more.
+    pub fn new(key: CounterKey, limit: u64, left: Duration) -> Self {
+        Self { key, limit, left }
+    }
+}
+
+impl Blocks {
+    /// `blocks`, read up to `cursor`.
+    pub fn new(blocks: Vec<Block>, cursor: Option<String>) -> Self {
+        Self { blocks, cursor }
     }
 }

@@ -2,31 +2,42 @@ use std::{sync::LazyLock, time::Duration};
 
 use redis::{Script, Value};
 
-use super::{Check, Decision, RateLimitStore, StoreError};
+use super::{Blocks, Check, Decision, RateLimitStore, StoreError};
 use crate::{
     backend::RedisBackend,
-    ratelimit::{Algorithm, Answer, algorithm::Counted},
+    ratelimit::{
+        Algorithm, Answer,
+        algorithm::{Counted, Judged},
+    },
     time::unix_micros,
 };
 
-static SLIDING_WINDOW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/prelude.lua"),
-        include_str!("lua/sliding_window.lua")
-    ))
-});
-static SLIDING_LOG: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/prelude.lua"),
-        include_str!("lua/sliding_log.lua")
-    ))
-});
-static GCRA: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/prelude.lua"),
-        include_str!("lua/gcra.lua")
-    ))
-});
+mod feed;
+
+/// One algorithm's script, as it is loaded: after the common prelude, and for a policy with a
+/// penalty, wrapped into the function that `penalty.lua` calls.
+macro_rules! scripts {
+    ($($plain:ident, $penalized:ident = $file:literal;)*) => {$(
+        static $plain: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(concat!(include_str!("lua/prelude.lua"), include_str!($file)))
+        });
+        static $penalized: LazyLock<Script> = LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("lua/prelude.lua"),
+                "local function decide()\n",
+                include_str!($file),
+                "\nend\n",
+                include_str!("lua/penalty.lua")
+            ))
+        });
+    )*};
+}
+
+scripts! {
+    SLIDING_WINDOW, PENALIZED_SLIDING_WINDOW = "lua/sliding_window.lua";
+    SLIDING_LOG, PENALIZED_SLIDING_LOG = "lua/sliding_log.lua";
+    GCRA, PENALIZED_GCRA = "lua/gcra.lua";
+}
 
 /// Rate-limit counts in Redis, shared by every instance that uses the same Redis.
 ///
@@ -107,20 +118,27 @@ impl RedisRateStore {
     }
 }
 
-impl RateLimitStore for RedisRateStore {
-    /// One round trip: the algorithm's script on the key `{prefix}{key}`.
-    fn check(&self, check: &Check) -> Answer<Result<Decision, StoreError>> {
-        let limit = check.quota.limit();
-        if limit == 0 {
-            // Denied for good, whatever the key holds: no need to ask Redis.
-            return Answer::ready(Ok(Decision::denied(0, 0, Duration::ZERO, None)));
-        }
-        let script = match check.algorithm {
-            Algorithm::SlidingWindow => &*SLIDING_WINDOW,
-            Algorithm::SlidingLog => &*SLIDING_LOG,
-            Algorithm::Gcra => &*GCRA,
+impl RedisRateStore {
+    /// The script that decides `check`, with its keys and arguments.
+    fn invocation(&self, check: &Check, limit: u64) -> redis::ScriptInvocation<'static> {
+        let penalized = check.penalty.is_some();
+        let script = match (check.algorithm, penalized) {
+            (Algorithm::SlidingWindow, false) => &*SLIDING_WINDOW,
+            (Algorithm::SlidingLog, false) => &*SLIDING_LOG,
+            (Algorithm::Gcra, false) => &*GCRA,
+            (Algorithm::SlidingWindow, true) => &*PENALIZED_SLIDING_WINDOW,
+            (Algorithm::SlidingLog, true) => &*PENALIZED_SLIDING_LOG,
+            (Algorithm::Gcra, true) => &*PENALIZED_GCRA,
         };
-        let mut invocation = script.key(format!("{}{}", self.prefix, check.key));
+        let mut invocation = match check.penalty {
+            None => script.key(format!("{}{}", self.prefix, check.key)),
+            Some(_) => {
+                let counter = format!("{}{{{}}}", self.prefix, check.key);
+                let mut invocation = script.key(&counter);
+                invocation.key(counter + ":penalty");
+                invocation
+            }
+        };
         invocation
             // An empty time makes the script read Redis `TIME`.
             .arg(
@@ -132,7 +150,34 @@ impl RateLimitStore for RedisRateStore {
             .arg(check.quota.window_ms() * 1000)
             .arg(limit)
             .arg(check.cost);
+        if let Some(penalty) = check.penalty {
+            let terms = penalty.terms(check.quota);
+            invocation
+                .arg(terms.strikes)
+                .arg(terms.block)
+                .arg(terms.max_block)
+                .arg(terms.quiet);
+        }
+        invocation
+    }
+}
+
+impl RateLimitStore for RedisRateStore {
+    /// One round trip: the algorithm's script on the key `{prefix}{key}` (for a check under a
+    /// penalty, `{prefix}{{key}}` and `{prefix}{{key}}:penalty`, one Cluster slot). A check
+    /// that places a block announces it in a second round trip.
+    fn check(&self, check: &Check) -> Answer<Result<Decision, StoreError>> {
+        let limit = check.quota.limit();
+        if limit == 0 {
+            // Denied for good, whatever the key holds: no need to ask Redis.
+            return Answer::ready(Ok(Decision::denied(0, 0, Duration::ZERO, None)));
+        }
+        let invocation = self.invocation(check, limit);
         let (backend, timeout) = (self.backend.clone(), self.timeout);
+        // Who announces a block this check places. A block placed on a trace's time means
+        // nothing to other instances' clocks.
+        let announcer = (check.penalty.is_some() && check.at.is_none())
+            .then(|| (self.clone(), check.key.clone()));
         Answer::later(async move {
             let reply: Value = backend
                 .run(timeout, |mut conn| async move {
@@ -140,7 +185,11 @@ impl RateLimitStore for RedisRateStore {
                 })
                 .await
                 .map_err(StoreError::from)?;
-            Ok(read_reply(&reply, limit)?.into_decision(limit))
+            let judged = read_reply(&reply, limit)?;
+            if let (Some((store, key)), Some(until)) = (announcer, judged.new_block_until) {
+                store.announce(&key, limit, until).await;
+            }
+            Ok(judged.counted.into_decision(limit))
         })
     }
 
@@ -148,24 +197,48 @@ impl RateLimitStore for RedisRateStore {
     fn is_shared(&self) -> bool {
         true
     }
+
+    /// One round trip: the entries of the stream `{prefix}blocks` past `cursor`, with Redis's
+    /// time to tell how long each block still holds.
+    fn blocks_since(&self, cursor: Option<&str>) -> Answer<Result<Blocks, StoreError>> {
+        let (store, cursor) = (self.clone(), cursor.map(str::to_owned));
+        Answer::later(async move { store.read_blocks(cursor).await })
+    }
 }
 
 /// The decision a script's reply stands for. The scripts answer `{allowed, remaining, reset,
-/// retry}` (times in µs, a retry of `-1` for none); a reply of any other shape is an error,
-/// which the layer handles as any failed check. A remaining count past the limit is held to it,
-/// and a negative wait reads as none.
-pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Counted, StoreError> {
-    let (allowed, remaining, reset, retry): (i64, i64, i64, i64) =
-        redis::from_redis_value_ref(reply).map_err(|error| StoreError::Failed {
-            source: format!("unexpected rate-limit script reply: {error}").into(),
-        })?;
+/// retry}` (times in µs, a retry of `-1` for none), and under a penalty two more numbers:
+/// `1` when refused by a block, and when a block this check placed ends (µs, `0` for none). A
+/// reply of any other shape is an error, which the layer handles as any failed check. A
+/// remaining count past the limit is held to it, and a negative wait reads as none.
+pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Judged, StoreError> {
+    let numbers: Vec<i64> =
+        redis::from_redis_value_ref(reply).map_err(|error| unexpected(&error))?;
+    let (allowed, remaining, reset, retry, blocked, until) = match numbers[..] {
+        [allowed, remaining, reset, retry] => (allowed, remaining, reset, retry, 0, 0),
+        [allowed, remaining, reset, retry, blocked, until] => {
+            (allowed, remaining, reset, retry, blocked, until)
+        }
+        _ => return Err(unexpected(&format!("{} numbers", numbers.len()))),
+    };
     let wait = |us: i64| u64::try_from(us).unwrap_or(0);
-    Ok(Counted {
-        allowed: allowed == 1,
-        remaining: u64::try_from(remaining).unwrap_or(0).min(limit),
-        reset: wait(reset),
-        retry: (allowed != 1 && retry >= 0).then(|| wait(retry)),
+    let refused = allowed != 1;
+    Ok(Judged {
+        counted: Counted {
+            allowed: !refused,
+            remaining: u64::try_from(remaining).unwrap_or(0).min(limit),
+            reset: wait(reset),
+            retry: (refused && retry >= 0).then(|| wait(retry)),
+            blocked: refused && blocked == 1,
+        },
+        new_block_until: (refused && until > 0).then(|| wait(until)),
     })
+}
+
+fn unexpected(error: &dyn std::fmt::Display) -> StoreError {
+    StoreError::Failed {
+        source: format!("unexpected rate-limit script reply: {error}").into(),
+    }
 }
 
 #[cfg(test)]
@@ -230,7 +303,8 @@ mod tests {
             reply in any_reply(),
             limit in 0u64..1_000_000,
         ) {
-            if let Ok(counted) = read_reply(&reply, limit) {
+            if let Ok(judged) = read_reply(&reply, limit) {
+                let counted = judged.counted;
                 prop_assert!(counted.remaining <= limit);
                 prop_assert!(!(counted.allowed && counted.retry.is_some()));
                 let decision = counted.into_decision(limit);
@@ -248,7 +322,7 @@ mod tests {
             (reply, [allowed, remaining, reset, retry]) in four_numbers(),
             limit in 1u64..1_000_000,
         ) {
-            let counted = read_reply(&reply, limit).expect("four integers read");
+            let counted = read_reply(&reply, limit).expect("four integers read").counted;
             prop_assert_eq!(counted.allowed, allowed == 1);
             let non_negative = |n: i64| u64::try_from(n).unwrap_or(0);
             prop_assert_eq!(counted.remaining, non_negative(remaining).min(limit));
@@ -257,7 +331,7 @@ mod tests {
             prop_assert_eq!(counted.retry, expected_retry);
         }
 
-        /// Fewer or more than four parts, or a part that is no integer, is an error, never a
+        /// Other than four or six parts, or a part that is no integer, is an error, never a
         /// decision made up from what is there.
         #[test]
         fn other_shapes_are_errors(
@@ -266,7 +340,7 @@ mod tests {
             at in 0usize..4,
         ) {
             let ints = |parts: &[i64]| Value::Array(parts.iter().map(|&n| Value::Int(n)).collect());
-            if parts.len() != 4 {
+            if parts.len() != 4 && parts.len() != 6 {
                 prop_assert!(read_reply(&ints(&parts), 10).is_err());
             }
             let mut four = [0i64; 4].map(Value::Int).to_vec();
