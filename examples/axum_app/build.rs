@@ -83,6 +83,16 @@ fn rate_limit_layer(config: &Config, health: &HealthSource) -> RateLimitLayer {
     let policy = Policy::new("per-ip", config.rate_limit)
         .expect("a constant, valid policy name")
         .with_key(key);
+    let policy = match config.rate_limit_penalty {
+        Some(penalty) => {
+            info!(
+                ?penalty,
+                "repeat offenders are blocked (RATE_LIMIT_PENALTY)"
+            );
+            policy.with_penalty(penalty)
+        }
+        None => policy,
+    };
     let layer = RateLimitLayer::new(policy).with_shadow(config.rate_limit_shadow);
     if config.rate_limit_shadow {
         info!("the rate limit is a shadow (RATE_LIMIT_SHADOW): it counts, and refuses nobody");

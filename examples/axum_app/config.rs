@@ -4,13 +4,13 @@ use std::{collections::HashMap, env::VarError, fmt};
 
 use tower_turnstile::{
     ConfigError,
-    ratelimit::{ClientIp, Quota},
+    ratelimit::{ClientIp, Penalty, Quota},
 };
 
 use super::StartupError;
 
 /// Every environment variable the app reads, or refuses.
-const VARIABLES: [&str; 14] = [
+const VARIABLES: [&str; 15] = [
     "BIND",
     "REDIS_URL",
     "REDIS_ENABLED",
@@ -25,6 +25,7 @@ const VARIABLES: [&str; 14] = [
     "WS_MAX_PER_USER",
     "MAX_SESSIONS_PER_USER",
     "RATE_LIMIT_SHADOW",
+    "RATE_LIMIT_PENALTY",
 ];
 
 /// Settings read from the environment.
@@ -59,6 +60,9 @@ pub struct Config {
     /// `RATE_LIMIT_SHADOW`: the per-IP limit decides, counts and sends its headers, but never
     /// refuses.
     pub rate_limit_shadow: bool,
+    /// `RATE_LIMIT_PENALTY`: a client refused N times within one window of `RATE_LIMIT` is
+    /// blocked, for longer each time it offends again. `None`: no penalty.
+    pub rate_limit_penalty: Option<Penalty>,
 }
 
 impl Default for Config {
@@ -77,6 +81,7 @@ impl Default for Config {
             ws_max_per_user: 5,
             max_sessions_per_user: None,
             rate_limit_shadow: false,
+            rate_limit_penalty: None,
         }
     }
 }
@@ -158,12 +163,14 @@ impl Config {
         let ws_max_per_user = ws_max_per_user(&vars)?;
         let max_sessions_per_user = max_sessions_per_user(&vars)?;
         let rate_limit_shadow = flag(&vars, "RATE_LIMIT_SHADOW")?;
+        let rate_limit_penalty = rate_limit_penalty(&vars)?;
 
         // `REDIS_ENABLED=0`: the Redis variables are read (and checked) but not used.
         Ok(Self {
             ws_max_per_user,
             max_sessions_per_user,
             rate_limit_shadow,
+            rate_limit_penalty,
             bind: vars.set("BIND").unwrap_or_else(|| Config::default().bind),
             redis_url: vars.set("REDIS_URL").filter(|_| redis_enabled),
             database_url: vars.set("DATABASE_URL"),
@@ -229,6 +236,21 @@ fn rate_limit(vars: &Vars) -> Result<Quota, StartupError> {
             value: text.clone(),
             expected: "N/<duration> with ms, s, m or h, such as 100/60s",
         }),
+    }
+}
+
+/// `RATE_LIMIT_PENALTY`, such as `5/30s`: 5 refusals within a window, then 30 s blocked.
+fn rate_limit_penalty(vars: &Vars) -> Result<Option<Penalty>, StartupError> {
+    match vars.set("RATE_LIMIT_PENALTY") {
+        None => Ok(None),
+        Some(text) => match text.parse::<Penalty>() {
+            Ok(penalty) => Ok(Some(penalty)),
+            Err(_) => Err(StartupError::Invalid {
+                variable: "RATE_LIMIT_PENALTY",
+                value: text,
+                expected: "N/<duration> with N at least 1 and a duration from 1ms to 24h, such as 5/30s",
+            }),
+        },
     }
 }
 

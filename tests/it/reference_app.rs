@@ -2173,3 +2173,73 @@ async fn a_shadow_rate_limit_on_redis() {
     };
     a_shadow_limit_counts_and_refuses_nobody(&build(&config).await.unwrap()).await;
 }
+
+/// `RATE_LIMIT_PENALTY=2/3s` on two instances over Redis: a client refused twice within a
+/// window of `RATE_LIMIT` is blocked for 3 s, on both instances, with `Retry-After` telling
+/// how long; another client and another tenant are not; a bad value is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_penalty_blocks_a_repeat_offender_on_every_instance() {
+    let Some(server) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let config = Config::from_vars([
+        ("REDIS_URL", server.url()),
+        ("RATE_LIMIT", "1/1s".to_owned()),
+        ("RATE_LIMIT_PENALTY", "2/3s".to_owned()),
+    ])
+    .unwrap();
+    let one = build(&config).await.unwrap();
+    let two = build(&config).await.unwrap();
+    // The second instance is serving, so it follows the blocks the first places.
+    let (status, _, _) = get_from(&two, "198.51.100.8", "acme.localhost", "/").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let wait = |headers: &axum::http::HeaderMap| -> u64 {
+        headers[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut statuses = Vec::new();
+    let mut last_wait = 0;
+    for _ in 0..3 {
+        let (status, headers, _) = get_from(&one, "198.51.100.7", "acme.localhost", "/").await;
+        statuses.push(status);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            last_wait = wait(&headers);
+        }
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(last_wait, 3, "blocked for the penalty's 3 s");
+    // Past the window of `RATE_LIMIT`, still blocked, on the other instance too.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (status, headers, _) = get_from(&two, "198.51.100.7", "acme.localhost", "/").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!((1..=2).contains(&wait(&headers)), "{headers:?}");
+    let (status, _, _) = get_from(&two, "198.51.100.7", "globex.localhost", "/").await;
+    assert_eq!(status, StatusCode::OK, "blocks are per tenant");
+    let (status, _, _) = get_from(&one, "198.51.100.9", "acme.localhost", "/").await;
+    assert_eq!(status, StatusCode::OK, "and per client");
+
+    for bad in ["0/3s", "2/3", "2/48h", "x"] {
+        let refused = Config::from_vars([("RATE_LIMIT_PENALTY", bad)]).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                StartupError::Invalid {
+                    variable: "RATE_LIMIT_PENALTY",
+                    ..
+                }
+            ),
+            "{bad}: {refused:?}"
+        );
+    }
+}
