@@ -111,6 +111,7 @@
 //! | `turnstile_session_events_dropped_total` | counter | | session lifecycle events not written (Redis unreachable; they are not journaled) |
 //! | `turnstile_ratelimit_shadow_refusals_total` | counter | | requests a shadow rate limit (`with_shadow`) let through that it would have refused |
 //! | `turnstile_ratelimit_fallback_decisions_total` | counter | | rate-limit decisions made without the shared store |
+//! | `turnstile_ratelimit_settle_failures_total` | counter | | settlements (`Policy::with_settlement`) the store could not make; the reservation stood |
 //! | `turnstile_ratelimit_allowed_total` | counter | | requests a rate limit let through (with a decision; a skipped request is not counted) |
 //! | `turnstile_ratelimit_denied_total` | counter | | requests refused with `429` |
 //! | `turnstile_connections` | gauge | | live connections this instance holds in a connection registry |
@@ -301,6 +302,6 @@ pub mod tenant;
 mod time;
 
 pub use error::{ConfigError, StoreError};
-pub use http::{PeerAddr, PeerAddrLayer, RefusalBody, RequestView, ResponseBody};
+pub use http::{PeerAddr, PeerAddrLayer, RefusalBody, RequestView, ResponseBody, ResponseView};
 #[cfg(feature = "metrics")]
 pub use metrics::register_metrics;

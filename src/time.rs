@@ -25,6 +25,11 @@ pub(crate) fn from_unix_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// The time `us` Unix microseconds stand for.
+pub(crate) fn from_unix_micros(us: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(us)
+}
+
 /// Now, in Unix milliseconds.
 pub(crate) fn now_millis() -> u64 {
     unix_millis(SystemTime::now())

@@ -13,4 +13,4 @@ pub(crate) use grpc::{
 };
 pub(crate) use peer::peer_addr;
 pub use peer::{PeerAddr, PeerAddrLayer};
-pub use view::RequestView;
+pub use view::{RequestView, ResponseView};

@@ -13,7 +13,10 @@ use tokio::sync::Mutex;
 use super::{
     Answer, Penalty, Quota,
     lease::{Grant, Lease},
-    store::{Blocks, Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, StoreError},
+    store::{
+        Blocks, Check, CounterKey, Decision, MemoryRateStore, RateLimitStore, Settlement,
+        StoreError,
+    },
 };
 use crate::sync::{every_while_alive, lock};
 
@@ -57,10 +60,23 @@ pub(crate) enum Verdict {
     Pass,
     /// Refused: the request has no key, and the policy refuses such requests.
     NoKey,
-    /// Decided, under this quota (the policy's, for the request's tenant).
-    Decided(Decision, Quota),
+    /// Decided, under this quota (the policy's, for the request's tenant), counted in this
+    /// ledger.
+    Decided(Decision, Quota, Ledger),
     /// The shared store failed and the fallback is [`Fallback::Closed`].
     Unavailable,
+}
+
+/// Where a decision's cost was counted, so that a settlement corrects it there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ledger {
+    /// In the layer's store.
+    Store,
+    /// In the local limiter of the fallback, with its share of the quota.
+    Local,
+    /// Nowhere a settlement can reach: a remembered denial, a lease's batch, the fallback
+    /// letting requests through.
+    Nowhere,
 }
 
 /// A denial remembered locally until its retry time, so a flood from an over-limit key is
@@ -187,17 +203,20 @@ impl Limiter {
         }
     }
 
-    /// Decides `check`: at once from a remembered denial, a lease or the store's ready answer,
-    /// or once the store's round trip is done; a store failure goes to the fallback.
-    pub(crate) fn decide(&self, check: Check) -> Answer<Verdict> {
+    /// Decides `check`: at once from a remembered denial, a lease (if `leased`) or the store's
+    /// ready answer, or once the store's round trip is done; a store failure goes to the
+    /// fallback. A check whose cost will be settled is not leased: a batch's units cannot be
+    /// settled one by one.
+    pub(crate) fn decide(&self, check: Check, leased: bool) -> Answer<Verdict> {
         let shared = self.store.is_shared();
         if shared && check.penalty.is_some() {
             self.follow_blocks();
         }
         if shared && let Some(denial) = self.remembered(&check) {
-            return Answer::ready(Verdict::Decided(denial, check.quota));
+            return Answer::ready(Verdict::Decided(denial, check.quota, Ledger::Nowhere));
         }
         if shared
+            && leased
             && let Some(lease) = self.lease
             // A batch is at most the whole quota, and is worth taking only if it holds more
             // than this request.
@@ -208,12 +227,12 @@ impl Limiter {
             return self.decide_leased(check, lease, units);
         }
         match self.store.check(&check).now() {
-            Ok(result) => Answer::ready(self.settle(&check, result, shared)),
+            Ok(result) => Answer::ready(self.conclude(&check, result, shared)),
             Err(pending) => {
                 let limiter = self.clone();
                 Answer::later(async move {
                     let result = pending.await;
-                    limiter.settle(&check, result, shared)
+                    limiter.conclude(&check, result, shared)
                 })
             }
         }
@@ -233,37 +252,42 @@ impl Limiter {
         if let Ok(mut grant) = slot.try_lock()
             && let Some(decision) = grant.spend(check.cost)
         {
-            return Answer::ready(Verdict::Decided(decision, check.quota));
+            return Answer::ready(Verdict::Decided(decision, check.quota, Ledger::Nowhere));
         }
         let limiter = self.clone();
         Answer::later(async move {
             let mut grant = slot.lock().await;
             // Another request of this key may have taken a batch meanwhile.
             if let Some(decision) = grant.spend(check.cost) {
-                return Verdict::Decided(decision, check.quota);
+                return Verdict::Decided(decision, check.quota, Ledger::Nowhere);
             }
             let mut batch = check.clone();
             batch.cost = units;
             match limiter.store.check(&batch).await {
                 Ok(decision) if decision.allowed => {
-                    limiter.settle(&batch, Ok(decision), true);
+                    limiter.conclude(&batch, Ok(decision), true);
                     let lifetime = lease.lifetime().min(check.quota.window());
                     *grant = Grant::new(decision, units, check.cost, lifetime);
-                    Verdict::Decided(grant.answer(Instant::now()), check.quota)
+                    Verdict::Decided(grant.answer(Instant::now()), check.quota, Ledger::Nowhere)
                 }
                 // Fewer than a batch left: this request alone, exactly (its denial is
                 // remembered with its own retry time).
                 Ok(_) => {
                     drop(grant);
                     let result = limiter.store.check(&check).await;
-                    limiter.settle(&check, result, true)
+                    limiter.conclude(&check, result, true)
                 }
                 Err(error) => limiter.fall_back(&check, &error),
             }
         })
     }
 
-    fn settle(&self, check: &Check, result: Result<Decision, StoreError>, shared: bool) -> Verdict {
+    fn conclude(
+        &self,
+        check: &Check,
+        result: Result<Decision, StoreError>,
+        shared: bool,
+    ) -> Verdict {
         match result {
             Ok(decision) => {
                 let state = &self.state;
@@ -277,7 +301,7 @@ impl Limiter {
                 if shared && !decision.allowed && (check.penalty.is_none() || decision.blocked) {
                     self.remember(check, decision);
                 }
-                Verdict::Decided(decision, check.quota)
+                Verdict::Decided(decision, check.quota, Ledger::Store)
             }
             Err(error) => self.fall_back(check, &error),
         }
@@ -362,11 +386,13 @@ impl Limiter {
             Fallback::Closed => Verdict::Unavailable,
             Fallback::Open => {
                 let limit = check.quota.limit();
-                Verdict::Decided(Decision::allowed(limit, limit, Duration::ZERO), check.quota)
+                let decision = Decision::allowed(limit, limit, Duration::ZERO);
+                Verdict::Decided(decision, check.quota, Ledger::Nowhere)
             }
             Fallback::Local { share } => Verdict::Decided(
                 self.local_decision(check, check.quota.share(share)),
                 check.quota,
+                Ledger::Local,
             ),
         }
     }
@@ -381,6 +407,41 @@ impl Limiter {
             _ => {
                 let limit = quota.limit();
                 Decision::allowed(limit, limit, Duration::ZERO)
+            }
+        }
+    }
+
+    /// Corrects the cost `check` reserved (allowed by `decision`, counted in `ledger`) to
+    /// `actual`; the key's state afterwards, or `None` when there is nothing to settle or the
+    /// store failed (the reservation then stands, and is logged).
+    pub(crate) async fn settle(
+        &self,
+        check: Check,
+        decision: &Decision,
+        ledger: Ledger,
+        actual: u64,
+    ) -> Option<Decision> {
+        let store: &dyn RateLimitStore = match ledger {
+            Ledger::Store => &*self.store,
+            Ledger::Local => &self.state.local,
+            Ledger::Nowhere => return None,
+        };
+        let mut settlement = Settlement::of(check, decision, actual)?;
+        if let (Ledger::Local, Fallback::Local { share }) = (ledger, self.fallback) {
+            settlement.check.quota = settlement.check.quota.share(share);
+        }
+        match store.settle(&settlement).await {
+            Ok(settled) => Some(settled),
+            Err(error) => {
+                crate::metrics::count("turnstile_ratelimit_settle_failures_total", 1);
+                tracing::warn!(
+                    target: "tower_turnstile::ratelimit",
+                    %error,
+                    reserved = settlement.check.cost,
+                    actual,
+                    "a rate-limit cost could not be settled; the reservation stands"
+                );
+                None
             }
         }
     }

@@ -11,6 +11,9 @@
 //! - **Repeat offenders blocked**: with a [`Penalty`], a key refused again and again is blocked
 //!   for longer each time, decided in the same script as the limit; every instance learns of
 //!   a block and refuses the key from memory until it ends.
+//! - **Costs known only after the response**: with [`Policy::with_settlement`], a cost is
+//!   reserved before the inner service runs and settled (refunded or topped up) from the
+//!   response, atomically, before the response goes out.
 //! - **Cheaper still, if you accept a stated error**: with a [`Lease`], an instance takes a
 //!   batch of a hot key's quota in one round trip and spends it locally; the overshoot across
 //!   instances is bounded by `instances × (units − 1)`.
@@ -76,6 +79,7 @@ mod penalty;
 mod policy;
 mod quota;
 mod service;
+mod settle;
 mod shadow;
 mod store;
 
@@ -96,7 +100,7 @@ pub use service::{RateLimitService, ResponseFuture};
 pub use store::RedisRateStore;
 pub use store::{
     Block, Blocks, Check, Client, CounterKey, Decision, MemoryRateStore, MemoryRateStoreBuilder,
-    RateLimitStore,
+    RateLimitStore, Settlement,
 };
 
 #[cfg(all(fuzzing, feature = "redis"))]

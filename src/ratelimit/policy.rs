@@ -5,7 +5,11 @@ use super::{
     exempt::{Skip, SkipFn},
     key::{ClientIp, KeyExtractor, PerTenant},
 };
-use crate::{ConfigError, http::RequestView, tenant::Tenant};
+use crate::{
+    ConfigError,
+    http::{RequestView, ResponseView},
+    tenant::Tenant,
+};
 
 /// What to do with a request whose key cannot be extracted (no peer address recorded, no API
 /// key header, no session user).
@@ -23,6 +27,7 @@ pub enum MissingKey {
 }
 
 type CostFn = dyn Fn(&RequestView<'_>) -> u64 + Send + Sync;
+type SettleFn = dyn Fn(&ResponseView<'_>) -> u64 + Send + Sync;
 type QuotaFn = dyn Fn(&Tenant) -> Option<Quota> + Send + Sync;
 
 /// A rate-limit policy: a name, a quota, an algorithm, whose counter a request spends from
@@ -52,6 +57,7 @@ pub struct Policy {
     pub(crate) allowlist: Option<Arc<Allowlist>>,
     pub(crate) skip: Option<Arc<SkipFn>>,
     pub(crate) penalty: Option<Penalty>,
+    pub(crate) settlement: Option<Arc<SettleFn>>,
 }
 
 impl fmt::Debug for Policy {
@@ -73,6 +79,7 @@ impl fmt::Debug for Policy {
             .field("allowlist", &self.allowlist)
             .field("skip", &Skip(&self.skip))
             .field("penalty", &self.penalty)
+            .field("settles", &self.settlement.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -118,6 +125,7 @@ impl Policy {
             allowlist: None,
             skip: None,
             penalty: None,
+            settlement: None,
         })
     }
 
@@ -262,6 +270,40 @@ impl Policy {
     /// The policy's penalty, if it has one.
     pub fn penalty(&self) -> Option<&Penalty> {
         self.penalty.as_ref()
+    }
+
+    /// Settles each request's cost once its response is known: the cost
+    /// ([`with_cost`](Self::with_cost) or [`with_cost_fn`](Self::with_cost_fn)) is reserved
+    /// before the inner service runs, and corrected to what `actual` says of the response (a
+    /// refund or a top-up; see [`Settlement`](super::Settlement)) before the response goes
+    /// out, so its `RateLimit` field, and the next request's, show the settled count. A
+    /// settlement that matches the reservation costs nothing; one that differs costs one more
+    /// round trip to a shared store. A settled policy takes no [`Lease`](super::Lease).
+    ///
+    /// ```
+    /// use tower_turnstile::ratelimit::{Policy, Quota};
+    ///
+    /// // Tokens: reserve 1 000 per call, then count what the model reports.
+    /// let tokens = Policy::new("tokens", Quota::per_minute(100_000))?
+    ///     .with_cost(1_000)
+    ///     .with_settlement(|response| response.header_u64("x-tokens-used").unwrap_or(1_000));
+    /// // Server errors are free.
+    /// let calls = Policy::new("calls", Quota::per_minute(60))?
+    ///     .with_settlement(|response| u64::from(!response.status.is_server_error()));
+    /// # let _ = (tokens, calls);
+    /// # Ok::<(), tower_turnstile::ConfigError>(())
+    /// ```
+    pub fn with_settlement(
+        mut self,
+        actual: impl Fn(&ResponseView<'_>) -> u64 + Send + Sync + 'static,
+    ) -> Self {
+        self.settlement = Some(Arc::new(actual));
+        self
+    }
+
+    /// What a response says its request cost, under [`with_settlement`](Self::with_settlement).
+    pub(crate) fn actual_cost(&self, response: &ResponseView<'_>) -> Option<u64> {
+        self.settlement.as_ref().map(|actual| actual(response))
     }
 
     /// Whether the request is skipped ([`with_skip`](Self::with_skip)).

@@ -8,6 +8,7 @@ use std::{
 };
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -19,6 +20,7 @@ use super::{
     limiter::Verdict,
     policy::MissingKey,
     quota::Quota,
+    settle::{self, Reservation},
     store::{Check, Client, CounterKey, Decision},
 };
 use crate::{
@@ -53,8 +55,22 @@ impl<S> RateLimitService<S> {
     }
 }
 
-/// What becomes of a request of `client` in `tenant` costing `cost`.
-fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -> Answer<Verdict> {
+/// What the service keeps for after the decision: the key as a shadow logs it, and the check
+/// whose cost the response will settle.
+#[derive(Default)]
+struct Followup {
+    shown: Option<String>,
+    settle: Option<Check>,
+}
+
+/// What becomes of a request of `client` in `tenant` costing `cost`; the check, when its cost
+/// will be settled.
+fn decide(
+    shared: &Shared,
+    tenant: &Tenant,
+    client: Option<Client>,
+    cost: u64,
+) -> (Answer<Verdict>, Option<Check>) {
     let client = match client {
         Some(client) => client,
         None => {
@@ -69,8 +85,8 @@ fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -
                 );
             }
             match shared.policy.missing_key {
-                MissingKey::Allow => return Answer::ready(Verdict::Pass),
-                MissingKey::Deny => return Answer::ready(Verdict::NoKey),
+                MissingKey::Allow => return (Answer::ready(Verdict::Pass), None),
+                MissingKey::Deny => return (Answer::ready(Verdict::NoKey), None),
                 _ => Client::from("(no key)"),
             }
         }
@@ -79,7 +95,9 @@ fn decide(shared: &Shared, tenant: &Tenant, client: Option<Client>, cost: u64) -
     let key = CounterKey::new(tenant.clone(), Arc::clone(&shared.scope), client);
     let mut check = Check::new(key, quota, shared.policy.algorithm(), cost);
     check.penalty = shared.policy.penalty;
-    shared.limiter.decide(check)
+    let settles = shared.policy.settlement.is_some();
+    let settle = settles.then(|| check.clone());
+    (shared.limiter.decide(check, !settles), settle)
 }
 
 type BoxedResponse<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
@@ -90,7 +108,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: RefusalBody + Send + 'static,
+    ResBody: Body + RefusalBody + Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -112,8 +130,10 @@ where
             }
             Ok(client) => {
                 let shown = shadow_key(&self.shared, client.as_ref());
-                let verdict = decide(&self.shared, tenant_of(request.extensions()), client, cost);
-                respond(&mut self.inner, &self.shared, request, verdict, shown)
+                let (verdict, settle) =
+                    decide(&self.shared, tenant_of(request.extensions()), client, cost);
+                let followup = Followup { shown, settle };
+                respond(&mut self.inner, &self.shared, request, verdict, followup)
             }
             Err(client) => {
                 // The key needs I/O (the session's user, say): find it in a future, which
@@ -127,8 +147,9 @@ where
                         return inner.call(request).await;
                     }
                     let shown = shadow_key(&shared, client.as_ref());
-                    let verdict = decide(&shared, tenant, client, cost);
-                    respond(&mut inner, &shared, request, verdict, shown).await
+                    let (verdict, settle) = decide(&shared, tenant, client, cost);
+                    let followup = Followup { shown, settle };
+                    respond(&mut inner, &shared, request, verdict, followup).await
                 }))
             }
         }
@@ -163,14 +184,14 @@ fn respond<S, ReqBody, ResBody>(
     shared: &Arc<Shared>,
     request: Request<ReqBody>,
     verdict: Answer<Verdict>,
-    shown: Option<String>,
+    followup: Followup,
 ) -> ResponseFuture<S::Future, ResBody, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: RefusalBody + Send + 'static,
+    ResBody: Body + RefusalBody + Send + 'static,
 {
     let verdict = match verdict.now() {
         Ok(verdict) => verdict,
@@ -179,33 +200,38 @@ where
             let shared = Arc::clone(shared);
             return ResponseFuture::boxed(Box::pin(async move {
                 let verdict = Answer::ready(later.await);
-                respond(&mut inner, &shared, request, verdict, shown).await
+                respond(&mut inner, &shared, request, verdict, followup).await
             }));
         }
     };
     // gRPC or not matters only for a refusal: the header is looked at only then.
     let grpc = |request: &Request<ReqBody>| is_grpc(request.headers());
-    if let Some(headers) = shadow_pass(shared, &verdict, shown.as_deref()) {
+    if let Some(headers) = shadow_pass(shared, &verdict, followup.shown.as_deref()) {
         return ResponseFuture::inner(inner.call(request), headers);
     }
     match verdict {
         Verdict::Pass => ResponseFuture::inner(inner.call(request), None),
         Verdict::NoKey => ResponseFuture::ready(refuse(shared, None, grpc(&request))),
-        Verdict::Decided(decision, quota) if decision.allowed => {
+        Verdict::Decided(decision, quota, ledger) if decision.allowed => {
             crate::metrics::count("turnstile_ratelimit_allowed_total", 1);
+            if let Some(check) = followup.settle {
+                let reservation = Reservation::new(check, decision, quota, ledger);
+                let settled = settle::after(inner.call(request), Arc::clone(shared), reservation);
+                return ResponseFuture::boxed(Box::pin(settled));
+            }
             let headers = shared
                 .headers
                 .then(|| allowed_headers(shared, quota, &decision));
             ResponseFuture::inner(inner.call(request), headers)
         }
-        Verdict::Decided(decision, quota) => {
+        Verdict::Decided(decision, quota, _) => {
             ResponseFuture::ready(refuse(shared, Some((&decision, quota)), grpc(&request)))
         }
         Verdict::Unavailable => ResponseFuture::ready(unavailable(shared, grpc(&request))),
     }
 }
 
-type HeaderPair = (HeaderValue, HeaderValue);
+pub(super) type HeaderPair = (HeaderValue, HeaderValue);
 
 /// A shadow refuses nobody: for a verdict that would refuse, counts it and gives the fields a
 /// refusal would carry (the request goes on with them). `None`: the verdict stands.
@@ -217,7 +243,7 @@ fn shadow_pass(
     let shadow = shared.shadow.as_ref()?;
     let policy = shared.policy.name();
     match verdict {
-        Verdict::Decided(decision, quota) if !decision.allowed => {
+        Verdict::Decided(decision, quota, _) if !decision.allowed => {
             shadow.would_refuse(policy, shown, Some(decision));
             Some(
                 shared
@@ -233,7 +259,7 @@ fn shadow_pass(
     }
 }
 
-fn allowed_headers(shared: &Shared, quota: Quota, decision: &Decision) -> HeaderPair {
+pub(super) fn allowed_headers(shared: &Shared, quota: Quota, decision: &Decision) -> HeaderPair {
     (
         policy_header(shared, quota),
         ratelimit_value(shared.policy.name(), decision),
@@ -250,7 +276,7 @@ fn policy_header(shared: &Shared, quota: Quota) -> HeaderValue {
     }
 }
 
-fn add_headers<B>(response: &mut Response<B>, (policy, state): HeaderPair) {
+pub(super) fn add_headers<B>(response: &mut Response<B>, (policy, state): HeaderPair) {
     // Appended, not inserted: stacked layers each report their own policy.
     response.headers_mut().append(&RATELIMIT_POLICY, policy);
     response.headers_mut().append(&RATELIMIT, state);

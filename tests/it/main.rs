@@ -38,6 +38,7 @@ mod hyper_server;
 mod postgres_store;
 mod ratelimit_layer;
 mod ratelimit_penalty;
+mod ratelimit_settle;
 #[cfg(feature = "cluster")]
 mod ratelimit_store;
 #[cfg(all(

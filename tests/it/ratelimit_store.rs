@@ -827,10 +827,14 @@ async fn scripts_reload_after_a_redis_restart() {
         )
         .await;
     }
-    // As the store loads it: the shared prelude, then the algorithm.
+    // As the store loads it: the shared prelude, the algorithm made a function, and the end
+    // of a script without a penalty.
     let script = concat!(
         include_str!("../../src/ratelimit/store/lua/prelude.lua"),
-        include_str!("../../src/ratelimit/store/lua/sliding_window.lua")
+        "local function decide()\n",
+        include_str!("../../src/ratelimit/store/lua/sliding_window.lua"),
+        "\nend\n",
+        include_str!("../../src/ratelimit/store/lua/plain.lua")
     );
     let sha = server.cli(&["SCRIPT", "LOAD", script]).trim().to_owned();
     server.restart();

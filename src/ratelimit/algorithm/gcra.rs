@@ -34,6 +34,20 @@ impl Gcra {
     }
 }
 
+impl Gcra {
+    /// Gives back `units`: the TAT moves that many emission intervals earlier, but not before
+    /// `now` (a TAT in the past already means a full burst). `lua/refund_gcra.lua`, line for
+    /// line.
+    pub(crate) fn refund(&mut self, units: u64, now: u64, window: u64, limit: u64) {
+        let Some(tat) = self.tat.filter(|&tat| tat > now) else {
+            return;
+        };
+        let interval = (window / limit).max(1);
+        let back = tat.saturating_sub(units.saturating_mul(interval));
+        self.tat = (back > now).then_some(back);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

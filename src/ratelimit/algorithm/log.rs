@@ -53,6 +53,21 @@ impl Log {
     }
 }
 
+impl Log {
+    /// Gives back `units` of a cost counted at `reserved_at` (those that left the window need
+    /// none). `lua/refund_log.lua`, line for line.
+    pub(crate) fn refund(&mut self, units: u64, reserved_at: u64) {
+        if let Some(held) = self.spent.get_mut(&reserved_at) {
+            let back = units.min(*held);
+            *held -= back;
+            self.count -= back;
+            if *held == 0 {
+                self.spent.remove(&reserved_at);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,8 +12,6 @@ mod window;
 
 pub(crate) use gcra::Gcra;
 pub(crate) use log::Log;
-#[cfg(feature = "redis")]
-pub(crate) use penalty::Judged;
 pub(crate) use penalty::{Offences, Terms};
 pub(crate) use window::Window;
 

@@ -96,6 +96,18 @@ impl Window {
         }
     }
 
+    /// Gives back `units` of a cost counted at `reserved_at`: to this window's count if it is
+    /// still the current one, or to the previous count if it is the one before.
+    /// `lua/refund_window.lua`, line for line.
+    pub(crate) fn refund(&mut self, units: u64, reserved_at: u64, window: u64) {
+        let reserved = reserved_at / window;
+        if reserved == self.index {
+            self.current -= units.min(self.current);
+        } else if reserved + 1 == self.index {
+            self.previous -= units.min(self.previous);
+        }
+    }
+
     /// `now / window`, the index of the window `now` falls in; found without a division when
     /// it is the stored window or the next one, as it is for a key in use.
     fn index_at(&self, now: u64, window: u64) -> u64 {

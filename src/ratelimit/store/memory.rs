@@ -7,14 +7,16 @@ use std::{
 
 use hashbrown::HashTable;
 
-use super::{Check, CounterKey, Decision, RateLimitStore, StoreError};
+use super::{Check, CounterKey, Decision, RateLimitStore, Settlement, StoreError};
+
+mod settle;
 use crate::{
     ratelimit::{
         Algorithm, Answer, Quota,
         algorithm::{Counted, Gcra, Log, Offences, Window},
     },
     sync::lock,
-    time::unix_micros,
+    time::{from_unix_micros, unix_micros},
 };
 
 /// Rate-limit counts in process memory: bounded in size, idle keys swept by themselves.
@@ -118,6 +120,11 @@ impl RateLimitStore for MemoryRateStore {
     fn check(&self, check: &Check) -> Answer<Result<Decision, StoreError>> {
         Answer::ready(self.decide(check))
     }
+
+    /// Always settled at once, atomically with the key's checks.
+    fn settle(&self, settlement: &Settlement) -> Answer<Result<Decision, StoreError>> {
+        Answer::ready(self.settle_now(settlement))
+    }
 }
 
 impl MemoryRateStore {
@@ -126,31 +133,65 @@ impl MemoryRateStore {
         if limit == 0 {
             return Ok(Decision::denied(0, 0, Duration::ZERO, None));
         }
-        // Expiry runs on the real clock; decisions on the check's time when it names one.
-        let real_now = unix_micros(SystemTime::now());
-        let now = check.at.map_or(real_now, unix_micros);
-        let window = check.quota.window_ms() * 1000;
+        let now = check.at.map_or_else(real_now, unix_micros);
         let terms = check.penalty.map(|penalty| penalty.terms(check.quota));
+        let verdict = self.with_state(check, |state, offences| {
+            let mut count = || decide(state, check.algorithm, now, check.quota, check.cost);
+            match terms {
+                None => count(),
+                Some(terms) => offences
+                    .judge(now, terms, check.cost > 0, count)
+                    .map(|judged| judged.counted),
+            }
+        })?;
+        let mut decision = verdict.into_decision(limit);
+        decision.at = Some(from_unix_micros(now));
+        Ok(decision)
+    }
+
+    fn settle_now(&self, settlement: &Settlement) -> Result<Decision, StoreError> {
+        let check = &settlement.check;
+        let limit = check.quota.limit();
+        if limit == 0 {
+            return Ok(Decision::allowed(0, 0, Duration::ZERO));
+        }
+        let now = settlement.at.map_or_else(real_now, unix_micros);
+        let costs = (
+            unix_micros(settlement.reserved_at),
+            check.cost,
+            settlement.actual,
+        );
+        let settled = self.with_state(check, |state, _| {
+            settle::settle(state, check.algorithm, now, check.quota, costs)
+        })?;
+        Ok(settled.into_decision(limit))
+    }
+
+    /// Runs `f` on the state of `check`'s key, kept as long as the check's quota and penalty
+    /// need it.
+    fn with_state<T>(
+        &self,
+        check: &Check,
+        f: impl FnOnce(&mut State, &mut Offences) -> Result<T, WrongAlgorithm>,
+    ) -> Result<T, StoreError> {
+        let window = check.quota.window_ms() * 1000;
         // Offences matter past the counts: up to the longest block and the quiet after it.
-        let keep_for = terms.map_or(2 * window, |terms| {
+        let keep_for = check.penalty.map_or(2 * window, |penalty| {
+            let terms = penalty.terms(check.quota);
             (2 * window).max(terms.max_block.saturating_add(terms.quiet))
         });
-        let verdict = self
-            .counters
-            .with_state(&check.key, real_now, keep_for, |state, offences| {
-                let mut count = || decide(state, check.algorithm, now, check.quota, check.cost);
-                match terms {
-                    None => count(),
-                    Some(terms) => offences
-                        .judge(now, terms, check.cost > 0, count)
-                        .map(|judged| judged.counted),
-                }
-            })
+        // Expiry runs on the real clock; decisions on the check's time when it names one.
+        self.counters
+            .with_state(&check.key, real_now(), keep_for, f)
             .map_err(|source| StoreError::Failed {
                 source: Box::new(source),
-            })?;
-        Ok(verdict.into_decision(limit))
+            })
     }
+}
+
+/// Now, in Unix µs.
+fn real_now() -> u64 {
+    unix_micros(SystemTime::now())
 }
 
 /// How many shards the key table has: enough that concurrent decisions on different keys

@@ -230,6 +230,10 @@ pub struct Decision {
     pub retry_after: Option<Duration>,
     /// Refused by a [`Penalty`] block: `retry_after` is the block's remaining time.
     pub blocked: bool,
+    /// When the store decided, on its clock (Redis `TIME` for Redis, unless the check named a
+    /// time): what a [`Settlement`] of the decision's cost names. `None` for a decision made
+    /// without counting (a limit of 0, a batch of a [`Lease`](super::Lease)).
+    pub at: Option<SystemTime>,
 }
 
 impl Decision {
@@ -242,6 +246,7 @@ impl Decision {
             reset,
             retry_after: None,
             blocked: false,
+            at: None,
         }
     }
 
@@ -259,7 +264,59 @@ impl Decision {
             reset,
             retry_after,
             blocked: false,
+            at: None,
         }
+    }
+}
+
+/// A reserved cost corrected once the response is known: the request reserved
+/// `check.cost` when it was allowed at `reserved_at`, and turned out to cost `actual`.
+///
+/// A refund gives the difference back where the reservation was counted (for the sliding
+/// window, the window it fell in, while that window still weighs). A top-up spends the
+/// difference at the settlement's time, as a request would, but never more than is left: a
+/// settlement does not put a key in debt. Atomic on every store, like a check.
+///
+/// ```
+/// use tower_turnstile::ratelimit::{Algorithm, Check, MemoryRateStore, Quota, RateLimitStore, Settlement};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryRateStore::new();
+/// // Reserve 1 000 tokens of 10 000 a minute; the call used 250.
+/// let check = Check::new("team-7", Quota::per_minute(10_000), Algorithm::SlidingWindow, 1_000);
+/// let reserved = store.check(&check).await?;
+/// assert_eq!(reserved.remaining, 9_000);
+/// let settled = store.settle(&Settlement::of(check, &reserved, 250).expect("allowed")).await?;
+/// assert_eq!(settled.remaining, 9_750);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settlement {
+    /// The check that reserved the cost; its `cost` is what was reserved.
+    pub check: Check,
+    /// When the reservation was counted: the allowed decision's [`Decision::at`].
+    pub reserved_at: SystemTime,
+    /// What the request turned out to cost.
+    pub actual: u64,
+    /// The time of the settlement; `None` means the store's own clock.
+    pub at: Option<SystemTime>,
+}
+
+impl Settlement {
+    /// The settlement of `decision`, made for `check`, to `actual`; `None` when the decision
+    /// reserved nothing to settle (a refusal, or a decision made without counting).
+    pub fn of(check: Check, decision: &Decision, actual: u64) -> Option<Self> {
+        let reserved_at = decision.at.filter(|_| decision.allowed)?;
+        let at = check.at;
+        Some(Self {
+            check,
+            reserved_at,
+            actual,
+            at,
+        })
     }
 }
 
@@ -297,6 +354,16 @@ pub trait RateLimitStore: fmt::Debug + Send + Sync + 'static {
     /// process. Only shared stores get a fallback and a local cache of denied keys.
     fn is_shared(&self) -> bool {
         false
+    }
+
+    /// Corrects a reserved cost (see [`Settlement`]); answers the key's state afterwards, as an
+    /// allowed decision. The default fails: a store that cannot settle says so, and the layer
+    /// keeps the reservation (and logs it).
+    fn settle(&self, settlement: &Settlement) -> Answer<Result<Decision, StoreError>> {
+        let _ = settlement;
+        Answer::ready(Err(StoreError::Failed {
+            source: "this rate-limit store does not settle costs".into(),
+        }))
     }
 
     /// The [`Penalty`] blocks placed since `cursor` (from the oldest still kept when `None`),

@@ -1,42 +1,65 @@
-use std::{sync::LazyLock, time::Duration};
+use std::{
+    sync::LazyLock,
+    time::{Duration, SystemTime},
+};
 
 use redis::{Script, Value};
 
-use super::{Blocks, Check, Decision, RateLimitStore, StoreError};
+use super::{Blocks, Check, Decision, RateLimitStore, Settlement, StoreError};
 use crate::{
     backend::RedisBackend,
-    ratelimit::{
-        Algorithm, Answer,
-        algorithm::{Counted, Judged},
-    },
-    time::unix_micros,
+    ratelimit::{Algorithm, Answer, algorithm::Counted},
+    time::{from_unix_micros, unix_micros},
 };
 
 mod feed;
 
-/// One algorithm's script, as it is loaded: after the common prelude, and for a policy with a
-/// penalty, wrapped into the function that `penalty.lua` calls.
+/// One algorithm's scripts, as they are loaded: the common prelude, the algorithm made the
+/// function `decide`, and what runs it: `plain.lua`, `penalty.lua` (for a policy with a
+/// penalty) or, with the algorithm's `refund`, `settle.lua`.
 macro_rules! scripts {
-    ($($plain:ident, $penalized:ident = $file:literal;)*) => {$(
-        static $plain: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(concat!(include_str!("lua/prelude.lua"), include_str!($file)))
-        });
-        static $penalized: LazyLock<Script> = LazyLock::new(|| {
-            Script::new(concat!(
+    ($($name:ident = $file:literal, $refund:literal;)*) => {$(
+        static $name: LazyLock<Scripts> = LazyLock::new(|| {
+            let decide = concat!(
                 include_str!("lua/prelude.lua"),
                 "local function decide()\n",
                 include_str!($file),
                 "\nend\n",
-                include_str!("lua/penalty.lua")
-            ))
+            );
+            Scripts {
+                plain: Script::new(&format!("{decide}{}", include_str!("lua/plain.lua"))),
+                penalized: Script::new(&format!("{decide}{}", include_str!("lua/penalty.lua"))),
+                settle: Script::new(&format!(
+                    "{decide}{}{}",
+                    include_str!($refund),
+                    include_str!("lua/settle.lua")
+                )),
+            }
         });
     )*};
 }
 
+/// The scripts of one algorithm.
+struct Scripts {
+    plain: Script,
+    penalized: Script,
+    settle: Script,
+}
+
 scripts! {
-    SLIDING_WINDOW, PENALIZED_SLIDING_WINDOW = "lua/sliding_window.lua";
-    SLIDING_LOG, PENALIZED_SLIDING_LOG = "lua/sliding_log.lua";
-    GCRA, PENALIZED_GCRA = "lua/gcra.lua";
+    SLIDING_WINDOW = "lua/sliding_window.lua", "lua/refund_window.lua";
+    SLIDING_LOG = "lua/sliding_log.lua", "lua/refund_log.lua";
+    GCRA = "lua/gcra.lua", "lua/refund_gcra.lua";
+}
+
+impl Scripts {
+    fn of(algorithm: Algorithm) -> &'static Self {
+        match algorithm {
+            Algorithm::SlidingWindow => &SLIDING_WINDOW,
+            Algorithm::SlidingLog => &SLIDING_LOG,
+            Algorithm::Gcra => &GCRA,
+        }
+    }
 }
 
 /// Rate-limit counts in Redis, shared by every instance that uses the same Redis.
@@ -119,34 +142,29 @@ impl RedisRateStore {
 }
 
 impl RedisRateStore {
+    /// The Redis key of `check`'s counter: `{prefix}{key}`, or under a penalty
+    /// `{prefix}{{key}}`, a hash tag that puts the penalty's key in the same Cluster slot.
+    fn counter_key(&self, check: &Check) -> String {
+        match check.penalty {
+            None => format!("{}{}", self.prefix, check.key),
+            Some(_) => format!("{}{{{}}}", self.prefix, check.key),
+        }
+    }
+
     /// The script that decides `check`, with its keys and arguments.
     fn invocation(&self, check: &Check, limit: u64) -> redis::ScriptInvocation<'static> {
-        let penalized = check.penalty.is_some();
-        let script = match (check.algorithm, penalized) {
-            (Algorithm::SlidingWindow, false) => &*SLIDING_WINDOW,
-            (Algorithm::SlidingLog, false) => &*SLIDING_LOG,
-            (Algorithm::Gcra, false) => &*GCRA,
-            (Algorithm::SlidingWindow, true) => &*PENALIZED_SLIDING_WINDOW,
-            (Algorithm::SlidingLog, true) => &*PENALIZED_SLIDING_LOG,
-            (Algorithm::Gcra, true) => &*PENALIZED_GCRA,
-        };
+        let scripts = Scripts::of(check.algorithm);
         let mut invocation = match check.penalty {
-            None => script.key(format!("{}{}", self.prefix, check.key)),
+            None => scripts.plain.key(self.counter_key(check)),
             Some(_) => {
-                let counter = format!("{}{{{}}}", self.prefix, check.key);
-                let mut invocation = script.key(&counter);
+                let counter = self.counter_key(check);
+                let mut invocation = scripts.penalized.key(&counter);
                 invocation.key(counter + ":penalty");
                 invocation
             }
         };
         invocation
-            // An empty time makes the script read Redis `TIME`.
-            .arg(
-                check
-                    .at
-                    .map(unix_micros)
-                    .map_or_else(String::new, |at| at.to_string()),
-            )
+            .arg(explicit_time(check.at))
             .arg(check.quota.window_ms() * 1000)
             .arg(limit)
             .arg(check.cost);
@@ -185,11 +203,42 @@ impl RateLimitStore for RedisRateStore {
                 })
                 .await
                 .map_err(StoreError::from)?;
-            let judged = read_reply(&reply, limit)?;
-            if let (Some((store, key)), Some(until)) = (announcer, judged.new_block_until) {
+            let read = read_reply(&reply, limit)?;
+            if let (Some((store, key)), Some(until)) = (announcer, read.new_block_until) {
                 store.announce(&key, limit, until).await;
             }
-            Ok(judged.counted.into_decision(limit))
+            let mut decision = read.counted.into_decision(limit);
+            decision.at = read.at.map(from_unix_micros);
+            Ok(decision)
+        })
+    }
+
+    /// One round trip: the algorithm's settlement script on the check's counter key.
+    fn settle(&self, settlement: &Settlement) -> Answer<Result<Decision, StoreError>> {
+        let check = &settlement.check;
+        let limit = check.quota.limit();
+        if limit == 0 {
+            return Answer::ready(Ok(Decision::allowed(0, 0, Duration::ZERO)));
+        }
+        let mut invocation = Scripts::of(check.algorithm)
+            .settle
+            .key(self.counter_key(check));
+        invocation
+            .arg(explicit_time(settlement.at))
+            .arg(check.quota.window_ms() * 1000)
+            .arg(limit)
+            .arg(check.cost)
+            .arg(settlement.actual)
+            .arg(unix_micros(settlement.reserved_at));
+        let (backend, timeout) = (self.backend.clone(), self.timeout);
+        Answer::later(async move {
+            let reply: Value = backend
+                .run(timeout, |mut conn| async move {
+                    invocation.invoke_async(&mut conn).await
+                })
+                .await
+                .map_err(StoreError::from)?;
+            Ok(read_reply(&reply, limit)?.counted.into_decision(limit))
         })
     }
 
@@ -206,24 +255,41 @@ impl RateLimitStore for RedisRateStore {
     }
 }
 
+/// A time for the scripts' first argument: empty makes them read Redis `TIME`.
+fn explicit_time(at: Option<SystemTime>) -> String {
+    at.map(unix_micros)
+        .map_or_else(String::new, |at| at.to_string())
+}
+
+/// What a script's reply says: the decision, a block it placed, and when it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub(crate) counted: Counted,
+    /// When a block this check placed ends (µs since the epoch).
+    pub(crate) new_block_until: Option<u64>,
+    /// The decision's time (µs since the epoch, Redis's clock unless the check named one).
+    pub(crate) at: Option<u64>,
+}
+
 /// The decision a script's reply stands for. The scripts answer `{allowed, remaining, reset,
-/// retry}` (times in µs, a retry of `-1` for none), and under a penalty two more numbers:
-/// `1` when refused by a block, and when a block this check placed ends (µs, `0` for none). A
-/// reply of any other shape is an error, which the layer handles as any failed check. A
-/// remaining count past the limit is held to it, and a negative wait reads as none.
-pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Judged, StoreError> {
+/// retry, blocked, block end, time}`: times in µs, a retry of `-1` for none, `blocked` 1 when
+/// refused by a penalty block, the end of a block this check placed (`0` for none), and the
+/// decision's time. A settlement, and a limit of 0, answer the first four only. A reply of any
+/// other shape is an error, which the layer handles as any failed check. A remaining count
+/// past the limit is held to it, and a negative wait or time reads as none.
+pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Reply, StoreError> {
     let numbers: Vec<i64> =
         redis::from_redis_value_ref(reply).map_err(|error| unexpected(&error))?;
-    let (allowed, remaining, reset, retry, blocked, until) = match numbers[..] {
-        [allowed, remaining, reset, retry] => (allowed, remaining, reset, retry, 0, 0),
-        [allowed, remaining, reset, retry, blocked, until] => {
-            (allowed, remaining, reset, retry, blocked, until)
+    let (allowed, remaining, reset, retry, blocked, until, at) = match numbers[..] {
+        [allowed, remaining, reset, retry] => (allowed, remaining, reset, retry, 0, 0, 0),
+        [allowed, remaining, reset, retry, blocked, until, at] => {
+            (allowed, remaining, reset, retry, blocked, until, at)
         }
         _ => return Err(unexpected(&format!("{} numbers", numbers.len()))),
     };
     let wait = |us: i64| u64::try_from(us).unwrap_or(0);
     let refused = allowed != 1;
-    Ok(Judged {
+    Ok(Reply {
         counted: Counted {
             allowed: !refused,
             remaining: u64::try_from(remaining).unwrap_or(0).min(limit),
@@ -232,6 +298,7 @@ pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Judged, StoreError
             blocked: refused && blocked == 1,
         },
         new_block_until: (refused && until > 0).then(|| wait(until)),
+        at: (at > 0).then(|| wait(at)),
     })
 }
 
@@ -331,7 +398,7 @@ mod tests {
             prop_assert_eq!(counted.retry, expected_retry);
         }
 
-        /// Other than four or six parts, or a part that is no integer, is an error, never a
+        /// Other than four or seven parts, or a part that is no integer, is an error, never a
         /// decision made up from what is there.
         #[test]
         fn other_shapes_are_errors(
@@ -340,7 +407,7 @@ mod tests {
             at in 0usize..4,
         ) {
             let ints = |parts: &[i64]| Value::Array(parts.iter().map(|&n| Value::Int(n)).collect());
-            if parts.len() != 4 && parts.len() != 6 {
+            if parts.len() != 4 && parts.len() != 7 {
                 prop_assert!(read_reply(&ints(&parts), 10).is_err());
             }
             let mut four = [0i64; 4].map(Value::Int).to_vec();
