@@ -54,8 +54,9 @@ impl Session {
     }
 
     /// After a login of `user` stored under `new`, under [`OverCap::EndOldest`]: ends the
-    /// user's oldest other sessions (by creation) beyond the cap. A failure is logged; the
-    /// login stands.
+    /// user's oldest other sessions (by creation) beyond the cap, as the store decides them
+    /// ([`SessionStore::sessions_over_cap`](super::SessionStore::sessions_over_cap): atomic
+    /// on Redis). A failure is logged; the login stands.
     pub(crate) async fn end_sessions_over_cap(&self, user: &str, new: &SessionKey) {
         let Some(cap) = self.inner.shared.cap else {
             return;
@@ -64,31 +65,27 @@ impl Session {
             return;
         }
         let store = &self.inner.shared.store;
-        let mut others = match store
-            .list_user_sessions(&UserKey::new(&self.inner.tenant, user))
+        let over = match store
+            .sessions_over_cap(&UserKey::new(&self.inner.tenant, user), new, cap.max)
             .await
         {
-            Ok(listed) => listed,
+            Ok(over) => over,
             Err(error) => {
-                tracing::warn!(target: "tower_turnstile::session", %error, "could not list the user's sessions to enforce the cap");
+                tracing::warn!(target: "tower_turnstile::session", %error, "could not decide the user's sessions over the cap");
                 return;
             }
         };
-        others.retain(|info| info.key != *new);
-        // Oldest first; the hash breaks ties, so every instance picks the same ones.
-        others.sort_by_key(|info| (info.created_at, info.key.hash()));
-        let excess = (others.len() + 1).saturating_sub(cap.max);
         let shared = &self.inner.shared;
-        for info in others.iter().take(excess) {
+        for key in &over {
             let tenant = &self.inner.tenant;
             shared
-                .unschedule_ends(tenant, std::slice::from_ref(&info.key))
+                .unschedule_ends(tenant, std::slice::from_ref(key))
                 .await;
-            match store.delete(&info.key, Some(user)).await {
+            match store.delete(key, Some(user)).await {
                 Ok(()) => {
                     let evicted = LifecycleKind::Evicted;
                     shared
-                        .lifecycle(evicted, tenant, Some(user), Some(&info.key))
+                        .lifecycle(evicted, tenant, Some(user), Some(key))
                         .await;
                 }
                 Err(error) => {

@@ -79,6 +79,15 @@ impl SessionStore for Announcing {
         self.store.exists(key).await
     }
 
+    async fn sessions_over_cap(
+        &self,
+        user: &UserKey,
+        login: &SessionKey,
+        max: usize,
+    ) -> Result<Vec<SessionKey>, StoreError> {
+        self.store.sessions_over_cap(user, login, max).await
+    }
+
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
         let ended = self.store.delete_user_sessions(user).await?;
         self.listener.user_sessions_ended(user).await;

@@ -298,11 +298,14 @@ impl SessionLayer {
     /// Ended sessions are announced like a logout ([`on_session_end`](Self::on_session_end)),
     /// so their live connections close.
     ///
-    /// The cap is enforced after each login, on the user index every instance shares, not in
-    /// one atomic step: once logins made at the same moment on several instances are done,
-    /// the user has at most `max` sessions, and at least one, but they may have ended one
-    /// another's (each keeps its own). A refusing cap counts before the login, so two logins at
-    /// the very same moment may both pass.
+    /// The cap is decided after each login by the store
+    /// ([`SessionStore::sessions_over_cap`](super::SessionStore::sessions_over_cap)). On
+    /// `RedisStore` (and `FallbackStore` while Redis answers) it is atomic across instances:
+    /// one script on the user's logins, so of logins made at the same moment on several
+    /// instances each ends different sessions, and once they are done the user has exactly
+    /// `max`. `MemoryStore` decides under the user's lock; other stores list and rank, and
+    /// then concurrent logins leave between one and `max`. A refusing cap counts before the
+    /// login, so two logins at the very same moment may both pass.
     ///
     #[cfg_attr(feature = "memory", doc = "```")]
     #[cfg_attr(not(feature = "memory"), doc = "```ignore")]

@@ -332,15 +332,38 @@ impl MemoryStore {
         let Some(index) = self.users.get(user) else {
             return Vec::new();
         };
+        self.live_in(&mut lock(&index))
+    }
+
+    /// The live sessions of a user's index, the entries of gone ones dropped. Neither
+    /// `contains_key` nor `alive` counts as use of a session, so listing a user's sessions
+    /// does not keep the idle ones alive.
+    fn live_in(&self, index: &mut HashMap<SessionKey, Listed>) -> Vec<SessionInfo> {
         let now = self.clock.now_ms();
-        let mut index = lock(&index);
-        // Neither `contains_key` nor `alive` counts as use of the session, so listing a user's
-        // sessions does not keep the idle ones alive.
         index.retain(|key, listed| {
             self.sessions.contains_key(key)
                 && listed.entry.upgrade().is_some_and(|entry| entry.alive(now))
         });
         index.values().map(|listed| listed.info.clone()).collect()
+    }
+
+    /// The sessions a login into `login` ends under a cap of `max`, decided and taken out of
+    /// the user's index under its lock, so that concurrent logins each end different ones.
+    pub(crate) fn claim_over_cap(
+        &self,
+        user: &UserKey,
+        login: &SessionKey,
+        max: usize,
+    ) -> Vec<SessionKey> {
+        let Some(index) = self.users.get(user) else {
+            return Vec::new();
+        };
+        let mut index = lock(&index);
+        let over = super::oldest_over(self.live_in(&mut index), login, max);
+        for key in &over {
+            index.remove(key);
+        }
+        over
     }
 
     pub(crate) fn remove_user_sessions(&self, user: &UserKey) -> usize {
@@ -386,6 +409,16 @@ impl SessionStore for MemoryStore {
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
         Ok(self.user_sessions(user))
+    }
+
+    /// Atomic within the process: decided under the user's index lock.
+    async fn sessions_over_cap(
+        &self,
+        user: &UserKey,
+        login: &SessionKey,
+        max: usize,
+    ) -> Result<Vec<SessionKey>, StoreError> {
+        Ok(self.claim_over_cap(user, login, max))
     }
 
     /// Looks without restarting the inactivity clock.

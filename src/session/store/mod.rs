@@ -249,4 +249,42 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
     async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
         Ok(self.load(key).await?.is_some())
     }
+
+    /// The sessions a login of `user` into `login` ends so that at most `max` of the user's
+    /// sessions stay live: the oldest others by creation (ties broken by key). Called once the
+    /// login is stored; the caller ends what it answers.
+    ///
+    /// `RedisStore` (and `FallbackStore` while Redis answers) decides it atomically across
+    /// instances: of several logins of one user at once, each ends different sessions, and
+    /// `max` stay. The default lists the user's sessions and ranks them, so concurrent logins
+    /// may act on the same listing (between 1 and `max` sessions then stay).
+    async fn sessions_over_cap(
+        &self,
+        user: &UserKey,
+        login: &SessionKey,
+        max: usize,
+    ) -> Result<Vec<SessionKey>, StoreError> {
+        Ok(oldest_over(
+            self.list_user_sessions(user).await?,
+            login,
+            max,
+        ))
+    }
+}
+
+/// Of `sessions`, those besides `login` that a cap of `max` ends: the oldest by creation (ties
+/// broken by key), as many as keep `max` with the login.
+pub(crate) fn oldest_over(
+    mut sessions: Vec<SessionInfo>,
+    login: &SessionKey,
+    max: usize,
+) -> Vec<SessionKey> {
+    sessions.retain(|info| info.key != *login);
+    sessions.sort_by_key(|info| (info.created_at, info.key.hash()));
+    let excess = (sessions.len() + 1).saturating_sub(max);
+    sessions
+        .into_iter()
+        .take(excess)
+        .map(|info| info.key)
+        .collect()
 }

@@ -2,9 +2,11 @@
 //!
 //! - `journal`: the writes made during an outage, in order (pure bookkeeping).
 //! - `replay`: the background task that takes them back to Redis once it answers.
+//! - `update`: an update, from the copy held during an outage or when Redis refuses writes.
 
 mod journal;
 mod replay;
+mod update;
 
 use std::{
     sync::{
@@ -20,7 +22,7 @@ use serde::Serialize;
 use self::journal::{Full, Journal, diff};
 use super::{
     Clock, JournaledWrite, MemoryStore, Patch, Record, RedisStore, ReplayStore, SessionInfo,
-    SessionKey, SessionStore, StoreError, UserKey, Written, clock::SharedClock,
+    SessionKey, SessionStore, StoreError, UserKey, Written, clock::SharedClock, oldest_over,
 };
 use crate::{
     metrics,
@@ -406,68 +408,6 @@ impl<P: ReplayStore> FallbackStore<P> {
     }
 }
 
-impl<P: ReplayStore> FallbackStore<P> {
-    /// An update, from the copy this instance holds during an outage.
-    /// `refused` tells whether Redis refused the write for lack of memory.
-    async fn update_held(
-        &self,
-        key: &SessionKey,
-        patch: &Patch,
-        refused: &AtomicBool,
-    ) -> Result<Written, StoreError> {
-        let local = &self.inner.local;
-        let redis = async {
-            let written = self.inner.primary.update(key, patch).await;
-            if let Err(error) = &written {
-                refused.store(error.refuses_writes(), Ordering::Relaxed);
-            }
-            written
-        };
-        self.either(
-            Some(key),
-            redis,
-            |written| match written {
-                Written::Applied => {
-                    let _ = local.patch(key, patch);
-                }
-                Written::Missing => local.remove(key, None),
-            },
-            || {
-                if local.get(key).is_none() {
-                    return Err(not_held());
-                }
-                self.inner.journal(JournaledWrite::Update {
-                    key: key.clone(),
-                    patch: patch.clone(),
-                })?;
-                Ok(local.patch(key, patch))
-            },
-        )
-        .await
-    }
-
-    /// An update of a session this instance holds no copy of, which Redis refused (out of
-    /// memory): Redis still serves reads, so the session is read from it and the write
-    /// journaled as for a held one. `None` when the read fails too.
-    async fn update_unheld(
-        &self,
-        key: &SessionKey,
-        patch: &Patch,
-    ) -> Option<Result<Written, StoreError>> {
-        let record = self.inner.primary.load(key).await.ok()?;
-        let local = &self.inner.local;
-        let Some(record) = record else {
-            return Some(Ok(Written::Missing));
-        };
-        local.put(key, &record);
-        let journaled = self.inner.journal(JournaledWrite::Update {
-            key: key.clone(),
-            patch: patch.clone(),
-        });
-        Some(journaled.map(|()| local.patch(key, patch)))
-    }
-}
-
 #[async_trait]
 impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
@@ -579,6 +519,20 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
         let redis = self.inner.primary.exists(key);
         self.either(Some(key), redis, |_| {}, || Ok(local.contains(key)))
             .await
+    }
+
+    /// Redis's atomic decision while it answers; during an outage, ranked from the sessions
+    /// of `user` this instance holds.
+    async fn sessions_over_cap(
+        &self,
+        user: &UserKey,
+        login: &SessionKey,
+        max: usize,
+    ) -> Result<Vec<SessionKey>, StoreError> {
+        let local = &self.inner.local;
+        let redis = self.inner.primary.sessions_over_cap(user, login, max);
+        let held = || Ok(oldest_over(local.user_sessions(user), login, max));
+        self.either(None, redis, |_| {}, held).await
     }
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {

@@ -25,8 +25,9 @@ pub(super) const PERSISTENT: &str = "m:persist";
 /// Prefix of a field's write time (see `lua/replay.lua`).
 pub(super) const WRITTEN: &str = "t:";
 
-/// The names of a store's keys: `{prefix}{tenant}:session:{hash of id}` for a session and
-/// `{prefix}{tenant}:user:{hash of user id}` for a user's index.
+/// The names of a store's keys: `{prefix}{tenant}:session:{hash of id}` for a session,
+/// `{prefix}{tenant}:user:{hash of user id}` for a user's index, and that with `:logins` for
+/// the user's logins under a cap.
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
     prefix: String,
@@ -49,6 +50,12 @@ impl Keys {
 
     pub(super) fn user(&self, user: &UserKey) -> String {
         format!("{}{}:user:{}", self.prefix, user.tenant(), user.hash())
+    }
+
+    /// The user's logins, ranked by their sessions' creation, which the per-user cap decides
+    /// on: `{user index}:logins`.
+    pub(super) fn logins(&self, user: &UserKey) -> String {
+        format!("{}:logins", self.user(user))
     }
 }
 

@@ -17,6 +17,7 @@ mod read;
 mod replay;
 mod restore;
 mod ttl;
+mod users;
 mod write;
 
 use std::{
@@ -32,14 +33,14 @@ pub use self::copy::LocalCopyStats;
 pub(crate) use self::layout::{hash_fields, parse_record, record_fields};
 use self::{
     copy::{Fill, LocalCopy},
-    layout::{ABSOLUTE, CREATED, Keys, TENANT, USER},
+    layout::{Keys, TENANT},
     read::Fetched,
     ttl::IdleVote,
 };
 use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
 use crate::{
     backend::{Batch, Part, RedisBackend, Replies, fails_the_call},
-    time::{from_unix_millis, millis},
+    time::millis,
 };
 
 /// Sessions in Redis, shared by every instance that uses the same Redis.
@@ -349,6 +350,18 @@ impl RedisStore {
             .arg(key.hash());
     }
 
+    /// The part that marks `key` ended in `user`'s logins, if the cap ranks it there (a key of
+    /// its own hash slot; see `users.rs`).
+    fn unrank(&self, key: &SessionKey, user: &str) -> Part {
+        let mut part = Part::new();
+        part.cmd("ZADD")
+            .arg(self.keys.logins(&UserKey::new(key.tenant(), user)))
+            .arg("XX")
+            .arg(users::ended_mark())
+            .arg(key.hash());
+        part
+    }
+
     /// One pipeline, one round trip.
     async fn query<T: FromRedisValue + Send + 'static>(
         &self,
@@ -430,40 +443,6 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(redis_key).ignore();
         let _ = self.query::<()>(pipe).await;
-    }
-
-    async fn members(&self, index: &str) -> Result<Vec<String>, StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SMEMBERS").arg(index);
-        let (members,): (Vec<String>,) = self.query(pipe).await?;
-        Ok(members)
-    }
-
-    /// Removes the sessions `keys` and the members `members` of the user index `index` (only
-    /// those: a session indexed meanwhile keeps its entry); returns how many sessions were
-    /// removed.
-    async fn delete_sessions(
-        &self,
-        index: &str,
-        keys: &[SessionKey],
-        members: &[String],
-    ) -> Result<usize, StoreError> {
-        let mut batch = Batch::new();
-        for key in keys {
-            let redis_key = self.keys.session(key);
-            self.copy().forget(&redis_key);
-            let mut part = Part::new();
-            part.cmd("DEL").arg(redis_key);
-            batch.push(part);
-        }
-        let mut unindex = Part::new();
-        unindex.cmd("SREM").arg(index).arg(members);
-        let unindexed = batch.push(unindex);
-        let replies = self.run(batch).await?;
-        let removed = (0..unindexed)
-            .filter(|&part| matches!(replies.part(part).first(), Some(Value::Int(1))))
-            .count();
-        Ok(removed)
     }
 }
 
@@ -547,6 +526,7 @@ impl SessionStore for RedisStore {
                 &mut other_index
             };
             self.unindex(to, old, old_user);
+            batch.push(self.unrank(old, old_user));
         }
         batch.push(index);
         batch.push(other_index);
@@ -590,6 +570,7 @@ impl SessionStore for RedisStore {
         let mut index = Part::new();
         if let Some(user) = user {
             self.unindex(&mut index, key, user);
+            batch.push(self.unrank(key, user));
         }
         batch.push(index);
         self.run(batch).await.map(drop)
@@ -612,67 +593,22 @@ impl SessionStore for RedisStore {
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {
         self.ensure_intact().await;
-        let index = self.keys.user(user);
-        let keys: Vec<SessionKey> = self
-            .members(&index)
-            .await?
-            .iter()
-            .filter_map(|hash| SessionKey::from_hash(user.tenant(), hash))
-            .collect();
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Each session hashes to its own slot: on a cluster, one read each, all at once.
-        let mut batch = Batch::new();
-        for key in &keys {
-            let mut part = Part::new();
-            part.cmd("HMGET")
-                .arg(self.keys.session(key))
-                .arg(CREATED)
-                .arg(ABSOLUTE)
-                .arg(USER);
-            batch.push(part);
-        }
-        let replies = self.run(batch).await?;
-        type Row = (Option<u64>, Option<u64>, Option<String>);
-        let mut live = Vec::new();
-        let mut gone = Vec::new();
-        for (part, key) in keys.into_iter().enumerate() {
-            let row = replies
-                .part(part)
-                .first()
-                .map(redis::from_redis_value_ref::<Row>);
-            match row {
-                Some(Ok((Some(created), Some(expires), Some(owner)))) if owner == user.user() => {
-                    live.push(SessionInfo {
-                        key,
-                        created_at: from_unix_millis(created),
-                        expires_at: from_unix_millis(expires),
-                    });
-                }
-                _ => gone.push(key.hash()),
-            }
-        }
-        if !gone.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SREM").arg(&index).arg(gone).ignore();
-            // Pruning is housekeeping: the listing is right whether or not it lands.
-            let _ = self.query::<()>(pipe).await;
-        }
-        Ok(live)
+        self.user_sessions(user).await
     }
 
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {
         self.ensure_intact().await;
-        let index = self.keys.user(user);
-        let members = self.members(&index).await?;
-        if members.is_empty() {
-            return Ok(0);
-        }
-        let keys: Vec<SessionKey> = members
-            .iter()
-            .filter_map(|hash| SessionKey::from_hash(user.tenant(), hash))
-            .collect();
-        self.delete_sessions(&index, &keys, &members).await
+        self.end_user_sessions(user).await
+    }
+
+    /// Atomic: see `users.rs` and `lua/cap.lua`.
+    async fn sessions_over_cap(
+        &self,
+        user: &UserKey,
+        login: &SessionKey,
+        max: usize,
+    ) -> Result<Vec<SessionKey>, StoreError> {
+        self.ensure_intact().await;
+        self.over_cap(user, login, max).await
     }
 }

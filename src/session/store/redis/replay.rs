@@ -251,7 +251,6 @@ impl RedisStore {
             return Ok(0);
         }
         let members: Vec<String> = ended.iter().map(SessionKey::hash).collect();
-        self.delete_sessions(&self.keys.user(user), &ended, &members)
-            .await
+        self.delete_sessions(user, &ended, &members).await
     }
 }
