@@ -133,9 +133,10 @@ impl MemoryRateStore {
         if limit == 0 {
             return Ok(Decision::denied(0, 0, Duration::ZERO, None));
         }
-        let now = check.at.map_or_else(real_now, unix_micros);
+        let real_now = real_now();
+        let now = check.at.map_or(real_now, unix_micros);
         let terms = check.penalty.map(|penalty| penalty.terms(check.quota));
-        let verdict = self.with_state(check, |state, offences| {
+        let verdict = self.with_state(check, real_now, |state, offences| {
             let mut count = || decide(state, check.algorithm, now, check.quota, check.cost);
             match terms {
                 None => count(),
@@ -155,23 +156,26 @@ impl MemoryRateStore {
         if limit == 0 {
             return Ok(Decision::allowed(0, 0, Duration::ZERO));
         }
-        let now = settlement.at.map_or_else(real_now, unix_micros);
+        let real_now = real_now();
+        let now = settlement.at.map_or(real_now, unix_micros);
         let costs = (
             unix_micros(settlement.reserved_at),
             check.cost,
             settlement.actual,
         );
-        let settled = self.with_state(check, |state, _| {
+        let settled = self.with_state(check, real_now, |state, _| {
             settle::settle(state, check.algorithm, now, check.quota, costs)
         })?;
         Ok(settled.into_decision(limit))
     }
 
     /// Runs `f` on the state of `check`'s key, kept as long as the check's quota and penalty
-    /// need it.
+    /// need it after `real_now` (Unix µs: expiry runs on the real clock, decisions on the
+    /// check's time when it names one).
     fn with_state<T>(
         &self,
         check: &Check,
+        real_now: u64,
         f: impl FnOnce(&mut State, &mut Offences) -> Result<T, WrongAlgorithm>,
     ) -> Result<T, StoreError> {
         let window = check.quota.window_ms() * 1000;
@@ -180,9 +184,8 @@ impl MemoryRateStore {
             let terms = penalty.terms(check.quota);
             (2 * window).max(terms.max_block.saturating_add(terms.quiet))
         });
-        // Expiry runs on the real clock; decisions on the check's time when it names one.
         self.counters
-            .with_state(&check.key, real_now(), keep_for, f)
+            .with_state(&check.key, real_now, keep_for, f)
             .map_err(|source| StoreError::Failed {
                 source: Box::new(source),
             })
