@@ -2,8 +2,9 @@
 
 use super::{
     LifecycleKind, Session, SessionError,
-    store::{SessionKey, UserKey},
+    store::{LoginHold, SessionKey, UserKey},
 };
+use crate::sync::lock;
 
 /// What a login does when its user already has the most sessions allowed; see
 /// [`SessionLayer::with_max_sessions_per_user`](super::SessionLayer::with_max_sessions_per_user).
@@ -28,7 +29,9 @@ pub(crate) struct Cap {
 
 impl Session {
     /// Before a login of `user` under [`OverCap::RefuseLogin`]: refuses it when the user already
-    /// has `max` live sessions besides this one.
+    /// has `max` live sessions besides this one. The store may hold a place for the login
+    /// ([`SessionStore::hold_login`](super::SessionStore::hold_login): atomic on Redis),
+    /// kept until the login is stored.
     pub(super) async fn admit_login(&self, user: &str) -> Result<(), SessionError> {
         let Some(cap) = self.inner.shared.cap else {
             return Ok(());
@@ -36,37 +39,50 @@ impl Session {
         if cap.over != OverCap::RefuseLogin {
             return Ok(());
         }
-        let listed = self
+        let own = self.key();
+        let hold = self
             .inner
             .shared
             .store
-            .list_user_sessions(&UserKey::new(&self.inner.tenant, user))
+            .hold_login(
+                &UserKey::new(&self.inner.tenant, user),
+                own.as_ref(),
+                cap.max,
+            )
             .await?;
-        let own = self.key();
-        let others = listed
-            .iter()
-            .filter(|info| Some(&info.key) != own.as_ref())
-            .count();
-        if others >= cap.max {
-            return Err(SessionError::TooManySessions { limit: cap.max });
+        match hold {
+            LoginHold::Admitted(place) => {
+                *lock(&self.inner.held) = place;
+                Ok(())
+            }
+            _ => Err(SessionError::TooManySessions { limit: cap.max }),
         }
-        Ok(())
     }
 
-    /// After a login of `user` stored under `new`, under [`OverCap::EndOldest`]: ends the
-    /// user's oldest other sessions (by creation) beyond the cap, as the store decides them
+    /// After a login of `user` stored under `new`: ends the user's oldest other sessions (by
+    /// creation) beyond the cap, as the store decides them
     /// ([`SessionStore::sessions_over_cap`](super::SessionStore::sessions_over_cap): atomic
-    /// on Redis). A failure is logged; the login stands.
+    /// on Redis). Under [`OverCap::RefuseLogin`] it ends none: the login only takes the place
+    /// held for it. A failure is logged; the login stands.
     pub(crate) async fn end_sessions_over_cap(&self, user: &str, new: &SessionKey) {
         let Some(cap) = self.inner.shared.cap else {
             return;
         };
-        if cap.over != OverCap::EndOldest {
-            return;
-        }
+        let held = lock(&self.inner.held).take();
+        // A refusing cap ends nothing: the login only takes the place held for it.
+        let max = match cap.over {
+            OverCap::EndOldest => cap.max,
+            _ if held.is_some() => usize::MAX,
+            _ => return,
+        };
         let store = &self.inner.shared.store;
         let over = match store
-            .sessions_over_cap(&UserKey::new(&self.inner.tenant, user), new, cap.max)
+            .sessions_over_cap(
+                &UserKey::new(&self.inner.tenant, user),
+                new,
+                max,
+                held.as_deref(),
+            )
             .await
         {
             Ok(over) => over,

@@ -6,7 +6,7 @@ use std::{fmt, sync::Arc};
 use async_trait::async_trait;
 
 use super::store::{
-    Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
+    LoginHold, Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
 };
 
 /// Told when sessions end, so that what hangs on them (live connections, say) ends too; see
@@ -84,8 +84,18 @@ impl SessionStore for Announcing {
         user: &UserKey,
         login: &SessionKey,
         max: usize,
+        held: Option<&str>,
     ) -> Result<Vec<SessionKey>, StoreError> {
-        self.store.sessions_over_cap(user, login, max).await
+        self.store.sessions_over_cap(user, login, max, held).await
+    }
+
+    async fn hold_login(
+        &self,
+        user: &UserKey,
+        login: Option<&SessionKey>,
+        max: usize,
+    ) -> Result<LoginHold, StoreError> {
+        self.store.hold_login(user, login, max).await
     }
 
     async fn delete_user_sessions(&self, user: &UserKey) -> Result<usize, StoreError> {

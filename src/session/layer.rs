@@ -304,8 +304,11 @@ impl SessionLayer {
     /// one script on the user's logins, so of logins made at the same moment on several
     /// instances each ends different sessions, and once they are done the user has exactly
     /// `max`. `MemoryStore` decides under the user's lock; other stores list and rank, and
-    /// then concurrent logins leave between one and `max`. A refusing cap counts before the
-    /// login, so two logins at the very same moment may both pass.
+    /// then concurrent logins leave between one and `max`. A refusing cap decides before the
+    /// login ([`SessionStore::hold_login`](super::SessionStore::hold_login)); on Redis it holds
+    /// a place for each admitted login until it is stored (or a minute at most), so of
+    /// concurrent logins exactly as many pass as there is room for. Other stores count, and
+    /// two logins at the very same moment may both pass.
     ///
     #[cfg_attr(feature = "memory", doc = "```")]
     #[cfg_attr(not(feature = "memory"), doc = "```ignore")]

@@ -108,8 +108,8 @@ pub use store::{Clock, ManualClock, MemoryStore, MemoryStoreBuilder};
 #[cfg(all(feature = "memory", feature = "redis"))]
 pub use store::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
 pub use store::{
-    JournaledWrite, Lifetime, MigrationStore, Patch, Record, ReplayStore, Replayed, SessionInfo,
-    SessionStore, VersionedStore, Written,
+    JournaledWrite, Lifetime, LoginHold, MigrationStore, Patch, Record, ReplayStore, Replayed,
+    SessionInfo, SessionStore, VersionedStore, Written,
 };
 #[cfg(feature = "redis")]
 pub use store::{LocalCopyStats, RedisStore};

@@ -100,6 +100,9 @@ pub(super) struct Inner {
     failed: AtomicBool,
     /// Behind an async lock: a load holds it across the store's round trip.
     pub(super) state: Mutex<State>,
+    /// The place the store holds for a login under a refusing cap, until the login is stored
+    /// (see `cap.rs`).
+    pub(super) held: std::sync::Mutex<Option<String>>,
 }
 
 /// What a request did to its session, and what it knows of the stored one.
@@ -156,6 +159,7 @@ impl Session {
                 touched: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
                 state: Mutex::new(State::default()),
+                held: std::sync::Mutex::new(None),
             }),
         }
     }

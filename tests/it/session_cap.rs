@@ -185,3 +185,49 @@ async fn concurrent_logins_in_memory_leave_exactly_the_cap() {
     );
     concurrent_logins(one, two, store, "erin").await;
 }
+
+/// Under `OverCap::RefuseLogin`, eight logins of one user at the same moment on two instances
+/// with room for 2: the store holds a place for each admitted login atomically, so exactly two
+/// pass and the others are refused; once the two are stored, a ninth is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refused_logins_admit_exactly_the_room() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let refusing = || {
+        app(
+            SessionLayer::new(RedisStore::new(RedisBackend::new(&server.url()).unwrap()))
+                .with_secure(false)
+                .with_max_sessions_per_user(2)
+                .with_over_cap(OverCap::RefuseLogin),
+        )
+    };
+    let (one, two) = (refusing(), refusing());
+    let attempts = (0..8).map(|n| {
+        let app = if n % 2 == 0 { one.clone() } else { two.clone() };
+        async move {
+            let mut client = Client::new(app);
+            client.post("/set/visit/1").await;
+            client.post("/try-login/gina").await.status
+        }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    let passed = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(passed, 2, "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::CONFLICT)
+    );
+    let live = RedisStore::new(RedisBackend::new(&server.url()).unwrap())
+        .list_user_sessions(&UserKey::new(&Tenant::default(), "gina"))
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 2);
+    let mut ninth = Client::new(one.clone());
+    ninth.post("/set/visit/1").await;
+    assert_eq!(
+        ninth.post("/try-login/gina").await.status,
+        StatusCode::CONFLICT
+    );
+}

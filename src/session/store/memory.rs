@@ -417,6 +417,7 @@ impl SessionStore for MemoryStore {
         user: &UserKey,
         login: &SessionKey,
         max: usize,
+        _held: Option<&str>,
     ) -> Result<Vec<SessionKey>, StoreError> {
         Ok(self.claim_over_cap(user, login, max))
     }

@@ -252,7 +252,8 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
 
     /// The sessions a login of `user` into `login` ends so that at most `max` of the user's
     /// sessions stay live: the oldest others by creation (ties broken by key). Called once the
-    /// login is stored; the caller ends what it answers.
+    /// login is stored; the caller ends what it answers. `held` is the place
+    /// [`hold_login`](Self::hold_login) took for this login, if any, given back now.
     ///
     /// `RedisStore` (and `FallbackStore` while Redis answers) decides it atomically across
     /// instances: of several logins of one user at once, each ends different sessions, and
@@ -263,13 +264,59 @@ pub trait SessionStore: fmt::Debug + Send + Sync + 'static {
         user: &UserKey,
         login: &SessionKey,
         max: usize,
+        held: Option<&str>,
     ) -> Result<Vec<SessionKey>, StoreError> {
-        Ok(oldest_over(
-            self.list_user_sessions(user).await?,
-            login,
-            max,
-        ))
+        let _ = held;
+        let listed = self.list_user_sessions(user).await?;
+        Ok(oldest_over(listed, login, max))
     }
+
+    /// Before a login of `user` under a cap of `max` that refuses logins beyond it: whether
+    /// the user has room besides the session `login` (when it is stored already).
+    ///
+    /// `RedisStore` (and `FallbackStore` while Redis answers) decides it atomically and holds
+    /// a place for the login until it is stored (or for a minute), so of concurrent logins no
+    /// more pass than there is room for. The default counts the user's listed sessions and
+    /// holds nothing, so two logins at the very same moment may both pass.
+    async fn hold_login(
+        &self,
+        user: &UserKey,
+        login: Option<&SessionKey>,
+        max: usize,
+    ) -> Result<LoginHold, StoreError> {
+        Ok(room_for(&self.list_user_sessions(user).await?, login, max))
+    }
+}
+
+/// Whether `listed` sessions leave room for a login from `login` under a cap of `max`; a
+/// place is held nowhere.
+pub(crate) fn room_for(
+    listed: &[SessionInfo],
+    login: Option<&SessionKey>,
+    max: usize,
+) -> LoginHold {
+    let others = listed
+        .iter()
+        .filter(|info| Some(&info.key) != login)
+        .count();
+    if others >= max {
+        LoginHold::Refused
+    } else {
+        LoginHold::Admitted(None)
+    }
+}
+
+/// What [`SessionStore::hold_login`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoginHold {
+    /// No room: the user has the most sessions allowed (counting places held for logins under
+    /// way) besides this one.
+    Refused,
+    /// The login may go on. The store holds a place for it under this name, if it holds one,
+    /// until the login is stored ([`SessionStore::sessions_over_cap`] gives it back) or for a
+    /// minute at most.
+    Admitted(Option<String>),
 }
 
 /// Of `sessions`, those besides `login` that a cap of `max` ends: the oldest by creation (ties

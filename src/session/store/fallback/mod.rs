@@ -21,8 +21,9 @@ use serde::Serialize;
 
 use self::journal::{Full, Journal, diff};
 use super::{
-    Clock, JournaledWrite, MemoryStore, Patch, Record, RedisStore, ReplayStore, SessionInfo,
-    SessionKey, SessionStore, StoreError, UserKey, Written, clock::SharedClock, oldest_over,
+    Clock, JournaledWrite, LoginHold, MemoryStore, Patch, Record, RedisStore, ReplayStore,
+    SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written, clock::SharedClock,
+    oldest_over, room_for,
 };
 use crate::{
     metrics,
@@ -528,11 +529,26 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
         user: &UserKey,
         login: &SessionKey,
         max: usize,
+        held: Option<&str>,
     ) -> Result<Vec<SessionKey>, StoreError> {
         let local = &self.inner.local;
-        let redis = self.inner.primary.sessions_over_cap(user, login, max);
-        let held = || Ok(oldest_over(local.user_sessions(user), login, max));
-        self.either(None, redis, |_| {}, held).await
+        let redis = self.inner.primary.sessions_over_cap(user, login, max, held);
+        let ranked = || Ok(oldest_over(local.user_sessions(user), login, max));
+        self.either(None, redis, |_| {}, ranked).await
+    }
+
+    /// Redis's atomic decision while it answers; during an outage, counted from the sessions
+    /// of `user` this instance holds.
+    async fn hold_login(
+        &self,
+        user: &UserKey,
+        login: Option<&SessionKey>,
+        max: usize,
+    ) -> Result<LoginHold, StoreError> {
+        let local = &self.inner.local;
+        let redis = self.inner.primary.hold_login(user, login, max);
+        let counted = || Ok(room_for(&local.user_sessions(user), login, max));
+        self.either(None, redis, |_| {}, counted).await
     }
 
     async fn list_user_sessions(&self, user: &UserKey) -> Result<Vec<SessionInfo>, StoreError> {

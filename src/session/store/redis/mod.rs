@@ -37,7 +37,9 @@ use self::{
     read::Fetched,
     ttl::IdleVote,
 };
-use super::{Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written};
+use super::{
+    LoginHold, Patch, Record, SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written,
+};
 use crate::{
     backend::{Batch, Part, RedisBackend, Replies, fails_the_call},
     time::millis,
@@ -607,8 +609,25 @@ impl SessionStore for RedisStore {
         user: &UserKey,
         login: &SessionKey,
         max: usize,
+        held: Option<&str>,
     ) -> Result<Vec<SessionKey>, StoreError> {
         self.ensure_intact().await;
-        self.over_cap(user, login, max).await
+        self.over_cap(user, login, max, held).await
+    }
+
+    /// Atomic, holding a place named `p:` and a random hash: see `users.rs`.
+    async fn hold_login(
+        &self,
+        user: &UserKey,
+        login: Option<&SessionKey>,
+        max: usize,
+    ) -> Result<LoginHold, StoreError> {
+        self.ensure_intact().await;
+        let place = users::place_name(user);
+        Ok(if self.hold(user, login, max, &place).await? {
+            LoginHold::Admitted(Some(place))
+        } else {
+            LoginHold::Refused
+        })
     }
 }

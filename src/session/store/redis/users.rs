@@ -11,11 +11,18 @@ use super::{
 };
 use crate::{
     backend::{Batch, Part},
+    session::id::SessionId,
     session::store::{SessionInfo, SessionKey, StoreError, UserKey},
     time::{from_unix_millis, now_millis, unix_millis},
 };
 
 static CAP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("lua/cap.lua")));
+
+/// A fresh name for a place held for a login (`p:` and the hash of a random id).
+pub(super) fn place_name(user: &UserKey) -> String {
+    let random = SessionId::random().map(|id| id.key(user.tenant()).hash());
+    format!("p:{}", random.unwrap_or_else(|| now_millis().to_string()))
+}
 
 /// The score of an ended session in a user's logins: minus the time it ended (Unix ms), so
 /// that it is no longer counted, and no listing taken before it ended counts it again, until
@@ -160,17 +167,51 @@ impl RedisStore {
 
     /// The sessions a login of `user` into `login` ends so that at most `max` stay live:
     /// listed first, then decided in one script on the user's logins, so that concurrent
-    /// logins on any instances each end different sessions and together leave `max`.
+    /// logins on any instances each end different sessions and together leave `max`. `held`
+    /// is the place [`hold`](Self::hold) took for this login, given back now.
     pub(super) async fn over_cap(
         &self,
         user: &UserKey,
         login: &SessionKey,
         max: usize,
+        held: Option<&str>,
     ) -> Result<Vec<SessionKey>, StoreError> {
+        let ended: Vec<String> = self
+            .decide_cap(user, "end", Some(login), max, held.unwrap_or_default())
+            .await?;
+        Ok(ended
+            .iter()
+            .filter_map(|hash| SessionKey::from_hash(user.tenant(), hash))
+            .collect())
+    }
+
+    /// Before a login of `user` (from the session `login`, if stored) under a refusing cap:
+    /// whether the user has room, a place then held for the login under `place` (in one
+    /// script, so that of concurrent logins no more pass than there is room for).
+    pub(super) async fn hold(
+        &self,
+        user: &UserKey,
+        login: Option<&SessionKey>,
+        max: usize,
+        place: &str,
+    ) -> Result<bool, StoreError> {
+        let admitted: i64 = self.decide_cap(user, "hold", login, max, place).await?;
+        Ok(admitted == 1)
+    }
+
+    /// Lists `user`'s sessions, then runs `lua/cap.lua` in `mode` on the user's logins.
+    async fn decide_cap<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        user: &UserKey,
+        mode: &str,
+        login: Option<&SessionKey>,
+        max: usize,
+        place: &str,
+    ) -> Result<T, StoreError> {
         let Listed { live, gone } = self.listed(user).await?;
         let created = live
             .iter()
-            .find(|info| info.key == *login)
+            .find(|info| Some(&info.key) == login)
             .map_or_else(now_millis, |info| unix_millis(info.created_at));
         let until = live
             .iter()
@@ -179,10 +220,12 @@ impl RedisStore {
             .unwrap_or_else(|| now_millis() + 24 * 3600 * 1000);
         let mut invocation = CAP.key(self.keys.logins(user));
         invocation
+            .arg(mode)
             .arg(max)
-            .arg(login.hash())
+            .arg(login.map(SessionKey::hash).unwrap_or_default())
             .arg(created)
             .arg(until)
+            .arg(place)
             .arg(gone.len())
             .arg(&gone);
         for info in &live {
@@ -190,15 +233,11 @@ impl RedisStore {
                 .arg(unix_millis(info.created_at))
                 .arg(info.key.hash());
         }
-        let ended: Vec<String> = self
+        Ok(self
             .backend
             .run(self.timeout, |mut conn| async move {
                 invocation.invoke_async(&mut conn).await
             })
-            .await?;
-        Ok(ended
-            .iter()
-            .filter_map(|hash| SessionKey::from_hash(user.tenant(), hash))
-            .collect())
+            .await?)
     }
 }
