@@ -827,14 +827,10 @@ async fn scripts_reload_after_a_redis_restart() {
         )
         .await;
     }
-    // As the store loads it: the shared prelude, the algorithm made a function, and the end
-    // of a script without a penalty.
+    // As the store loads it: the shared prelude, then the algorithm.
     let script = concat!(
         include_str!("../../src/ratelimit/store/lua/prelude.lua"),
-        "local function decide()\n",
-        include_str!("../../src/ratelimit/store/lua/sliding_window.lua"),
-        "\nend\n",
-        include_str!("../../src/ratelimit/store/lua/plain.lua")
+        include_str!("../../src/ratelimit/store/lua/sliding_window.lua")
     );
     let sha = server.cli(&["SCRIPT", "LOAD", script]).trim().to_owned();
     server.restart();

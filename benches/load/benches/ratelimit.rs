@@ -222,14 +222,10 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
     Some(server)
 }
 
-/// The store's own sliding-window script (the algorithm made a function, and the end of a
-/// script without a penalty), so the ceiling runs exactly the same Lua.
+/// The store's own sliding-window script, so the ceiling runs exactly the same Lua.
 const SLIDING_WINDOW: &str = concat!(
     include_str!("../../../src/ratelimit/store/lua/prelude.lua"),
-    "local function decide()\n",
-    include_str!("../../../src/ratelimit/store/lua/sliding_window.lua"),
-    "\nend\n",
-    include_str!("../../../src/ratelimit/store/lua/plain.lua")
+    include_str!("../../../src/ratelimit/store/lua/sliding_window.lua")
 );
 
 /// `EVALSHA` of the script with the store's argument layout: time ('' = Redis `TIME`), window

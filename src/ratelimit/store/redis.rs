@@ -14,9 +14,9 @@ use crate::{
 
 mod feed;
 
-/// One algorithm's scripts, as they are loaded: the common prelude, the algorithm made the
-/// function `decide`, and what runs it: `plain.lua`, `penalty.lua` (for a policy with a
-/// penalty) or, with the algorithm's `refund`, `settle.lua`.
+/// One algorithm's scripts, as they are loaded: after the common prelude, the algorithm as it
+/// is; or made the function `decide`, then `penalty.lua` (for a policy with a penalty) or,
+/// with the algorithm's `refund`, `settle.lua`.
 macro_rules! scripts {
     ($($name:ident = $file:literal, $refund:literal;)*) => {$(
         static $name: LazyLock<Scripts> = LazyLock::new(|| {
@@ -27,7 +27,7 @@ macro_rules! scripts {
                 "\nend\n",
             );
             Scripts {
-                plain: Script::new(&format!("{decide}{}", include_str!("lua/plain.lua"))),
+                plain: Script::new(concat!(include_str!("lua/prelude.lua"), include_str!($file))),
                 penalized: Script::new(&format!("{decide}{}", include_str!("lua/penalty.lua"))),
                 settle: Script::new(&format!(
                     "{decide}{}{}",

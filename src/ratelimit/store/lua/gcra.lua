@@ -9,14 +9,15 @@
 -- ARGV[3]  limit (the burst)
 -- ARGV[4]  cost (0 only reads)
 --
--- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never)}.
+-- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never),
+-- 0, 0, the decision's time (µs)}: the reply of every rate-limit script has penalty.lua's shape.
 --
 -- Times are whole microseconds and the emission interval is window / limit rounded down to a
 -- whole microsecond (at least 1), so every number is an integer below 2^53, exact in Lua's
 -- doubles. The memory store runs the same arithmetic (ratelimit/algorithm/gcra.rs), and both
 -- stores make the same decisions.
 
--- The arguments, `now`, `window`, `limit`, `cost` and `int` come from prelude.lua.
+-- The arguments, `now`, `at`, `window`, `limit`, `cost` and `int` come from prelude.lua.
 
 local interval = math.max(1, math.floor(window / limit))
 local burst = limit * interval
@@ -43,9 +44,9 @@ if remaining < 0 then
   remaining = 0
 end
 if allowed then
-  return {1, remaining, tat - now, -1}
+  return {1, remaining, tat - now, -1, 0, 0, at}
 end
 if cost > limit then
-  return {0, remaining, tat - now, -1}
+  return {0, remaining, tat - now, -1, 0, 0, at}
 end
-return {0, remaining, tat - now, tat - now + cost * interval - burst}
+return {0, remaining, tat - now, tat - now + cost * interval - burst, 0, 0, at}

@@ -18,7 +18,6 @@
 --
 -- The memory store runs the same rules (ratelimit/algorithm/penalty.rs), line for line.
 
-local at = now
 local strikes_needed = tonumber(ARGV[5])
 local first_block = tonumber(ARGV[6])
 local max_block = tonumber(ARGV[7])

@@ -19,6 +19,9 @@ if ARGV[1] == '' then
 else
   now = tonumber(ARGV[1])
 end
+-- The decision's time, as the caller named it or Redis read it: every reply ends with it, and
+-- a settlement of the decision's cost names it (settle.lua).
+local at = now
 local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])

@@ -9,12 +9,13 @@
 -- ARGV[3]  limit
 -- ARGV[4]  cost (0 only reads)
 --
--- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never)}.
+-- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never),
+-- 0, 0, the decision's time (µs)}: the reply of every rate-limit script has penalty.lua's shape.
 --
 -- Every number stays an integer below 2^53, exact in Lua's doubles; MemoryRateStore
 -- (memory.rs) repeats the same arithmetic, so both stores make the same decisions.
 
--- The arguments, `now`, `window`, `limit`, `cost` and `int` come from prelude.lua.
+-- The arguments, `now`, `at`, `window`, `limit`, `cost` and `int` come from prelude.lua.
 
 -- A unit spent at t counts while now < t + window.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
@@ -57,12 +58,12 @@ if remaining < 0 then
   remaining = 0
 end
 if allowed then
-  return {1, remaining, reset, -1}
+  return {1, remaining, reset, -1, 0, 0, at}
 end
 if cost > limit then
-  return {0, remaining, reset, -1}
+  return {0, remaining, reset, -1, 0, 0, at}
 end
 -- The same cost fits once the (count + cost - limit) oldest units have left the window.
 local rank = count + cost - limit - 1
 local blocking = redis.call('ZRANGE', KEYS[1], rank, rank, 'WITHSCORES')
-return {0, remaining, reset, tonumber(blocking[2]) + window - now}
+return {0, remaining, reset, tonumber(blocking[2]) + window - now, 0, 0, at}

@@ -9,13 +9,14 @@
 -- ARGV[3]  limit
 -- ARGV[4]  cost (0 only reads)
 --
--- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never)}.
+-- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never),
+-- 0, 0, the decision's time (µs)}: the reply of every rate-limit script has penalty.lua's shape.
 --
 -- Every number stays an integer below 2^51, so Lua's doubles compute it exactly, and
 -- MemoryRateStore (memory.rs) repeats the same integer arithmetic in Rust: one trace of checks
 -- gets the same decisions from both stores. Change one only together with the other.
 
--- The arguments, `now`, `window`, `limit`, `cost` and `int` come from prelude.lua.
+-- The arguments, `now`, `at`, `window`, `limit`, `cost` and `int` come from prelude.lua.
 
 local stored = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
 local index = math.floor(now / window)
@@ -86,10 +87,10 @@ elseif previous > 0 then
   reset = start + window - now
 end
 if allowed then
-  return {1, remaining, reset, -1}
+  return {1, remaining, reset, -1, 0, 0, at}
 end
 if cost > limit then
-  return {0, remaining, reset, -1}
+  return {0, remaining, reset, -1, 0, 0, at}
 end
 
 -- The earliest time the same cost fits, if nothing else is spent meanwhile. Later in this
@@ -115,4 +116,4 @@ if not retry then
     retry = start + 2 * window - now
   end
 end
-return {0, remaining, reset, retry}
+return {0, remaining, reset, retry, 0, 0, at}
