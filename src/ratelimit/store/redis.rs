@@ -151,6 +151,22 @@ impl RedisRateStore {
         }
     }
 
+    /// One round trip that runs `invocation`, under the store's deadline; it owns what it needs.
+    fn run(
+        &self,
+        invocation: redis::ScriptInvocation<'static>,
+    ) -> impl Future<Output = Result<Value, StoreError>> + Send + 'static {
+        let (backend, timeout) = (self.backend.clone(), self.timeout);
+        async move {
+            backend
+                .run(timeout, |mut conn| async move {
+                    invocation.invoke_async(&mut conn).await
+                })
+                .await
+                .map_err(StoreError::from)
+        }
+    }
+
     /// The script that decides `check`, with its keys and arguments.
     fn invocation(&self, check: &Check, limit: u64) -> redis::ScriptInvocation<'static> {
         let scripts = Scripts::of(check.algorithm);
@@ -190,20 +206,13 @@ impl RateLimitStore for RedisRateStore {
             // Denied for good, whatever the key holds: no need to ask Redis.
             return Answer::ready(Ok(Decision::denied(0, 0, Duration::ZERO, None)));
         }
-        let invocation = self.invocation(check, limit);
-        let (backend, timeout) = (self.backend.clone(), self.timeout);
+        let reply = self.run(self.invocation(check, limit));
         // Who announces a block this check places. A block placed on a trace's time means
         // nothing to other instances' clocks.
         let announcer = (check.penalty.is_some() && check.at.is_none())
             .then(|| (self.clone(), check.key.clone()));
         Answer::later(async move {
-            let reply: Value = backend
-                .run(timeout, |mut conn| async move {
-                    invocation.invoke_async(&mut conn).await
-                })
-                .await
-                .map_err(StoreError::from)?;
-            let read = read_reply(&reply, limit)?;
+            let read = read_reply(&reply.await?, limit)?;
             if let (Some((store, key)), Some(until)) = (announcer, read.new_block_until) {
                 store.announce(&key, limit, until).await;
             }
@@ -230,15 +239,11 @@ impl RateLimitStore for RedisRateStore {
             .arg(check.cost)
             .arg(settlement.actual)
             .arg(unix_micros(settlement.reserved_at));
-        let (backend, timeout) = (self.backend.clone(), self.timeout);
+        let reply = self.run(invocation);
         Answer::later(async move {
-            let reply: Value = backend
-                .run(timeout, |mut conn| async move {
-                    invocation.invoke_async(&mut conn).await
-                })
-                .await
-                .map_err(StoreError::from)?;
-            Ok(read_reply(&reply, limit)?.counted.into_decision(limit))
+            Ok(read_reply(&reply.await?, limit)?
+                .counted
+                .into_decision(limit))
         })
     }
 
