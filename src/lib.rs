@@ -40,7 +40,7 @@
 //! | [`tenant`] | [`tenant::TenantLayer`]: which tenant a request belongs to |
 //! | [`session`] | [`session::SessionLayer`] and the [`session::Session`] handle; `commit` (plan, then apply); the stores: memory, Redis (`store/redis`: layout, ttl, replay), the fallback (journal, replay), PostgreSQL (`store/postgres`: SQL as files), chain, migration |
 //! | [`connection`] | live connections across instances: registry, registrations, delivery, keys, background tasks |
-//! | [`ratelimit`] | [`ratelimit::RateLimitLayer`]: policies, key extractors, the limiter and its fallback, the algorithms and their Lua mirrors, the stores; [`ratelimit::InFlightLimitLayer`] on the registry's leases |
+//! | [`ratelimit`] | [`ratelimit::RateLimitLayer`]: policies, key extractors, the limiter and its fallback, penalties and their blocks feed, settlements, shadows, the algorithms and their Lua mirrors, the stores; [`ratelimit::InFlightLimitLayer`] on the registry's leases |
 //! | [`health`] | [`health::HealthService`]: one report on the backend, the session fallback and the rate limiter |
 //!
 //! # Features
