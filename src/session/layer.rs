@@ -308,7 +308,10 @@ impl SessionLayer {
     /// login ([`SessionStore::hold_login`](super::SessionStore::hold_login)); on Redis it holds
     /// a place for each admitted login until it is stored (or a minute at most), so of
     /// concurrent logins exactly as many pass as there is room for. Other stores count, and
-    /// two logins at the very same moment may both pass.
+    /// two logins at the very same moment may both pass. On Redis a place held for a login that
+    /// is never stored (its request failed after `set_user`) counts for that minute, and a
+    /// session bound to the user some other way (a journal's replay) is counted from the next
+    /// login on; if it ends at the very moment of that login, it may be counted once more.
     ///
     #[cfg_attr(feature = "memory", doc = "```")]
     #[cfg_attr(not(feature = "memory"), doc = "```ignore")]
