@@ -74,7 +74,12 @@ impl Scripts {
 ///
 /// The Redis key is `{prefix}{check.key}`; the layer has already folded the policy, tenant and
 /// client into `check.key`. Keep one algorithm per key: a key counted by one algorithm and
-/// checked with another fails (Redis answers `WRONGTYPE`).
+/// checked with another fails (Redis answers `WRONGTYPE`). Under a [`Penalty`](crate::ratelimit::Penalty)
+/// the counter is `{prefix}{{key}}` (a hash tag) with the key's offences in
+/// `{prefix}{{key}}:penalty`, one Cluster slot, and each block placed is announced on the
+/// stream `{prefix}blocks` (capped at about 10 000 entries), which
+/// [`blocks_since`](RateLimitStore::blocks_since) reads. A
+/// [`Settlement`](crate::ratelimit::Settlement) is one script on the counter.
 ///
 /// Time is counted in whole microseconds. The sliding window weighs the previous window at
 /// 1 µs resolution (coarser only for quotas so large that `limit × window` would lose integer
