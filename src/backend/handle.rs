@@ -177,6 +177,32 @@ impl RedisBackend {
         self.run_uncounted(deadline, op).await
     }
 
+    /// [`RedisBackend::run`] of one command, its reply read as `T`.
+    pub(crate) async fn query<T>(&self, deadline: Duration, cmd: Cmd) -> Result<T, BackendError>
+    where
+        T: redis::FromRedisValue + Send + 'static,
+    {
+        self.run(deadline, |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// [`RedisBackend::run`] of one pipeline, its reply read as `T`.
+    pub(crate) async fn query_pipeline<T>(
+        &self,
+        deadline: Duration,
+        pipe: Pipeline,
+    ) -> Result<T, BackendError>
+    where
+        T: redis::FromRedisValue + Send + 'static,
+    {
+        self.run(deadline, |mut conn| async move {
+            pipe.query_async(&mut conn).await
+        })
+        .await
+    }
+
     /// [`RedisBackend::run`] without counting the round trip: the backend's own heartbeat.
     async fn run_uncounted<T, F, Fut>(&self, deadline: Duration, op: F) -> Result<T, BackendError>
     where

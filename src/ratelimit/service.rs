@@ -57,7 +57,6 @@ impl<S> RateLimitService<S> {
 
 /// What the service keeps for after the decision: the key as a shadow logs it, and the check
 /// whose cost the response will settle.
-#[derive(Default)]
 struct Followup {
     shown: Option<String>,
     settle: Option<Check>,

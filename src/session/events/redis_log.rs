@@ -33,11 +33,7 @@ pub(super) async fn append(
         .arg(fields.instance)
         .arg("at")
         .arg(fields.at);
-    backend
-        .run(TIMEOUT, |mut conn| async move {
-            cmd.query_async::<Value>(&mut conn).await
-        })
-        .await?;
+    backend.query::<Value>(TIMEOUT, cmd).await?;
     Ok(())
 }
 
@@ -85,11 +81,7 @@ pub(super) async fn read_group(
         .arg(group)
         .arg("0")
         .arg("MKSTREAM");
-    let created = backend
-        .run(TIMEOUT, |mut conn| async move {
-            create.query_async::<Value>(&mut conn).await
-        })
-        .await;
+    let created = backend.query::<Value>(TIMEOUT, create).await;
     match created {
         Ok(_) => {}
         // The group exists already.
@@ -105,11 +97,7 @@ pub(super) async fn read_group(
             .arg("COUNT")
             .arg(count);
         cmd.arg("STREAMS").arg(key).arg(from);
-        let reply = backend
-            .run(TIMEOUT, |mut conn| async move {
-                cmd.query_async::<Value>(&mut conn).await
-            })
-            .await?;
+        let reply = backend.query::<Value>(TIMEOUT, cmd).await?;
         let events = parse(stream::read_entries(reply), tenant);
         if !events.is_empty() {
             return Ok(events);
@@ -129,11 +117,7 @@ pub(super) async fn ack(
     }
     let mut cmd = redis::cmd("XACK");
     cmd.arg(key).arg(group).arg(ids);
-    backend
-        .run(TIMEOUT, |mut conn| async move {
-            cmd.query_async::<Value>(&mut conn).await
-        })
-        .await?;
+    backend.query::<Value>(TIMEOUT, cmd).await?;
     Ok(())
 }
 
@@ -142,11 +126,7 @@ async fn query(
     cmd: redis::Cmd,
     tenant: &Tenant,
 ) -> Result<Vec<LifecycleEvent>, StoreError> {
-    let reply = backend
-        .run(TIMEOUT, |mut conn| async move {
-            cmd.query_async::<Value>(&mut conn).await
-        })
-        .await?;
+    let reply = backend.query::<Value>(TIMEOUT, cmd).await?;
     Ok(parse(stream::entries(reply), tenant))
 }
 

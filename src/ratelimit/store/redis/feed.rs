@@ -65,12 +65,7 @@ impl RedisRateStore {
             .arg(limit)
             .arg("u")
             .arg(until);
-        let added = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                add.query_async::<Value>(&mut conn).await
-            })
-            .await;
+        let added = self.backend.query::<Value>(self.timeout, add).await;
         if let Err(error) = added {
             tracing::warn!(target: "tower_turnstile::ratelimit", %error, "a penalty block was placed but not announced");
         }
@@ -81,14 +76,11 @@ impl RedisRateStore {
         let mut read = READ.key(self.feed_key());
         read.arg(cursor.as_deref().unwrap_or_default())
             .arg(PER_READ);
-        let reply: (u64, Vec<Entry>) = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                read.invoke_async(&mut conn).await
-            })
-            .await
-            .map_err(StoreError::from)?;
-        let (now, entries) = reply;
+        let reply = self.run(read).await?;
+        let (now, entries): (u64, Vec<Entry>) =
+            redis::from_redis_value(reply).map_err(|error| StoreError::Failed {
+                source: format!("unexpected blocks feed reply: {error}").into(),
+            })?;
         let cursor = entries.last().map(|(id, _)| id.clone()).or(cursor);
         let blocks = entries
             .into_iter()

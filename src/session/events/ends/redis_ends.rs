@@ -23,19 +23,11 @@ pub(super) async fn schedule(
     let mut pipe = redis::pipe();
     pipe.cmd("ZADD").arg(ends).arg(end_at).arg(hash).ignore();
     pipe.cmd("HSET").arg(info).arg(hash).arg(text).ignore();
-    backend
-        .run(TIMEOUT, |mut conn| async move {
-            pipe.query_async::<()>(&mut conn).await
-        })
-        .await?;
+    backend.query_pipeline::<()>(TIMEOUT, pipe).await?;
     if let Some(tenants) = tenants {
         let mut add = redis::cmd("SADD");
         add.arg(tenants).arg(tenant.as_str());
-        backend
-            .run(TIMEOUT, |mut conn| async move {
-                add.query_async::<Value>(&mut conn).await
-            })
-            .await?;
+        backend.query::<Value>(TIMEOUT, add).await?;
     }
     Ok(())
 }
@@ -48,22 +40,14 @@ pub(super) async fn unschedule(
     let mut pipe = redis::pipe();
     pipe.cmd("ZREM").arg(ends).arg(hashes).ignore();
     pipe.cmd("HDEL").arg(info).arg(hashes).ignore();
-    backend
-        .run(TIMEOUT, |mut conn| async move {
-            pipe.query_async::<()>(&mut conn).await
-        })
-        .await?;
+    backend.query_pipeline::<()>(TIMEOUT, pipe).await?;
     Ok(())
 }
 
 pub(super) async fn tenants(backend: &RedisBackend, key: &str) -> Result<Vec<Tenant>, StoreError> {
     let mut cmd = redis::cmd("SMEMBERS");
     cmd.arg(key);
-    let names: Vec<String> = backend
-        .run(TIMEOUT, |mut conn| async move {
-            cmd.query_async(&mut conn).await
-        })
-        .await?;
+    let names: Vec<String> = backend.query(TIMEOUT, cmd).await?;
     Ok(names
         .iter()
         .filter_map(|name| Tenant::new(name).ok())
@@ -86,21 +70,13 @@ pub(super) async fn due(
         .arg("LIMIT")
         .arg(0)
         .arg(count);
-    let hashes: Vec<String> = backend
-        .run(TIMEOUT, |mut conn| async move {
-            range.query_async(&mut conn).await
-        })
-        .await?;
+    let hashes: Vec<String> = backend.query(TIMEOUT, range).await?;
     if hashes.is_empty() {
         return Ok(Vec::new());
     }
     let mut get = redis::cmd("HMGET");
     get.arg(info).arg(&hashes);
-    let infos: Vec<Option<String>> = backend
-        .run(TIMEOUT, |mut conn| async move {
-            get.query_async(&mut conn).await
-        })
-        .await?;
+    let infos: Vec<Option<String>> = backend.query(TIMEOUT, get).await?;
     Ok(hashes.into_iter().zip(infos).collect())
 }
 
@@ -113,11 +89,7 @@ pub(super) async fn reschedule(
 ) -> Result<(), StoreError> {
     let mut cmd = redis::cmd("ZADD");
     cmd.arg(ends).arg("XX").arg(at).arg(hash);
-    backend
-        .run(TIMEOUT, |mut conn| async move {
-            cmd.query_async::<Value>(&mut conn).await
-        })
-        .await?;
+    backend.query::<Value>(TIMEOUT, cmd).await?;
     Ok(())
 }
 
@@ -130,10 +102,6 @@ pub(super) async fn claim(
     let mut pipe = redis::pipe();
     pipe.cmd("ZREM").arg(ends).arg(hash);
     pipe.cmd("HDEL").arg(info).arg(hash).ignore();
-    let (removed,): (i64,) = backend
-        .run(TIMEOUT, |mut conn| async move {
-            pipe.query_async(&mut conn).await
-        })
-        .await?;
+    let (removed,): (i64,) = backend.query_pipeline(TIMEOUT, pipe).await?;
     Ok(removed == 1)
 }

@@ -370,9 +370,7 @@ impl RedisStore {
         pipe: Pipeline,
     ) -> Result<T, StoreError> {
         self.backend
-            .run(self.timeout, |mut conn| async move {
-                pipe.query_async(&mut conn).await
-            })
+            .query_pipeline(self.timeout, pipe)
             .await
             .map_err(StoreError::from)
     }
@@ -581,15 +579,9 @@ impl SessionStore for RedisStore {
     /// One `HEXISTS` of the session's metadata: its inactivity clock is not restarted.
     async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
         self.ensure_intact().await;
-        let redis_key = self.keys.session(key);
-        let found = self
-            .backend
-            .run(self.timeout, |mut conn| async move {
-                let mut cmd = redis::cmd("HEXISTS");
-                cmd.arg(redis_key).arg(layout::TENANT);
-                cmd.query_async::<bool>(&mut conn).await
-            })
-            .await?;
+        let mut cmd = redis::cmd("HEXISTS");
+        cmd.arg(self.keys.session(key)).arg(layout::TENANT);
+        let found = self.backend.query::<bool>(self.timeout, cmd).await?;
         Ok(found)
     }
 
