@@ -87,6 +87,11 @@ impl SessionKey {
         URL_SAFE_NO_PAD.encode(self.hash)
     }
 
+    /// Appends [`SessionKey::hash`] to `out`, with no allocation of its own.
+    pub(crate) fn push_hash(&self, out: &mut String) {
+        URL_SAFE_NO_PAD.encode_string(self.hash, out);
+    }
+
     /// Rebuilds a key from a tenant and a hash produced by [`SessionKey::hash`].
     pub fn from_hash(tenant: &Tenant, hash: &str) -> Option<Self> {
         let mut bytes = [0u8; 32];

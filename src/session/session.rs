@@ -94,6 +94,8 @@ pub(super) struct Inner {
     pub(super) tenant: Tenant,
     /// The id the request came with, if it was valid.
     pub(super) incoming: Option<SessionId>,
+    /// The incoming id's key in the store, hashed once per request when first needed.
+    key: std::sync::OnceLock<super::SessionKey>,
     /// Whether a handler called any method: a session nobody touched needs no commit.
     touched: AtomicBool,
     /// Whether the store failed during the request (see `Session::is_degraded`).
@@ -156,6 +158,7 @@ impl Session {
                 shared,
                 tenant,
                 incoming,
+                key: std::sync::OnceLock::new(),
                 touched: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
                 state: Mutex::new(State::default()),
@@ -175,7 +178,13 @@ impl Session {
     /// `None` without a cookie; the cookie's session may still be gone (see
     /// [`Session::user_id`]).
     pub fn key(&self) -> Option<super::SessionKey> {
-        Some(self.inner.incoming?.key(&self.inner.tenant))
+        let id = self.inner.incoming?;
+        Some(
+            self.inner
+                .key
+                .get_or_init(|| id.key(&self.inner.tenant))
+                .clone(),
+        )
     }
 
     /// The value stored under `key`, if any.
@@ -332,15 +341,9 @@ impl Session {
         state: &'a mut State,
     ) -> Result<Option<&'a Record>, SessionError> {
         if let Loaded::NotYet = state.loaded {
-            state.loaded = match self.inner.incoming {
+            state.loaded = match self.key() {
                 None => Loaded::Missing,
-                Some(id) => match self
-                    .inner
-                    .shared
-                    .store
-                    .load(&id.key(&self.inner.tenant))
-                    .await
-                {
+                Some(key) => match self.inner.shared.store.load(&key).await {
                     Ok(Some(record)) => Loaded::Found(record),
                     Ok(None) => Loaded::Missing,
                     Err(error) => {
