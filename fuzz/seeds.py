@@ -45,9 +45,10 @@ seeds = {
         "mixed-case-tenant": array([bulk(x) for pair in [("m:tenant", "aCme")] + SESSION[1:] for x in pair]),
     },
     "ratelimit_reply": {
-        "allowed": struct.pack("<Q", 100) + array([integer(1), integer(99), integer(60_000_000), integer(-1)]),
-        "refused": struct.pack("<Q", 10) + array([integer(0), integer(0), integer(1_500_000), integer(1_500_000)]),
-        "strings": struct.pack("<Q", 10) + array([bulk("1"), bulk("5"), bulk("1000"), bulk("-1")]),
+        "allowed": struct.pack("<Q", 100) + bulk("1 99 60000000 -1 0 0 1764950400000000"),
+        "refused": struct.pack("<Q", 10) + bulk("0 0 1500000 1500000 0 0 1764950400000000"),
+        "blocked": struct.pack("<Q", 10) + bulk("0 0 30000000 30000000 1 1764950430000000 1764950400000000"),
+        "array": struct.pack("<Q", 10) + array([integer(1), integer(5), integer(1000), integer(-1)]),
         "error": struct.pack("<Q", 10) + b"-NOSCRIPT No matching script.\r\n",
     },
     "registry_reply": {

@@ -3,8 +3,8 @@
 //! Properties:
 //! - any reply reads as a decision or as a failed check, never a panic;
 //! - a decision never leaves more than the limit, and only a refusal carries a wait;
-//! - a reply of four integers reads as what they say: allowed only on `1`, the remaining
-//!   count held to `[0, limit]`, negative times read as none.
+//! - a reply of seven integers in one text reads as what they say: allowed only on `1`, the
+//!   remaining count held to `[0, limit]`, negative times read as none.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -27,19 +27,16 @@ fuzz_target!(|bytes: &[u8]| {
     if decision.allowed {
         assert_eq!(decision.retry_us, None, "an allowed request told to wait");
     }
-    if let Value::Array(items) = &reply
-        && let [
-            Value::Int(allowed),
-            Value::Int(remaining),
-            Value::Int(reset),
-            Value::Int(retry),
-        ] = items.as_slice()
+    if let Value::BulkString(text) = &reply
+        && let Ok(text) = std::str::from_utf8(text)
+        && let Ok(numbers) = text.split(' ').map(str::parse).collect::<Result<Vec<i64>, _>>()
+        && let [allowed, remaining, reset, retry, _, _, _] = numbers[..]
     {
         let wait = |us: i64| u64::try_from(us).unwrap_or(0);
-        assert_eq!(decision.allowed, *allowed == 1);
-        assert_eq!(decision.remaining, wait(*remaining).min(limit));
-        assert_eq!(decision.reset_us, wait(*reset));
-        let expected_retry = (*allowed != 1 && *retry >= 0).then(|| wait(*retry));
+        assert_eq!(decision.allowed, allowed == 1);
+        assert_eq!(decision.remaining, wait(remaining).min(limit));
+        assert_eq!(decision.reset_us, wait(reset));
+        let expected_retry = (allowed != 1 && retry >= 0).then(|| wait(retry));
         assert_eq!(decision.retry_us, expected_retry);
     }
 });

@@ -827,9 +827,11 @@ async fn scripts_reload_after_a_redis_restart() {
         )
         .await;
     }
-    // As the store loads it: the shared prelude, then the algorithm.
+    // As the store loads it: the shared prelude, how the algorithm answers alone, then the
+    // algorithm itself.
     let script = concat!(
         include_str!("../../src/ratelimit/store/lua/prelude.lua"),
+        include_str!("../../src/ratelimit/store/lua/answer.lua"),
         include_str!("../../src/ratelimit/store/lua/sliding_window.lua")
     );
     let sha = server.cli(&["SCRIPT", "LOAD", script]).trim().to_owned();

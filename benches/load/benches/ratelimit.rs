@@ -187,7 +187,7 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
                 let (mut raw, script) = (raw.clone(), Arc::clone(&script));
                 async move {
                     let key = format!("turnstile:raw:{}", i % keys);
-                    let reply: Vec<i64> = raw_invocation(&script, &key, quota)
+                    let reply: redis::Value = raw_invocation(&script, &key, quota)
                         .invoke_async(&mut raw)
                         .await
                         .unwrap();
@@ -225,6 +225,7 @@ fn bench_redis(c: &mut Criterion, runtime: &Runtime) -> Option<support::RedisSer
 /// The store's own sliding-window script, so the ceiling runs exactly the same Lua.
 const SLIDING_WINDOW: &str = concat!(
     include_str!("../../../src/ratelimit/store/lua/prelude.lua"),
+    include_str!("../../../src/ratelimit/store/lua/answer.lua"),
     include_str!("../../../src/ratelimit/store/lua/sliding_window.lua")
 );
 

@@ -317,6 +317,7 @@ impl Harness {
         self.redis_cli(&["PEXPIRE", "ours:session", "86400000"]);
         let sliding_window = concat!(
             include_str!("../../../src/ratelimit/store/lua/prelude.lua"),
+            include_str!("../../../src/ratelimit/store/lua/answer.lua"),
             include_str!("../../../src/ratelimit/store/lua/sliding_window.lua")
         );
         let sha = self.redis_cli(&["SCRIPT", "LOAD", sliding_window]);

@@ -14,20 +14,26 @@ use crate::{
 
 mod feed;
 
-/// One algorithm's scripts, as they are loaded: after the common prelude, the algorithm as it
-/// is; or made the function `decide`, then `penalty.lua` (for a policy with a penalty) or,
-/// with the algorithm's `refund`, `settle.lua`.
+/// One algorithm's scripts, as they are loaded, each after the common prelude: the algorithm
+/// alone, answering its reply text at once (`answer.lua`); or made the function `decide`,
+/// answering its four numbers, then `penalty.lua` (for a policy with a penalty) or, with the algorithm's `refund`,
+/// `settle.lua`.
 macro_rules! scripts {
     ($($name:ident = $file:literal, $refund:literal;)*) => {$(
         static $name: LazyLock<Scripts> = LazyLock::new(|| {
             let decide = concat!(
                 include_str!("lua/prelude.lua"),
+                "local function answer(...) return {...} end\n",
                 "local function decide()\n",
                 include_str!($file),
                 "\nend\n",
             );
             Scripts {
-                plain: Script::new(concat!(include_str!("lua/prelude.lua"), include_str!($file))),
+                plain: Script::new(concat!(
+                    include_str!("lua/prelude.lua"),
+                    include_str!("lua/answer.lua"),
+                    include_str!($file)
+                )),
                 penalized: Script::new(&format!("{decide}{}", include_str!("lua/penalty.lua"))),
                 settle: Script::new(&format!(
                     "{decide}{}{}",
@@ -281,22 +287,30 @@ pub(crate) struct Reply {
     pub(crate) at: Option<u64>,
 }
 
-/// The decision a script's reply stands for. The scripts answer `{allowed, remaining, reset,
-/// retry, blocked, block end, time}`: times in µs, a retry of `-1` for none, `blocked` 1 when
-/// refused by a penalty block, the end of a block this check placed (`0` for none), and the
-/// decision's time. A settlement, and a limit of 0, answer the first four only. A reply of any
-/// other shape is an error, which the layer handles as any failed check. A remaining count
-/// past the limit is held to it, and a negative wait or time reads as none.
+/// The decision a script's reply stands for. Every script answers one text of seven integers
+/// separated by spaces, `allowed remaining reset retry blocked block_end time`: times in µs,
+/// a retry of `-1` for none, `blocked` 1 when refused by a penalty block, the end of a block
+/// this check placed (`0` for none), and the decision's time (`0` for none: a settlement, a
+/// limit of 0). One bulk reply costs the client a fraction of what an array of seven does to
+/// read. A reply of any other shape is an error, which the layer handles as any failed check.
+/// A remaining count past the limit is held to it, and a negative wait or time reads as none.
 pub(crate) fn read_reply(reply: &Value, limit: u64) -> Result<Reply, StoreError> {
-    let numbers: Vec<i64> =
-        redis::from_redis_value_ref(reply).map_err(|error| unexpected(&error))?;
-    let (allowed, remaining, reset, retry, blocked, until, at) = match numbers[..] {
-        [allowed, remaining, reset, retry] => (allowed, remaining, reset, retry, 0, 0, 0),
-        [allowed, remaining, reset, retry, blocked, until, at] => {
-            (allowed, remaining, reset, retry, blocked, until, at)
-        }
-        _ => return Err(unexpected(&format!("{} numbers", numbers.len()))),
+    let Value::BulkString(text) = reply else {
+        return Err(unexpected(&"not a text"));
     };
+    let text = std::str::from_utf8(text).map_err(|error| unexpected(&error))?;
+    let mut parts = text.split(' ');
+    let mut numbers = [0i64; 7];
+    for number in &mut numbers {
+        *number = parts
+            .next()
+            .and_then(|part| part.parse().ok())
+            .ok_or_else(|| unexpected(&format!("{text:?} is not seven integers")))?;
+    }
+    if parts.next().is_some() {
+        return Err(unexpected(&format!("{text:?} is not seven integers")));
+    }
+    let [allowed, remaining, reset, retry, blocked, until, at] = numbers;
     let wait = |us: i64| u64::try_from(us).unwrap_or(0);
     let refused = allowed != 1;
     Ok(Reply {
@@ -350,26 +364,16 @@ mod tests {
         })
     }
 
-    /// Four integers, as the scripts answer, but with any values: what a corrupted key or a
+    /// Seven integers, as the scripts answer, but with any values: what a corrupted key or a
     /// foreign script could make them say.
-    fn four_numbers() -> impl Strategy<Value = (Value, [i64; 4])> {
-        proptest::array::uniform4(prop_oneof![any::<i64>(), -1i64..=1, 0i64..200_000_000])
-            .prop_flat_map(|numbers| {
-                let as_text = any::<bool>();
-                (as_text, Just(numbers)).prop_map(|(as_text, numbers)| {
-                    let items = numbers
-                        .iter()
-                        .map(|&n| {
-                            if as_text {
-                                Value::BulkString(n.to_string().into_bytes())
-                            } else {
-                                Value::Int(n)
-                            }
-                        })
-                        .collect();
-                    (Value::Array(items), numbers)
-                })
-            })
+    fn seven_numbers() -> impl Strategy<Value = (Value, [i64; 7])> {
+        proptest::array::uniform7(prop_oneof![any::<i64>(), -1i64..=1, 0i64..200_000_000])
+            .prop_map(|numbers| (text(&numbers), numbers))
+    }
+
+    fn text(numbers: &[i64]) -> Value {
+        let parts: Vec<String> = numbers.iter().map(i64::to_string).collect();
+        Value::BulkString(parts.join(" ").into_bytes())
     }
 
     proptest! {
@@ -392,37 +396,44 @@ mod tests {
             }
         }
 
-        /// A reply of four integers always reads, and says exactly what its numbers say where
-        /// they are in range: allowed only for `1`, the remaining count, the reset and retry.
+        /// A reply of seven integers always reads, and says exactly what its numbers say
+        /// where they are in range: allowed only for `1`, the remaining count, the reset and
+        /// retry, a block, and the time.
         #[test]
-        fn four_integers_read_as_what_they_say(
-            (reply, [allowed, remaining, reset, retry]) in four_numbers(),
+        fn seven_integers_read_as_what_they_say(
+            (reply, [allowed, remaining, reset, retry, blocked, until, at]) in seven_numbers(),
             limit in 1u64..1_000_000,
         ) {
-            let counted = read_reply(&reply, limit).expect("four integers read").counted;
+            let read = read_reply(&reply, limit).expect("seven integers read");
+            let counted = read.counted;
             prop_assert_eq!(counted.allowed, allowed == 1);
             let non_negative = |n: i64| u64::try_from(n).unwrap_or(0);
             prop_assert_eq!(counted.remaining, non_negative(remaining).min(limit));
             prop_assert_eq!(counted.reset, non_negative(reset));
             let expected_retry = (allowed != 1 && retry >= 0).then(|| non_negative(retry));
             prop_assert_eq!(counted.retry, expected_retry);
+            prop_assert_eq!(counted.blocked, allowed != 1 && blocked == 1);
+            prop_assert_eq!(read.new_block_until, (allowed != 1 && until > 0).then(|| non_negative(until)));
+            prop_assert_eq!(read.at, (at > 0).then(|| non_negative(at)));
         }
 
-        /// Other than four or seven parts, or a part that is no integer, is an error, never a
-        /// decision made up from what is there.
+        /// Other than seven integers in one text, or a part that is no integer, is an error,
+        /// never a decision made up from what is there: fewer or more parts, an array of the
+        /// numbers, a word among them.
         #[test]
         fn other_shapes_are_errors(
-            parts in proptest::collection::vec(any::<i64>(), 0..8),
-            text in "[a-z]{1,6}",
-            at in 0usize..4,
+            parts in proptest::collection::vec(any::<i64>(), 0..9),
+            word in "[a-z]{1,6}",
+            at in 0usize..7,
         ) {
-            let ints = |parts: &[i64]| Value::Array(parts.iter().map(|&n| Value::Int(n)).collect());
-            if parts.len() != 4 && parts.len() != 7 {
-                prop_assert!(read_reply(&ints(&parts), 10).is_err());
+            if parts.len() != 7 {
+                prop_assert!(read_reply(&text(&parts), 10).is_err());
             }
-            let mut four = [0i64; 4].map(Value::Int).to_vec();
-            four[at] = Value::BulkString(text.into_bytes());
-            prop_assert!(read_reply(&Value::Array(four), 10).is_err());
+            let ints = Value::Array(parts.iter().map(|&n| Value::Int(n)).collect());
+            prop_assert!(read_reply(&ints, 10).is_err());
+            let mut seven: Vec<String> = [0i64; 7].iter().map(i64::to_string).collect();
+            seven[at] = word;
+            prop_assert!(read_reply(&Value::BulkString(seven.join(" ").into_bytes()), 10).is_err());
             prop_assert!(read_reply(&Value::Nil, 10).is_err());
         }
     }

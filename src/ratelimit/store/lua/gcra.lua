@@ -9,8 +9,9 @@
 -- ARGV[3]  limit (the burst)
 -- ARGV[4]  cost (0 only reads)
 --
--- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never),
--- 0, 0, the decision's time (µs)}: the reply of every rate-limit script has penalty.lua's shape.
+-- Answers `answer(allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or
+-- never))`. The loader (src/ratelimit/store/redis.rs) defines `answer`: the script's reply text
+-- when the algorithm runs alone, the four numbers for penalty.lua or settle.lua around it.
 --
 -- Times are whole microseconds and the emission interval is window / limit rounded down to a
 -- whole microsecond (at least 1), so every number is an integer below 2^53, exact in Lua's
@@ -44,9 +45,9 @@ if remaining < 0 then
   remaining = 0
 end
 if allowed then
-  return {1, remaining, tat - now, -1, 0, 0, at}
+  return answer(1, remaining, tat - now, -1)
 end
 if cost > limit then
-  return {0, remaining, tat - now, -1, 0, 0, at}
+  return answer(0, remaining, tat - now, -1)
 end
-return {0, remaining, tat - now, tat - now + cost * interval - burst, 0, 0, at}
+return answer(0, remaining, tat - now, tat - now + cost * interval - burst)

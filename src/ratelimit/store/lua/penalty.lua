@@ -12,9 +12,10 @@
 -- ARGV[7]  longest block (µs)
 -- ARGV[8]  quiet period (µs)
 --
--- Returns the algorithm's {allowed, remaining, reset, retry}, then 1 when refused by a block
--- (0 otherwise), then when a block this check placed ends (µs since the epoch; 0 for none),
--- then the decision's time, which a settlement of its cost names (settle.lua).
+-- Answers, in the prelude's `REPLY` text, the algorithm's {allowed, remaining, reset, retry},
+-- then 1 when refused by a block (0 otherwise), then when a block this check placed ends (µs
+-- since the epoch; 0 for none), then the decision's time, which a settlement of its cost
+-- names (settle.lua).
 --
 -- The memory store runs the same rules (ratelimit/algorithm/penalty.rs), line for line.
 
@@ -35,7 +36,7 @@ end
 local strikes, since, block_end, level, last = field(1), field(2), field(3), field(4), field(5)
 
 if block_end > at then
-  return {0, 0, block_end - at, block_end - at, 1, 0, at}
+  return string.format(REPLY, 0, 0, block_end - at, block_end - at, 1, 0, at)
 end
 if at - last >= quiet then
   if held[5] then
@@ -48,7 +49,7 @@ local result = decide()
 -- A refusal of a cost that could fit is a strike; one that never fits (a cost over the limit)
 -- is the policy's doing, not the client's.
 if result[1] == 1 or cost == 0 or result[4] < 0 then
-  return {result[1], result[2], result[3], result[4], 0, 0, at}
+  return string.format(REPLY, result[1], result[2], result[3], result[4], 0, 0, at)
 end
 
 if strikes == 0 or at - since >= window then
@@ -75,6 +76,6 @@ redis.call('HSET', KEYS[2], 's', int(strikes), 'f', int(since), 'u', int(block_e
 -- Past the quiet period after the last offence, the key is forgiven: nothing to keep.
 redis.call('PEXPIRE', KEYS[2], int(math.max(1, math.ceil((last + quiet - at) / 1000))))
 if placed > 0 then
-  return {0, result[2], result[3], result[4], 1, placed, at}
+  return string.format(REPLY, 0, result[2], result[3], result[4], 1, placed, at)
 end
-return {0, result[2], result[3], result[4], 0, 0, at}
+return string.format(REPLY, 0, result[2], result[3], result[4], 0, 0, at)

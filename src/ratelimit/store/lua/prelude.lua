@@ -25,7 +25,13 @@ local at = now
 local window = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
+-- Every script answers with one text of seven integers, "allowed remaining reset retry blocked
+-- block_end time" (see penalty.lua for the last three), written with this format: one bulk
+-- reply is much cheaper for the client to read than an array of seven
+-- (src/ratelimit/store/redis.rs, `read_reply`). `%d` truncates as Redis's own conversion of a
+-- Lua number would. (A string, not a function: a function defined here would be made anew on
+-- every call.)
+local REPLY = '%d %d %d %d %d %d %d'
 if limit == 0 then
-  return {0, 0, 0, -1}
+  return string.format(REPLY, 0, 0, 0, -1, 0, 0, 0)
 end
-

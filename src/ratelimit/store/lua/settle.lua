@@ -7,8 +7,9 @@
 --
 -- A refund gives the difference back where the reservation was counted. A top-up spends it
 -- now, as a request would, but never more than is left: a settlement does not put a key in
--- debt. Returns what a check of cost 0 would answer afterwards, as allowed: {1, remaining,
--- reset, -1}. The memory store runs the same steps (ratelimit/store/memory.rs, `settle`).
+-- debt. Answers what a check of cost 0 would answer afterwards, as allowed, in the prelude's
+-- `REPLY` text: 1, remaining, reset, -1 (no block, no time). The memory store runs the same
+-- steps (ratelimit/store/memory.rs, `settle`).
 
 local reserved = cost
 local actual = tonumber(ARGV[5])
@@ -21,4 +22,4 @@ if actual > reserved and state[2] > 0 then
   cost = math.min(actual - reserved, state[2])
   state = decide()
 end
-return {1, state[2], state[3], -1}
+return string.format(REPLY, 1, state[2], state[3], -1, 0, 0, 0)

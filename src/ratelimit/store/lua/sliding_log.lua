@@ -9,8 +9,9 @@
 -- ARGV[3]  limit
 -- ARGV[4]  cost (0 only reads)
 --
--- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never),
--- 0, 0, the decision's time (µs)}: the reply of every rate-limit script has penalty.lua's shape.
+-- Answers `answer(allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or
+-- never))`. The loader (src/ratelimit/store/redis.rs) defines `answer`: the script's reply text
+-- when the algorithm runs alone, the four numbers for penalty.lua or settle.lua around it.
 --
 -- Every number stays an integer below 2^53, exact in Lua's doubles; MemoryRateStore
 -- (memory.rs) repeats the same arithmetic, so both stores make the same decisions.
@@ -58,12 +59,12 @@ if remaining < 0 then
   remaining = 0
 end
 if allowed then
-  return {1, remaining, reset, -1, 0, 0, at}
+  return answer(1, remaining, reset, -1)
 end
 if cost > limit then
-  return {0, remaining, reset, -1, 0, 0, at}
+  return answer(0, remaining, reset, -1)
 end
 -- The same cost fits once the (count + cost - limit) oldest units have left the window.
 local rank = count + cost - limit - 1
 local blocking = redis.call('ZRANGE', KEYS[1], rank, rank, 'WITHSCORES')
-return {0, remaining, reset, tonumber(blocking[2]) + window - now, 0, 0, at}
+return answer(0, remaining, reset, tonumber(blocking[2]) + window - now)

@@ -9,8 +9,9 @@
 -- ARGV[3]  limit
 -- ARGV[4]  cost (0 only reads)
 --
--- Returns {allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or never),
--- 0, 0, the decision's time (µs)}: the reply of every rate-limit script has penalty.lua's shape.
+-- Answers `answer(allowed (1 or 0), remaining, reset (µs), retry after (µs; -1 when allowed or
+-- never))`. The loader (src/ratelimit/store/redis.rs) defines `answer`: the script's reply text
+-- when the algorithm runs alone, the four numbers for penalty.lua or settle.lua around it.
 --
 -- Every number stays an integer below 2^51, so Lua's doubles compute it exactly, and
 -- MemoryRateStore (memory.rs) repeats the same integer arithmetic in Rust: one trace of checks
@@ -87,10 +88,10 @@ elseif previous > 0 then
   reset = start + window - now
 end
 if allowed then
-  return {1, remaining, reset, -1, 0, 0, at}
+  return answer(1, remaining, reset, -1)
 end
 if cost > limit then
-  return {0, remaining, reset, -1, 0, 0, at}
+  return answer(0, remaining, reset, -1)
 end
 
 -- The earliest time the same cost fits, if nothing else is spent meanwhile. Later in this
@@ -116,4 +117,4 @@ if not retry then
     retry = start + 2 * window - now
   end
 end
-return {0, remaining, reset, retry, 0, 0, at}
+return answer(0, remaining, reset, retry)
