@@ -100,8 +100,7 @@ impl Record {
     /// How long the record should live from `now_ms`: the inactivity timeout, cut short by the
     /// absolute end of life. Zero means the record is already dead.
     pub fn ttl_at(&self, now_ms: u64) -> Duration {
-        let left = self.expires_at.saturating_sub(now_ms);
-        Duration::from_millis(left.min(millis(self.inactivity_timeout)))
+        self.lifetime().ttl_at(now_ms)
     }
 
     /// Applies `patch` to the record in place.
@@ -141,6 +140,12 @@ impl Lifetime {
             expires_at,
             persistent,
         }
+    }
+
+    /// [`Record::ttl_at`] for a record with these settings.
+    pub(crate) fn ttl_at(&self, now_ms: u64) -> Duration {
+        let left = self.expires_at.saturating_sub(now_ms);
+        Duration::from_millis(left.min(millis(self.inactivity_timeout)))
     }
 }
 

@@ -25,7 +25,7 @@ use std::{
 use moka::sync::Cache;
 
 use super::{
-    super::{Patch, Record},
+    super::{Lifetime, Patch, Record},
     restore::Restore,
 };
 use crate::{
@@ -110,8 +110,8 @@ pub(super) struct Writing {
     slot: Arc<Slot>,
     epoch: u64,
     writes: u64,
-    /// The session's record before the write.
-    pub(super) record: Record,
+    /// The session's expiry settings before the write.
+    pub(super) lifetime: Lifetime,
 }
 
 /// A snapshot of a local copy's counters.
@@ -237,7 +237,7 @@ impl LocalCopy {
             slot: Arc::clone(&slot),
             epoch: held.epoch,
             writes: held.writes,
-            record: held.record.clone(),
+            lifetime: held.record.lifetime(),
         };
         drop(state);
         Some(writing)

@@ -27,9 +27,8 @@ impl RedisStore {
         writing: Writing,
     ) -> Result<Written, StoreError> {
         let now = self.copy().now();
-        let mut after = writing.record.clone();
-        after.apply(patch);
-        let ttl = millis(after.ttl_at(now));
+        let lifetime = patch.lifetime.unwrap_or(writing.lifetime);
+        let ttl = millis(lifetime.ttl_at(now));
         if ttl == 0 {
             // The change ends the session (or its absolute end has just passed).
             self.remove_dead(redis_key).await;
@@ -99,14 +98,17 @@ fn field_writes(redis_key: &str, patch: &Patch, written: u64) -> Vec<Cmd> {
     if !set.is_empty() || !remove.is_empty() {
         let mut hset = redis::cmd("HSET");
         hset.arg(redis_key);
+        // Each field's write-time field, `t:<field>`, named in one buffer: `arg` copies it.
+        let mut time_field = String::from(WRITTEN);
         for (name, value) in &set {
-            hset.arg(name)
-                .arg(value)
-                .arg(format!("{WRITTEN}{name}"))
-                .arg(written);
+            time_field.truncate(WRITTEN.len());
+            time_field.push_str(name);
+            hset.arg(name).arg(value).arg(&time_field).arg(written);
         }
         for name in &remove {
-            hset.arg(format!("{WRITTEN}{name}")).arg(written);
+            time_field.truncate(WRITTEN.len());
+            time_field.push_str(name);
+            hset.arg(&time_field).arg(written);
         }
         cmds.push(hset);
     }
