@@ -11,7 +11,7 @@ use std::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use tower_turnstile::{
     backend::RedisBackend,
-    session::{Patch, Record, RedisStore, SessionKey, SessionStore, Written},
+    session::{Lifetime, Patch, Record, RedisStore, SessionKey, SessionStore, Written},
     tenant::Tenant,
 };
 
@@ -113,7 +113,8 @@ async fn a_write_with_a_held_copy_is_one_round_trip_of_few_commands() {
         .iter()
         .map(|line| line.split(' ').next().unwrap().to_owned())
         .collect();
-    assert_eq!(names, ["MULTI", "HSET", "PEXPIRE", "HEXISTS", "EXEC"]);
+    // The inactivity expiry was just restarted (by the creation): the write leaves it.
+    assert_eq!(names, ["MULTI", "HSET", "HEXISTS", "EXEC"]);
     // The copy took the write: the next read is served from it, and is the new value.
     assert_eq!(value(&store, &key, "n").await.as_deref(), Some("2"));
     assert_eq!(round_trips(&store), before + 1);
@@ -271,6 +272,61 @@ async fn the_inactivity_expiry_slides_only_when_due() {
     assert!(ttl > 3000, "slid to the full timeout: {ttl}");
     // The slide kept this instance told of changes.
     changed_elsewhere(&server, &store, &key, "2").await;
+}
+
+#[tokio::test]
+async fn a_held_write_restarts_the_expiry_only_when_due_or_asked() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = instance(&server);
+    let key = random_key();
+    let redis_key = format!("copy:default:session:{}", key.hash());
+    // A sixteenth of 3.2 s is 200 ms.
+    let mut session = record(&[("n", "1")]);
+    session.inactivity_timeout = Duration::from_millis(3200);
+    store.create(&key, &session).await.unwrap();
+    store.load(&key).await.unwrap().unwrap();
+    let ttl =
+        |server: &RedisServer| -> u64 { server.cli(&["PTTL", &redis_key]).trim().parse().unwrap() };
+    // The store's commands (the test's own `PTTL`s left out).
+    let commands = |monitor: &crate::support::Monitor| -> Vec<String> {
+        monitor
+            .take()
+            .iter()
+            .map(|line| line.split(' ').next().unwrap().to_owned())
+            .filter(|name| name != "PTTL")
+            .collect()
+    };
+    let monitor = server.monitor();
+    store.update(&key, &set("n", "2")).await.unwrap();
+    assert_eq!(commands(&monitor), ["MULTI", "HSET", "HEXISTS", "EXEC"]);
+    // Past a sixteenth, the write restarts it, in the same transaction.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(ttl(&server) < 3000);
+    store.update(&key, &set("n", "3")).await.unwrap();
+    assert_eq!(
+        commands(&monitor),
+        ["MULTI", "HSET", "PEXPIRE", "HEXISTS", "EXEC"]
+    );
+    assert!(ttl(&server) > 3000, "slid to the full timeout");
+    // Right after, it is not due again: the copy knows the new end.
+    store.update(&key, &set("n", "4")).await.unwrap();
+    assert_eq!(commands(&monitor), ["MULTI", "HSET", "HEXISTS", "EXEC"]);
+    // A change of the expiry settings always sets the TTL, at once.
+    let mut patch = set("n", "5");
+    patch.lifetime = Some(Lifetime::new(
+        Duration::from_millis(1500),
+        session.expires_at,
+        false,
+    ));
+    store.update(&key, &patch).await.unwrap();
+    assert_eq!(
+        commands(&monitor),
+        ["MULTI", "HSET", "PEXPIRE", "HEXISTS", "EXEC"]
+    );
+    assert!(ttl(&server) <= 1500, "the new timeout: {}", ttl(&server));
+    assert_eq!(value(&store, &key, "n").await.as_deref(), Some("5"));
 }
 
 /// Another client sets the session's field `n` to `n` in Redis; `store` hears of it and serves

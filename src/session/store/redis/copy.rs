@@ -112,6 +112,9 @@ pub(super) struct Writing {
     writes: u64,
     /// The session's expiry settings before the write.
     pub(super) lifetime: Lifetime,
+    /// When Redis drops the key unless it is used again, as the copy knows it (Redis's clock,
+    /// Unix ms).
+    pub(super) expires: u64,
 }
 
 /// A snapshot of a local copy's counters.
@@ -185,7 +188,7 @@ impl LocalCopy {
             if ttl == 0 || now >= held.expires {
                 return None;
             }
-            let due = slide_due(&held.record, held.expires, now);
+            let due = slide_due(&held.record.lifetime(), held.expires, now);
             Some(Lookup::Current {
                 record: held.record.clone(),
                 slide: due.then_some(ttl),
@@ -238,6 +241,7 @@ impl LocalCopy {
             epoch: held.epoch,
             writes: held.writes,
             lifetime: held.record.lifetime(),
+            expires: held.expires,
         };
         drop(state);
         Some(writing)
@@ -408,9 +412,9 @@ impl Writing {
 }
 
 /// Whether restarting the inactivity expiry now would move the key's end by more than a
-/// sixteenth of the inactivity timeout.
-pub(super) fn slide_due(record: &Record, expires: u64, now: u64) -> bool {
-    let end = now.saturating_add(millis(record.ttl_at(now)));
-    let step = record.inactivity_timeout / SLIDE_EVERY;
+/// sixteenth of the inactivity timeout, for a session with these expiry settings.
+pub(super) fn slide_due(lifetime: &Lifetime, expires: u64, now: u64) -> bool {
+    let end = now.saturating_add(millis(lifetime.ttl_at(now)));
+    let step = lifetime.inactivity_timeout / SLIDE_EVERY;
     end.saturating_sub(expires) > millis(step.max(Duration::from_millis(1)))
 }

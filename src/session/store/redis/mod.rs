@@ -111,7 +111,8 @@ use crate::{
 ///   offset measured from each `TIME`).
 /// - A save with a current copy: one transaction in one round trip, nothing read first:
 ///   `HSET` (the changed fields and their write times; plus `HDEL` for removed keys),
-///   `PEXPIRE`, and `HEXISTS`, which says whether the session still existed and keeps Redis
+///   `PEXPIRE` only when the inactivity expiry is due to restart or the expiry settings
+///   changed, and `HEXISTS`, which says whether the session still existed and keeps Redis
 ///   telling this instance of changes. The copy is updated in place. Without a copy, one
 ///   round trip (a second when the session's own inactivity timeout is not the one most
 ///   sessions have, which the first had to assume). None when nothing changed.

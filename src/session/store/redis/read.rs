@@ -110,7 +110,7 @@ impl RedisStore {
         };
         // A key without a TTL counts as one that ends now: the slide gives it one.
         let mut expires = u64::try_from(pttl).map_or(now, |pttl| now.saturating_add(pttl));
-        if slide_due(record, expires, now) {
+        if slide_due(&record.lifetime(), expires, now) {
             match self.slide(&redis_key, millis(record.ttl_at(now))).await? {
                 Some(slid) => expires = slid,
                 None => {

@@ -5,7 +5,7 @@ use redis::{Cmd, Pipeline};
 
 use super::{
     RedisStore,
-    copy::Writing,
+    copy::{Writing, slide_due},
     layout::{self, ABSOLUTE, IDLE, TENANT, WRITTEN},
 };
 use crate::{
@@ -16,10 +16,11 @@ use crate::{
 impl RedisStore {
     /// Saves `patch` to a session whose current copy this instance holds: it knows the session
     /// is live and its deadlines, so nothing is read first. One round trip, one transaction:
-    /// the fields with their write times, the TTL, and `HEXISTS` on the session's tenant field,
-    /// which says whether the session still existed (a save to a session destroyed a moment
-    /// ago leaves a hash without metadata, removed at once) and, being a read after the
-    /// writes, keeps Redis telling this instance of other clients' changes.
+    /// the fields with their write times, the TTL when the inactivity expiry is due to restart
+    /// (see `copy::slide_due`) or the expiry settings changed, and `HEXISTS` on the session's
+    /// tenant field, which says whether the session still existed (a save to a session
+    /// destroyed a moment ago leaves a hash without metadata, removed at once) and, being a
+    /// read after the writes, keeps Redis telling this instance of other clients' changes.
     pub(super) async fn update_held(
         &self,
         redis_key: &str,
@@ -34,16 +35,26 @@ impl RedisStore {
             self.remove_dead(redis_key).await;
             return Ok(Written::Missing);
         }
+        // The inactivity expiry restarts only when that is due, as on a read, or when the
+        // patch changes the expiry settings; otherwise the key keeps the end it has.
+        let slide = patch.lifetime.is_some() || slide_due(&lifetime, writing.expires, now);
         let mut pipe = redis::pipe();
         pipe.atomic();
         for cmd in field_writes(redis_key, patch, now_millis()) {
             pipe.add_command(cmd).ignore();
         }
-        pipe.cmd("PEXPIRE").arg(redis_key).arg(ttl).ignore();
+        if slide {
+            pipe.cmd("PEXPIRE").arg(redis_key).arg(ttl).ignore();
+        }
         pipe.cmd("HEXISTS").arg(redis_key).arg(TENANT);
         match self.query_hash::<(i64,)>(pipe).await? {
             Some((1,)) => {
-                writing.applied(patch, now.saturating_add(ttl));
+                let expires = if slide {
+                    now.saturating_add(ttl)
+                } else {
+                    writing.expires
+                };
+                writing.applied(patch, expires);
                 Ok(Written::Applied)
             }
             // Gone before the write, or not a hash.
