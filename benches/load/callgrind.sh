@@ -15,6 +15,7 @@
 #
 # Needs valgrind, wrk, curl and redis-server on the PATH, and the harness built:
 #   cargo build --release --manifest-path benches/load/Cargo.toml
+# (TURNSTILE_LOAD=path runs another build of the harness, an older commit's say, to compare.)
 set -euo pipefail
 
 stack=${1:?usage: callgrind.sh STACK ROUTE [SECONDS]}
@@ -22,7 +23,7 @@ route=${2:?usage: callgrind.sh STACK ROUTE [SECONDS]}
 seconds=${3:-5}
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-bin=$here/target/release/turnstile-load
+bin=${TURNSTILE_LOAD:-$here/target/release/turnstile-load}
 out=$here/results/callgrind
 [ -x "$bin" ] || { echo "build the harness first (see the header of $0)" >&2; exit 1; }
 for tool in valgrind callgrind_annotate callgrind_control wrk curl redis-server redis-cli; do
