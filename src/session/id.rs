@@ -88,6 +88,7 @@ impl SessionKey {
     }
 
     /// Appends [`SessionKey::hash`] to `out`, with no allocation of its own.
+    #[cfg(feature = "redis")]
     pub(crate) fn push_hash(&self, out: &mut String) {
         URL_SAFE_NO_PAD.encode_string(self.hash, out);
     }
