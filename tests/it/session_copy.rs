@@ -15,7 +15,7 @@ use tower_turnstile::{
     tenant::Tenant,
 };
 
-use crate::support::RedisServer;
+use crate::support::{Monitor, RedisServer};
 
 /// One instance's store: its own backend (connection, breaker, copy), as a separate process
 /// would have.
@@ -53,6 +53,15 @@ fn round_trips(store: &RedisStore) -> u64 {
 async fn value(store: &RedisStore, key: &SessionKey, field: &str) -> Option<String> {
     let record = store.load(key).await.unwrap()?;
     record.data.get(field).cloned()
+}
+
+/// The names of the commands `monitor` saw since it was last asked.
+fn command_names(monitor: &Monitor) -> Vec<String> {
+    monitor
+        .take()
+        .iter()
+        .map(|line| line.split(' ').next().unwrap().to_owned())
+        .collect()
 }
 
 /// Polls `until` for up to 2 s: an invalidation travels on its own connection.
@@ -108,11 +117,7 @@ async fn a_write_with_a_held_copy_is_one_round_trip_of_few_commands() {
         Written::Applied
     );
     assert_eq!(round_trips(&store), before + 1);
-    let names: Vec<String> = monitor
-        .take()
-        .iter()
-        .map(|line| line.split(' ').next().unwrap().to_owned())
-        .collect();
+    let names = command_names(&monitor);
     // The inactivity expiry was just restarted (by the creation): the write leaves it.
     assert_eq!(names, ["MULTI", "HSET", "HEXISTS", "EXEC"]);
     // The copy took the write: the next read is served from it, and is the new value.
@@ -261,11 +266,7 @@ async fn the_inactivity_expiry_slides_only_when_due() {
     assert!(monitor.take().is_empty(), "no slide within a sixteenth");
     tokio::time::sleep(Duration::from_millis(400)).await;
     store.load(&key).await.unwrap().unwrap();
-    let names: Vec<String> = monitor
-        .take()
-        .iter()
-        .map(|line| line.split(' ').next().unwrap().to_owned())
-        .collect();
+    let names = command_names(&monitor);
     assert_eq!(names, ["MULTI", "PEXPIRE", "PTTL", "EXEC"]);
     let redis_key = format!("copy:default:session:{}", key.hash());
     let ttl: u64 = server.cli(&["PTTL", &redis_key]).trim().parse().unwrap();
@@ -290,13 +291,10 @@ async fn a_held_write_restarts_the_expiry_only_when_due_or_asked() {
     let ttl =
         |server: &RedisServer| -> u64 { server.cli(&["PTTL", &redis_key]).trim().parse().unwrap() };
     // The store's commands (the test's own `PTTL`s left out).
-    let commands = |monitor: &crate::support::Monitor| -> Vec<String> {
-        monitor
-            .take()
-            .iter()
-            .map(|line| line.split(' ').next().unwrap().to_owned())
-            .filter(|name| name != "PTTL")
-            .collect()
+    let commands = |monitor: &Monitor| -> Vec<String> {
+        let mut names = command_names(monitor);
+        names.retain(|name| name != "PTTL");
+        names
     };
     let monitor = server.monitor();
     store.update(&key, &set("n", "2")).await.unwrap();
