@@ -16,8 +16,8 @@ mod feed;
 
 /// One algorithm's scripts, as they are loaded, each after the common prelude: the algorithm
 /// alone, answering its reply text at once (`answer.lua`); or made the function `decide`,
-/// answering its four numbers, then `penalty.lua` (for a policy with a penalty) or, with the algorithm's `refund`,
-/// `settle.lua`.
+/// answering its four numbers, then `penalty.lua` (for a policy with a penalty) or, with the
+/// algorithm's `refund`, `settle.lua`.
 macro_rules! scripts {
     ($($name:ident = $file:literal, $refund:literal;)*) => {$(
         static $name: LazyLock<Scripts> = LazyLock::new(|| {
@@ -413,7 +413,8 @@ mod tests {
             let expected_retry = (allowed != 1 && retry >= 0).then(|| non_negative(retry));
             prop_assert_eq!(counted.retry, expected_retry);
             prop_assert_eq!(counted.blocked, allowed != 1 && blocked == 1);
-            prop_assert_eq!(read.new_block_until, (allowed != 1 && until > 0).then(|| non_negative(until)));
+            let placed = (allowed != 1 && until > 0).then(|| non_negative(until));
+            prop_assert_eq!(read.new_block_until, placed);
             prop_assert_eq!(read.at, (at > 0).then(|| non_negative(at)));
         }
 

@@ -47,8 +47,11 @@ impl Keys {
     /// Built in one allocation: every request that reaches Redis names its session's key.
     pub(super) fn session(&self, key: &SessionKey) -> String {
         const MIDDLE: &str = ":session:";
+        // The hash, as `SessionKey::hash` writes it: 43 base64url characters.
+        const HASH: usize = 43;
         let tenant = key.tenant().as_str();
-        let mut name = String::with_capacity(self.prefix.len() + tenant.len() + MIDDLE.len() + 43);
+        let mut name =
+            String::with_capacity(self.prefix.len() + tenant.len() + MIDDLE.len() + HASH);
         name.push_str(&self.prefix);
         name.push_str(tenant);
         name.push_str(MIDDLE);
