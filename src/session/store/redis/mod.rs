@@ -451,10 +451,11 @@ impl RedisStore {
 impl SessionStore for RedisStore {
     async fn load(&self, key: &SessionKey) -> Result<Option<Record>, StoreError> {
         self.ensure_intact().await;
-        if let Some(held) = self.held(&self.keys.session(key)).await {
+        let redis_key = self.keys.session(key);
+        if let Some(held) = self.held(&redis_key).await {
             return held;
         }
-        let problem = match self.fetch(key, false).await? {
+        let problem = match self.fetch(key, &redis_key, false).await? {
             Fetched::Missing => return Ok(None),
             Fetched::Live { record, .. } => return Ok(Some(record)),
             Fetched::Corrupt(problem) => problem,
@@ -466,7 +467,7 @@ impl SessionStore for RedisStore {
             "corrupted session record in Redis; treated as no session and removed"
         );
         // Best effort: the record is unusable whether or not the delete lands.
-        self.remove_dead(&self.keys.session(key)).await;
+        self.remove_dead(&redis_key).await;
         Ok(None)
     }
 

@@ -70,14 +70,15 @@ impl RedisStore {
     /// Reads a session from Redis in one round trip (`TIME`, `HGETALL`, `PTTL`), and restarts
     /// its inactivity expiry in a second only when that is due. The instance's copy holds what
     /// it read unless another client changed the session meanwhile. The hash's fields are kept
-    /// beside the record only when `keep_fields` (the fallback's replays).
+    /// beside the record only when `keep_fields` (the fallback's replays). `redis_key` is
+    /// `key`'s name in Redis, which the caller has already built.
     pub(super) async fn fetch(
         &self,
         key: &SessionKey,
+        redis_key: &str,
         keep_fields: bool,
     ) -> Result<Fetched, StoreError> {
-        let redis_key = self.keys.session(key);
-        let fill = self.keeps_copy().then(|| self.copy().fill(&redis_key));
+        let fill = self.keeps_copy().then(|| self.copy().fill(redis_key));
         let mut pipe = redis::pipe();
         if fill.is_some() {
             // On the same connection, before the read: tell us when another client changes
@@ -85,8 +86,8 @@ impl RedisStore {
             pipe.cmd("CLIENT").arg("TRACKING").arg("ON").arg("NOLOOP");
         }
         pipe.cmd("TIME");
-        pipe.cmd("HGETALL").arg(&redis_key);
-        pipe.cmd("PTTL").arg(&redis_key);
+        pipe.cmd("HGETALL").arg(redis_key);
+        pipe.cmd("PTTL").arg(redis_key);
         let sent = SystemTime::now();
         let Some(replies) = self.query_hash::<Vec<Value>>(pipe).await? else {
             return Ok(Fetched::Corrupt(Corrupt::Shape));
@@ -101,7 +102,7 @@ impl RedisStore {
             return Ok(Fetched::Corrupt(Corrupt::Shape));
         };
         self.copy().tracking().observed_time(now, sent);
-        let fetched = self.live(key, &redis_key, hash, now, keep_fields).await;
+        let fetched = self.live(key, redis_key, hash, now, keep_fields).await;
         let Fetched::Live { record, .. } = &fetched else {
             if let Some(fill) = fill {
                 fill.vacate(self.copy());
@@ -111,10 +112,10 @@ impl RedisStore {
         // A key without a TTL counts as one that ends now: the slide gives it one.
         let mut expires = u64::try_from(pttl).map_or(now, |pttl| now.saturating_add(pttl));
         if slide_due(&record.lifetime(), expires, now) {
-            match self.slide(&redis_key, millis(record.ttl_at(now))).await? {
+            match self.slide(redis_key, millis(record.ttl_at(now))).await? {
                 Some(slid) => expires = slid,
                 None => {
-                    self.copy().forget(&redis_key);
+                    self.copy().forget(redis_key);
                     return Ok(Fetched::Missing);
                 }
             }

@@ -172,7 +172,7 @@ impl RedisStore {
     /// inactivity clock; `None` when there is no such live session.
     async fn load_raw(&self, key: &SessionKey) -> Result<Option<Vec<String>>, StoreError> {
         Ok(self
-            .fetch(key, true)
+            .fetch(key, &self.keys.session(key), true)
             .await?
             .into_fields()
             .map(|fields| fields.into_iter().flat_map(|(n, v)| [n, v]).collect()))
