@@ -128,6 +128,92 @@ async fn a_write_with_a_held_copy_is_one_round_trip_of_few_commands() {
     assert_eq!(value(&fresh, &key, "n").await.as_deref(), Some("2"));
 }
 
+/// What a save leaves in the session's hash, with a held copy and without: the fields set,
+/// the field removed, each with its write time, and the new expiry settings with theirs.
+#[tokio::test]
+async fn a_save_writes_each_field_with_its_write_time() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let held = instance(&server);
+    let unheld =
+        RedisStore::new(RedisBackend::new(&server.url()).unwrap()).with_key_prefix("copy:");
+    for (store, copy) in [(&held, true), (&unheld, false)] {
+        let key = random_key();
+        let session = record(&[("kept", "0"), ("n", "1"), ("gone", "2")]);
+        store.create(&key, &session).await.unwrap();
+        store.load(&key).await.unwrap().unwrap();
+        let before = round_trips(store);
+        let mut patch = set("n", "\"two\"");
+        patch.set.push(("new".to_owned(), "[3]".to_owned()));
+        patch.remove.push("gone".to_owned());
+        patch.lifetime = Some(Lifetime::new(
+            Duration::from_secs(1800),
+            session.expires_at - 1000,
+            true,
+        ));
+        let written = unix_now_ms();
+        assert_eq!(store.update(&key, &patch).await.unwrap(), Written::Applied);
+        if copy {
+            assert_eq!(round_trips(store), before + 1, "one round trip with a copy");
+        }
+        let hash: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("copy:default:session:{}", key.hash()))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let field = |name: &str| hash.get(name).map(String::as_str);
+        assert_eq!(field("d:kept"), Some("0"));
+        assert_eq!(field("d:n"), Some("\"two\""));
+        assert_eq!(field("d:new"), Some("[3]"));
+        assert_eq!(field("d:gone"), None);
+        assert_eq!(field("m:idle"), Some("1800000"));
+        assert_eq!(
+            field("m:abs"),
+            Some(&*(session.expires_at - 1000).to_string())
+        );
+        assert_eq!(field("m:persist"), Some("1"));
+        for name in [
+            "t:d:n",
+            "t:d:new",
+            "t:d:gone",
+            "t:m:idle",
+            "t:m:abs",
+            "t:m:persist",
+        ] {
+            let at: u64 = field(name)
+                .unwrap_or_else(|| panic!("{name} in {hash:?}"))
+                .parse()
+                .unwrap();
+            assert!(at >= written && at < written + 60_000, "{name} = {at}");
+        }
+        assert_eq!(
+            field("t:d:kept"),
+            None,
+            "an unchanged field keeps no write time"
+        );
+        // Read back, from the copy or from Redis, the session is the patched one.
+        let read = store.load(&key).await.unwrap().unwrap();
+        let data: Vec<_> = read
+            .data
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(data, [("kept", "0"), ("n", "\"two\""), ("new", "[3]")]);
+        assert_eq!(read.inactivity_timeout, Duration::from_secs(1800));
+        assert!(read.persistent);
+    }
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// Another instance's write drops the copy, and once the push has arrived the change is what
 /// this instance serves: 1000 rounds. (Between the write's acknowledgment and the push's
 /// arrival the copy can still be served: see "The local copy" on `RedisStore`, and the

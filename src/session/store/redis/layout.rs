@@ -93,25 +93,57 @@ pub(crate) fn record_fields(key: &SessionKey, record: &Record) -> Vec<String> {
     fields
 }
 
+/// A hash field a patch sets: its name in two parts (`d:` and the session key, or a metadata
+/// name and nothing), and its value.
+pub(super) struct FieldSet<'a> {
+    pub(super) prefix: &'static str,
+    pub(super) name: &'a str,
+    pub(super) value: FieldValue<'a>,
+}
+
+/// The value of a field a patch sets: text borrowed from the patch, or a number.
+pub(super) enum FieldValue<'a> {
+    Text(&'a str),
+    Number(u64),
+}
+
+/// The hash fields a patch sets (metadata included when the lifetime changes), borrowed from
+/// it: a save names them without building them first.
+pub(super) fn patch_sets(patch: &Patch) -> impl Iterator<Item = FieldSet<'_>> {
+    let metadata = patch.lifetime.into_iter().flat_map(|lifetime| {
+        [
+            (
+                IDLE,
+                FieldValue::Number(millis(lifetime.inactivity_timeout)),
+            ),
+            (ABSOLUTE, FieldValue::Number(lifetime.expires_at)),
+            (PERSISTENT, FieldValue::Text(flag(lifetime.persistent))),
+        ]
+        .map(|(prefix, value)| FieldSet {
+            prefix,
+            name: "",
+            value,
+        })
+    });
+    let data = patch.set.iter().map(|(name, value)| FieldSet {
+        prefix: DATA,
+        name,
+        value: FieldValue::Text(value),
+    });
+    metadata.chain(data)
+}
+
 /// The hash fields a patch sets (metadata included when the lifetime changes) and removes.
 pub(super) fn patch_fields(patch: &Patch) -> (Vec<(String, String)>, Vec<String>) {
-    let mut set = Vec::with_capacity(patch.set.len() + 3);
-    if let Some(lifetime) = patch.lifetime {
-        set.extend([
-            (
-                IDLE.to_owned(),
-                millis(lifetime.inactivity_timeout).to_string(),
-            ),
-            (ABSOLUTE.to_owned(), lifetime.expires_at.to_string()),
-            (PERSISTENT.to_owned(), flag(lifetime.persistent).to_owned()),
-        ]);
-    }
-    set.extend(
-        patch
-            .set
-            .iter()
-            .map(|(name, value)| (format!("{DATA}{name}"), value.clone())),
-    );
+    let set = patch_sets(patch)
+        .map(|field| {
+            let value = match field.value {
+                FieldValue::Text(text) => text.to_owned(),
+                FieldValue::Number(number) => number.to_string(),
+            };
+            (format!("{}{}", field.prefix, field.name), value)
+        })
+        .collect();
     let remove = patch
         .remove
         .iter()

@@ -1,12 +1,12 @@
 //! Saving a session's changed fields: one transaction in one round trip, with the instance's
 //! copy updated in place when it holds a current one.
 
-use redis::{Cmd, Pipeline};
+use redis::{Cmd, Pipeline, Value};
 
 use super::{
     RedisStore,
     copy::{Writing, slide_due},
-    layout::{self, ABSOLUTE, IDLE, TENANT, WRITTEN},
+    layout::{self, ABSOLUTE, DATA, FieldValue, IDLE, TENANT, WRITTEN},
 };
 use crate::{
     session::store::{Patch, StoreError, Written},
@@ -38,17 +38,20 @@ impl RedisStore {
         // The inactivity expiry restarts only when that is due, as on a read, or when the
         // patch changes the expiry settings; otherwise the key keeps the end it has.
         let slide = patch.lifetime.is_some() || slide_due(&lifetime, writing.expires, now);
-        let mut pipe = redis::pipe();
+        // No reply is ignored: the pipeline's set of ignored replies would cost an allocation.
+        // The last reply is the `HEXISTS`.
+        let mut pipe = Pipeline::with_capacity(4);
         pipe.atomic();
         for cmd in field_writes(redis_key, patch, now_millis()) {
-            pipe.add_command(cmd).ignore();
+            pipe.add_command(cmd);
         }
         if slide {
-            pipe.cmd("PEXPIRE").arg(redis_key).arg(ttl).ignore();
+            pipe.cmd("PEXPIRE").arg(redis_key).arg(ttl);
         }
-        pipe.cmd("HEXISTS").arg(redis_key).arg(TENANT);
-        match self.query_hash::<(i64,)>(pipe).await? {
-            Some((1,)) => {
+        pipe.add_command(sized(&["HEXISTS", redis_key, TENANT]));
+        let replies = self.query_hash::<Vec<Value>>(pipe).await?;
+        match replies.as_deref().and_then(<[Value]>::last) {
+            Some(Value::Int(1)) => {
                 let expires = if slide {
                     now.saturating_add(ttl)
                 } else {
@@ -103,32 +106,85 @@ impl RedisStore {
 
 /// The commands that write `patch`'s fields, each with its write time `written` (the
 /// writer's clock; see `lua/replay.lua`): an `HSET`, and an `HDEL` when keys are removed.
-fn field_writes(redis_key: &str, patch: &Patch, written: u64) -> Vec<Cmd> {
-    let (set, remove) = layout::patch_fields(patch);
-    let mut cmds = Vec::with_capacity(2);
-    if !set.is_empty() || !remove.is_empty() {
-        let mut hset = redis::cmd("HSET");
-        hset.arg(redis_key);
-        // Each field's write-time field, `t:<field>`, named in one buffer: `arg` copies it.
-        let mut time_field = String::from(WRITTEN);
-        for (name, value) in &set {
-            time_field.truncate(WRITTEN.len());
-            time_field.push_str(name);
-            hset.arg(name).arg(value).arg(&time_field).arg(written);
-        }
-        for name in &remove {
-            time_field.truncate(WRITTEN.len());
-            time_field.push_str(name);
-            hset.arg(&time_field).arg(written);
-        }
-        cmds.push(hset);
-    }
-    if !remove.is_empty() {
+///
+/// Every save sends them, so they are written straight from the patch: the `HSET` is sized
+/// first and allocates once, and the field names share one buffer.
+fn field_writes(redis_key: &str, patch: &Patch, written: u64) -> impl Iterator<Item = Cmd> {
+    let hset = (!patch.set.is_empty() || !patch.remove.is_empty() || patch.lifetime.is_some())
+        .then(|| {
+            let (args, bytes, widest) = hset_size(redis_key, patch);
+            let mut hset = Cmd::with_capacity(args, bytes);
+            hset.arg("HSET").arg(redis_key);
+            // `t:<field>`, whose tail is the field's own name: `arg` copies what it is given.
+            let mut name = String::with_capacity(WRITTEN.len() + widest);
+            for field in layout::patch_sets(patch) {
+                let time = time_field(&mut name, field.prefix, field.name);
+                hset.arg(&time[WRITTEN.len()..]);
+                match field.value {
+                    FieldValue::Text(text) => hset.arg(text),
+                    FieldValue::Number(number) => hset.arg(number),
+                };
+                hset.arg(time).arg(written);
+            }
+            for removed in &patch.remove {
+                hset.arg(time_field(&mut name, DATA, removed)).arg(written);
+            }
+            hset
+        });
+    let hdel = (!patch.remove.is_empty()).then(|| {
         let mut hdel = redis::cmd("HDEL");
-        hdel.arg(redis_key).arg(&remove);
-        cmds.push(hdel);
+        hdel.arg(redis_key);
+        for removed in &patch.remove {
+            hdel.arg(format!("{DATA}{removed}"));
+        }
+        hdel
+    });
+    hset.into_iter().chain(hdel)
+}
+
+/// `t:<prefix><field>`, written into `name`.
+fn time_field<'a>(name: &'a mut String, prefix: &str, field: &str) -> &'a str {
+    name.clear();
+    name.push_str(WRITTEN);
+    name.push_str(prefix);
+    name.push_str(field);
+    name
+}
+
+/// The size of `patch`'s `HSET`: its arguments, their bytes at most, and its longest field
+/// name.
+fn hset_size(redis_key: &str, patch: &Patch) -> (usize, usize, usize) {
+    // The widest a number gets in decimal (`u64::MAX`).
+    const NUMBER: usize = 20;
+    let mut args = 2;
+    let mut bytes = "HSET".len() + redis_key.len();
+    let mut widest = 0;
+    for field in layout::patch_sets(patch) {
+        let name = field.prefix.len() + field.name.len();
+        let value = match field.value {
+            FieldValue::Text(text) => text.len(),
+            FieldValue::Number(_) => NUMBER,
+        };
+        args += 4;
+        bytes += 2 * name + WRITTEN.len() + value + NUMBER;
+        widest = widest.max(name);
     }
-    cmds
+    for name in &patch.remove {
+        args += 2;
+        bytes += WRITTEN.len() + DATA.len() + name.len() + NUMBER;
+        widest = widest.max(DATA.len() + name.len());
+    }
+    (args, bytes, widest)
+}
+
+/// A command of text arguments, allocated for once (`redis::cmd` grows its buffers as
+/// arguments come).
+fn sized(args: &[&str]) -> Cmd {
+    let mut cmd = Cmd::with_capacity(args.len(), args.iter().map(|arg| arg.len()).sum());
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
 }
 
 /// The transaction of a save without a copy: whether the session existed (a session is a
