@@ -193,15 +193,17 @@ impl Session {
         if state.changes.destroyed {
             return Ok(None);
         }
+        // Read in place, under the lock: the text is not copied out first.
         let text = match state.changes.fields.get(key) {
-            Some(change) => change.clone(),
+            Some(change) => change.as_deref(),
             None => self
                 .loaded(&mut state)
                 .await?
-                .and_then(|r| r.data.get(key).cloned()),
+                .and_then(|r| r.data.get(key))
+                .map(String::as_str),
         };
         text.map(|text| {
-            serde_json::from_str(&text).map_err(|e| SessionError::Deserialize {
+            serde_json::from_str(text).map_err(|e| SessionError::Deserialize {
                 key: key.to_owned(),
                 source: Box::new(e),
             })
