@@ -26,7 +26,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use redis::{FromRedisValue, Pipeline, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, Value};
 
 pub use self::copy::LocalCopyStats;
 #[cfg(fuzzing)]
@@ -445,6 +445,16 @@ impl RedisStore {
         pipe.cmd("DEL").arg(redis_key).ignore();
         let _ = self.query::<()>(pipe).await;
     }
+}
+
+/// A command of text arguments, allocated for once (`redis::cmd` grows its buffers as
+/// arguments come).
+pub(super) fn sized(args: &[&str]) -> Cmd {
+    let mut cmd = Cmd::with_capacity(args.len(), args.iter().map(|arg| arg.len()).sum());
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
 }
 
 #[async_trait]

@@ -3,12 +3,13 @@
 
 use std::time::SystemTime;
 
-use redis::Value;
+use redis::{Pipeline, Value};
 
 use super::{
     RedisStore,
     copy::{Lookup, slide_due},
     layout::{self, Corrupt},
+    sized,
 };
 use crate::{
     session::store::{Record, SessionKey, StoreError},
@@ -79,15 +80,15 @@ impl RedisStore {
         keep_fields: bool,
     ) -> Result<Fetched, StoreError> {
         let fill = self.keeps_copy().then(|| self.copy().fill(redis_key));
-        let mut pipe = redis::pipe();
+        let mut pipe = Pipeline::with_capacity(4);
         if fill.is_some() {
             // On the same connection, before the read: tell us when another client changes
             // what we read, and stay silent about our own writes (see `backend::tracking`).
             pipe.cmd("CLIENT").arg("TRACKING").arg("ON").arg("NOLOOP");
         }
-        pipe.cmd("TIME");
-        pipe.cmd("HGETALL").arg(redis_key);
-        pipe.cmd("PTTL").arg(redis_key);
+        pipe.add_command(sized(&["TIME"]));
+        pipe.add_command(sized(&["HGETALL", redis_key]));
+        pipe.add_command(sized(&["PTTL", redis_key]));
         let sent = SystemTime::now();
         let Some(replies) = self.query_hash::<Vec<Value>>(pipe).await? else {
             return Ok(Fetched::Corrupt(Corrupt::Shape));

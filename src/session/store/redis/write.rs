@@ -7,6 +7,7 @@ use super::{
     RedisStore,
     copy::{Writing, slide_due},
     layout::{self, ABSOLUTE, DATA, FieldValue, IDLE, TENANT, WRITTEN},
+    sized,
 };
 use crate::{
     session::store::{Patch, StoreError, Written},
@@ -175,16 +176,6 @@ fn hset_size(redis_key: &str, patch: &Patch) -> (usize, usize, usize) {
         widest = widest.max(DATA.len() + name.len());
     }
     (args, bytes, widest)
-}
-
-/// A command of text arguments, allocated for once (`redis::cmd` grows its buffers as
-/// arguments come).
-fn sized(args: &[&str]) -> Cmd {
-    let mut cmd = Cmd::with_capacity(args.len(), args.iter().map(|arg| arg.len()).sum());
-    for arg in args {
-        cmd.arg(*arg);
-    }
-    cmd
 }
 
 /// The transaction of a save without a copy: whether the session existed (a session is a
