@@ -97,8 +97,9 @@ async fn reads_of_a_held_session_cost_no_round_trip() {
         "every read was served from the copy"
     );
     assert!(monitor.take().is_empty(), "no command reached Redis");
+    // The creation turned tracking on first, and its copy served even the first read.
     let stats = store.local_copy_stats();
-    assert_eq!((stats.hits, stats.misses), (100, 1), "{stats:?}");
+    assert_eq!((stats.hits, stats.misses), (101, 0), "{stats:?}");
 }
 
 #[tokio::test]
@@ -212,6 +213,34 @@ fn unix_now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// An ACL that refuses `CLIENT TRACKING`: creations and reads still work, every read goes to
+/// Redis, and no copy is served.
+#[tokio::test]
+async fn a_refused_client_tracking_leaves_the_copy_off_and_sessions_working() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    server.cli(&[
+        "ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all", "-client",
+    ]);
+    let url = format!("redis://limited:pw@127.0.0.1:{}/", server.port());
+    let store = RedisStore::new(RedisBackend::new(&url).unwrap())
+        .with_key_prefix("copy:")
+        .with_local_copy(RedisStore::SUGGESTED_COPY_CAPACITY);
+    let key = random_key();
+    store.create(&key, &record(&[("n", "1")])).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(value(&store, &key, "n").await.as_deref(), Some("1"));
+    }
+    assert_eq!(
+        store.update(&key, &set("n", "2")).await.unwrap(),
+        Written::Applied
+    );
+    assert_eq!(value(&store, &key, "n").await.as_deref(), Some("2"));
+    let stats = store.local_copy_stats();
+    assert_eq!((stats.hits, stats.entries), (0, 0), "{stats:?}");
 }
 
 /// Another instance's write drops the copy, and once the push has arrived the change is what

@@ -266,6 +266,11 @@ impl LocalCopy {
             .collect()
     }
 
+    /// Whether `CLIENT TRACKING` is known to be on for the connection in tracking `epoch`.
+    pub(super) fn tracks(&self, epoch: u64) -> bool {
+        self.tracking_on.load(Ordering::Acquire) == epoch
+    }
+
     /// A read sent in `epoch` turned `CLIENT TRACKING` on for the connection.
     pub(super) fn tracking_on(&self, epoch: u64) {
         self.tracking_on.fetch_max(epoch, Ordering::AcqRel);
@@ -276,8 +281,7 @@ impl LocalCopy {
     /// then reads the key's TTL in its transaction, and Redis tells this instance of later
     /// changes. `None` when it is not known.
     pub(super) fn fill_written(&self, key: &str) -> Option<Fill> {
-        let epoch = self.tracking.epoch();
-        (self.tracking_on.load(Ordering::Acquire) == epoch).then(|| self.fill(key))
+        self.tracks(self.tracking.epoch()).then(|| self.fill(key))
     }
 
     /// The checks for lost data of this copy.

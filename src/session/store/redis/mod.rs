@@ -483,6 +483,7 @@ impl SessionStore for RedisStore {
 
     async fn create(&self, key: &SessionKey, record: &Record) -> Result<(), StoreError> {
         self.ensure_intact().await;
+        self.ensure_tracking().await;
         // One transaction on a server. On a cluster the record and the index are two requests
         // at once, and a record must never be left out of its user's index (it could not be
         // revoked), so when either part fails the record is removed again.
@@ -526,6 +527,7 @@ impl SessionStore for RedisStore {
         record: &Record,
     ) -> Result<Written, StoreError> {
         self.ensure_intact().await;
+        self.ensure_tracking().await;
         let mut batch = Batch::new();
         let (part, fill) = self.written_part(new, record);
         let written = batch.push(part);

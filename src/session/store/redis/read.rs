@@ -68,6 +68,31 @@ impl RedisStore {
         }
     }
 
+    /// Before a write of a whole session that the copy is to hold: turns `CLIENT TRACKING` on
+    /// for the connection when no read has in this tracking epoch, so that Redis tells this
+    /// instance of later changes to what the write reads back. One round trip, once per
+    /// connection; a refusal (an ACL without `client`) leaves the copy off, as on a read.
+    pub(super) async fn ensure_tracking(&self) {
+        if !self.keeps_copy() {
+            return;
+        }
+        let copy = self.copy();
+        let epoch = copy.tracking().epoch();
+        if copy.tracks(epoch) {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("TRACKING").arg("ON").arg("NOLOOP");
+        match self.query_hash::<Vec<Value>>(pipe).await {
+            Ok(Some(replies)) if matches!(replies.first(), Some(Value::Okay)) => {
+                copy.tracking_on(epoch);
+            }
+            Ok(_) => copy.refuse(),
+            // Unreachable: the write that follows fails and says why.
+            Err(_) => {}
+        }
+    }
+
     /// Reads a session from Redis in one round trip (`TIME`, `HGETALL`, `PTTL`), and restarts
     /// its inactivity expiry in a second only when that is due. The instance's copy holds what
     /// it read unless another client changed the session meanwhile. The hash's fields are kept
