@@ -106,7 +106,7 @@ pub use store::{CleanupTask, PostgresStore};
 #[cfg(feature = "memory")]
 pub use store::{Clock, ManualClock, MemoryStore, MemoryStoreBuilder};
 #[cfg(all(feature = "memory", feature = "redis"))]
-pub use store::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
+pub use store::{FallbackStatus, FallbackStore, FallbackStoreBuilder, OutageCopy};
 pub use store::{
     JournaledWrite, Lifetime, LoginHold, MigrationStore, Patch, Record, ReplayStore, Replayed,
     SessionInfo, SessionStore, VersionedStore, Written,

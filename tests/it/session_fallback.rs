@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use axum::{Router, http::StatusCode};
 use tower_turnstile::{
     backend::{BreakerState, RedisBackend},
-    session::{FailurePolicy, FallbackStatus, FallbackStore, RedisStore, SessionLayer},
+    session::{FailurePolicy, FallbackStatus, FallbackStore, OutageCopy, RedisStore, SessionLayer},
 };
 
 use crate::support::{
@@ -23,9 +23,38 @@ struct Instance {
     backend: RedisBackend,
 }
 
+/// Which copy an outage serves from: the fallback's own, kept beside the store, or the
+/// `RedisStore`'s (`with_restore_copy`), the one copy (`OutageCopy::Primary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    Own,
+    Primary,
+}
+
+impl Kept {
+    fn store(self, backend: &RedisBackend) -> FallbackStore {
+        self.fallback(RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(200)))
+    }
+
+    fn fallback(self, redis: RedisStore) -> FallbackStore {
+        match self {
+            Self::Own => FallbackStore::new(redis),
+            Self::Primary => {
+                FallbackStore::builder(redis.with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY))
+                    .outage_copy(OutageCopy::Primary)
+                    .build()
+            }
+        }
+    }
+}
+
 impl Instance {
     fn new(url: &str) -> Self {
         Self::with_store(url, FallbackStore::new)
+    }
+
+    fn kept(url: &str, kept: Kept) -> Self {
+        Self::with_store(url, |redis| kept.fallback(redis))
     }
 
     fn with_store(url: &str, build: impl FnOnce(RedisStore) -> FallbackStore) -> Self {
@@ -87,10 +116,14 @@ fn sessions_in(server: &RedisServer) -> usize {
 
 /// One Redis, instance `a` behind a proxy that can cut it off, instance `b` straight to it.
 async fn cut_off_pair() -> Option<(RedisServer, Proxy, Instance, Instance)> {
+    cut_off_pair_keeping(Kept::Own).await
+}
+
+async fn cut_off_pair_keeping(kept: Kept) -> Option<(RedisServer, Proxy, Instance, Instance)> {
     let server = RedisServer::start()?;
     let proxy = Proxy::start(server.port()).await;
-    let a = Instance::new(&proxy.url());
-    let b = Instance::new(&server.url());
+    let a = Instance::kept(&proxy.url(), kept);
+    let b = Instance::kept(&server.url(), kept);
     Some((server, proxy, a, b))
 }
 
@@ -108,10 +141,23 @@ fn ok(reply: &crate::support::http::Reply, body: &str) {
 /// readable through the other instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_costs_no_session_and_no_write() {
+    outage_costs_no_session_and_no_write_keeping(Kept::Own).await;
+}
+
+/// The same, with the store's copy as the one copy the outage serves from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_costs_no_session_and_no_write_with_one_copy() {
+    outage_costs_no_session_and_no_write_keeping(Kept::Primary).await;
+}
+
+async fn outage_costs_no_session_and_no_write_keeping(kept: Kept) {
     let Some(mut server) = RedisServer::start_persistent() else {
         return;
     };
-    let (a, b) = (Instance::new(&server.url()), Instance::new(&server.url()));
+    let (a, b) = (
+        Instance::kept(&server.url(), kept),
+        Instance::kept(&server.url(), kept),
+    );
     let mut on_a = a.client();
     let mut on_b = b.client();
     for c in [&mut on_a, &mut on_b] {
@@ -291,7 +337,18 @@ async fn replay_never_resurrects_and_never_overwrites_newer_writes() {
 /// are dead, the new one works on the other instance, bound to its user and indexed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logins_and_destroys_during_an_outage_are_replayed() {
-    let Some((server, proxy, a, b)) = cut_off_pair().await else {
+    logins_and_destroys_during_an_outage_are_replayed_keeping(Kept::Own).await;
+}
+
+/// The same, with the store's copy as the one copy the outage serves from: a session
+/// destroyed during the outage never comes back from that copy either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_and_destroys_during_an_outage_are_replayed_with_one_copy() {
+    logins_and_destroys_during_an_outage_are_replayed_keeping(Kept::Primary).await;
+}
+
+async fn logins_and_destroys_during_an_outage_are_replayed_keeping(kept: Kept) {
+    let Some((server, proxy, a, b)) = cut_off_pair_keeping(kept).await else {
         return;
     };
 
@@ -308,6 +365,7 @@ async fn logins_and_destroys_during_an_outage_are_replayed() {
     c.post("/cycle").await;
     ok(&c.get("/user").await, "carol");
     leaving.post("/destroy").await;
+    ok(&leaving.get("/get/a").await, "none");
     // A session created and destroyed within the outage.
     let mut brief = a.client();
     brief.post("/set/b/1").await;
@@ -575,6 +633,16 @@ async fn the_replay_script_is_idempotent_and_never_resurrects() {
 /// deadlines, and every increment that was answered `200` is in Redis afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_load_through_a_kill_and_restart_loses_nothing() {
+    concurrent_load_through_a_kill_and_restart_keeping(Kept::Own).await;
+}
+
+/// The same, with the store's copy as the one copy the outage serves from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_load_through_a_kill_and_restart_loses_nothing_with_one_copy() {
+    concurrent_load_through_a_kill_and_restart_keeping(Kept::Primary).await;
+}
+
+async fn concurrent_load_through_a_kill_and_restart_keeping(kept: Kept) {
     use tower_turnstile::ratelimit::{Policy, Quota, RateLimitLayer};
 
     let Some(mut server) = RedisServer::start_persistent() else {
@@ -582,9 +650,7 @@ async fn concurrent_load_through_a_kill_and_restart_loses_nothing() {
     };
     let instance = |url: &str| {
         let backend = fast_failing_backend(url);
-        let store = FallbackStore::new(
-            RedisStore::new(backend.clone()).with_timeout(Duration::from_millis(200)),
-        );
+        let store = kept.store(&backend);
         let limit = RateLimitLayer::new(Policy::new("all", Quota::per_minute(1_000_000)).unwrap())
             .with_redis(backend);
         let app = crate::support::session_app::routes()
@@ -695,10 +761,23 @@ async fn flush_waits_for_the_journal_and_counts_what_is_left() {
 /// the write journaled, and it lands once Redis takes writes again. Never a `503`.
 #[tokio::test]
 async fn a_write_refused_for_lack_of_memory_is_kept_for_a_session_not_held_here() {
+    a_write_refused_for_lack_of_memory_keeping(Kept::Own).await;
+}
+
+/// The same, with the store's copy as the one copy the outage serves from.
+#[tokio::test]
+async fn a_write_refused_for_lack_of_memory_is_kept_with_one_copy() {
+    a_write_refused_for_lack_of_memory_keeping(Kept::Primary).await;
+}
+
+async fn a_write_refused_for_lack_of_memory_keeping(kept: Kept) {
     let Some(server) = RedisServer::start() else {
         return;
     };
-    let (one, two) = (Instance::new(&server.url()), Instance::new(&server.url()));
+    let (one, two) = (
+        Instance::kept(&server.url(), kept),
+        Instance::kept(&server.url(), kept),
+    );
     let mut client = one.client();
     assert_eq!(client.post("/set/colour/teal").await.status, StatusCode::OK);
 
@@ -714,4 +793,84 @@ async fn a_write_refused_for_lack_of_memory_is_kept_for_a_session_not_held_here(
     two.settled().await;
     assert_eq!(client.get("/get/shape").await.body, "\"square\"");
     assert_eq!(client.get("/get/colour").await.body, "\"teal\"");
+}
+
+/// With a store that keeps its own copy, the fallback keeps none beside it while Redis answers:
+/// one copy of each session. During an outage it serves what that copy holds, and holds only
+/// the sessions the outage used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_s_copy_the_fallback_keeps_no_second_one() {
+    let Some((_server, proxy, a, _b)) = cut_off_pair_keeping(Kept::Primary).await else {
+        return;
+    };
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut c = a.client();
+        ok(&c.post(&format!("/set/k/{i}")).await, "ok");
+        ok(&c.get("/get/k").await, &format!("\"{i}\""));
+        clients.push(c);
+    }
+    assert_eq!(a.status().local_sessions, 0, "{:?}", a.status());
+    assert_eq!(a.store.primary().local_copy_stats().entries, 5);
+
+    proxy.cut().await;
+    for (i, c) in clients.iter_mut().enumerate().take(2) {
+        ok(&c.get("/get/k").await, &format!("\"{i}\""));
+    }
+    ok(&clients[2].post("/set/k/twenty").await, "ok");
+    ok(&clients[2].get("/get/k").await, "\"twenty\"");
+    assert!(a.status().active);
+    assert_eq!(a.status().local_sessions, 3, "{:?}", a.status());
+
+    proxy.heal();
+    a.settled().await;
+    ok(&clients[2].get("/get/k").await, "\"twenty\"");
+}
+
+/// A session another instance changed after this one read it: the store's copy is dead, so an
+/// outage does not serve the old value from it (the fallback's own copy would have).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_never_serves_a_copy_another_instance_killed() {
+    let Some((_server, proxy, a, b)) = cut_off_pair_keeping(Kept::Primary).await else {
+        return;
+    };
+    let mut on_a = a.client();
+    ok(&on_a.post("/set/k/old").await, "ok");
+    ok(&on_a.get("/get/k").await, "\"old\"");
+    let mut on_b = on_a.on(b.app.clone());
+    ok(&on_b.post("/set/k/new").await, "ok");
+    let start = Instant::now();
+    while a.store.primary().local_copy_stats().invalidations == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "no invalidation");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    proxy.cut().await;
+    let reply = on_a.get("/get/k").await;
+    assert_eq!(reply.status, StatusCode::OK, "reads never 5xx: {reply:?}");
+    assert_ne!(reply.body, "\"old\"", "the dead copy was served");
+    assert_eq!(
+        on_a.post("/set/k/during").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a write to a session held nowhere here is refused, not faked"
+    );
+}
+
+/// `OutageCopy::Own` (the default) beside a store that keeps a copy: the fallback still keeps
+/// its own, and an outage serves the version this instance last saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_fallback_keeps_its_own_copy_beside_the_store_s() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let proxy = Proxy::start(server.port()).await;
+    let a = Instance::with_store(&proxy.url(), |redis| {
+        FallbackStore::new(redis.with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY))
+    });
+    let mut c = a.client();
+    ok(&c.post("/set/k/1").await, "ok");
+    ok(&c.get("/get/k").await, "\"1\"");
+    assert_eq!(a.status().local_sessions, 1, "{:?}", a.status());
+    proxy.cut().await;
+    ok(&c.get("/get/k").await, "\"1\"");
 }

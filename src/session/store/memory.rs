@@ -259,6 +259,13 @@ impl MemoryStore {
         Some(entry)
     }
 
+    /// Drops every session and user index.
+    #[cfg(feature = "redis")] // the fallback store's
+    pub(crate) fn clear(&self) {
+        self.sessions.invalidate_all();
+        self.users.invalidate_all();
+    }
+
     /// Whether a live session is under `key`, without counting the look as a use.
     pub(crate) fn contains(&self, key: &SessionKey) -> bool {
         self.sessions.contains_key(key)

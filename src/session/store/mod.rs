@@ -34,7 +34,7 @@ pub use chain::ChainStore;
 #[cfg(feature = "memory")]
 pub use clock::{Clock, ManualClock};
 #[cfg(all(feature = "memory", feature = "redis"))]
-pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder};
+pub use fallback::{FallbackStatus, FallbackStore, FallbackStoreBuilder, OutageCopy};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use migration::MigrationStore;

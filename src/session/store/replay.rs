@@ -98,4 +98,32 @@ pub trait ReplayStore: SessionStore {
 
     /// Replays `write`, made at `at` (Unix ms).
     async fn replay(&self, at: u64, write: &JournaledWrite) -> Result<Replayed, StoreError>;
+
+    /// Whether the store keeps a copy of the sessions it serves that [`copied`](Self::copied)
+    /// answers from while it is unreachable. A `FallbackStore` in front of such a store keeps
+    /// no copy of its own while the store answers: during an outage it takes each session it
+    /// needs from this one. `false` unless the store says otherwise.
+    fn keeps_copy(&self) -> bool {
+        false
+    }
+
+    /// The store's own copy of `key`, if it holds one of a live session: confirmed by the
+    /// store or not, but never one that another client changed since. `None` unless the
+    /// store says otherwise.
+    fn copied(&self, key: &SessionKey) -> Option<Record> {
+        let _ = key;
+        None
+    }
+
+    /// The store's own copies of `user`'s sessions, as [`copied`](Self::copied) answers them.
+    fn copied_of_user(&self, user: &UserKey) -> Vec<(SessionKey, Record)> {
+        let _ = user;
+        Vec::new()
+    }
+
+    /// The session under `key` ended while the store was unreachable: its copy must never be
+    /// served or copied again.
+    fn forget_copy(&self, key: &SessionKey) {
+        let _ = key;
+    }
 }

@@ -1,11 +1,15 @@
 //! Sessions in Redis that survive a Redis outage.
 //!
+//! - `copy`: which copy an outage serves from, the store's own or the primary's.
 //! - `journal`: the writes made during an outage, in order (pure bookkeeping).
 //! - `replay`: the background task that takes them back to Redis once it answers.
+//! - `status`: what the store is doing, for health reports.
 //! - `update`: an update, from the copy held during an outage or when Redis refuses writes.
 
+mod copy;
 mod journal;
 mod replay;
+mod status;
 mod update;
 
 use std::{
@@ -17,19 +21,15 @@ use std::{
 };
 
 use async_trait::async_trait;
-use serde::Serialize;
 
 use self::journal::{Full, Journal, diff};
+pub use self::{copy::OutageCopy, status::FallbackStatus};
 use super::{
     Clock, JournaledWrite, LoginHold, MemoryStore, Patch, Record, RedisStore, ReplayStore,
     SessionInfo, SessionKey, SessionStore, StoreError, UserKey, Written, clock::SharedClock,
     oldest_over, room_for,
 };
-use crate::{
-    metrics,
-    sync::lock,
-    time::{now_millis, unix_millis},
-};
+use crate::{metrics, sync::lock, time::now_millis};
 
 /// Sessions in Redis that survive a Redis outage: [`RedisStore`] first, and a bounded local
 /// copy of the sessions this instance served, used only while Redis cannot be reached.
@@ -37,7 +37,8 @@ use crate::{
 /// - **While Redis answers** it is a `RedisStore`: the same commands and round trips per
 ///   request. It also keeps a copy of each session it loads or writes (bounded in number and
 ///   idle time), which is never read while Redis answers, so instances never serve each other
-///   stale data.
+///   stale data. With [`OutageCopy::Primary`] it keeps none: the `RedisStore`'s own copy is
+///   the one copy, and an outage takes each session it needs from it.
 /// - **During an outage** (the breaker is open, or a call fails) sessions this instance holds
 ///   are read from the copy; every write (fields, new sessions, logins, id changes, destroys,
 ///   "log out everywhere") applies to the copy and goes into a journal, in order. A session this
@@ -113,6 +114,7 @@ impl<P> Clone for FallbackStore<P> {
 #[must_use]
 pub struct FallbackStoreBuilder<P = RedisStore> {
     primary: P,
+    outage_copy: OutageCopy,
     max_local_sessions: u64,
     max_local_idle: Duration,
     max_journal: usize,
@@ -120,6 +122,28 @@ pub struct FallbackStoreBuilder<P = RedisStore> {
 }
 
 impl<P: ReplayStore> FallbackStoreBuilder<P> {
+    /// Which copy an outage is served from. Default: [`OutageCopy::Own`].
+    ///
+    /// ```no_run
+    /// use tower_turnstile::{backend::RedisBackend, session::{FallbackStore, OutageCopy, RedisStore}};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let redis = RedisBackend::new("redis://127.0.0.1:6379")?;
+    /// let sessions = FallbackStore::builder(
+    ///     RedisStore::new(redis).with_restore_copy(RedisStore::SUGGESTED_COPY_CAPACITY),
+    /// )
+    /// .outage_copy(OutageCopy::Primary)
+    /// .build();
+    /// # let _ = sessions;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn outage_copy(mut self, copy: OutageCopy) -> Self {
+        self.outage_copy = copy;
+        self
+    }
+
     /// The most sessions kept in the local copy. Default: 100 000.
     pub fn max_local_sessions(mut self, max: u64) -> Self {
         self.max_local_sessions = max;
@@ -154,6 +178,7 @@ impl<P: ReplayStore> FallbackStoreBuilder<P> {
         FallbackStore {
             inner: Arc::new(Inner {
                 primary: self.primary,
+                outage_copy: self.outage_copy,
                 local: MemoryStore::builder()
                     .max_sessions(self.max_local_sessions)
                     .max_users(self.max_local_sessions)
@@ -171,35 +196,11 @@ impl<P: ReplayStore> FallbackStoreBuilder<P> {
     }
 }
 
-/// What a [`FallbackStore`] is doing, for health reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct FallbackStatus {
-    /// Whether sessions are being served from the local copy (Redis unreachable, or journaled
-    /// writes still waiting to be replayed).
-    pub active: bool,
-    /// Since when, in Unix milliseconds.
-    pub active_since: Option<u64>,
-    /// Sessions held in the local copy (an estimate).
-    pub local_sessions: u64,
-    /// Writes waiting to be replayed.
-    pub journal_len: usize,
-    /// Writes journaled since the store was built.
-    pub journaled: u64,
-    /// Journaled writes replayed into Redis.
-    pub replayed: u64,
-    /// Journaled writes not replayed because their session was gone from Redis (destroyed
-    /// elsewhere, or expired): never brought back.
-    pub superseded: u64,
-    /// Writes that could not be kept anywhere: refused because the journal was full, or
-    /// refused by Redis on replay. Each is logged.
-    pub dropped: u64,
-}
-
 /// What every clone of one store shares.
 #[derive(Debug)]
 struct Inner<P> {
     primary: P,
+    outage_copy: OutageCopy,
     /// The sessions this instance served, served itself while the primary is unreachable.
     local: MemoryStore,
     journal: Mutex<Journal>,
@@ -253,6 +254,7 @@ impl<P: ReplayStore> FallbackStore<P> {
     pub fn builder(primary: P) -> FallbackStoreBuilder<P> {
         FallbackStoreBuilder {
             primary,
+            outage_copy: OutageCopy::Own,
             max_local_sessions: 100_000,
             max_local_idle: Duration::from_secs(24 * 3600),
             max_journal: 100_000,
@@ -287,24 +289,6 @@ impl<P: ReplayStore> FallbackStore<P> {
 }
 
 impl<P: ReplayStore> Inner<P> {
-    fn status(&self) -> FallbackStatus {
-        let (journal_len, journaled) = {
-            let journal = lock(&self.journal);
-            (journal.len(), !journal.is_empty())
-        };
-        let since = *lock(&self.active);
-        FallbackStatus {
-            active: since.is_some() && (journaled || self.primary.is_unreachable()),
-            active_since: since.map(unix_millis),
-            local_sessions: self.local.len(),
-            journal_len,
-            journaled: self.counters.journaled.load(Ordering::Relaxed),
-            replayed: self.counters.replayed.load(Ordering::Relaxed),
-            superseded: self.counters.superseded.load(Ordering::Relaxed),
-            dropped: self.counters.dropped.load(Ordering::Relaxed),
-        }
-    }
-
     /// Whether `key` has journaled writes that Redis has not seen yet: it is then served from
     /// the local copy, so that its writes stay in order.
     fn pending(&self, key: &SessionKey) -> bool {
@@ -316,6 +300,11 @@ impl<P: ReplayStore> Inner<P> {
         let mut active = lock(&self.active);
         if active.is_none() {
             *active = Some(SystemTime::now());
+            if self.shares() && !self.journaled_now.load(Ordering::Acquire) {
+                // What the last run left is as old as that run: this run takes each session
+                // afresh from the primary's copy.
+                self.local.clear();
+            }
             self.in_fallback.store(true, Ordering::Release);
             metrics::count_labeled(
                 "turnstile_session_fallback_transitions_total",
@@ -417,10 +406,16 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
             Some(key),
             self.inner.primary.load(key),
             |found| match found {
-                Some(record) => local.put(key, record),
+                Some(record) if !self.inner.shares() => local.put(key, record),
+                // The primary's copy now holds what Redis answered; during a run, what this
+                // store holds of the session is older, and the next outage takes it afresh.
+                Some(_) if self.inner.in_fallback.load(Ordering::Acquire) => {
+                    local.remove(key, None);
+                }
+                Some(_) => {}
                 None => local.remove(key, None),
             },
-            || match local.get(key) {
+            || match self.inner.held(key) {
                 Some(record) => Ok(Some(record)),
                 None => Err(not_held()),
             },
@@ -433,7 +428,11 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
         self.either(
             None,
             self.inner.primary.create(key, record),
-            |()| local.put(key, record),
+            |()| {
+                if !self.inner.shares() {
+                    local.put(key, record);
+                }
+            },
             || {
                 self.inner.journal(JournaledWrite::Create {
                     key: key.clone(),
@@ -450,9 +449,7 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
         let refused = AtomicBool::new(false);
         let result = self.update_held(key, patch, &refused).await;
         match result {
-            Err(error)
-                if refused.load(Ordering::Relaxed) && self.inner.local.get(key).is_none() =>
-            {
+            Err(error) if refused.load(Ordering::Relaxed) && self.inner.held(key).is_none() => {
                 self.update_unheld(key, patch).await.unwrap_or(Err(error))
             }
             result => result,
@@ -472,12 +469,12 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
             self.inner.primary.cycle(old, old_user, new, record),
             |written| {
                 local.remove(old, old_user);
-                if *written == Written::Applied {
+                if *written == Written::Applied && !self.inner.shares() {
                     local.put(new, record);
                 }
             },
             || {
-                let Some(before) = local.get(old) else {
+                let Some(before) = self.inner.held(old) else {
                     return Err(not_held());
                 };
                 self.inner.journal(JournaledWrite::Cycle {
@@ -489,6 +486,7 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
                     user_changed: before.user != record.user,
                     expires_at: record.expires_at,
                 })?;
+                self.inner.primary.forget_copy(old);
                 Ok(local.move_to(old, old_user, new, record))
             },
         )
@@ -507,6 +505,7 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
                     user: user.map(str::to_owned),
                 })?;
                 local.remove(key, user);
+                self.inner.primary.forget_copy(key);
                 Ok(())
             },
         )
@@ -518,8 +517,8 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     async fn exists(&self, key: &SessionKey) -> Result<bool, StoreError> {
         let local = &self.inner.local;
         let redis = self.inner.primary.exists(key);
-        self.either(Some(key), redis, |_| {}, || Ok(local.contains(key)))
-            .await
+        let held = || Ok(local.contains(key) || self.inner.held(key).is_some());
+        self.either(Some(key), redis, |_| {}, held).await
     }
 
     /// Redis's atomic decision while it answers; during an outage, ranked from the sessions
@@ -533,7 +532,10 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     ) -> Result<Vec<SessionKey>, StoreError> {
         let local = &self.inner.local;
         let redis = self.inner.primary.sessions_over_cap(user, login, max, held);
-        let ranked = || Ok(oldest_over(local.user_sessions(user), login, max));
+        let ranked = || {
+            self.inner.hold_user(user);
+            Ok(oldest_over(local.user_sessions(user), login, max))
+        };
         self.either(None, redis, |_| {}, ranked).await
     }
 
@@ -547,7 +549,10 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
     ) -> Result<LoginHold, StoreError> {
         let local = &self.inner.local;
         let redis = self.inner.primary.hold_login(user, login, max);
-        let counted = || Ok(room_for(&local.user_sessions(user), login, max));
+        let counted = || {
+            self.inner.hold_user(user);
+            Ok(room_for(&local.user_sessions(user), login, max))
+        };
         self.either(None, redis, |_| {}, counted).await
     }
 
@@ -557,7 +562,10 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
             None,
             self.inner.primary.list_user_sessions(user),
             |_| {},
-            || Ok(local.user_sessions(user)),
+            || {
+                self.inner.hold_user(user);
+                Ok(local.user_sessions(user))
+            },
         )
         .await
     }
@@ -575,7 +583,16 @@ impl<P: ReplayStore> SessionStore for FallbackStore<P> {
             }
             Err(error) => return Err(error),
         };
+        // During an outage, the sessions the primary's copy holds end here too, and never
+        // come back from it.
+        let copied = match ended {
+            None => inner.hold_user(user),
+            Some(_) => Vec::new(),
+        };
         let ended_here = inner.local.remove_user_sessions(user);
+        for key in &copied {
+            inner.primary.forget_copy(key);
+        }
         // During an outage, and also while journaled writes wait (sessions of this user created
         // during the outage may be among them): the journaled "log out everywhere" ends them
         // once they are replayed.

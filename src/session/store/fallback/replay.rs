@@ -60,6 +60,7 @@ impl<P: ReplayStore> Inner<P> {
                     metrics::count("turnstile_session_superseded_total", 1);
                     for key in entry.write.keys() {
                         self.local.remove(key, None);
+                        self.primary.forget_copy(key);
                     }
                     tracing::info!(
                         target: "tower_turnstile::session",

@@ -33,7 +33,7 @@ impl<P: ReplayStore> FallbackStore<P> {
                 Written::Missing => local.remove(key, None),
             },
             || {
-                if local.get(key).is_none() {
+                if self.inner.held(key).is_none() {
                     return Err(not_held());
                 }
                 self.inner.journal(JournaledWrite::Update {

@@ -84,6 +84,13 @@ struct Held {
     confirmed_at: u64,
 }
 
+impl Held {
+    /// Whether the session is live at `now` by its deadlines and the key's TTL.
+    fn live(&self, now: u64) -> bool {
+        self.expires > now && !self.record.ttl_at(now).is_zero()
+    }
+}
+
 /// What a read finds in the copy.
 pub(super) enum Lookup {
     /// A current copy. `slide` is the TTL (ms) to send first: the inactivity expiry is due to
@@ -259,9 +266,39 @@ impl LocalCopy {
                 let State::Held(held) = &*state else {
                     return None;
                 };
-                let live = held.epoch >= since && held.expires > now;
-                (live && !held.record.ttl_at(now).is_zero())
+                (held.epoch >= since && held.live(now))
                     .then(|| ((*key).clone(), held.record.clone(), held.confirmed_at))
+            })
+            .collect()
+    }
+
+    /// The copy of `key`, confirmed or not, if its session is live by its deadlines: what an
+    /// outage serves. A copy another client's change killed is never one.
+    pub(super) fn outage_copy(&self, key: &str) -> Option<Record> {
+        let slot = self.slots.get(key)?;
+        let state = lock(&slot.0);
+        let State::Held(held) = &*state else {
+            return None;
+        };
+        held.live(self.now()).then(|| held.record.clone())
+    }
+
+    /// [`outage_copy`](Self::outage_copy) of every key that `wanted` picks, by its name and
+    /// record.
+    pub(super) fn outage_copies(
+        &self,
+        wanted: impl Fn(&str, &Record) -> bool,
+    ) -> Vec<(String, Record)> {
+        let now = self.now();
+        self.slots
+            .iter()
+            .filter_map(|(key, slot)| {
+                let state = lock(&slot.0);
+                let State::Held(held) = &*state else {
+                    return None;
+                };
+                (held.live(now) && wanted(&key, &held.record))
+                    .then(|| ((*key).clone(), held.record.clone()))
             })
             .collect()
     }

@@ -96,6 +96,44 @@ impl ReplayStore for RedisStore {
         self.ensure_intact().await;
         self.replay_now(at, write).await
     }
+
+    /// With a copy ([`with_local_copy`](RedisStore::with_local_copy) or
+    /// [`with_restore_copy`](RedisStore::with_restore_copy)), on a server whose connection
+    /// tracks what it reads.
+    fn keeps_copy(&self) -> bool {
+        RedisStore::keeps_copy(self)
+    }
+
+    fn copied(&self, key: &SessionKey) -> Option<Record> {
+        RedisStore::keeps_copy(self)
+            .then(|| self.copy().outage_copy(&self.keys.session(key)))
+            .flatten()
+    }
+
+    fn copied_of_user(&self, user: &UserKey) -> Vec<(SessionKey, Record)> {
+        if !RedisStore::keeps_copy(self) {
+            return Vec::new();
+        }
+        // The tenant's sessions are named `{prefix}{tenant}:session:{hash}`.
+        let sessions = format!("{}{}:session:", self.keys.prefix(), user.tenant().as_str());
+        let of_user = |name: &str, record: &Record| {
+            name.starts_with(&sessions) && record.user.as_deref() == Some(user.user())
+        };
+        self.copy()
+            .outage_copies(of_user)
+            .into_iter()
+            .filter_map(|(name, record)| {
+                let key = SessionKey::from_hash(user.tenant(), &name[sessions.len()..])?;
+                Some((key, record))
+            })
+            .collect()
+    }
+
+    fn forget_copy(&self, key: &SessionKey) {
+        if RedisStore::keeps_copy(self) {
+            self.copy().forget(&self.keys.session(key));
+        }
+    }
 }
 
 impl RedisStore {
