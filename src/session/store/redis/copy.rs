@@ -259,17 +259,10 @@ impl LocalCopy {
     /// when Redis last confirmed it (this instance's clock, Unix ms).
     pub(super) fn restorable(&self, since: u64) -> Vec<(String, Record, u64)> {
         let now = self.now();
-        self.slots
-            .iter()
-            .filter_map(|(key, slot)| {
-                let state = lock(&slot.0);
-                let State::Held(held) = &*state else {
-                    return None;
-                };
-                (held.epoch >= since && held.live(now))
-                    .then(|| ((*key).clone(), held.record.clone(), held.confirmed_at))
-            })
-            .collect()
+        self.each_held(|key, held| {
+            (held.epoch >= since && held.live(now))
+                .then(|| (key.to_owned(), held.record.clone(), held.confirmed_at))
+        })
     }
 
     /// The copy of `key`, confirmed or not, if its session is live by its deadlines: what an
@@ -290,15 +283,19 @@ impl LocalCopy {
         wanted: impl Fn(&str, &Record) -> bool,
     ) -> Vec<(String, Record)> {
         let now = self.now();
+        self.each_held(|key, held| {
+            (held.live(now) && wanted(key, &held.record))
+                .then(|| (key.to_owned(), held.record.clone()))
+        })
+    }
+
+    /// What `pick` takes of each held copy, by its key.
+    fn each_held<T>(&self, pick: impl Fn(&str, &Held) -> Option<T>) -> Vec<T> {
         self.slots
             .iter()
-            .filter_map(|(key, slot)| {
-                let state = lock(&slot.0);
-                let State::Held(held) = &*state else {
-                    return None;
-                };
-                (held.live(now) && wanted(&key, &held.record))
-                    .then(|| ((*key).clone(), held.record.clone()))
+            .filter_map(|(key, slot)| match &*lock(&slot.0) {
+                State::Held(held) => pick(&key, held),
+                State::Filling | State::Dead => None,
             })
             .collect()
     }
