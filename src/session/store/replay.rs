@@ -100,8 +100,9 @@ pub trait ReplayStore: SessionStore {
     async fn replay(&self, at: u64, write: &JournaledWrite) -> Result<Replayed, StoreError>;
 
     /// Whether the store keeps a copy of the sessions it serves that [`copied`](Self::copied)
-    /// answers from while it is unreachable. A `FallbackStore` in front of such a store keeps
-    /// no copy of its own while the store answers: during an outage it takes each session it
+    /// answers from while it is unreachable. A `FallbackStore` built with
+    /// [`OutageCopy::Primary`](super::OutageCopy::Primary) in front of such a store keeps no
+    /// copy of its own while the store answers: during an outage it takes each session it
     /// needs from this one. `false` unless the store says otherwise.
     fn keeps_copy(&self) -> bool {
         false

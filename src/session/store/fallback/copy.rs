@@ -4,8 +4,8 @@
 use super::Inner;
 use crate::session::store::{Record, ReplayStore, SessionKey, UserKey};
 
-/// Which copy of the sessions a [`FallbackStore`](super::FallbackStore) serves an outage from (see
-/// [`FallbackStoreBuilder::outage_copy`](super::FallbackStoreBuilder::outage_copy)).
+/// Which copy of the sessions a [`FallbackStore`](super::FallbackStore) serves an outage
+/// from (see [`FallbackStoreBuilder::outage_copy`](super::FallbackStoreBuilder::outage_copy)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OutageCopy {
@@ -14,14 +14,16 @@ pub enum OutageCopy {
     /// if another instance changed the session since.
     #[default]
     Own,
-    /// The store's own copy ([`ReplayStore::copied`]; for a [`RedisStore`](crate::session::RedisStore), one made
-    /// with [`with_local_copy`](crate::session::RedisStore::with_local_copy) or
-    /// [`with_restore_copy`](crate::session::RedisStore::with_restore_copy)): one copy of each session, and
-    /// nothing copied while Redis answers. During an outage a session is taken from that copy
-    /// when first used, so a session that another instance changed since this one read it
-    /// (which Redis told this instance of) is not served from it: it is unavailable here until
-    /// Redis answers. When the store keeps no copy (none configured, a Redis Cluster, or an ACL
-    /// that refuses `CLIENT TRACKING`), the fallback keeps its own, as with [`OutageCopy::Own`].
+    /// The store's own copy ([`ReplayStore::copied`]; for a
+    /// [`RedisStore`](crate::session::RedisStore), one made with
+    /// [`with_local_copy`](crate::session::RedisStore::with_local_copy) or
+    /// [`with_restore_copy`](crate::session::RedisStore::with_restore_copy)): one copy of each
+    /// session, and nothing copied while Redis answers. During an outage a session is taken
+    /// from that copy when first used, so a session that another instance changed since this
+    /// one read it (which Redis told this instance of) is not served from it: it is unavailable
+    /// here until Redis answers. When the store keeps no copy (none configured, a Redis Cluster,
+    /// or an ACL that refuses `CLIENT TRACKING`), the fallback keeps its own, as with
+    /// [`OutageCopy::Own`].
     Primary,
 }
 

@@ -16,8 +16,9 @@ pub struct FallbackStatus {
     pub active: bool,
     /// Since when, in Unix milliseconds.
     pub active_since: Option<u64>,
-    /// Sessions held in the local copy (an estimate). With [`OutageCopy::Primary`](super::OutageCopy::Primary), only the
-    /// sessions the current or last outage used; the rest are in the store's copy.
+    /// Sessions held in the local copy (an estimate). With
+    /// [`OutageCopy::Primary`](super::OutageCopy::Primary), only the sessions the current or
+    /// last outage used; the rest are in the store's copy.
     pub local_sessions: u64,
     /// Writes waiting to be replayed.
     pub journal_len: usize,

@@ -88,7 +88,7 @@ impl RedisStore {
                 copy.tracking_on(epoch);
             }
             Ok(_) => copy.refuse(),
-            // Unreachable: the write that follows fails and says why.
+            // Redis did not answer: the write that follows fails and says why.
             Err(_) => {}
         }
     }
