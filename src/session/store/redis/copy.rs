@@ -276,16 +276,12 @@ impl LocalCopy {
         held.live(self.now()).then(|| held.record.clone())
     }
 
-    /// [`outage_copy`](Self::outage_copy) of every key that `wanted` picks, by its name and
-    /// record.
-    pub(super) fn outage_copies(
-        &self,
-        wanted: impl Fn(&str, &Record) -> bool,
-    ) -> Vec<(String, Record)> {
+    /// [`outage_copy`](Self::outage_copy) of every key whose record `wanted` picks, with the
+    /// key.
+    pub(super) fn outage_copies(&self, wanted: impl Fn(&Record) -> bool) -> Vec<(String, Record)> {
         let now = self.now();
         self.each_held(|key, held| {
-            (held.live(now) && wanted(key, &held.record))
-                .then(|| (key.to_owned(), held.record.clone()))
+            (held.live(now) && wanted(&held.record)).then(|| (key.to_owned(), held.record.clone()))
         })
     }
 

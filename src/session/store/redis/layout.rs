@@ -12,9 +12,12 @@ use redis::Value;
 
 use crate::{
     session::store::{Patch, Record, SessionKey, UserKey},
+    tenant::Tenant,
     time::millis,
 };
 
+/// Between a session key's tenant and its hash.
+const SESSION: &str = ":session:";
 pub(super) const DATA: &str = "d:";
 pub(super) const USER: &str = "m:user";
 pub(super) const CREATED: &str = "m:created";
@@ -46,17 +49,23 @@ impl Keys {
 
     /// Built in one allocation: every request that reaches Redis names its session's key.
     pub(super) fn session(&self, key: &SessionKey) -> String {
-        const MIDDLE: &str = ":session:";
         // The hash, as `SessionKey::hash` writes it: 43 base64url characters.
         const HASH: usize = 43;
         let tenant = key.tenant().as_str();
         let mut name =
-            String::with_capacity(self.prefix.len() + tenant.len() + MIDDLE.len() + HASH);
+            String::with_capacity(self.prefix.len() + tenant.len() + SESSION.len() + HASH);
         name.push_str(&self.prefix);
         name.push_str(tenant);
-        name.push_str(MIDDLE);
+        name.push_str(SESSION);
         key.push_hash(&mut name);
         name
+    }
+
+    /// The session a key of this store names ([`Keys::session`] read back), if it names one.
+    pub(super) fn session_key_of(&self, name: &str) -> Option<SessionKey> {
+        let rest = name.strip_prefix(self.prefix.as_str())?;
+        let (tenant, hash) = rest.split_once(SESSION)?;
+        SessionKey::from_hash(&Tenant::new(tenant).ok()?, hash)
     }
 
     pub(super) fn user(&self, user: &UserKey) -> String {

@@ -114,17 +114,13 @@ impl ReplayStore for RedisStore {
         if !RedisStore::keeps_copy(self) {
             return Vec::new();
         }
-        // The tenant's sessions are named `{prefix}{tenant}:session:{hash}`.
-        let sessions = format!("{}{}:session:", self.keys.prefix(), user.tenant().as_str());
-        let of_user = |name: &str, record: &Record| {
-            name.starts_with(&sessions) && record.user.as_deref() == Some(user.user())
-        };
+        let of_user = |record: &Record| record.user.as_deref() == Some(user.user());
         self.copy()
             .outage_copies(of_user)
             .into_iter()
             .filter_map(|(name, record)| {
-                let key = SessionKey::from_hash(user.tenant(), &name[sessions.len()..])?;
-                Some((key, record))
+                let key = self.keys.session_key_of(&name)?;
+                (key.tenant() == user.tenant()).then_some((key, record))
             })
             .collect()
     }

@@ -19,10 +19,7 @@ use futures_util::{StreamExt, stream};
 use tokio::sync::Mutex;
 
 use super::RedisStore;
-use crate::{
-    session::store::{JournaledWrite, Record, Replayed, SessionKey},
-    tenant::Tenant,
-};
+use crate::session::store::{JournaledWrite, Record, Replayed};
 
 /// How many keys one `EXISTS` pipeline asks about.
 const EXISTS_BATCH: usize = 512;
@@ -103,7 +100,7 @@ impl RedisStore {
         let (copies, unknown) = self.missing_of(copies).await;
         let outcomes: Vec<_> = stream::iter(copies)
             .map(|(redis_key, record, confirmed_at)| async move {
-                let key = self.session_key_of(&redis_key)?;
+                let key = self.keys.session_key_of(&redis_key)?;
                 let write = JournaledWrite::Create { key, record };
                 Some(self.replay_now(confirmed_at, &write).await)
             })
@@ -169,12 +166,5 @@ impl RedisStore {
             }
         }
         (missing, unknown)
-    }
-
-    /// The session a key of this store names: `{prefix}{tenant}:session:{hash}`.
-    fn session_key_of(&self, redis_key: &str) -> Option<SessionKey> {
-        let rest = redis_key.strip_prefix(self.keys.prefix())?;
-        let (tenant, hash) = rest.split_once(":session:")?;
-        SessionKey::from_hash(&Tenant::new(tenant).ok()?, hash)
     }
 }
