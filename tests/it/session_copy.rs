@@ -362,6 +362,32 @@ async fn a_reconnect_unconfirms_every_copy() {
     changed_elsewhere(&server, &store, &key, "3").await;
 }
 
+/// `CLIENT TRACKING` is turned on once per connection: a read from Redis after that (here,
+/// after another client's change dropped the copy) sends the read alone.
+#[tokio::test]
+async fn tracking_is_turned_on_once_per_connection() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = instance(&server);
+    let key = random_key();
+    store.create(&key, &record(&[("n", "1")])).await.unwrap();
+    changed_elsewhere(&server, &store, &key, "2").await;
+    let redis_key = format!("copy:default:session:{}", key.hash());
+    let monitor = server.monitor();
+    server.cli(&["HSET", &redis_key, "d:n", "3"]);
+    eventually("the change is heard", || async {
+        store.local_copy_stats().invalidations >= 2
+    })
+    .await;
+    command_names(&monitor);
+    assert_eq!(value(&store, &key, "n").await.as_deref(), Some("3"));
+    // (The backend's liveness `PING`, should one fall in between, is not the read's.)
+    let mut names = command_names(&monitor);
+    names.retain(|name| name != "PING");
+    assert_eq!(names, ["TIME", "HGETALL", "PTTL"]);
+}
+
 #[tokio::test]
 async fn the_inactivity_expiry_slides_only_when_due() {
     let Some(server) = RedisServer::start() else {

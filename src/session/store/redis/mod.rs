@@ -56,17 +56,17 @@ use crate::{
 ///
 /// Off by default. Turned on ([`RedisStore::with_local_copy`]), each instance keeps a bounded
 /// copy of the decoded records of the sessions it served, and Redis keeps it coherent: the
-/// connection speaks RESP3, and a read from Redis is preceded on the same connection by
-/// `CLIENT TRACKING ON NOLOOP`, so Redis pushes an invalidation as soon as any other client
-/// changes (or expires, or evicts) a session this instance read. While a copy is current, a
-/// load is served from it: no round trip, no parsing, and a save is one round trip with
-/// nothing read first. A copy that another client's change invalidated is dead and never
-/// served again. These take every copy out of service (the next read of each goes to Redis
-/// and confirms or replaces it): a lost connection or a reconnect, an outage, a Sentinel
-/// failover, and the null invalidation of `FLUSHALL`/`FLUSHDB`. A copy is also served only
-/// while the connection has answered within the last second (the backend pings a quiet
-/// connection), so a partitioned socket that has not noticed it is dead stops serving copies
-/// within a second.
+/// connection speaks RESP3, and the first read or whole-session write on each connection is
+/// preceded on it by `CLIENT TRACKING ON NOLOOP`, so Redis pushes an invalidation as soon as
+/// any other client changes (or expires, or evicts) a session this instance read. While a
+/// copy is current, a load is served from it: no round trip, no parsing, and a save is one
+/// round trip with nothing read first. A copy that another client's change invalidated is
+/// dead and never served again. These take every copy out of service (the next read of each
+/// goes to Redis and confirms or replaces it): a lost connection or a reconnect, an outage,
+/// a Sentinel failover, and the null invalidation of `FLUSHALL`/`FLUSHDB`. A copy is also
+/// served only while the connection has answered within the last second (the backend pings
+/// a quiet connection), so a partitioned socket that has not noticed it is dead stops
+/// serving copies within a second.
 ///
 /// **What it trades.** Without the copy, a change acknowledged by one instance is what every
 /// instance serves next. With it, another instance serves the change once its connection has

@@ -105,21 +105,21 @@ impl RedisStore {
         keep_fields: bool,
     ) -> Result<Fetched, StoreError> {
         let fill = self.keeps_copy().then(|| self.copy().fill(redis_key));
-        let mut pipe = Pipeline::with_capacity(4);
-        if fill.is_some() {
-            // On the same connection, before the read: tell us when another client changes
-            // what we read, and stay silent about our own writes (see `backend::tracking`).
-            pipe.cmd("CLIENT").arg("TRACKING").arg("ON").arg("NOLOOP");
-        }
-        pipe.add_command(sized(&["TIME"]));
-        pipe.add_command(sized(&["HGETALL", redis_key]));
-        pipe.add_command(sized(&["PTTL", redis_key]));
+        // Once per connection (tracking epoch), on it, before the read: tell us when another
+        // client changes what we read, and stay silent about our own writes (see
+        // `backend::tracking`). A reconnect moves the epoch, so the next read turns it on
+        // again, and a copy read before that is unconfirmed.
+        let turn_on = fill
+            .as_ref()
+            .is_some_and(|fill| !self.copy().tracks(fill.epoch()));
         let sent = SystemTime::now();
+        let pipe = read_pipeline(redis_key, turn_on);
         let Some(replies) = self.query_hash::<Vec<Value>>(pipe).await? else {
             return Ok(Fetched::Corrupt(Corrupt::Shape));
         };
-        let tracked = fill.is_none() || matches!(replies.first(), Some(Value::Okay));
+        let tracked = !turn_on || matches!(replies.first(), Some(Value::Okay));
         if let Some(fill) = &fill
+            && turn_on
             && tracked
         {
             self.copy().tracking_on(fill.epoch());
@@ -210,6 +210,19 @@ impl RedisStore {
         let now = self.copy().now();
         Ok((existed == 1).then(|| now.saturating_add(u64::try_from(pttl).unwrap_or(0))))
     }
+}
+
+/// A read of the session under `redis_key`: `TIME`, `HGETALL`, `PTTL`, after
+/// `CLIENT TRACKING ON NOLOOP` when `turn_on`.
+fn read_pipeline(redis_key: &str, turn_on: bool) -> Pipeline {
+    let mut pipe = Pipeline::with_capacity(4);
+    if turn_on {
+        pipe.cmd("CLIENT").arg("TRACKING").arg("ON").arg("NOLOOP");
+    }
+    pipe.add_command(sized(&["TIME"]));
+    pipe.add_command(sized(&["HGETALL", redis_key]));
+    pipe.add_command(sized(&["PTTL", redis_key]));
+    pipe
 }
 
 /// The read's last three replies: Redis's time (Unix ms), the hash, and its `PTTL`.
